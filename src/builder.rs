@@ -1,0 +1,170 @@
+//! Opening a queue with settings other than the defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::{DirectoryQueue, Durability};
+
+/// Settings of an open queue handle.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) create: bool,
+    pub(crate) dir_mode: u32,
+    pub(crate) file_mode: u32,
+    pub(crate) durability: Durability,
+    pub(crate) rescan_interval: Duration,
+    pub(crate) orphan_grace: Duration,
+    pub(crate) tmp_max_age: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            create: true,
+            dir_mode: 0o775,
+            file_mode: 0o664,
+            durability: Durability::Full,
+            rescan_interval: Duration::from_secs(1),
+            orphan_grace: Duration::ZERO,
+            tmp_max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Opens a [`DirectoryQueue`] with non-default settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use dirq::{DirectoryQueue, Durability};
+///
+/// let dir = tempfile::tempdir()?;
+/// let queue = DirectoryQueue::builder(dir.path().join("q"))
+///     .durability(Durability::Batch)
+///     .rescan_interval(Duration::from_millis(250))
+///     .open()?;
+/// assert_eq!(queue.durability(), Durability::Batch);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct QueueBuilder {
+    root: PathBuf,
+    config: Config,
+}
+
+impl QueueBuilder {
+    pub(crate) fn new(root: PathBuf) -> QueueBuilder {
+        QueueBuilder {
+            root,
+            config: Config::default(),
+        }
+    }
+
+    /// Whether to create the root and any missing state directory.
+    ///
+    /// Default: `true`.
+    pub fn create(&mut self, create: bool) -> &mut Self {
+        self.config.create = create;
+        self
+    }
+
+    /// Permission bits of directories the queue creates. They are applied exactly
+    /// (the umask does not narrow them), as Mentat's `queue_in_perms` does.
+    ///
+    /// Default: `0o775`. Must include `0o700`.
+    pub fn dir_mode(&mut self, mode: u32) -> &mut Self {
+        self.config.dir_mode = mode;
+        self
+    }
+
+    /// Permission bits of message files the queue creates, narrowed by the umask.
+    ///
+    /// Default: `0o664`. Must include `0o600`.
+    pub fn file_mode(&mut self, mode: u32) -> &mut Self {
+        self.config.file_mode = mode;
+        self
+    }
+
+    /// What mutating operations sync before they return.
+    ///
+    /// Default: [`Durability::Full`].
+    pub fn durability(&mut self, durability: Durability) -> &mut Self {
+        self.config.durability = durability;
+        self
+    }
+
+    /// How often a blocked [`claim`](DirectoryQueue::claim) rescans `incoming/` when
+    /// no filesystem event woke it (events can be missed, and on NFS there are none).
+    ///
+    /// Default: 1 s. Must not be zero.
+    pub fn rescan_interval(&mut self, interval: Duration) -> &mut Self {
+        self.config.rescan_interval = interval;
+        self
+    }
+
+    /// How long an unlocked message must have been in `pending/` before
+    /// [`recover`](DirectoryQueue::recover) treats its owner as dead. Mentat's daemons
+    /// take no locks, so a queue shared with them needs a grace longer than their
+    /// longest processing time.
+    ///
+    /// Default: 0 (an unlocked pending message is orphaned at once).
+    pub fn orphan_grace(&mut self, grace: Duration) -> &mut Self {
+        self.config.orphan_grace = grace;
+        self
+    }
+
+    /// How old an unlocked file in `tmp/` must be before
+    /// [`recover`](DirectoryQueue::recover) removes it, and how old a hidden file in
+    /// `incoming/` must be before it is quarantined.
+    ///
+    /// Default: 1 hour.
+    pub fn tmp_max_age(&mut self, age: Duration) -> &mut Self {
+        self.config.tmp_max_age = age;
+        self
+    }
+
+    /// Opens the queue, creating its layout if allowed.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Config`] for a setting out of range.
+    /// - [`Error::Layout`] when the root or a state directory exists but is a symbolic
+    ///   link, not a directory, or on a different filesystem than the root; or when it
+    ///   is missing and creation is off.
+    /// - [`Error::Io`] when a directory cannot be created or opened.
+    pub fn open(&self) -> Result<DirectoryQueue> {
+        self.check()?;
+        DirectoryQueue::open_with(&self.root, self.config.clone())
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::Config {
+                path: self.root.clone(),
+                reason,
+            })
+        };
+        let c = &self.config;
+        if c.dir_mode & !0o7777 != 0 || c.dir_mode & 0o700 != 0o700 {
+            return bad(format!(
+                "directory mode {:#o} must be at most 0o7777 and include 0o700",
+                c.dir_mode
+            ));
+        }
+        if c.file_mode & !0o7777 != 0 || c.file_mode & 0o600 != 0o600 {
+            return bad(format!(
+                "file mode {:#o} must be at most 0o7777 and include 0o600",
+                c.file_mode
+            ));
+        }
+        if c.rescan_interval.is_zero() {
+            return bad("rescan interval must not be zero".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The root directory this builder opens.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}

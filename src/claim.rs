@@ -1,0 +1,388 @@
+//! Claiming: `incoming/X` → `pending/X`, owned through an `flock` on the file.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::atomic::Ordering;
+use std::sync::{MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::error::{Error, Operation, Result};
+use crate::quarantine::quarantine;
+use crate::queue::Inner;
+use crate::scan::{self, Candidate};
+use crate::sys::{self, EntryKind, FileStat};
+use crate::{lock, DirectoryQueue, Message, State};
+
+/// How many of the oldest names one scan keeps. Bigger means fewer full scans of a
+/// long queue (each costs a read of the whole directory) but more memory (about
+/// 80 bytes a name).
+const SNAPSHOT_LIMIT: usize = 128 * 1024;
+
+/// After this many claims lost in a row, the snapshot is treated as stale and rescanned.
+const STALE_AFTER_MISSES: u32 = 16;
+
+/// Largest jump ahead in the snapshot after losing a race (see [`Snapshot::lost`]).
+const MAX_JUMP: usize = 256;
+
+/// The names a handle is working through, oldest first, shared by its clones.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    names: VecDeque<Candidate>,
+    /// Directory stamp of the last scan that found nothing; while `incoming/` keeps this
+    /// stamp, it is still empty and need not be read again.
+    idle: Option<DirStamp>,
+    buf: Vec<MaybeUninit<u8>>,
+    misses: u32,
+    rng: u64,
+}
+
+/// What changes when a directory's entries change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirStamp {
+    mtime: SystemTime,
+    ctime: SystemTime,
+    size: u64,
+}
+
+impl DirStamp {
+    fn of(st: &FileStat) -> DirStamp {
+        DirStamp {
+            mtime: st.mtime,
+            ctime: st.ctime,
+            size: st.size,
+        }
+    }
+
+    /// Whether the stamp is old enough that a later change cannot share it: directory
+    /// timestamps come from a coarse clock, so a change within the same tick as the
+    /// stamp could leave it unchanged.
+    fn settled(&self) -> bool {
+        let horizon = SystemTime::now() - Duration::from_secs(1);
+        self.mtime < horizon && self.ctime < horizon
+    }
+}
+
+impl Snapshot {
+    /// Reads `incoming/` again. Returns `false` when it holds nothing to claim.
+    fn refill(&mut self, inner: &Inner) -> Result<bool> {
+        let incoming = inner.dir(State::Incoming);
+        let stamp = if inner.family.is_local() {
+            incoming.dir.stat().ok().map(|st| DirStamp::of(&st))
+        } else {
+            None
+        };
+        if stamp.is_some() && stamp == self.idle {
+            return Ok(false);
+        }
+        self.idle = None;
+        inner.counters.scans.fetch_add(1, Ordering::Relaxed);
+        let found = scan::oldest(incoming, SNAPSHOT_LIMIT, &mut self.buf)
+            .map_err(|e| Error::io(Operation::Scan, &incoming.path, e))?;
+        if found.candidates.is_empty() {
+            self.idle = stamp.filter(DirStamp::settled);
+            return Ok(false);
+        }
+        self.names = found.candidates.into();
+        Ok(true)
+    }
+
+    /// A claim was lost to another claimer, which is probably working through the
+    /// same names just ahead: jump a random distance ahead so the two stop colliding
+    /// (the skipped names are left to it, and a later scan finds any it did not take).
+    /// Many misses in a row mean the snapshot is stale.
+    fn lost(&mut self) {
+        self.misses += 1;
+        if self.misses >= STALE_AFTER_MISSES {
+            self.names.clear();
+            self.misses = 0;
+            return;
+        }
+        let span = self.names.len().min(MAX_JUMP);
+        if span > 0 {
+            let jump = (self.next_random() % span as u64) as usize;
+            self.names.drain(..jump);
+        }
+    }
+
+    /// xorshift64*, seeded from the clock: only used to spread claimers apart.
+    fn next_random(&mut self) -> u64 {
+        if self.rng == 0 {
+            self.rng = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1;
+        }
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// How one claim attempt ended.
+enum Attempt {
+    Claimed(Message),
+    /// Another claimer got there first.
+    Lost,
+    /// The entry was not claimable and was moved away or skipped.
+    Skipped,
+}
+
+impl DirectoryQueue {
+    /// Claims the oldest message in `incoming/`, if there is one, without blocking.
+    ///
+    /// The message moves to `pending/` and belongs to the returned [`Message`] until
+    /// one of its terminals (commit, forward, fail, release) is called. Entries that
+    /// are not regular files (symlinks, FIFOs, sockets, devices, directories), files
+    /// with more than one hard link and empty files are moved to `errors/` with a
+    /// reason on the way; they are never followed, read or blocked on. Names starting
+    /// with `.` are skipped (files in progress).
+    ///
+    /// Losing a race with another claimer is not an error: the next message is tried.
+    ///
+    /// # Errors
+    ///
+    /// An [`Error`] naming the path, when `incoming/` cannot be read or a message
+    /// cannot be opened or moved (for example `EACCES`). The next call moves on to the
+    /// following message.
+    ///
+    /// # Durability
+    ///
+    /// A claim syncs nothing: whether a crash leaves the message in `incoming/` or in
+    /// `pending/`, it is processed again (recovery requeues it), and the terminal that
+    /// ends the claim syncs every directory it depends on.
+    pub fn try_claim(&self) -> Result<Option<Message>> {
+        let inner = &*self.inner;
+        loop {
+            let candidate = {
+                let mut snapshot = lock_snapshot(inner);
+                match snapshot.names.pop_front() {
+                    Some(c) => c,
+                    None => {
+                        if !snapshot.refill(inner)? {
+                            return Ok(None);
+                        }
+                        match snapshot.names.pop_front() {
+                            Some(c) => c,
+                            None => return Ok(None),
+                        }
+                    }
+                }
+            };
+            match self.attempt(candidate)? {
+                Attempt::Claimed(message) => {
+                    lock_snapshot(inner).misses = 0;
+                    inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some(message));
+                }
+                Attempt::Lost => {
+                    inner.counters.collisions.fetch_add(1, Ordering::Relaxed);
+                    lock_snapshot(inner).lost();
+                }
+                Attempt::Skipped => {}
+            }
+        }
+    }
+
+    /// Claims the oldest message, waiting as long as it takes for one to arrive.
+    ///
+    /// An idle claimer is woken by a filesystem event within milliseconds of a message
+    /// arriving, and rescans every [rescan interval](crate::QueueBuilder::rescan_interval)
+    /// in case an event was missed.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    ///
+    /// # Durability
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    pub fn claim(&self) -> Result<Message> {
+        loop {
+            if let Some(message) =
+                self.claim_deadline(Instant::now() + Duration::from_secs(3600))?
+            {
+                return Ok(message);
+            }
+        }
+    }
+
+    /// Claims the oldest message, waiting at most `timeout` for one to arrive.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    ///
+    /// # Durability
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    pub fn claim_timeout(&self, timeout: Duration) -> Result<Option<Message>> {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.claim_deadline(deadline),
+            None => self.claim().map(Some),
+        }
+    }
+
+    /// Claims the oldest message, waiting until `deadline` for one to arrive.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    ///
+    /// # Durability
+    ///
+    /// As [`try_claim`](DirectoryQueue::try_claim).
+    pub fn claim_deadline(&self, deadline: Instant) -> Result<Option<Message>> {
+        let inner = &*self.inner;
+        let incoming = &inner.dir(State::Incoming).path;
+        loop {
+            let seen = inner.wake.generation();
+            if let Some(message) = self.try_claim()? {
+                inner.wake.busy();
+                return Ok(Some(message));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            if inner.wake.prepare(incoming) {
+                // The watch is new: anything that arrived before it sent no event.
+                continue;
+            }
+            let rescan = now + inner.config.rescan_interval;
+            inner.wake.wait(seen, deadline.min(rescan));
+        }
+    }
+
+    /// One attempt at claiming `candidate`, following DESIGN §4: open without following
+    /// or blocking, lock, check that the name still names the locked inode, rename.
+    fn attempt(&self, candidate: Candidate) -> Result<Attempt> {
+        let inner = &*self.inner;
+        let incoming = inner.dir(State::Incoming);
+        let pending = inner.dir(State::Pending);
+        let name = candidate.id.as_os_str();
+        let path = || incoming.join(name);
+
+        let mut kind = candidate.kind;
+        if kind == EntryKind::Unknown {
+            match incoming.dir.stat_at(name) {
+                Ok(st) => kind = st.kind,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
+                Err(e) => return Err(Error::io(Operation::Claim, path(), e)),
+            }
+        }
+        if kind != EntryKind::File {
+            return self.quarantine_incoming(name, &format!("{} in incoming/", kind.as_str()));
+        }
+        let file = match incoming.dir.open_read(name) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
+            // Replaced by a symlink since the scan.
+            Err(e) if sys::is_symlink_refusal(&e) => {
+                return self.quarantine_incoming(name, "symbolic link in incoming/")
+            }
+            Err(e) => return Err(Error::io(Operation::Claim, path(), e)),
+        };
+        let st = sys::stat_file(&file).map_err(|e| Error::io(Operation::Claim, path(), e))?;
+        if st.kind != EntryKind::File {
+            drop(file);
+            return self.quarantine_incoming(name, &format!("{} in incoming/", st.kind.as_str()));
+        }
+        if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Claim, path(), e))? {
+            return Ok(Attempt::Lost);
+        }
+        // IMPORTANT: only now, holding the lock, is the name checked. Without this
+        // check a claimer that opened the file just before another claimer committed
+        // it would lock the deleted inode and rename whatever now has that name.
+        match incoming.dir.stat_at(name) {
+            Ok(now) if now.same_file(&st) => {}
+            Ok(_) => return Ok(Attempt::Lost),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
+            Err(e) => return Err(Error::io(Operation::Claim, path(), e)),
+        }
+        if st.nlink > 1 && !self.drop_publish_leftover(name, &st)? {
+            if !inner.supports_noreplace() {
+                // Publishing here is link + unlink: a second link may be an enqueue
+                // in progress. recover() deals with links that persist.
+                return Ok(Attempt::Skipped);
+            }
+            return self.quarantine_incoming(
+                name,
+                &format!("hard-linked file ({} links) in incoming/", st.nlink),
+            );
+        }
+        if st.size == 0 {
+            return self.quarantine_incoming(name, "empty message");
+        }
+        match incoming.dir.rename_noreplace(name, &pending.dir, name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // pending/X exists: either the same inode under both names (a crash on
+                // a filesystem that lost half a rename), which we repair, or another
+                // message with the same id.
+                match pending.dir.stat_at(name) {
+                    Ok(other) if other.same_file(&st) => {
+                        incoming
+                            .dir
+                            .unlink(name)
+                            .map_err(|e| Error::io(Operation::Claim, path(), e))?;
+                    }
+                    _ => {
+                        return Err(Error::Duplicate {
+                            op: Operation::Claim,
+                            path: pending.join(name),
+                            id: candidate.id,
+                        })
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(Error::moving(
+                    Operation::Claim,
+                    path(),
+                    pending.join(name),
+                    e,
+                ))
+            }
+        }
+        tracing::trace!(id = %candidate.id, "claimed");
+        Ok(Attempt::Claimed(Message::claimed(
+            self.clone(),
+            candidate.id,
+            file,
+            st.size,
+        )))
+    }
+
+    /// Quarantines an unclaimable entry of `incoming/`.
+    fn quarantine_incoming(&self, name: &std::ffi::OsStr, reason: &str) -> Result<Attempt> {
+        quarantine(&self.inner, State::Incoming, name, reason)?;
+        Ok(Attempt::Skipped)
+    }
+
+    /// A message with two links whose other name is `tmp/<id>` is a publish whose
+    /// removal from `tmp/` a crash undid (or a link + unlink publish in progress, whose
+    /// publisher finds the name gone and is fine with it). Removes the `tmp/` name.
+    /// Returns whether that accounted for the extra link.
+    fn drop_publish_leftover(&self, name: &std::ffi::OsStr, st: &FileStat) -> Result<bool> {
+        let tmp = self.inner.dir(State::Tmp);
+        match tmp.dir.stat_at(name) {
+            Ok(other) if other.same_file(st) && st.nlink == 2 => match tmp.dir.unlink(name) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(Error::io(Operation::Claim, tmp.join(name), e)),
+            },
+            _ => Ok(false),
+        }
+    }
+}
+
+fn lock_snapshot(inner: &Inner) -> MutexGuard<'_, Snapshot> {
+    inner
+        .snapshot
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,149 @@
+//! Durability modes and the fsync policy that carries them out.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::error::{Error, Operation, Result};
+use crate::queue::StateDir;
+use crate::sys::FsFamily;
+
+/// How much a mutating operation syncs before it returns.
+///
+/// Every mutating method documents, under `# Durability`, what it syncs in each mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every acknowledged operation survives a crash or power loss (with honest
+    /// hardware): message files are synced before they are published, and every
+    /// directory whose entries an operation changed is synced before it returns.
+    ///
+    /// On ext4 with a journal and on xfs, one directory fsync commits the whole journal,
+    /// so one fsync per operation covers every directory it changed; on other
+    /// filesystems (btrfs, ext4 without a journal, ...) each changed directory is synced.
+    #[default]
+    Full,
+    /// Group commit: message files are still synced before they are published (so a
+    /// crash never leaves a partial message in `incoming/`), but directory syncs are
+    /// deferred until [`DirectoryQueue::sync`](crate::DirectoryQueue::sync), which
+    /// covers everything done through this handle since the previous call.
+    /// [`DirectoryQueue::enqueue_batch`](crate::DirectoryQueue::enqueue_batch) syncs
+    /// its batch before returning.
+    ///
+    /// A crash can undo operations acknowledged since the last `sync`: a message can
+    /// come back to `incoming/` and be processed again, and an enqueue can be lost.
+    Batch,
+    /// No fsync at all: Mentat's behaviour. For queues on tmpfs, and for users who
+    /// accept losing recent operations in a power loss. A process crash still loses
+    /// nothing.
+    None,
+}
+
+/// Carries out the durability mode of one queue handle.
+#[derive(Debug)]
+pub(crate) struct Syncer {
+    mode: Durability,
+    /// One directory fsync commits every earlier metadata change (jbd2, xfs log), or
+    /// fsync costs nothing (tmpfs).
+    journal_wide: bool,
+    /// Directories changed since the last [`Syncer::flush`] (batch mode).
+    dirty: Mutex<Vec<Arc<StateDir>>>,
+}
+
+impl Syncer {
+    pub(crate) fn new(mode: Durability, family: FsFamily) -> Syncer {
+        Syncer {
+            mode,
+            journal_wide: matches!(family, FsFamily::Journaled | FsFamily::Memory),
+            dirty: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn mode(&self) -> Durability {
+        self.mode
+    }
+
+    /// Makes the bytes of a message file durable before it is published, unless the
+    /// mode is [`Durability::None`]. Without this a crash can publish a 0-byte message
+    /// (DESIGN §3).
+    pub(crate) fn file(&self, file: &File, path: &Path) -> Result<()> {
+        if self.mode == Durability::None {
+            return Ok(());
+        }
+        file.sync_data()
+            .map_err(|e| Error::io(Operation::Sync, path, e))
+    }
+
+    /// Records that the entries of `dirs` changed, the most recently changed last, and
+    /// syncs them as the mode requires: now ([`Durability::Full`]), at the next flush
+    /// ([`Durability::Batch`]) or never.
+    pub(crate) fn changed(&self, dirs: &[&Arc<StateDir>]) -> Result<()> {
+        match self.mode {
+            Durability::Full => self.sync_dirs(dirs),
+            Durability::Batch => {
+                let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+                for dir in dirs {
+                    if !dirty.iter().any(|d| Arc::ptr_eq(d, dir)) {
+                        dirty.push(Arc::clone(dir));
+                    }
+                }
+                Ok(())
+            }
+            Durability::None => Ok(()),
+        }
+    }
+
+    /// Like [`Syncer::changed`], but syncs now in batch mode too: for steps whose
+    /// durability must precede the next step (a cross-filesystem copy must be durable
+    /// before its source is deleted; a batch enqueue is acknowledged on return).
+    pub(crate) fn changed_now(&self, dirs: &[&Arc<StateDir>]) -> Result<()> {
+        match self.mode {
+            Durability::Full | Durability::Batch => self.sync_dirs(dirs),
+            Durability::None => Ok(()),
+        }
+    }
+
+    /// Makes `dir`'s entries durable before a later step becomes visible, where the
+    /// filesystem does not already order them (used to make a failure's `.meta`
+    /// durable before the message appears in `errors/`). On a journaled filesystem,
+    /// metadata changes commit in order, so nothing needs to be done.
+    pub(crate) fn order_before_next(&self, dir: &Arc<StateDir>) -> Result<()> {
+        if self.mode == Durability::None || self.journal_wide {
+            return Ok(());
+        }
+        dir.sync()
+    }
+
+    /// Syncs every directory recorded since the last flush (batch mode).
+    pub(crate) fn flush(&self) -> Result<()> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
+        // IMPORTANT: in batch mode the directories may have been changed by several
+        // threads in an order we cannot know, so each one is synced: syncing only the
+        // last one recorded could miss a later journal transaction.
+        // An fsync error is reported once (Linux marks the failed pages clean), so a
+        // failed directory is not kept for a retry that would falsely succeed: the
+        // caller learns that everything since the previous flush is of unknown
+        // durability.
+        for dir in &dirty {
+            dir.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync_dirs(&self, dirs: &[&Arc<StateDir>]) -> Result<()> {
+        if self.journal_wide {
+            // The last directory changed carries the newest journal transaction;
+            // committing it commits every earlier change too.
+            if let Some(last) = dirs.last() {
+                last.sync()?;
+            }
+            return Ok(());
+        }
+        for (i, dir) in dirs.iter().enumerate() {
+            if !dirs[..i].iter().any(|d| Arc::ptr_eq(d, dir)) {
+                dir.sync()?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! Read-only views of a queue: counts, ages, listings.
+
+use std::ffi::OsStr;
+use std::io::{self, Read};
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, Operation, Result};
+use crate::id::META_SUFFIX;
+use crate::meta::{self, FailureInfo};
+use crate::queue::StateDir;
+use crate::sys::{EntryKind, FileStat};
+use crate::{DirectoryQueue, MessageId, State};
+
+/// How many messages each state holds, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counts {
+    /// Files being written.
+    pub tmp: usize,
+    /// Messages waiting to be claimed.
+    pub incoming: usize,
+    /// Messages being processed.
+    pub pending: usize,
+    /// Failed messages (sidecars not counted).
+    pub errors: usize,
+}
+
+impl Counts {
+    /// The count of one state.
+    pub fn get(&self, state: State) -> usize {
+        match state {
+            State::Tmp => self.tmp,
+            State::Incoming => self.incoming,
+            State::Pending => self.pending,
+            State::Errors => self.errors,
+        }
+    }
+}
+
+/// What a listing says about one entry of a state directory.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MessageInfo {
+    /// The message id (file name).
+    pub id: MessageId,
+    /// The state directory it is in.
+    pub state: State,
+    /// Size in bytes.
+    pub size: u64,
+    /// Time since it was created: from the time in its id, or else its modification time.
+    pub age: Option<Duration>,
+    /// Whether it is a regular file; anything else is a hostile entry awaiting
+    /// quarantine.
+    pub regular: bool,
+    /// For `errors/`: what its sidecar says, if it has one.
+    pub failure: Option<FailureInfo>,
+}
+
+impl DirectoryQueue {
+    /// Counts the entries of every state directory.
+    ///
+    /// Names starting with `.` are not messages and are not counted, except in `tmp/`;
+    /// `.meta` sidecars in `errors/` are not counted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Scan`] naming the directory that could not be read.
+    pub fn counts(&self) -> Result<Counts> {
+        Ok(Counts {
+            tmp: self.count(State::Tmp)?,
+            incoming: self.count(State::Incoming)?,
+            pending: self.count(State::Pending)?,
+            errors: self.count(State::Errors)?,
+        })
+    }
+
+    /// Counts the messages of one state (see [`counts`](DirectoryQueue::counts)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Scan`].
+    pub fn count(&self, state: State) -> Result<usize> {
+        let dir = self.inner.dir(state);
+        let mut n = 0;
+        let mut buf = Vec::new();
+        dir.dir
+            .scan(&mut buf, |entry| {
+                n += usize::from(is_listed(state, entry.name))
+            })
+            .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+        Ok(n)
+    }
+
+    /// Age of the oldest message in `incoming/`: how long the longest-waiting message
+    /// has waited. `None` when `incoming/` is empty.
+    ///
+    /// The age comes from the creation time in the id (dirq's and Mentat's formats);
+    /// for other names, from the file's modification time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Scan`] or [`Operation::Stat`].
+    pub fn oldest_age(&self) -> Result<Option<Duration>> {
+        let dir = self.inner.dir(State::Incoming);
+        let mut oldest_timed: Option<SystemTime> = None;
+        let mut untimed = Vec::new();
+        let mut buf = Vec::new();
+        dir.dir
+            .scan(&mut buf, |entry| {
+                if !is_listed(State::Incoming, entry.name) {
+                    return;
+                }
+                let id = MessageId::from_name(entry.name);
+                match id.timestamp() {
+                    Some(t) => oldest_timed = Some(oldest_timed.map_or(t, |o| o.min(t))),
+                    None => untimed.push(entry.name.to_os_string()),
+                }
+            })
+            .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+        let mut oldest = oldest_timed;
+        for name in untimed {
+            match dir.dir.stat_at(&name) {
+                Ok(st) => oldest = Some(oldest.map_or(st.mtime, |o| o.min(st.mtime))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(Operation::Stat, dir.join(&name), e)),
+            }
+        }
+        Ok(oldest.map(|t| {
+            SystemTime::now()
+                .duration_since(t)
+                .unwrap_or(Duration::ZERO)
+        }))
+    }
+
+    /// The ids in one state directory, in directory order (not sorted), streamed.
+    ///
+    /// Hidden names (starting with `.`; except in `tmp/`) and `.meta` sidecars are left
+    /// out. A directory read error is yielded as an item and iteration ends.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Scan`] when the directory cannot be opened.
+    pub fn ids(&self, state: State) -> Result<Ids> {
+        let path = self.inner.dir(state).path.clone();
+        let entries = std::fs::read_dir(&path).map_err(|e| Error::io(Operation::Scan, &path, e))?;
+        Ok(Ids {
+            state,
+            path,
+            entries: Some(entries),
+        })
+    }
+
+    /// Lists one state directory, oldest first, with size, age and (for `errors/`)
+    /// the failure sidecar of each entry.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] naming the directory or entry that could not be read, and
+    /// [`Error::Json`] for an unreadable sidecar.
+    pub fn list(&self, state: State) -> Result<Vec<MessageInfo>> {
+        let mut infos = Vec::new();
+        for id in self.ids(state)? {
+            match self.info(state, &id?) {
+                Ok(info) => infos.push(info),
+                // Claimed, committed or moved since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        infos.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(infos)
+    }
+
+    /// Describes the message `id` in `state`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Stat`] (kind `NotFound` when it is not there),
+    /// [`Error::Json`] for an unreadable sidecar.
+    pub fn info(&self, state: State, id: &MessageId) -> Result<MessageInfo> {
+        let dir = self.inner.dir(state);
+        let st = dir
+            .dir
+            .stat_at(id.as_os_str())
+            .map_err(|e| Error::io(Operation::Stat, dir.join(id.as_os_str()), e))?;
+        let failure = if state == State::Errors {
+            meta::read_sidecar(&self.inner, id.as_os_str())?
+        } else {
+            None
+        };
+        Ok(MessageInfo {
+            id: id.clone(),
+            state,
+            size: st.size,
+            age: Some(age_of(id, &st)),
+            regular: st.kind == EntryKind::File,
+            failure,
+        })
+    }
+
+    /// What the sidecar of the failed message `id` says; `None` if it has none.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the sidecar exists but cannot be read, [`Error::Json`] when
+    /// it is not JSON.
+    pub fn failure(&self, id: &MessageId) -> Result<Option<FailureInfo>> {
+        meta::read_sidecar(&self.inner, id.as_os_str())
+    }
+
+    /// Finds the message `id` in `incoming/`, `pending/` or `errors/` (in that order)
+    /// and reads it without claiming it. Only regular files are read; nothing is
+    /// followed or blocked on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with kind `NotFound` when no state holds `id`, or naming the file
+    /// that could not be read; kind `InvalidData` when the entry is not a regular file.
+    pub fn peek(&self, id: &MessageId) -> Result<(State, Vec<u8>)> {
+        for state in [State::Incoming, State::Pending, State::Errors] {
+            let dir = self.inner.dir(state);
+            match read_regular(dir, id.as_os_str()) {
+                Ok(bytes) => return Ok((state, bytes)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(Operation::Read, dir.join(id.as_os_str()), e)),
+            }
+        }
+        Err(Error::io(
+            Operation::Read,
+            self.inner.root.join(id.as_os_str()),
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no message with this id in incoming/, pending/ or errors/",
+            ),
+        ))
+    }
+}
+
+fn read_regular(dir: &StateDir, name: &OsStr) -> io::Result<Vec<u8>> {
+    let file = dir.dir.open_read(name)?;
+    let st = crate::sys::stat_file(&file)?;
+    if st.kind != EntryKind::File {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a regular file but a {}", st.kind.as_str()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(st.size).unwrap_or(0));
+    (&file).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Whether `name` is listed and counted in `state`.
+fn is_listed(state: State, name: &OsStr) -> bool {
+    let bytes = name.as_encoded_bytes();
+    match state {
+        State::Tmp => true,
+        State::Errors => !MessageId::is_hidden(bytes) && !bytes.ends_with(META_SUFFIX.as_bytes()),
+        _ => !MessageId::is_hidden(bytes),
+    }
+}
+
+fn age_of(id: &MessageId, st: &FileStat) -> Duration {
+    let born = id.timestamp().unwrap_or(st.mtime);
+    SystemTime::now()
+        .duration_since(born)
+        .unwrap_or(Duration::ZERO)
+}
+
+/// The ids of one state directory; see [`DirectoryQueue::ids`].
+#[derive(Debug)]
+pub struct Ids {
+    state: State,
+    path: std::path::PathBuf,
+    entries: Option<std::fs::ReadDir>,
+}
+
+impl Iterator for Ids {
+    type Item = Result<MessageId>;
+
+    fn next(&mut self) -> Option<Result<MessageId>> {
+        loop {
+            let entry = match self.entries.as_mut()?.next()? {
+                Ok(entry) => entry,
+                Err(e) => {
+                    self.entries = None;
+                    return Some(Err(Error::io(Operation::Scan, &self.path, e)));
+                }
+            };
+            let name = entry.file_name();
+            if is_listed(self.state, &name) {
+                return Some(Ok(MessageId::from_name(&name)));
+            }
+        }
+    }
+}

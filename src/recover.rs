@@ -1,0 +1,286 @@
+//! Recovery: requeue messages whose owner died, remove stale temporary files.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::mem::MaybeUninit;
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, Operation, Result};
+use crate::quarantine::quarantine;
+use crate::sys::{self, EntryKind};
+use crate::{attempts, lock, DirectoryQueue, MessageId, State};
+
+/// What one [`recover`](DirectoryQueue::recover) pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoverReport {
+    /// Messages of dead owners moved back to `incoming/`.
+    pub requeued: usize,
+    /// Pending messages left alone because their owner is alive (holds the lock).
+    pub owned: usize,
+    /// Unlocked pending messages left alone because they are younger than the
+    /// orphan grace age.
+    pub within_grace: usize,
+    /// Pending names removed because the same file was also in `incoming/` (a
+    /// rename half-undone by a crash).
+    pub duplicates_removed: usize,
+    /// Files removed from `tmp/`.
+    pub tmp_removed: usize,
+    /// Entries moved to `errors/` because they were not messages.
+    pub quarantined: usize,
+}
+
+impl DirectoryQueue {
+    /// Requeues messages whose owner is gone and removes temporary files whose writer
+    /// is gone.
+    ///
+    /// - `pending/`: a message whose lock anyone can take has no live owner. If it
+    ///   has been in `pending/` for at least the [orphan
+    ///   grace](crate::QueueBuilder::orphan_grace), it moves back to `incoming/` and
+    ///   the dead owner's claim is counted as an attempt. A live owner, even a stopped
+    ///   one, holds its lock and is never robbed.
+    /// - `tmp/`: files older than [`tmp_max_age`](crate::QueueBuilder::tmp_max_age)
+    ///   whose lock anyone can take are removed, as are names that a crash left beside
+    ///   an already published message.
+    /// - `incoming/`: hidden files (names starting with `.`) older than `tmp_max_age`
+    ///   are quarantined: no writer finished them.
+    ///
+    /// Recovery is idempotent, and any number of processes may run it at once: each
+    /// orphan is requeued exactly once, because the recoverer holds its lock while it
+    /// moves it. Long-running consumers should run it at start and periodically.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] naming the path when a directory cannot be read or an entry cannot
+    /// be moved. Entries handled before the error stay handled.
+    ///
+    /// # Durability
+    ///
+    /// `Full`: `incoming/` and `pending/` are synced once, at the end, before this
+    /// returns. `Batch`: at the next [`sync`](DirectoryQueue::sync). `None`: never.
+    pub fn recover(&self) -> Result<RecoverReport> {
+        let mut report = RecoverReport::default();
+        let mut buf = Vec::new();
+        let result = self
+            .recover_pending(&mut report, &mut buf)
+            .and_then(|()| self.recover_tmp(&mut report, &mut buf))
+            .and_then(|()| self.recover_incoming(&mut report, &mut buf));
+        let inner = &*self.inner;
+        let synced = if report.requeued + report.duplicates_removed > 0 {
+            inner
+                .syncer
+                .changed(&[inner.dir(State::Pending), inner.dir(State::Incoming)])
+        } else {
+            Ok(())
+        };
+        result.and(synced)?;
+        if report != RecoverReport::default() {
+            tracing::info!(root = %inner.root.display(), ?report, "recovered");
+        }
+        Ok(report)
+    }
+
+    fn recover_pending(
+        &self,
+        report: &mut RecoverReport,
+        buf: &mut Vec<MaybeUninit<u8>>,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let pending = inner.dir(State::Pending);
+        let incoming = inner.dir(State::Incoming);
+        for (name, kind) in list(inner.dir(State::Pending), buf)? {
+            let path = || pending.join(&name);
+            if MessageId::is_hidden(name.as_encoded_bytes()) {
+                report.quarantined += usize::from(self.set_aside(
+                    State::Pending,
+                    &name,
+                    "hidden file in pending/",
+                )?);
+                continue;
+            }
+            if kind != EntryKind::File && kind != EntryKind::Unknown {
+                let reason = format!("{} in pending/", kind.as_str());
+                report.quarantined +=
+                    usize::from(self.set_aside(State::Pending, &name, &reason)?);
+                continue;
+            }
+            let file = match pending.dir.open_read(&name) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if sys::is_symlink_refusal(&e) => {
+                    report.quarantined += usize::from(self.set_aside(
+                        State::Pending,
+                        &name,
+                        "symbolic link in pending/",
+                    )?);
+                    continue;
+                }
+                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+            };
+            let st = sys::stat_file(&file).map_err(|e| Error::io(Operation::Recover, path(), e))?;
+            if st.kind != EntryKind::File {
+                drop(file);
+                let reason = format!("{} in pending/", st.kind.as_str());
+                report.quarantined +=
+                    usize::from(self.set_aside(State::Pending, &name, &reason)?);
+                continue;
+            }
+            if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Recover, path(), e))? {
+                report.owned += 1;
+                continue;
+            }
+            // IMPORTANT: checked while holding the lock. The owner may have moved the
+            // message on (and released the lock by closing it) after we opened it.
+            match pending.dir.stat_at(&name) {
+                Ok(now) if now.same_file(&st) => {}
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+            }
+            // ctime is the time of the rename into pending/, that is, of the claim.
+            let age = SystemTime::now()
+                .duration_since(st.ctime)
+                .unwrap_or(Duration::ZERO);
+            if age < inner.config.orphan_grace {
+                report.within_grace += 1;
+                continue;
+            }
+            let previous = attempts::read(&file, inner.identity).unwrap_or(0);
+            if let Err(e) = attempts::write(&file, inner.identity, previous + 1) {
+                tracing::debug!(path = %path().display(), error = %e, "cannot store attempt count");
+            }
+            match pending.dir.rename_noreplace(&name, &incoming.dir, &name) {
+                Ok(()) => report.requeued += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    match incoming.dir.stat_at(&name) {
+                        // The same file under both names: the pending name is the stale one.
+                        Ok(other) if other.same_file(&st) => {
+                            pending
+                                .dir
+                                .unlink(&name)
+                                .map_err(|e| Error::io(Operation::Recover, path(), e))?;
+                            report.duplicates_removed += 1;
+                        }
+                        _ => {
+                            let reason =
+                                "duplicate id: incoming/ holds another message with this id";
+                            report.quarantined +=
+                                usize::from(self.set_aside(State::Pending, &name, reason)?);
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::moving(
+                        Operation::Recover,
+                        path(),
+                        incoming.join(&name),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn recover_tmp(
+        &self,
+        report: &mut RecoverReport,
+        buf: &mut Vec<MaybeUninit<u8>>,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let tmp = inner.dir(State::Tmp);
+        let now = SystemTime::now();
+        for (name, _) in list(tmp, buf)? {
+            let path = || tmp.join(&name);
+            let st = match tmp.dir.stat_at(&name) {
+                Ok(st) => st,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+            };
+            let stale =
+                now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= inner.config.tmp_max_age;
+            match st.kind {
+                // A leftover symlink is removed (never followed); anything else that is
+                // not a file is left for `dirq check` to report.
+                EntryKind::Symlink if stale => {
+                    remove(tmp, &name, report)?;
+                    continue;
+                }
+                EntryKind::File => {}
+                _ => continue,
+            }
+            // A second link means the message was published and a crash undid the
+            // removal of this name: it can go at once.
+            if !stale && st.nlink < 2 {
+                continue;
+            }
+            let file = match tmp.dir.open_read(&name) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+            };
+            if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Recover, path(), e))? {
+                continue; // its writer is alive
+            }
+            match tmp.dir.stat_at(&name) {
+                Ok(now) if now.same_file(&st) => remove(tmp, &name, report)?,
+                _ => continue,
+            }
+        }
+        Ok(())
+    }
+
+    fn recover_incoming(
+        &self,
+        report: &mut RecoverReport,
+        buf: &mut Vec<MaybeUninit<u8>>,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let incoming = inner.dir(State::Incoming);
+        let now = SystemTime::now();
+        for (name, _) in list(incoming, buf)? {
+            if !MessageId::is_hidden(name.as_encoded_bytes()) {
+                continue;
+            }
+            let Ok(st) = incoming.dir.stat_at(&name) else {
+                continue;
+            };
+            if now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= inner.config.tmp_max_age {
+                let reason = "hidden file in incoming/ that nobody finished (not a message)";
+                report.quarantined +=
+                    usize::from(self.set_aside(State::Incoming, &name, reason)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_aside(&self, from: State, name: &OsStr, reason: &str) -> Result<bool> {
+        quarantine(&self.inner, from, name, reason)
+    }
+}
+
+/// Every name in `dir`, with the kind the directory read reported.
+fn list(
+    dir: &crate::queue::StateDir,
+    buf: &mut Vec<MaybeUninit<u8>>,
+) -> Result<Vec<(OsString, EntryKind)>> {
+    let mut names = Vec::new();
+    dir.dir
+        .scan(buf, |entry| {
+            names.push((entry.name.to_os_string(), entry.kind))
+        })
+        .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+    Ok(names)
+}
+
+fn remove(tmp: &crate::queue::StateDir, name: &OsStr, report: &mut RecoverReport) -> Result<()> {
+    match tmp.dir.unlink(name) {
+        Ok(()) => {
+            report.tmp_removed += 1;
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(Operation::Recover, tmp.join(name), e)),
+    }
+}

@@ -1,0 +1,99 @@
+//! The state directories of a queue: the on-disk protocol's vocabulary, written once.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A state directory of a queue. A message's state is the directory it is in.
+///
+/// ```text
+///            enqueue                 claim                commit
+///   tmp/ ───────────────▶ incoming/ ───────▶ pending/ ──────────────▶ (deleted)
+///                            ▲  ▲              │  │ forward
+///                            │  └── release ───┘  └─────────▶ next queue's incoming/
+///                            │     or recover     │ fail
+///                            └──── requeue ── errors/ ◀┘
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum State {
+    /// `tmp/`: files being written. Never read by consumers.
+    Tmp,
+    /// `incoming/`: complete messages, ready to be claimed. Nothing else ever appears here.
+    Incoming,
+    /// `pending/`: claimed messages, each owned by the process holding its lock.
+    Pending,
+    /// `errors/`: failed or quarantined messages, each with an `<id>.meta` JSON sidecar.
+    Errors,
+}
+
+impl State {
+    /// Every state, in the order a message normally passes through them.
+    pub const ALL: [State; 4] = [State::Tmp, State::Incoming, State::Pending, State::Errors];
+
+    /// The directory name (`"incoming"`, ...), as Mentat spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Tmp => "tmp",
+            State::Incoming => "incoming",
+            State::Pending => "pending",
+            State::Errors => "errors",
+        }
+    }
+
+    /// Index into per-state arrays.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            State::Tmp => 0,
+            State::Incoming => 1,
+            State::Pending => 2,
+            State::Errors => 3,
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error returned when parsing an unknown state name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseStateError(String);
+
+impl fmt::Display for ParseStateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown queue state {:?}: expected one of tmp, incoming, pending, errors",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ParseStateError {}
+
+impl FromStr for State {
+    type Err = ParseStateError;
+
+    fn from_str(s: &str) -> Result<State, ParseStateError> {
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| ParseStateError(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for state in State::ALL {
+            assert_eq!(state.as_str().parse::<State>().unwrap(), state);
+            assert_eq!(State::ALL[state.index()], state);
+        }
+        assert!("done".parse::<State>().is_err());
+    }
+}

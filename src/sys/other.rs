@@ -1,0 +1,115 @@
+//! Platforms without the system calls the protocol needs: every operation returns
+//! [`io::ErrorKind::Unsupported`] at run time, so that the crate still builds.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::path::Path;
+
+use super::{FileStat, FsFamily, RawEntry};
+
+fn unsupported<T>() -> io::Result<T> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "dirq needs openat, renameat2 and flock: only Unix is supported",
+    ))
+}
+
+#[derive(Debug)]
+pub(crate) struct Dir(());
+
+impl Dir {
+    pub(crate) fn open(_path: &Path) -> io::Result<Dir> {
+        unsupported()
+    }
+    pub(crate) fn open_child(&self, _name: &OsStr) -> io::Result<Dir> {
+        unsupported()
+    }
+    pub(crate) fn mkdir(&self, _name: &OsStr, _mode: u32) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn stat(&self) -> io::Result<FileStat> {
+        unsupported()
+    }
+    pub(crate) fn stat_at(&self, _name: &OsStr) -> io::Result<FileStat> {
+        unsupported()
+    }
+    pub(crate) fn open_read(&self, _name: &OsStr) -> io::Result<File> {
+        unsupported()
+    }
+    pub(crate) fn create_new(&self, _name: &OsStr, _mode: u32) -> io::Result<File> {
+        unsupported()
+    }
+    pub(crate) fn rename_noreplace(
+        &self,
+        _from: &OsStr,
+        _to_dir: &Dir,
+        _to: &OsStr,
+    ) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn rename_replace(
+        &self,
+        _from: &OsStr,
+        _to_dir: &Dir,
+        _to: &OsStr,
+    ) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn unlink(&self, _name: &OsStr) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn scan(
+        &self,
+        _buf: &mut Vec<MaybeUninit<u8>>,
+        _visit: impl FnMut(RawEntry<'_>),
+    ) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn fs_family(&self) -> FsFamily {
+        FsFamily::Other
+    }
+    pub(crate) fn supports_noreplace(&self, _probe: &OsStr) -> io::Result<bool> {
+        unsupported()
+    }
+}
+
+pub(crate) fn get_xattr(_file: &File, _name: &str) -> io::Result<Option<Vec<u8>>> {
+    Ok(None)
+}
+
+pub(crate) fn set_xattr(_file: &File, _name: &str, _value: &[u8]) -> io::Result<bool> {
+    Ok(false)
+}
+
+pub(crate) fn stat_file(_file: &File) -> io::Result<FileStat> {
+    unsupported()
+}
+
+pub(crate) fn is_symlink_refusal(_e: &io::Error) -> bool {
+    false
+}
+
+pub(crate) fn is_not_a_directory(_e: &io::Error) -> bool {
+    false
+}
+
+pub(crate) fn is_cross_device(_e: &io::Error) -> bool {
+    false
+}
+
+pub(crate) fn read_at(_file: &File, _buf: &mut [u8], _offset: u64) -> io::Result<usize> {
+    unsupported()
+}
+
+pub(crate) fn hostname() -> String {
+    std::env::var("COMPUTERNAME").unwrap_or_else(|_| "localhost".to_owned())
+}
+
+pub(crate) fn pid() -> u32 {
+    std::process::id()
+}

@@ -1,0 +1,437 @@
+//! Unix implementation of the platform layer, on top of `rustix`.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, RenameFlags};
+
+use super::{EntryKind, FileStat, FsFamily, RawEntry};
+
+/// Size of the buffer handed to `getdents64`; one call returns about 1,500 entries.
+pub(crate) const SCAN_BUFFER_BYTES: usize = 64 * 1024;
+
+/// An open directory; every name-based operation is relative to it, so a path swapped
+/// for a symlink after the queue was opened cannot redirect the queue.
+#[derive(Debug)]
+pub(crate) struct Dir {
+    fd: OwnedFd,
+}
+
+impl Dir {
+    /// Opens `path` as a directory, following symlinks in it (used for the queue root).
+    pub(crate) fn open(path: &Path) -> io::Result<Dir> {
+        let fd = rfs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Dir { fd })
+    }
+
+    /// Opens the child directory `name`, refusing to follow a symlink.
+    pub(crate) fn open_child(&self, name: &OsStr) -> io::Result<Dir> {
+        let fd = rfs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Dir { fd })
+    }
+
+    /// Creates the child directory `name` with exactly `mode` (the umask is undone by a
+    /// `chmod`, as Mentat does, so that group-shared queues stay group-writable).
+    pub(crate) fn mkdir(&self, name: &OsStr, mode: u32) -> io::Result<()> {
+        rfs::mkdirat(&self.fd, name, Mode::from_raw_mode(mode))?;
+        rfs::chmodat(&self.fd, name, Mode::from_raw_mode(mode), AtFlags::empty())?;
+        Ok(())
+    }
+
+    /// `fstat` of the directory itself.
+    pub(crate) fn stat(&self) -> io::Result<FileStat> {
+        Ok(convert_stat(&rfs::fstat(&self.fd)?))
+    }
+
+    /// `fstatat(name, AT_SYMLINK_NOFOLLOW)`.
+    pub(crate) fn stat_at(&self, name: &OsStr) -> io::Result<FileStat> {
+        Ok(convert_stat(&rfs::statat(
+            &self.fd,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?))
+    }
+
+    /// Opens the file `name` for reading without following a symlink, without blocking on
+    /// a FIFO or device, and without acquiring a controlling terminal.
+    pub(crate) fn open_read(&self, name: &OsStr) -> io::Result<File> {
+        let fd = rfs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Creates `name`, failing if it exists (`O_CREAT|O_EXCL`, which never follows a symlink).
+    pub(crate) fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
+        let fd = rfs::openat(
+            &self.fd,
+            name,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(File::from(fd))
+    }
+
+    /// Renames `from` in this directory to `to` in `to_dir`, failing with `AlreadyExists`
+    /// if `to` exists.
+    ///
+    /// Uses `renameat2(RENAME_NOREPLACE)`. Filesystems without it (NFS, most FUSE) get
+    /// `link` + `unlink`, and where hard links are refused too (vfat, directories), a
+    /// `stat` check followed by a plain `rename`, which is racy and documented as such.
+    pub(crate) fn rename_noreplace(
+        &self,
+        from: &OsStr,
+        to_dir: &Dir,
+        to: &OsStr,
+    ) -> io::Result<()> {
+        match rfs::renameat_with(&self.fd, from, &to_dir.fd, to, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(e) if !is_unsupported(e) => return Err(e.into()),
+            Err(_) => {}
+        }
+        match rfs::linkat(&self.fd, from, &to_dir.fd, to, AtFlags::empty()) {
+            Ok(()) => {
+                // The new name is in place; a source name that vanished meanwhile was
+                // removed by a recoverer cleaning up exactly this state.
+                match rfs::unlinkat(&self.fd, from, AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) if e == rustix::io::Errno::PERM || is_unsupported(e) => {
+                match rfs::statat(&to_dir.fd, to, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(_) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+                    Err(rustix::io::Errno::NOENT) => {
+                        Ok(rfs::renameat(&self.fd, from, &to_dir.fd, to)?)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Plain `renameat`, replacing `to` if it exists (used for sidecar files only).
+    pub(crate) fn rename_replace(&self, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
+        Ok(rfs::renameat(&self.fd, from, &to_dir.fd, to)?)
+    }
+
+    /// `unlinkat(name)` of a file.
+    pub(crate) fn unlink(&self, name: &OsStr) -> io::Result<()> {
+        Ok(rfs::unlinkat(&self.fd, name, AtFlags::empty())?)
+    }
+
+    /// `fsync` of the directory: makes its entries durable.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        Ok(rfs::fsync(&self.fd)?)
+    }
+
+    /// Reads every entry but `.` and `..`, in directory order, into `visit`.
+    ///
+    /// A fresh descriptor is opened for each read so that concurrent scans of one queue
+    /// never share a directory offset. `buf` is reused between scans.
+    pub(crate) fn scan(
+        &self,
+        buf: &mut Vec<MaybeUninit<u8>>,
+        mut visit: impl FnMut(RawEntry<'_>),
+    ) -> io::Result<()> {
+        let fd = rfs::openat(
+            &self.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        if buf.len() < SCAN_BUFFER_BYTES {
+            buf.resize(SCAN_BUFFER_BYTES, MaybeUninit::uninit());
+        }
+        let mut dir = RawDir::new(fd, buf.as_mut_slice());
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            visit(RawEntry {
+                name: OsStr::from_bytes(name),
+                kind: convert_kind(entry.file_type()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Classifies the filesystem the directory lives on.
+    pub(crate) fn fs_family(&self) -> FsFamily {
+        let Ok(statfs) = rfs::fstatfs(&self.fd) else {
+            return FsFamily::Other;
+        };
+        #[allow(
+            clippy::unnecessary_cast,
+            reason = "f_type is i64 or u32 depending on the architecture"
+        )]
+        let magic = statfs.f_type as u64 & 0xffff_ffff;
+        match magic {
+            EXT_MAGIC => match self.stat() {
+                Ok(st) if has_jbd2_journal(st.dev) => FsFamily::Journaled,
+                _ => FsFamily::Other,
+            },
+            XFS_MAGIC => FsFamily::Journaled,
+            TMPFS_MAGIC | RAMFS_MAGIC => FsFamily::Memory,
+            NFS_MAGIC | SMB_MAGIC | CIFS_MAGIC | SMB2_MAGIC | CEPH_MAGIC => FsFamily::Network,
+            FUSE_MAGIC => FsFamily::Fuse,
+            _ => FsFamily::Other,
+        }
+    }
+
+    /// Whether `renameat2(RENAME_NOREPLACE)` works here, found by trying it on a
+    /// scratch file named `probe` (which must not exist and is removed again).
+    pub(crate) fn supports_noreplace(&self, probe: &OsStr) -> io::Result<bool> {
+        let mut target = probe.to_os_string();
+        target.push(".renamed");
+        drop(self.create_new(probe, 0o600)?);
+        let result = rfs::renameat_with(&self.fd, probe, &self.fd, &target, RenameFlags::NOREPLACE);
+        let supported = match result {
+            Ok(()) => {
+                let _ = rfs::unlinkat(&self.fd, &target, AtFlags::empty());
+                true
+            }
+            Err(e) => {
+                let _ = rfs::unlinkat(&self.fd, probe, AtFlags::empty());
+                if is_unsupported(e) {
+                    false
+                } else {
+                    return Err(e.into());
+                }
+            }
+        };
+        Ok(supported)
+    }
+}
+
+fn is_unsupported(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    e == Errno::INVAL || e == Errno::NOSYS || e == Errno::OPNOTSUPP
+}
+
+const EXT_MAGIC: u64 = 0xEF53;
+const XFS_MAGIC: u64 = 0x5846_5342;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+const NFS_MAGIC: u64 = 0x6969;
+const SMB_MAGIC: u64 = 0x517B;
+const CIFS_MAGIC: u64 = 0xFF53_4D42;
+const SMB2_MAGIC: u64 = 0xFE53_4D42;
+const CEPH_MAGIC: u64 = 0x00C3_6400;
+const FUSE_MAGIC: u64 = 0x6573_5546;
+
+/// Whether the ext2/3/4 filesystem on device `dev` has a jbd2 journal: jbd2 registers
+/// `/proc/fs/jbd2/<device>-<journal inode>` for each journal it runs. Without a journal
+/// (for example `mkfs.ext4 -O ^has_journal`) a directory fsync commits only that
+/// directory, so renames need both directories synced.
+fn has_jbd2_journal(dev: u64) -> bool {
+    let uevent = format!(
+        "/sys/dev/block/{}:{}/uevent",
+        rfs::major(dev),
+        rfs::minor(dev)
+    );
+    let Ok(text) = std::fs::read_to_string(uevent) else {
+        return false;
+    };
+    let Some(name) = text.lines().find_map(|l| l.strip_prefix("DEVNAME=")) else {
+        return false;
+    };
+    let prefix = format!("{}-", name.replace('/', "!"));
+    let Ok(entries) = std::fs::read_dir("/proc/fs/jbd2") else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|e| e.file_name().as_bytes().starts_with(prefix.as_bytes()))
+}
+
+/// Reads extended attribute `name` of `file`; `None` when it is not set or the
+/// filesystem has no extended attributes.
+pub(crate) fn get_xattr(file: &File, name: &str) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 64];
+    match rfs::fgetxattr(file.as_fd(), name, &mut buf[..]) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(e) if is_no_xattr(e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets extended attribute `name` of `file`. Returns `false` when the filesystem does
+/// not support user extended attributes.
+pub(crate) fn set_xattr(file: &File, name: &str, value: &[u8]) -> io::Result<bool> {
+    match rfs::fsetxattr(file.as_fd(), name, value, rfs::XattrFlags::empty()) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_no_xattr(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    e == Errno::NODATA || e == Errno::OPNOTSUPP || e == Errno::RANGE
+}
+
+/// Whether an open failed because `O_NOFOLLOW` met a symbolic link (`ELOOP` on Linux,
+/// `EMLINK` on FreeBSD).
+pub(crate) fn is_symlink_refusal(e: &io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::LOOP.raw_os_error())
+        || (cfg!(target_os = "freebsd") && code == Some(rustix::io::Errno::MLINK.raw_os_error()))
+}
+
+/// Whether a path lookup failed because a component is not a directory.
+pub(crate) fn is_not_a_directory(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+}
+
+/// Whether a rename failed because source and target are on different filesystems.
+pub(crate) fn is_cross_device(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
+}
+
+/// Positional read: does not move the file offset, so readers never interfere.
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(file, buf, offset)
+}
+
+/// `fstat` of an open file.
+pub(crate) fn stat_file(file: &File) -> io::Result<FileStat> {
+    Ok(convert_stat(&rfs::fstat(file)?))
+}
+
+/// The host name, as `uname -n` prints it.
+pub(crate) fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The id of the calling process.
+pub(crate) fn pid() -> u32 {
+    std::process::id()
+}
+
+#[allow(
+    clippy::unnecessary_cast,
+    clippy::useless_conversion,
+    reason = "struct stat field widths differ between architectures"
+)]
+fn convert_stat(st: &rfs::Stat) -> FileStat {
+    FileStat {
+        dev: st.st_dev as u64,
+        ino: st.st_ino as u64,
+        kind: convert_kind(FileType::from_raw_mode(st.st_mode as rfs::RawMode)),
+        nlink: st.st_nlink as u64,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        mtime: to_system_time(st.st_mtime as i64, st.st_mtime_nsec as u32),
+        ctime: to_system_time(st.st_ctime as i64, st.st_ctime_nsec as u32),
+    }
+}
+
+fn to_system_time(secs: i64, nanos: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs.unsigned_abs(), nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos.into())
+    }
+}
+
+fn convert_kind(ft: FileType) -> EntryKind {
+    match ft {
+        FileType::RegularFile => EntryKind::File,
+        FileType::Directory => EntryKind::Dir,
+        FileType::Symlink => EntryKind::Symlink,
+        FileType::Fifo => EntryKind::Fifo,
+        FileType::Socket => EntryKind::Socket,
+        FileType::CharacterDevice => EntryKind::CharDevice,
+        FileType::BlockDevice => EntryKind::BlockDevice,
+        _ => EntryKind::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_noreplace_refuses_to_overwrite() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        drop(dir.create_new(OsStr::new("a"), 0o644).unwrap());
+        drop(dir.create_new(OsStr::new("b"), 0o644).unwrap());
+        let err = dir
+            .rename_noreplace(OsStr::new("a"), &dir, OsStr::new("b"))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        dir.rename_noreplace(OsStr::new("a"), &dir, OsStr::new("c"))
+            .unwrap();
+        assert!(tmp.path().join("c").exists());
+        assert!(!tmp.path().join("a").exists());
+    }
+
+    #[test]
+    fn scan_reports_kinds_without_following_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("l")).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = Vec::new();
+        dir.scan(&mut buf, |e| {
+            seen.push((e.name.as_bytes().to_vec(), e.kind))
+        })
+        .unwrap();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            seen,
+            vec![
+                (b"d".to_vec(), EntryKind::Dir),
+                (b"f".to_vec(), EntryKind::File),
+                (b"l".to_vec(), EntryKind::Symlink),
+            ]
+        );
+    }
+
+    #[test]
+    fn open_read_refuses_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("target"), b"secret").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("target"), tmp.path().join("l")).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        assert!(dir.open_read(OsStr::new("l")).is_err());
+    }
+
+    #[test]
+    fn noreplace_probe_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        assert!(dir.supports_noreplace(OsStr::new(".probe")).unwrap());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+}
