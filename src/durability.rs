@@ -74,6 +74,25 @@ impl Syncer {
             .map_err(|e| Error::io(Operation::Sync, path, e))
     }
 
+    /// Makes the bytes of many message files durable (group commit). Writeback of all
+    /// of them is started first, so the per-file syncs that follow overlap instead of
+    /// each waiting for its own allocation, write and journal commit.
+    pub(crate) fn files<'a>(
+        &self,
+        files: impl Iterator<Item = (&'a File, &'a Path)> + Clone,
+    ) -> Result<()> {
+        if self.mode == Durability::None {
+            return Ok(());
+        }
+        for (file, _) in files.clone() {
+            crate::sys::start_writeback(file);
+        }
+        for (file, path) in files {
+            self.file(file, path)?;
+        }
+        Ok(())
+    }
+
     /// Records that the entries of `dirs` changed, the most recently changed last, and
     /// syncs them as the mode requires: now ([`Durability::Full`]), at the next flush
     /// ([`Durability::Batch`]) or never.

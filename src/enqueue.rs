@@ -126,9 +126,9 @@ impl DirectoryQueue {
             files.push(tmp);
         }
         let total = files.len();
-        for tmp in &files {
-            inner.syncer.file(&tmp.file, &tmp.path)?;
-        }
+        inner
+            .syncer
+            .files(files.iter().map(|tmp| (&tmp.file, tmp.path.as_path())))?;
         let mut published = Vec::with_capacity(total);
         for tmp in files {
             match tmp.rename_into_incoming() {

@@ -45,7 +45,7 @@
 //! ```
 //! use dirq::DirectoryQueue;
 //!
-//! let dir = tempfile::tempdir()?;
+//! let dir = tempfile::tempdir().expect("a temporary directory");
 //! let parsed = DirectoryQueue::open(dir.path().join("parsed"))?;
 //! let input = DirectoryQueue::open(dir.path().join("input"))?;
 //!
@@ -158,3 +158,8 @@ pub use meta::FailureInfo;
 pub use queue::{ClaimStats, DirectoryQueue};
 pub use recover::RecoverReport;
 pub use state::{ParseStateError, State};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

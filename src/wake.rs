@@ -168,3 +168,44 @@ impl Wake {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_after_prepare_wakes_a_sleeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let wake = Arc::new(Wake::new(true));
+        assert!(wake.prepare(dir.path()), "the watch is new");
+        assert!(!wake.prepare(dir.path()), "the watch exists");
+        // The generation is read before the event, as the claim loop does, so the
+        // event is seen whether or not the sleeper is asleep yet.
+        let seen = wake.generation();
+        let sleeper = {
+            let wake = Arc::clone(&wake);
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                wake.wait(seen, Instant::now() + Duration::from_secs(60));
+                start.elapsed()
+            })
+        };
+        std::fs::write(dir.path().join("message"), b"x").unwrap();
+        let slept = sleeper.join().unwrap();
+        assert!(
+            slept < Duration::from_secs(60),
+            "woken by the event, not the deadline"
+        );
+        assert!(wake.generation() > seen);
+    }
+
+    #[test]
+    fn polling_only_never_watches() {
+        let dir = tempfile::tempdir().unwrap();
+        let wake = Wake::new(false);
+        assert!(!wake.prepare(dir.path()));
+        let start = Instant::now();
+        wake.wait(wake.generation(), start + Duration::from_millis(50));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+    }
+}

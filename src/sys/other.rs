@@ -86,6 +86,8 @@ pub(crate) fn set_xattr(_file: &File, _name: &str, _value: &[u8]) -> io::Result<
     Ok(false)
 }
 
+pub(crate) fn start_writeback(_file: &File) {}
+
 pub(crate) fn stat_file(_file: &File) -> io::Result<FileStat> {
     unsupported()
 }

@@ -318,6 +318,14 @@ pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<us
     std::os::unix::fs::FileExt::read_at(file, buf, offset)
 }
 
+/// Starts writing back the file's dirty pages without waiting (`POSIX_FADV_DONTNEED`
+/// starts writeback of dirty pages; it cannot drop pages that are dirty or under
+/// writeback). Called on every file of a batch before each is synced, so that their
+/// writes overlap and the syncs mostly find their data already on the way.
+pub(crate) fn start_writeback(file: &File) {
+    let _ = rfs::fadvise(file.as_fd(), 0, None, rfs::Advice::DontNeed);
+}
+
 /// `fstat` of an open file.
 pub(crate) fn stat_file(file: &File) -> io::Result<FileStat> {
     Ok(convert_stat(&rfs::fstat(file)?))
