@@ -1,0 +1,11 @@
+//! Integration tests: the library across threads and processes, the real binary, and
+//! Mentat's own Python implementation of the protocol.
+
+mod cli;
+mod concurrency;
+mod crash;
+mod filesystems;
+mod hostile;
+mod mentat;
+mod queue;
+mod util;

@@ -1,0 +1,156 @@
+//! Fixtures shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dirq::{DirectoryQueue, State};
+
+/// A queue in a fresh temporary directory, removed at the end of the test.
+pub struct TestQueue {
+    pub dir: tempfile::TempDir,
+    pub queue: DirectoryQueue,
+}
+
+impl TestQueue {
+    pub fn new() -> TestQueue {
+        let dir = tempdir();
+        let queue = DirectoryQueue::open(dir.path().join("q")).expect("open test queue");
+        TestQueue { dir, queue }
+    }
+
+    /// Another queue beside this one (same filesystem).
+    pub fn sibling(&self, name: &str) -> DirectoryQueue {
+        DirectoryQueue::open(self.dir.path().join(name)).expect("open sibling queue")
+    }
+
+    pub fn root(&self) -> &Path {
+        self.queue.root()
+    }
+
+    pub fn path(&self, state: State) -> PathBuf {
+        self.queue.path(state).to_path_buf()
+    }
+
+    /// Sorted names in a state directory, sidecars included.
+    pub fn names(&self, state: State) -> Vec<String> {
+        names_in(&self.path(state))
+    }
+}
+
+/// A temporary directory under the target directory: on the same filesystem as the
+/// build, so that tests exercise a real disk filesystem rather than tmpfs.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("dirq-it-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("create temporary directory")
+}
+
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Polls `condition` until it holds; panics naming `what` after `timeout`.
+/// The sleep between polls is a polling interval, not a synchronisation.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The `dirq` binary built for these tests.
+pub fn dirq() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dirq"));
+    command.env_remove("DIRQ_LOG");
+    command
+}
+
+/// Runs `dirq` with `args` to completion.
+pub fn run(args: &[&str]) -> Output {
+    dirq()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dirq")
+}
+
+/// Runs `dirq` and asserts it succeeded; returns standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "dirq {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Whether this process may mount filesystems (root, as in CI).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|euid| euid == "0"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+/// Prints why a test did not run. In CI (`CI=true`), where every capability is
+/// provided, a skip is a failure instead.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: cannot run in CI: {reason}");
+    }
+    eprintln!("skipped {test}: {reason}");
+}
+
+/// A tmpfs mounted for the duration of a test (root only), unmounted on drop.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (for example `size=1m`). `None` when not root.
+    pub fn mount(options: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            return None;
+        }
+        let dir = tempdir();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs -o {options} failed");
+        Some(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
