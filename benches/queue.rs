@@ -91,6 +91,22 @@ impl Raw {
     }
 }
 
+/// Fills `q` with `iters` messages (untimed), then times claiming, reading and ending
+/// each with `terminal`.
+fn time_claims(q: &DirectoryQueue, iters: u64, terminal: impl Fn(dirq::Message)) -> Duration {
+    let filler = queue(q.root(), Durability::None);
+    for _ in 0..iters {
+        filler.enqueue(PAYLOAD).expect("fill");
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        let m = q.try_claim().expect("claim").expect("a message");
+        m.bytes().expect("read");
+        terminal(m);
+    }
+    start.elapsed()
+}
+
 fn modes() -> [(Durability, &'static str, bool); 2] {
     [
         (Durability::None, "none", false),
@@ -176,20 +192,8 @@ fn claim_commit(c: &mut Criterion) {
             })
         });
         let q = queue(&scratch(&format!("claim-dirq-{name}")), durability);
-        let filler = queue(q.root(), Durability::None);
         group.bench_function(BenchmarkId::new("dirq", name), |b| {
-            b.iter_custom(|iters| {
-                for _ in 0..iters {
-                    filler.enqueue(PAYLOAD).expect("fill");
-                }
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let m = q.try_claim().expect("claim").expect("a message");
-                    m.bytes().expect("read");
-                    m.commit().expect("commit");
-                }
-                start.elapsed()
-            })
+            b.iter_custom(|iters| time_claims(&q, iters, |m| m.commit().expect("commit")))
         });
     }
     group.finish();
@@ -230,20 +234,8 @@ fn forward(c: &mut Criterion) {
         let dir = scratch(&format!("forward-dirq-{name}"));
         let q = queue(&dir.join("a"), durability);
         let next = queue(&dir.join("b"), durability);
-        let filler = queue(q.root(), Durability::None);
         group.bench_function(BenchmarkId::new("dirq", name), |b| {
-            b.iter_custom(|iters| {
-                for _ in 0..iters {
-                    filler.enqueue(PAYLOAD).expect("fill");
-                }
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let m = q.try_claim().expect("claim").expect("a message");
-                    m.bytes().expect("read");
-                    m.forward(&next).expect("forward");
-                }
-                start.elapsed()
-            })
+            b.iter_custom(|iters| time_claims(&q, iters, |m| m.forward(&next).expect("forward")))
         });
     }
     group.finish();

@@ -8,11 +8,12 @@ use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Operation, Result};
+use crate::owner::{lock_entry, Entry};
 use crate::quarantine::quarantine;
 use crate::queue::Inner;
 use crate::scan::{self, Candidate};
-use crate::sys::{self, EntryKind, FileStat};
-use crate::{lock, DirectoryQueue, Message, State};
+use crate::sys::{EntryKind, FileStat};
+use crate::{DirectoryQueue, Message, State};
 
 /// How many of the oldest names one scan keeps. Bigger means fewer full scans of a
 /// long queue (each costs a read of the whole directory) but more memory (about
@@ -276,32 +277,16 @@ impl DirectoryQueue {
         if kind != EntryKind::File {
             return self.quarantine_incoming(name, &format!("{} in incoming/", kind.as_str()));
         }
-        let file = match incoming.dir.open_read(name) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
-            // Replaced by a symlink since the scan.
-            Err(e) if sys::is_symlink_refusal(&e) => {
-                return self.quarantine_incoming(name, "symbolic link in incoming/")
+        let (file, st) = match lock_entry(incoming, name)
+            .map_err(|e| Error::io(Operation::Claim, path(), e))?
+        {
+            Entry::Locked(file, st) => (file, st),
+            Entry::Held | Entry::Gone => return Ok(Attempt::Lost),
+            // Replaced since the scan by something that is not a file.
+            Entry::NotRegular(kind) => {
+                return self.quarantine_incoming(name, &format!("{} in incoming/", kind.as_str()))
             }
-            Err(e) => return Err(Error::io(Operation::Claim, path(), e)),
         };
-        let st = sys::stat_file(&file).map_err(|e| Error::io(Operation::Claim, path(), e))?;
-        if st.kind != EntryKind::File {
-            drop(file);
-            return self.quarantine_incoming(name, &format!("{} in incoming/", st.kind.as_str()));
-        }
-        if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Claim, path(), e))? {
-            return Ok(Attempt::Lost);
-        }
-        // IMPORTANT: only now, holding the lock, is the name checked. Without this
-        // check a claimer that opened the file just before another claimer committed
-        // it would lock the deleted inode and rename whatever now has that name.
-        match incoming.dir.stat_at(name) {
-            Ok(now) if now.same_file(&st) => {}
-            Ok(_) => return Ok(Attempt::Lost),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Attempt::Lost),
-            Err(e) => return Err(Error::io(Operation::Claim, path(), e)),
-        }
         if st.nlink > 1 && !self.drop_publish_leftover(name, &st)? {
             if !inner.supports_noreplace() {
                 // Publishing here is link + unlink: a second link may be an enqueue

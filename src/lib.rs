@@ -140,6 +140,7 @@ mod inspect;
 mod lock;
 mod message;
 mod meta;
+mod owner;
 mod quarantine;
 mod queue;
 mod recover;

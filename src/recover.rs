@@ -6,9 +6,10 @@ use std::mem::MaybeUninit;
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Operation, Result};
+use crate::owner::{lock_entry, Entry};
 use crate::quarantine::quarantine;
-use crate::sys::{self, EntryKind};
-use crate::{attempts, lock, DirectoryQueue, MessageId, State};
+use crate::sys::EntryKind;
+use crate::{attempts, DirectoryQueue, MessageId, State};
 
 /// What one [`recover`](DirectoryQueue::recover) pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,45 +99,26 @@ impl DirectoryQueue {
                 )?);
                 continue;
             }
-            if kind != EntryKind::File && kind != EntryKind::Unknown {
-                let reason = format!("{} in pending/", kind.as_str());
-                report.quarantined +=
-                    usize::from(self.set_aside(State::Pending, &name, &reason)?);
-                continue;
-            }
-            let file = match pending.dir.open_read(&name) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) if sys::is_symlink_refusal(&e) => {
-                    report.quarantined += usize::from(self.set_aside(
-                        State::Pending,
-                        &name,
-                        "symbolic link in pending/",
-                    )?);
+            // What the directory read already says is not a file is never opened.
+            let locked = if kind == EntryKind::File || kind == EntryKind::Unknown {
+                lock_entry(pending, &name).map_err(|e| Error::io(Operation::Recover, path(), e))?
+            } else {
+                Entry::NotRegular(kind)
+            };
+            let (file, st) = match locked {
+                Entry::Locked(file, st) => (file, st),
+                Entry::Held => {
+                    report.owned += 1;
                     continue;
                 }
-                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+                Entry::Gone => continue,
+                Entry::NotRegular(kind) => {
+                    let reason = format!("{} in pending/", kind.as_str());
+                    report.quarantined +=
+                        usize::from(self.set_aside(State::Pending, &name, &reason)?);
+                    continue;
+                }
             };
-            let st = sys::stat_file(&file).map_err(|e| Error::io(Operation::Recover, path(), e))?;
-            if st.kind != EntryKind::File {
-                drop(file);
-                let reason = format!("{} in pending/", st.kind.as_str());
-                report.quarantined +=
-                    usize::from(self.set_aside(State::Pending, &name, &reason)?);
-                continue;
-            }
-            if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Recover, path(), e))? {
-                report.owned += 1;
-                continue;
-            }
-            // IMPORTANT: checked while holding the lock. The owner may have moved the
-            // message on (and released the lock by closing it) after we opened it.
-            match pending.dir.stat_at(&name) {
-                Ok(now) if now.same_file(&st) => {}
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
-            }
             // ctime is the time of the rename into pending/, that is, of the claim.
             let age = SystemTime::now()
                 .duration_since(st.ctime)
@@ -215,16 +197,10 @@ impl DirectoryQueue {
             if !stale && st.nlink < 2 {
                 continue;
             }
-            let file = match tmp.dir.open_read(&name) {
-                Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
-            };
-            if !lock::try_lock(&file).map_err(|e| Error::io(Operation::Recover, path(), e))? {
-                continue; // its writer is alive
-            }
-            match tmp.dir.stat_at(&name) {
-                Ok(now) if now.same_file(&st) => remove(tmp, &name, report)?,
+            // Removed only if its writer is gone (the lock) and it is still the file
+            // that was judged stale.
+            match lock_entry(tmp, &name).map_err(|e| Error::io(Operation::Recover, path(), e))? {
+                Entry::Locked(_, now) if now.same_file(&st) => remove(tmp, &name, report)?,
                 _ => continue,
             }
         }

@@ -34,6 +34,14 @@ impl StdError for Context {
     }
 }
 
+/// For listings: a reader that stopped reading (`dirq ls | head`) is not an error.
+fn quiet_broken_pipe(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn context(what: impl Into<String>) -> impl FnOnce(io::Error) -> Context {
     move |source| Context {
         what: what.into(),
@@ -235,7 +243,7 @@ fn status(queues: &[DirectoryQueue], json: bool) -> CliResult {
         }
         Ok(())
     })();
-    result.map_err(|e| Box::new(write_error(e)) as _)
+    quiet_broken_pipe(result).map_err(|e| Box::new(write_error(e)) as _)
 }
 
 fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) -> CliResult {
@@ -246,17 +254,19 @@ fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) -> CliResult 
         Some(StateArg::Tmp) => vec![State::Tmp],
         None => vec![State::Incoming, State::Pending, State::Errors],
     };
-    let mut out = io::stdout().lock();
+    let mut lines = Vec::new();
     for state in states {
         for info in queue.list(state)? {
-            let line = if json {
+            lines.push(if json {
                 ls_json(&info)
             } else {
                 ls_human(&info)
-            };
-            writeln!(out, "{line}").map_err(context("failed to write to standard output"))?;
+            });
         }
     }
+    let mut out = io::stdout().lock();
+    let written = lines.iter().try_for_each(|line| writeln!(out, "{line}"));
+    quiet_broken_pipe(written).map_err(context("failed to write to standard output"))?;
     Ok(())
 }
 
@@ -295,8 +305,7 @@ fn cat(queue: &DirectoryQueue, id: &OsStr) -> CliResult {
     let id = MessageId::new(id)?;
     let (_, bytes) = queue.peek(&id)?;
     let mut out = io::stdout().lock();
-    out.write_all(&bytes)
-        .and_then(|()| out.flush())
+    quiet_broken_pipe(out.write_all(&bytes).and_then(|()| out.flush()))
         .map_err(context("failed to write to standard output"))?;
     Ok(())
 }
