@@ -95,3 +95,45 @@ fn four_processes_take_each_message_exactly_once_while_a_producer_adds() {
     let counts = t.queue.counts().unwrap();
     assert_eq!((counts.incoming, counts.pending, counts.tmp), (0, 0, 0));
 }
+
+#[test]
+fn recover_never_robs_a_stopped_owner() {
+    use std::io::Read;
+    let t = TestQueue::new();
+    // Bigger than a pipe buffer: `take` blocks writing it out, holding its claim.
+    let body = vec![b'z'; 1 << 20];
+    t.queue.enqueue(&body).unwrap();
+    let mut owner = dirq()
+        .arg("take")
+        .arg(t.root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(Duration::from_secs(30), "the owner to claim", || {
+        t.queue.counts().unwrap().pending == 1
+    });
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &owner.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    for _ in 0..3 {
+        let out = crate::util::run_ok(&["recover", t.root().to_str().unwrap()]);
+        assert!(out.contains("requeued 0, left 1 with live owners"), "{out}");
+    }
+    assert_eq!(t.queue.counts().unwrap().pending, 1);
+    signal("-CONT");
+    let mut printed = Vec::new();
+    owner
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut printed)
+        .unwrap();
+    assert!(owner.wait().unwrap().success());
+    assert_eq!(printed.len(), body.len() + 1);
+    assert_eq!(t.queue.counts().unwrap(), dirq::Counts::default());
+}
