@@ -37,6 +37,25 @@ pub(crate) fn write(file: &File, identity: QueueIdentity, count: u32) -> io::Res
     crate::sys::set_xattr(file, ATTRIBUTE, format(identity, count).as_bytes())
 }
 
+const REASON: &str = "user.dirq.reason";
+
+/// Stores why the last attempt failed, for the dead letter of a message whose later
+/// attempts end in a crash. Returns `false` when the filesystem cannot store it.
+pub(crate) fn write_reason(file: &File, reason: &str) -> io::Result<bool> {
+    // Extended attributes are small; a long reason is cut at a character boundary.
+    let mut end = reason.len().min(1024);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    crate::sys::set_xattr(file, REASON, &reason.as_bytes()[..end])
+}
+
+/// Why the last attempt failed, if it was recorded.
+pub(crate) fn read_reason(file: &File) -> io::Result<Option<String>> {
+    Ok(crate::sys::get_xattr_sized(file, REASON, 1024)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
 fn format(identity: QueueIdentity, count: u32) -> String {
     format!("{count} {}:{}", identity.0, identity.1)
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::{DirectoryQueue, Durability};
+use crate::{DirectoryQueue, Durability, RetryPolicy};
 
 /// Settings of an open queue handle.
 #[derive(Debug, Clone)]
@@ -16,6 +16,8 @@ pub(crate) struct Config {
     pub(crate) rescan_interval: Duration,
     pub(crate) orphan_grace: Duration,
     pub(crate) tmp_max_age: Duration,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) retry: RetryPolicy,
 }
 
 impl Default for Config {
@@ -28,6 +30,8 @@ impl Default for Config {
             rescan_interval: Duration::from_secs(1),
             orphan_grace: Duration::ZERO,
             tmp_max_age: Duration::from_secs(3600),
+            max_age: None,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -120,6 +124,25 @@ impl QueueBuilder {
     /// Default: 1 hour.
     pub fn tmp_max_age(&mut self, age: Duration) -> &mut Self {
         self.config.tmp_max_age = age;
+        self
+    }
+
+    /// The longest a message may wait: a claimed message older than this (by the time
+    /// in its id, or else its modification time) is moved to `errors/` with reason
+    /// `expired` instead of being returned (a batch server's admissible delay).
+    ///
+    /// Default: none (messages never expire).
+    pub fn max_age(&mut self, age: Option<Duration>) -> &mut Self {
+        self.config.max_age = age;
+        self
+    }
+
+    /// How [`Message::retry`](crate::Message::retry) spaces attempts and when it gives
+    /// up.
+    ///
+    /// Default: [`RetryPolicy::default`] (1 s, doubling, at most 10 minutes, 5 attempts).
+    pub fn retry_policy(&mut self, policy: RetryPolicy) -> &mut Self {
+        self.config.retry = policy;
         self
     }
 

@@ -7,11 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::defer::{self, DeferredClock};
 use crate::error::{Error, Operation, Result};
 use crate::owner::{lock_entry, Entry};
 use crate::quarantine::quarantine;
 use crate::queue::Inner;
-use crate::scan::{self, Candidate};
+use crate::scan::{self, Candidate, DirStamp};
 use crate::sys::{EntryKind, FileStat};
 use crate::{DirectoryQueue, Message, State};
 
@@ -35,38 +36,15 @@ pub(crate) struct Snapshot {
     idle: Option<DirStamp>,
     buf: Vec<MaybeUninit<u8>>,
     misses: u32,
-    rng: u64,
-}
-
-/// What changes when a directory's entries change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DirStamp {
-    mtime: SystemTime,
-    ctime: SystemTime,
-    size: u64,
-}
-
-impl DirStamp {
-    fn of(st: &FileStat) -> DirStamp {
-        DirStamp {
-            mtime: st.mtime,
-            ctime: st.ctime,
-            size: st.size,
-        }
-    }
-
-    /// Whether the stamp is old enough that a later change cannot share it: directory
-    /// timestamps come from a coarse clock, so a change within the same tick as the
-    /// stamp could leave it unchanged.
-    fn settled(&self) -> bool {
-        let horizon = SystemTime::now() - Duration::from_secs(1);
-        self.mtime < horizon && self.ctime < horizon
-    }
+    /// When `deferred/` next needs a look.
+    pub(crate) deferred: DeferredClock,
 }
 
 impl Snapshot {
-    /// Reads `incoming/` again. Returns `false` when it holds nothing to claim.
+    /// Reads `incoming/` again, after moving in whatever fell due in `deferred/`.
+    /// Returns `false` when it holds nothing to claim.
     fn refill(&mut self, inner: &Inner) -> Result<bool> {
+        defer::promote_due(inner, &mut self.deferred, &mut self.buf)?;
         let incoming = inner.dir(State::Incoming);
         let stamp = if inner.family.is_local() {
             incoming.dir.stat().ok().map(|st| DirStamp::of(&st))
@@ -99,26 +77,9 @@ impl Snapshot {
             self.misses = 0;
             return;
         }
-        let span = self.names.len().min(MAX_JUMP);
-        if span > 0 {
-            let jump = (self.next_random() % span as u64) as usize;
-            self.names.drain(..jump);
-        }
-    }
-
-    /// xorshift64*, seeded from the clock: only used to spread claimers apart.
-    fn next_random(&mut self) -> u64 {
-        if self.rng == 0 {
-            self.rng = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1;
-        }
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        let span = self.names.len().min(MAX_JUMP) as u64;
+        let jump = crate::random::below(span) as usize;
+        self.names.drain(..jump);
     }
 }
 
@@ -253,7 +214,13 @@ impl DirectoryQueue {
                 continue;
             }
             let rescan = now + inner.config.rescan_interval;
-            inner.wake.wait(seen, deadline.min(rescan));
+            let due = lock_snapshot(inner).deferred.next_due().map(|t| {
+                now + t
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            });
+            let until = deadline.min(rescan).min(due.unwrap_or(rescan));
+            inner.wake.wait(seen, until);
         }
     }
 
@@ -334,12 +301,20 @@ impl DirectoryQueue {
             }
         }
         tracing::trace!(id = %candidate.id, "claimed");
-        Ok(Attempt::Claimed(Message::claimed(
-            self.clone(),
-            candidate.id,
-            file,
-            st.size,
-        )))
+        let born = candidate.id.timestamp().unwrap_or(st.mtime);
+        let message = Message::claimed(self.clone(), candidate.id, file, st.size);
+        if let Some(max_age) = inner.config.max_age {
+            if SystemTime::now()
+                .duration_since(born)
+                .unwrap_or(Duration::ZERO)
+                > max_age
+            {
+                message.fail("expired").map_err(|e| e.into_error())?;
+                inner.counters.expired.fetch_add(1, Ordering::Relaxed);
+                return Ok(Attempt::Skipped);
+            }
+        }
+        Ok(Attempt::Claimed(message))
     }
 
     /// Quarantines an unclaimable entry of `incoming/`.

@@ -4,13 +4,15 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::durability::Syncer;
 use crate::error::{Error, Operation, Result};
-use crate::queue::Inner;
-use crate::{lock, DirectoryQueue, MessageId, State};
+use crate::queue::{Inner, StateDir};
+use crate::{defer, lock, DirectoryQueue, MessageId, State};
 
 /// Size of the buffer a streamed enqueue copies through.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
@@ -44,9 +46,57 @@ impl DirectoryQueue {
         }
         let mut tmp = TmpFile::create(inner, None)?;
         tmp.write(bytes)?;
-        let id = tmp.publish(&inner.syncer)?;
-        let synced = inner.syncer.changed(&[inner.dir(State::Incoming)]);
-        settle(inner, vec![id], synced).map(|mut ids| ids.remove(0))
+        tmp.publish(Destination::Incoming)
+    }
+
+    /// Enqueues `bytes` for delivery at `not_before`: the message waits in `deferred/`
+    /// and moves to `incoming/` when a claimer of the queue finds it due. A time not in
+    /// the future delivers at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue); [`Error::Layout`] when the queue has no
+    /// `deferred/` (opened without permission to create it).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue), with `deferred/` in place of `incoming/`.
+    pub fn enqueue_at(&self, bytes: impl AsRef<[u8]>, not_before: SystemTime) -> Result<MessageId> {
+        let bytes = bytes.as_ref();
+        let inner = &*self.inner;
+        if is_blank(bytes) {
+            return Err(empty(inner));
+        }
+        let mut tmp = TmpFile::create(inner, None)?;
+        tmp.write(bytes)?;
+        if not_before <= SystemTime::now() {
+            return tmp.publish(Destination::Incoming);
+        }
+        tmp.publish(Destination::Deferred(not_before))
+    }
+
+    /// Enqueues `bytes` under a given id, so that a producer that may repeat itself
+    /// (after a crash, say) cannot make a duplicate while the first copy is waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Duplicate`] when `incoming/` already holds a message with this id (a
+    /// message with this id in another state is not detected); otherwise as
+    /// [`enqueue`](DirectoryQueue::enqueue).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue).
+    pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<()> {
+        let bytes = bytes.as_ref();
+        let inner = &*self.inner;
+        if is_blank(bytes) {
+            return Err(empty(inner));
+        }
+        let mut tmp = TmpFile::create(inner, Some(id))?;
+        tmp.write(bytes)?;
+        tmp.fix_id(id);
+        tmp.publish(Destination::Incoming).map(drop)
     }
 
     /// Enqueues `value` serialised as JSON.
@@ -85,9 +135,7 @@ impl DirectoryQueue {
         if !tmp.nonblank {
             return Err(empty(inner));
         }
-        let id = tmp.publish(&inner.syncer)?;
-        let synced = inner.syncer.changed(&[inner.dir(State::Incoming)]);
-        settle(inner, vec![id], synced).map(|mut ids| ids.remove(0))
+        tmp.publish(Destination::Incoming)
     }
 
     /// Enqueues many messages behind one durability barrier (group commit) and returns
@@ -131,15 +179,15 @@ impl DirectoryQueue {
             .files(files.iter().map(|tmp| (&tmp.file, tmp.path.as_path())))?;
         let mut published = Vec::with_capacity(total);
         for tmp in files {
-            match tmp.rename_into_incoming() {
-                Ok(id) => published.push(id),
+            match tmp.rename_into(Destination::Incoming) {
+                Ok((id, name, _)) => published.push((id, name)),
                 Err(error) if published.is_empty() => return Err(error),
                 Err(error) => {
                     // Make what is visible durable before reporting it as published.
                     let _ = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
                     return Err(Error::PartialBatch {
                         path: inner.dir(State::Incoming).path.clone(),
-                        published,
+                        published: published.into_iter().map(|(id, _)| id).collect(),
                         total,
                         source: Box::new(error),
                     });
@@ -147,31 +195,35 @@ impl DirectoryQueue {
             }
         }
         let synced = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
-        settle(inner, published, synced)
+        settle(inner.dir(State::Incoming), published, synced)
     }
 }
 
 /// Reports the outcome of publishing `ids`: when the sync that was to make them durable
 /// failed, they are taken back out of `incoming/` (nothing is acknowledged that might
 /// not survive), and those a consumer already claimed are reported as published.
-fn settle(inner: &Inner, ids: Vec<MessageId>, synced: Result<()>) -> Result<Vec<MessageId>> {
+fn settle(
+    published_in: &StateDir,
+    names: Vec<(MessageId, std::ffi::OsString)>,
+    synced: Result<()>,
+) -> Result<Vec<MessageId>> {
     let Err(error) = synced else {
-        return Ok(ids);
+        return Ok(names.into_iter().map(|(id, _)| id).collect());
     };
-    let incoming = inner.dir(State::Incoming);
-    let total = ids.len();
-    let still_visible: Vec<MessageId> = ids
+    let total = names.len();
+    let still_visible: Vec<MessageId> = names
         .into_iter()
-        .filter(|id| match incoming.dir.unlink(id.as_os_str()) {
+        .filter(|(_, name)| match published_in.dir.unlink(name) {
             Ok(()) => false,
             Err(e) => e.kind() == io::ErrorKind::NotFound,
         })
+        .map(|(id, _)| id)
         .collect();
     if still_visible.is_empty() {
         return Err(error);
     }
     Err(Error::PartialBatch {
-        path: incoming.path.clone(),
+        path: published_in.path.clone(),
         published: still_visible,
         total,
         source: Box::new(error),
@@ -180,7 +232,7 @@ fn settle(inner: &Inner, ids: Vec<MessageId>, synced: Result<()>) -> Result<Vec<
 
 /// Publishes a copy of a message from another filesystem into `next` under the same
 /// id (the cross-filesystem forward), durable before it returns unless the mode is
-/// [`crate::Durability::None`].
+/// [`crate::Durability::None`] (the copy must be durable before the original goes).
 pub(crate) fn publish_copy(
     syncer: &Syncer,
     next: &Inner,
@@ -189,16 +241,10 @@ pub(crate) fn publish_copy(
 ) -> Result<()> {
     let mut tmp = TmpFile::create(next, Some(id))?;
     tmp.copy_from(&mut reader)?;
+    tmp.fix_id(id);
     syncer.file(&tmp.file, &tmp.path)?;
-    tmp.id = Some(id.clone());
-    tmp.fixed_id = true;
-    let id = tmp.rename_into_incoming()?;
-    let incoming = next.dir(State::Incoming);
-    if let Err(error) = syncer.changed_now(&[incoming]) {
-        let _ = incoming.dir.unlink(id.as_os_str());
-        return Err(error);
-    }
-    Ok(())
+    let (id, name, dir) = tmp.rename_into(Destination::Incoming)?;
+    settle(dir, vec![(id, name)], syncer.changed_now(&[dir])).map(drop)
 }
 
 fn is_blank(bytes: &[u8]) -> bool {
@@ -210,6 +256,14 @@ fn empty(inner: &Inner) -> Error {
         op: Operation::Publish,
         path: inner.dir(State::Incoming).path.clone(),
     }
+}
+
+/// Where a finished message file goes.
+#[derive(Clone, Copy)]
+enum Destination {
+    Incoming,
+    /// `deferred/`, due at this time.
+    Deferred(SystemTime),
 }
 
 /// A message file being written in `tmp/`. It is locked while it exists, so that
@@ -268,6 +322,12 @@ impl<'q> TmpFile<'q> {
         ))
     }
 
+    /// Publishes under exactly `id`, or not at all.
+    fn fix_id(&mut self, id: &MessageId) {
+        self.id = Some(id.clone());
+        self.fixed_id = true;
+    }
+
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.nonblank |= !is_blank(bytes);
         self.file
@@ -288,32 +348,44 @@ impl<'q> TmpFile<'q> {
         }
     }
 
-    /// Syncs the file and renames it into `incoming/`; returns the id it got.
-    fn publish(self, syncer: &Syncer) -> Result<MessageId> {
-        syncer.file(&self.file, &self.path)?;
-        self.rename_into_incoming()
+    /// The single-message publish: sync the file, rename it into place, sync the
+    /// directory as the mode says (taking it back out if that fails).
+    fn publish(self, destination: Destination) -> Result<MessageId> {
+        let queue = self.queue;
+        queue.syncer.file(&self.file, &self.path)?;
+        let (id, name, dir) = self.rename_into(destination)?;
+        let synced = queue.syncer.changed(&[dir]);
+        settle(dir, vec![(id, name)], synced).map(|mut ids| ids.remove(0))
     }
 
-    /// Renames the file into `incoming/` without replacing anything. If the id is
-    /// taken there (which only a clock stepped back together with a reused pid can
-    /// cause), a new id is chosen, unless the id is fixed.
-    fn rename_into_incoming(mut self) -> Result<MessageId> {
-        let incoming = self.queue.dir(State::Incoming);
+    /// Renames the file into `destination` without replacing anything; returns its id,
+    /// its name there and the directory. If the id is taken (which only a clock stepped
+    /// back together with a reused pid can cause), a new id is chosen, unless the id is
+    /// fixed.
+    fn rename_into(
+        mut self,
+        destination: Destination,
+    ) -> Result<(MessageId, OsString, &'q Arc<StateDir>)> {
         let tmp = self.queue.dir(State::Tmp);
+        let dir = match destination {
+            Destination::Incoming => self.queue.dir(State::Incoming),
+            Destination::Deferred(_) => self.queue.require(State::Deferred)?,
+        };
         let mut id = self.id.take().unwrap_or_else(MessageId::generate);
         for _ in 0..16 {
-            match tmp
-                .dir
-                .rename_noreplace(&self.name, &incoming.dir, id.as_os_str())
-            {
+            let name = match destination {
+                Destination::Incoming => id.as_os_str().to_os_string(),
+                Destination::Deferred(when) => defer::deferred_name(&id, when),
+            };
+            match tmp.dir.rename_noreplace(&self.name, &dir.dir, &name) {
                 Ok(()) => {
                     self.published = true;
-                    return Ok(id);
+                    return Ok((id, name, dir));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.fixed_id => {
                     return Err(Error::Duplicate {
                         op: Operation::Publish,
-                        path: incoming.join(id.as_os_str()),
+                        path: dir.join(&name),
                         id,
                     })
                 }
@@ -322,7 +394,7 @@ impl<'q> TmpFile<'q> {
                     return Err(Error::moving(
                         Operation::Publish,
                         &self.path,
-                        incoming.join(id.as_os_str()),
+                        dir.join(&name),
                         e,
                     ))
                 }
@@ -330,8 +402,8 @@ impl<'q> TmpFile<'q> {
         }
         Err(Error::io(
             Operation::Publish,
-            &incoming.path,
-            io::Error::new(io::ErrorKind::AlreadyExists, "no free id in incoming/"),
+            &dir.path,
+            io::Error::new(io::ErrorKind::AlreadyExists, "no free id"),
         ))
     }
 }

@@ -3,7 +3,6 @@
 use std::cmp::Ordering;
 use std::ffi::{OsStr, OsString};
 use std::fmt::{self, Write as _};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::OnceLock;
@@ -308,13 +307,7 @@ fn host_label() -> &'static str {
 /// while the clock has been stepped back.
 fn process_tag() -> u32 {
     static TAG: OnceLock<u32> = OnceLock::new();
-    *TAG.get_or_init(|| {
-        // RandomState is seeded from the operating system's random source.
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        crate::sys::pid().hash(&mut hasher);
-        next_timestamp_ns().hash(&mut hasher);
-        hasher.finish() as u32
-    })
+    *TAG.get_or_init(|| crate::random::next() as u32)
 }
 
 #[cfg(test)]

@@ -23,6 +23,10 @@ pub struct Counts {
     pub pending: usize,
     /// Failed messages (sidecars not counted).
     pub errors: usize,
+    /// Messages waiting for a time (retries, delayed deliveries).
+    pub deferred: usize,
+    /// Messages on hold.
+    pub hold: usize,
 }
 
 impl Counts {
@@ -33,7 +37,14 @@ impl Counts {
             State::Incoming => self.incoming,
             State::Pending => self.pending,
             State::Errors => self.errors,
+            State::Deferred => self.deferred,
+            State::Hold => self.hold,
         }
+    }
+
+    /// Messages not yet done with: incoming, pending, deferred and held.
+    pub fn unfinished(&self) -> usize {
+        self.incoming + self.pending + self.deferred + self.hold
     }
 }
 
@@ -49,6 +60,11 @@ pub struct MessageInfo {
     pub size: u64,
     /// Time since it was created: from the time in its id, or else its modification time.
     pub age: Option<Duration>,
+    /// How many times it has been claimed in this queue (for a pending message, this
+    /// claim included); `None` when that cannot be read.
+    pub attempts: Option<u32>,
+    /// For `deferred/`: when it becomes claimable.
+    pub not_before: Option<SystemTime>,
     /// Whether it is a regular file; anything else is a hostile entry awaiting
     /// quarantine.
     pub regular: bool,
@@ -71,6 +87,8 @@ impl DirectoryQueue {
             incoming: self.count(State::Incoming)?,
             pending: self.count(State::Pending)?,
             errors: self.count(State::Errors)?,
+            deferred: self.count(State::Deferred)?,
+            hold: self.count(State::Hold)?,
         })
     }
 
@@ -80,7 +98,9 @@ impl DirectoryQueue {
     ///
     /// [`Error::Io`] with [`Operation::Scan`].
     pub fn count(&self, state: State) -> Result<usize> {
-        let dir = self.inner.dir(state);
+        let Some(dir) = self.inner.state_dir(state) else {
+            return Ok(0);
+        };
         let mut n = 0;
         let mut buf = Vec::new();
         dir.dir
@@ -141,7 +161,14 @@ impl DirectoryQueue {
     ///
     /// [`Error::Io`] with [`Operation::Scan`] when the directory cannot be opened.
     pub fn ids(&self, state: State) -> Result<Ids> {
-        let path = self.inner.dir(state).path.clone();
+        let Some(dir) = self.inner.state_dir(state) else {
+            return Ok(Ids {
+                state,
+                path: self.inner.root.join(state.as_str()),
+                entries: None,
+            });
+        };
+        let path = dir.path.clone();
         let entries = std::fs::read_dir(&path).map_err(|e| Error::io(Operation::Scan, &path, e))?;
         Ok(Ids {
             state,
@@ -150,17 +177,23 @@ impl DirectoryQueue {
         })
     }
 
-    /// Lists one state directory, oldest first, with size, age and (for `errors/`)
-    /// the failure sidecar of each entry.
+    /// Lists one state directory, oldest first, with size, age, attempts and (for
+    /// `errors/`) the failure sidecar of each entry.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] naming the directory or entry that could not be read, and
     /// [`Error::Json`] for an unreadable sidecar.
     pub fn list(&self, state: State) -> Result<Vec<MessageInfo>> {
+        let Some(dir) = self.inner.state_dir(state) else {
+            return Ok(Vec::new());
+        };
         let mut infos = Vec::new();
-        for id in self.ids(state)? {
-            match self.info(state, &id?) {
+        for name in names(dir)? {
+            let Some((id, not_before)) = entry_id(state, &name) else {
+                continue;
+            };
+            match self.describe(state, dir, &name, id, not_before) {
                 Ok(info) => infos.push(info),
                 // Claimed, committed or moved since the directory was read.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -178,21 +211,48 @@ impl DirectoryQueue {
     /// [`Error::Io`] with [`Operation::Stat`] (kind `NotFound` when it is not there),
     /// [`Error::Json`] for an unreadable sidecar.
     pub fn info(&self, state: State, id: &MessageId) -> Result<MessageInfo> {
-        let dir = self.inner.dir(state);
+        let not_found = || {
+            Error::io(
+                Operation::Stat,
+                self.inner.root.join(state.as_str()).join(id.as_os_str()),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        };
+        let dir = self.inner.state_dir(state).ok_or_else(not_found)?;
+        let name = self.find(state, id)?.ok_or_else(not_found)?;
+        let (id, not_before) = entry_id(state, &name).ok_or_else(not_found)?;
+        self.describe(state, dir, &name, id, not_before)
+    }
+
+    fn describe(
+        &self,
+        state: State,
+        dir: &StateDir,
+        name: &OsStr,
+        id: MessageId,
+        not_before: Option<SystemTime>,
+    ) -> Result<MessageInfo> {
         let st = dir
             .dir
-            .stat_at(id.as_os_str())
-            .map_err(|e| Error::io(Operation::Stat, dir.join(id.as_os_str()), e))?;
+            .stat_at(name)
+            .map_err(|e| Error::io(Operation::Stat, dir.join(name), e))?;
         let failure = if state == State::Errors {
-            meta::read_sidecar(&self.inner, id.as_os_str())?
+            meta::read_sidecar(&self.inner, name)?
         } else {
             None
         };
+        let attempts = (st.kind == EntryKind::File)
+            .then(|| dir.dir.open_read(name).ok())
+            .flatten()
+            .and_then(|file| crate::attempts::read(&file, self.inner.identity).ok())
+            .map(|done| done + u32::from(state == State::Pending));
         Ok(MessageInfo {
-            id: id.clone(),
+            age: Some(age_of(&id, &st)),
+            id,
             state,
             size: st.size,
-            age: Some(age_of(id, &st)),
+            attempts,
+            not_before,
             regular: st.kind == EntryKind::File,
             failure,
         })
@@ -217,12 +277,21 @@ impl DirectoryQueue {
     /// [`Error::Io`] with kind `NotFound` when no state holds `id`, or naming the file
     /// that could not be read; kind `InvalidData` when the entry is not a regular file.
     pub fn peek(&self, id: &MessageId) -> Result<(State, Vec<u8>)> {
-        for state in [State::Incoming, State::Pending, State::Errors] {
-            let dir = self.inner.dir(state);
-            match read_regular(dir, id.as_os_str()) {
+        for state in [
+            State::Incoming,
+            State::Pending,
+            State::Errors,
+            State::Hold,
+            State::Deferred,
+        ] {
+            let (Some(dir), Some(name)) = (self.inner.state_dir(state), self.find(state, id)?)
+            else {
+                continue;
+            };
+            match read_regular(dir, &name) {
                 Ok(bytes) => return Ok((state, bytes)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(Operation::Read, dir.join(id.as_os_str()), e)),
+                Err(e) => return Err(Error::io(Operation::Read, dir.join(&name), e)),
             }
         }
         Err(Error::io(
@@ -230,7 +299,7 @@ impl DirectoryQueue {
             self.inner.root.join(id.as_os_str()),
             io::Error::new(
                 io::ErrorKind::NotFound,
-                "no message with this id in incoming/, pending/ or errors/",
+                "no message with this id in any state",
             ),
         ))
     }
@@ -248,6 +317,28 @@ fn read_regular(dir: &StateDir, name: &OsStr) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(usize::try_from(st.size).unwrap_or(0));
     (&file).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// Every name in `dir`.
+fn names(dir: &StateDir) -> Result<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    let mut buf = Vec::new();
+    dir.dir
+        .scan(&mut buf, |entry| names.push(entry.name.to_os_string()))
+        .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+    Ok(names)
+}
+
+/// The message id (and, in `deferred/`, the due time) of a listed name in `state`.
+fn entry_id(state: State, name: &OsStr) -> Option<(MessageId, Option<SystemTime>)> {
+    if !is_listed(state, name) {
+        return None;
+    }
+    if state == State::Deferred {
+        let (when, id) = crate::defer::parse_deferred_name(name)?;
+        return Some((id, Some(when)));
+    }
+    Some((MessageId::from_name(name), None))
 }
 
 /// Whether `name` is listed and counted in `state`.
@@ -287,9 +378,8 @@ impl Iterator for Ids {
                     return Some(Err(Error::io(Operation::Scan, &self.path, e)));
                 }
             };
-            let name = entry.file_name();
-            if is_listed(self.state, &name) {
-                return Some(Ok(MessageId::from_name(&name)));
+            if let Some((id, _)) = entry_id(self.state, &entry.file_name()) {
+                return Some(Ok(id));
             }
         }
     }

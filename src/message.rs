@@ -5,13 +5,14 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Operation, Result};
 use crate::meta::FailureInfo;
 use crate::quarantine::{move_to_errors, Moved};
-use crate::{attempts, enqueue, sys, DirectoryQueue, MessageId, State};
+use crate::{attempts, defer, enqueue, sys, DirectoryQueue, MessageId, State};
 
 /// A message claimed from a queue: it is in `pending/`, and this process owns it.
 ///
@@ -21,7 +22,9 @@ use crate::{attempts, enqueue, sys, DirectoryQueue, MessageId, State};
 /// - [`commit`](Message::commit): done, delete it;
 /// - [`forward`](Message::forward): hand it to the next queue;
 /// - [`fail`](Message::fail): move it to `errors/` with a reason;
-/// - [`release`](Message::release): put it back into `incoming/` for another try.
+/// - [`release`](Message::release): put it back into `incoming/` for another try;
+/// - [`retry`](Message::retry): try again later, with backoff, or give up into `errors/`
+///   after the last attempt.
 ///
 /// A terminal that fails hands the message back inside its [`TerminalError`] whenever
 /// the message did not move, so it is never lost track of.
@@ -314,6 +317,82 @@ impl Message {
         }
     }
 
+    /// Asks for another attempt later: the message waits in `deferred/` for a backoff
+    /// delay (see [`RetryPolicy`](crate::RetryPolicy), set with
+    /// [`QueueBuilder::retry_policy`](crate::QueueBuilder::retry_policy)) and then
+    /// returns to `incoming/`. If this was the last attempt allowed, the message goes to
+    /// `errors/` with `reason` instead (a dead letter).
+    ///
+    /// # Errors
+    ///
+    /// As [`retry_at`](Message::retry_at) or [`fail`](Message::fail).
+    ///
+    /// # Durability
+    ///
+    /// As [`retry_at`](Message::retry_at) or [`fail`](Message::fail).
+    pub fn retry(self, reason: impl Into<String>) -> Result<Retried, TerminalError> {
+        let reason = reason.into();
+        let attempts = self.attempts().unwrap_or(1);
+        let policy = self.queue.inner.config.retry;
+        if attempts >= policy.attempts_allowed() {
+            return self.fail(reason).map(|()| Retried::DeadLettered);
+        }
+        let when = SystemTime::now() + policy.jittered(attempts, crate::random::unit());
+        self.retry_at(when, reason)
+            .map(|()| Retried::Deferred(when))
+    }
+
+    /// Defers the message until `not_before`: it waits in `deferred/` and then returns
+    /// to `incoming/`. This claim counts as an attempt and `reason` is remembered as the
+    /// last failure. No attempt limit applies (see [`retry`](Message::retry)).
+    ///
+    /// # Errors
+    ///
+    /// A [`TerminalError`] holding the message when it did not move (for example
+    /// [`Error::Layout`] when the queue has no `deferred/`, having been opened without
+    /// permission to create it); without it when it moved but the directory sync failed.
+    ///
+    /// # Durability
+    ///
+    /// Like [`commit`](Message::commit), for `deferred/`.
+    pub fn retry_at(
+        self,
+        not_before: SystemTime,
+        reason: impl Into<String>,
+    ) -> Result<(), TerminalError> {
+        self.record_attempt();
+        if let Err(e) = attempts::write_reason(&self.file, &reason.into()) {
+            tracing::debug!(id = %self.id, error = %e, "cannot store the retry reason");
+        }
+        let inner = self.queue.inner.clone();
+        let deferred = match inner.require(State::Deferred) {
+            Ok(deferred) => deferred,
+            Err(error) => return Err(self.kept(error)),
+        };
+        let pending = inner.dir(State::Pending);
+        let name = defer::deferred_name(&self.id, not_before);
+        match pending
+            .dir
+            .rename_noreplace(self.id.as_os_str(), &deferred.dir, &name)
+        {
+            Ok(()) => {
+                let synced = inner
+                    .syncer
+                    .changed(&[inner.dir(State::Incoming), pending, deferred]);
+                self.finish(synced)
+            }
+            Err(e) => {
+                let error = Error::moving(Operation::Release, &self.path, deferred.join(&name), e);
+                Err(self.kept(error))
+            }
+        }
+    }
+
+    /// Why the previous attempt asked for a retry, if one did.
+    pub fn last_retry_reason(&self) -> Option<String> {
+        attempts::read_reason(&self.file).ok().flatten()
+    }
+
     /// Stores this claim in the attempt count before the message leaves our hands;
     /// returns the count. A count that cannot be stored is logged, not fatal: it
     /// never justifies keeping the message from moving on.
@@ -367,6 +446,16 @@ impl fmt::Debug for Message {
             .field("size", &self.size)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`Message::retry`] did with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retried {
+    /// Deferred: it returns to `incoming/` at this time.
+    Deferred(SystemTime),
+    /// That was the last attempt allowed: it is in `errors/` with the reason.
+    DeadLettered,
 }
 
 /// Reads a claimed message from the start; see [`Message::reader`].

@@ -53,7 +53,11 @@ impl StateDir {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) root: PathBuf,
-    dirs: [Arc<StateDir>; 4],
+    /// Indexed by [`State::index`]. The four Mentat states are always there; `deferred/`
+    /// and `hold/` are missing only in a queue opened without permission to create them.
+    dirs: [Option<Arc<StateDir>>; 6],
+    /// `<root>/<state>` for every state, whether or not it exists.
+    paths: [PathBuf; 6],
     /// `(st_dev, st_ino)` of the root: the queue's identity (see `attempts.rs`).
     pub(crate) identity: (u64, u64),
     pub(crate) family: FsFamily,
@@ -66,8 +70,26 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// One of the four Mentat state directories, which every open queue has.
     pub(crate) fn dir(&self, state: State) -> &Arc<StateDir> {
-        &self.dirs[state.index()]
+        debug_assert!(State::MENTAT.contains(&state), "{state} is optional");
+        self.dirs[state.index()]
+            .as_ref()
+            .expect("the Mentat state directories are always open")
+    }
+
+    /// Any state directory, if the queue has it.
+    pub(crate) fn state_dir(&self, state: State) -> Option<&Arc<StateDir>> {
+        self.dirs[state.index()].as_ref()
+    }
+
+    /// A state directory the operation needs: a [`Error::Layout`] error when it is
+    /// missing (a queue opened without permission to create `deferred/` or `hold/`).
+    pub(crate) fn require(&self, state: State) -> Result<&Arc<StateDir>> {
+        self.state_dir(state).ok_or_else(|| Error::Layout {
+            path: self.root.join(state.as_str()),
+            reason: format!("{state}/ is missing; open the queue with creation allowed to add it"),
+        })
     }
 
     /// Whether `renameat2(RENAME_NOREPLACE)` works on this filesystem. Where it does
@@ -91,6 +113,7 @@ pub(crate) struct Counters {
     pub(crate) claimed: AtomicU64,
     pub(crate) collisions: AtomicU64,
     pub(crate) quarantined: AtomicU64,
+    pub(crate) expired: AtomicU64,
     pub(crate) scans: AtomicU64,
 }
 
@@ -105,6 +128,9 @@ pub struct ClaimStats {
     /// Entries of `incoming/` moved to `errors/` because they were not claimable
     /// messages (symlinks, FIFOs, empty files, ...).
     pub quarantined: u64,
+    /// Claimed messages older than the [maximum age](crate::QueueBuilder::max_age),
+    /// moved to `errors/` with reason `expired` instead of being returned.
+    pub expired: u64,
     /// Directory scans of `incoming/`.
     pub scans: u64,
 }
@@ -129,16 +155,23 @@ impl DirectoryQueue {
         let root_stat = root_dir
             .stat()
             .map_err(|e| Error::io(Operation::Open, root, e))?;
-        let dirs =
-            State::ALL.map(|state| open_state_dir(&root_dir, root, state, &config, root_stat.dev));
-        let [tmp, incoming, pending, errors] = dirs;
-        let dirs = [tmp?, incoming?, pending?, errors?].map(Arc::new);
-        let family = dirs[State::Incoming.index()].dir.fs_family();
+        let mut dirs: [Option<Arc<StateDir>>; 6] = Default::default();
+        for state in State::ALL {
+            let required = State::MENTAT.contains(&state);
+            match open_state_dir(&root_dir, root, state, &config, root_stat.dev) {
+                Ok(dir) => dirs[state.index()] = Some(Arc::new(dir)),
+                // dirq's own states may be missing from a Mentat queue opened read-only.
+                Err(Error::Layout { .. }) if !required && !config.create => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let family = root_dir.fs_family();
         tracing::debug!(root = %root.display(), ?family, durability = ?config.durability, "opened queue");
         Ok(DirectoryQueue {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 dirs,
+                paths: State::ALL.map(|state| root.join(state.as_str())),
                 identity: (root_stat.dev, root_stat.ino),
                 family,
                 syncer: Syncer::new(config.durability, family),
@@ -158,7 +191,7 @@ impl DirectoryQueue {
 
     /// The path of a state directory (`<root>/incoming`, ...).
     pub fn path(&self, state: State) -> &Path {
-        &self.inner.dir(state).path
+        &self.inner.paths[state.index()]
     }
 
     /// The durability mode of this handle.
@@ -173,6 +206,7 @@ impl DirectoryQueue {
             claimed: c.claimed.load(Ordering::Relaxed),
             collisions: c.collisions.load(Ordering::Relaxed),
             quarantined: c.quarantined.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
             scans: c.scans.load(Ordering::Relaxed),
         }
     }

@@ -12,7 +12,9 @@ use std::mem::MaybeUninit;
 
 use crate::id::MessageId;
 use crate::queue::StateDir;
-use crate::sys::EntryKind;
+use std::time::{Duration, SystemTime};
+
+use crate::sys::{EntryKind, FileStat};
 
 /// A name found by a scan.
 #[derive(Debug)]
@@ -60,6 +62,32 @@ pub(crate) fn oldest(
     kept.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     kept.truncate(limit);
     Ok(Oldest { candidates: kept })
+}
+
+/// What changes when a directory's entries change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DirStamp {
+    mtime: SystemTime,
+    ctime: SystemTime,
+    size: u64,
+}
+
+impl DirStamp {
+    pub(crate) fn of(st: &FileStat) -> DirStamp {
+        DirStamp {
+            mtime: st.mtime,
+            ctime: st.ctime,
+            size: st.size,
+        }
+    }
+
+    /// Whether the stamp is old enough that a later change cannot share it: directory
+    /// timestamps come from a coarse clock, so a change within the same tick as the
+    /// stamp could leave it unchanged.
+    pub(crate) fn settled(&self) -> bool {
+        let horizon = SystemTime::now() - Duration::from_secs(1);
+        self.mtime < horizon && self.ctime < horizon
+    }
 }
 
 /// Whether `name` sorts before `threshold`, without allocating an id for it.

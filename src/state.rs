@@ -8,10 +8,12 @@ use std::str::FromStr;
 /// ```text
 ///            enqueue                 claim                commit
 ///   tmp/ ───────────────▶ incoming/ ───────▶ pending/ ──────────────▶ (deleted)
-///                            ▲  ▲              │  │ forward
-///                            │  └── release ───┘  └─────────▶ next queue's incoming/
-///                            │     or recover     │ fail
-///                            └──── requeue ── errors/ ◀┘
+///     │ enqueue_at         ▲ ▲ ▲ ▲            │ │ │ forward
+///     └──▶ deferred/ ─due──┘ │ │ └─ release ──┘ │ └─────────▶ next queue's incoming/
+///             ▲              │ │   or recover   │ fail, or retry after the last attempt
+///             └─── retry ────┼─┼────────────────┤
+///   hold/ ◀── hold ──────────┘ │                ▼
+///         ─── unhold ─────────▶┘             errors/
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
@@ -24,11 +26,28 @@ pub enum State {
     Pending,
     /// `errors/`: failed or quarantined messages, each with an `<id>.meta` JSON sidecar.
     Errors,
+    /// `deferred/`: messages waiting for a time (a retry's backoff, a delayed
+    /// delivery), named `<not-before>@<id>`. Not a Mentat directory.
+    Deferred,
+    /// `hold/`: messages put on hold by an operator; never claimed until released.
+    /// Not a Mentat directory.
+    Hold,
 }
 
 impl State {
     /// Every state, in the order a message normally passes through them.
-    pub const ALL: [State; 4] = [State::Tmp, State::Incoming, State::Pending, State::Errors];
+    pub const ALL: [State; 6] = [
+        State::Tmp,
+        State::Incoming,
+        State::Pending,
+        State::Errors,
+        State::Deferred,
+        State::Hold,
+    ];
+
+    /// The four states of Mentat's protocol, which every queue has.
+    pub(crate) const MENTAT: [State; 4] =
+        [State::Tmp, State::Incoming, State::Pending, State::Errors];
 
     /// The directory name (`"incoming"`, ...), as Mentat spells it.
     pub fn as_str(self) -> &'static str {
@@ -37,6 +56,8 @@ impl State {
             State::Incoming => "incoming",
             State::Pending => "pending",
             State::Errors => "errors",
+            State::Deferred => "deferred",
+            State::Hold => "hold",
         }
     }
 
@@ -47,6 +68,8 @@ impl State {
             State::Incoming => 1,
             State::Pending => 2,
             State::Errors => 3,
+            State::Deferred => 4,
+            State::Hold => 5,
         }
     }
 }
@@ -65,7 +88,7 @@ impl fmt::Display for ParseStateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown queue state {:?}: expected one of tmp, incoming, pending, errors",
+            "unknown queue state {:?}: expected one of tmp, incoming, pending, errors, deferred, hold",
             self.0
         )
     }

@@ -82,6 +82,14 @@ pub(crate) fn get_xattr(_file: &File, _name: &str) -> io::Result<Option<Vec<u8>>
     Ok(None)
 }
 
+pub(crate) fn get_xattr_sized(
+    _file: &File,
+    _name: &str,
+    _max: usize,
+) -> io::Result<Option<Vec<u8>>> {
+    Ok(None)
+}
+
 pub(crate) fn set_xattr(_file: &File, _name: &str, _value: &[u8]) -> io::Result<bool> {
     Ok(false)
 }

@@ -269,7 +269,12 @@ fn has_jbd2_journal(dev: u64) -> bool {
 /// Reads extended attribute `name` of `file`; `None` when it is not set or the
 /// filesystem has no extended attributes.
 pub(crate) fn get_xattr(file: &File, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 64];
+    get_xattr_sized(file, name, 64)
+}
+
+/// [`get_xattr`] for values of up to `max` bytes.
+pub(crate) fn get_xattr_sized(file: &File, name: &str, max: usize) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; max];
     match rfs::fgetxattr(file.as_fd(), name, &mut buf[..]) {
         Ok(n) => {
             buf.truncate(n);

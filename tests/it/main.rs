@@ -6,6 +6,7 @@ mod concurrency;
 mod crash;
 mod filesystems;
 mod hostile;
+mod lifecycle;
 mod mentat;
 mod queue;
 mod util;

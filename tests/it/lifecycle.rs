@@ -1,0 +1,232 @@
+//! Message lifecycle beyond claim and commit: attempts, retry with backoff and dead
+//! letters, delayed delivery, hold, expiry.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use dirq::{DirectoryQueue, Error, Retried, RetryPolicy, State};
+
+use crate::util::{names_in, wait_until, TestQueue};
+
+fn quick_retries(t: &TestQueue, attempts: u32) -> DirectoryQueue {
+    DirectoryQueue::builder(t.root())
+        .retry_policy(
+            RetryPolicy::default()
+                .initial(Duration::from_millis(50))
+                .factor(2.0)
+                .jitter(0.0)
+                .max_attempts(attempts),
+        )
+        .open()
+        .unwrap()
+}
+
+#[test]
+fn retry_backs_off_then_dead_letters_with_the_last_reason() {
+    let t = TestQueue::new();
+    let queue = quick_retries(&t, 3);
+    let id = queue.enqueue(b"flaky").unwrap();
+    let mut delays = Vec::new();
+    for attempt in 1..=3u32 {
+        let message = wait_for_claim(&queue);
+        assert_eq!(message.id(), &id);
+        assert_eq!(message.attempts().unwrap(), attempt);
+        let asked = SystemTime::now();
+        match message.retry(format!("backend busy ({attempt})")).unwrap() {
+            Retried::Deferred(when) => {
+                assert!(attempt < 3);
+                delays.push(when.duration_since(asked).unwrap());
+                // Not claimable while deferred, and incoming/ stays clean.
+                assert!(queue.try_claim().unwrap().is_none());
+                assert!(names_in(&t.path(State::Incoming)).is_empty());
+                assert_eq!(queue.counts().unwrap().deferred, 1);
+            }
+            Retried::DeadLettered => assert_eq!(attempt, 3),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // 50 ms, then 100 ms (no jitter).
+    assert!(
+        delays[0] >= Duration::from_millis(45) && delays[0] < Duration::from_millis(100),
+        "{delays:?}"
+    );
+    assert!(
+        delays[1] >= Duration::from_millis(95) && delays[1] < Duration::from_millis(200),
+        "{delays:?}"
+    );
+    let failure = queue
+        .failure(&id)
+        .unwrap()
+        .expect("a dead letter has a sidecar");
+    assert_eq!(failure.reason.as_deref(), Some("backend busy (3)"));
+    assert_eq!(failure.attempts, Some(3));
+    assert_eq!(queue.counts().unwrap().unfinished(), 0);
+}
+
+fn wait_for_claim(queue: &DirectoryQueue) -> dirq::Message {
+    queue
+        .claim_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("the message came back in time")
+}
+
+#[test]
+fn the_retry_reason_survives_until_the_next_attempt() {
+    let t = TestQueue::new();
+    let queue = quick_retries(&t, 5);
+    queue.enqueue(b"x").unwrap();
+    let first = queue.try_claim().unwrap().unwrap();
+    assert_eq!(first.last_retry_reason(), None);
+    first.retry("database down").unwrap();
+    let second = wait_for_claim(&queue);
+    assert_eq!(second.last_retry_reason().as_deref(), Some("database down"));
+    second.commit().unwrap();
+}
+
+#[test]
+fn delayed_delivery_waits_for_its_time() {
+    let t = TestQueue::new();
+    let due = SystemTime::now() + Duration::from_millis(300);
+    let id = t.queue.enqueue_at(b"later", due).unwrap();
+    assert!(t.queue.try_claim().unwrap().is_none());
+    let listed = t.queue.list(State::Deferred).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, id);
+    assert!(listed[0].not_before.is_some());
+    let ids: Vec<_> = t
+        .queue
+        .ids(State::Deferred)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, vec![id.clone()]);
+    assert_eq!(
+        t.queue.peek(&id).unwrap(),
+        (State::Deferred, b"later".to_vec())
+    );
+
+    // A blocked claimer wakes by itself when the message falls due: no event marks it.
+    let start = Instant::now();
+    let message = t
+        .queue
+        .claim_timeout(Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
+    assert!(SystemTime::now() >= due);
+    assert_eq!(message.id(), &id);
+    eprintln!(
+        "delayed message claimed {:?} after the claim began",
+        start.elapsed()
+    );
+    message.commit().unwrap();
+    // A time in the past delivers at once.
+    t.queue.enqueue_at(b"now", SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(t.queue.counts().unwrap().incoming, 1);
+}
+
+#[test]
+fn held_messages_are_never_claimed_until_released() {
+    let t = TestQueue::new();
+    let held = t.queue.enqueue(b"held").unwrap();
+    let other = t.queue.enqueue(b"other").unwrap();
+    assert_eq!(t.queue.hold(&held).unwrap(), State::Incoming);
+    let message = t.queue.try_claim().unwrap().unwrap();
+    assert_eq!(message.id(), &other);
+
+    // A claimed message cannot be held.
+    let err = t.queue.hold(&other).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy, "{err}");
+    message.commit().unwrap();
+    assert!(t.queue.try_claim().unwrap().is_none());
+    assert_eq!(t.queue.counts().unwrap().hold, 1);
+    assert_eq!(
+        t.queue.hold(&other).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+
+    t.queue.unhold(&held).unwrap();
+    let message = t.queue.try_claim().unwrap().unwrap();
+    assert_eq!(message.id(), &held);
+    message.commit().unwrap();
+
+    // A deferred message can be held too (and loses its due time).
+    let later = t
+        .queue
+        .enqueue_at(b"later", SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    assert_eq!(t.queue.hold(&later).unwrap(), State::Deferred);
+    t.queue.unhold(&later).unwrap();
+    assert_eq!(t.queue.try_claim().unwrap().unwrap().id(), &later);
+}
+
+#[test]
+fn expired_messages_go_to_errors_instead_of_being_processed() {
+    let t = TestQueue::new();
+    let old = t.queue.enqueue(b"stale").unwrap();
+    let strict = DirectoryQueue::builder(t.root())
+        .max_age(Some(Duration::from_millis(100)))
+        .open()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the message to age", || {
+        t.queue
+            .oldest_age()
+            .unwrap()
+            .is_some_and(|a| a > Duration::from_millis(150))
+    });
+    let fresh = t.queue.enqueue(b"fresh").unwrap();
+    let message = strict.try_claim().unwrap().expect("the fresh message");
+    assert_eq!(message.id(), &fresh);
+    message.commit().unwrap();
+    assert_eq!(strict.claim_stats().expired, 1);
+    let failure = strict.failure(&old).unwrap().unwrap();
+    assert_eq!(failure.reason.as_deref(), Some("expired"));
+}
+
+#[test]
+fn attempts_show_in_listings() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"again and again").unwrap();
+    for _ in 0..2 {
+        t.queue.try_claim().unwrap().unwrap().release().unwrap();
+    }
+    let listed = t.queue.list(State::Incoming).unwrap();
+    assert_eq!((&listed[0].id, listed[0].attempts), (&id, Some(2)));
+    let message = t.queue.try_claim().unwrap().unwrap();
+    let listed = t.queue.list(State::Pending).unwrap();
+    assert_eq!(
+        listed[0].attempts,
+        Some(3),
+        "a pending message counts its current claim"
+    );
+    assert_eq!(message.attempts().unwrap(), 3);
+    message.fail("enough").unwrap();
+    let listed = t.queue.list(State::Errors).unwrap();
+    assert_eq!(listed[0].attempts, Some(3));
+}
+
+#[test]
+fn a_forwarded_message_starts_the_next_queue_at_attempt_one() {
+    let t = TestQueue::new();
+    let next = t.sibling("next");
+    t.queue.enqueue(b"hop").unwrap();
+    t.queue.try_claim().unwrap().unwrap().release().unwrap();
+    let message = t.queue.try_claim().unwrap().unwrap();
+    assert_eq!(message.attempts().unwrap(), 2);
+    message.forward(&next).unwrap();
+    assert_eq!(next.try_claim().unwrap().unwrap().attempts().unwrap(), 1);
+}
+
+#[test]
+fn lifecycle_directories_are_optional_for_read_only_openers() {
+    // A queue made by Mentat has no deferred/ or hold/; inspecting it must not create them.
+    let dir = crate::util::tempdir();
+    let root = dir.path().join("mentat-queue");
+    for state in ["tmp", "incoming", "pending", "errors"] {
+        std::fs::create_dir_all(root.join(state)).unwrap();
+    }
+    let queue = DirectoryQueue::builder(&root).create(false).open().unwrap();
+    assert_eq!(queue.counts().unwrap(), dirq::Counts::default());
+    assert!(queue.list(State::Deferred).unwrap().is_empty());
+    assert!(!root.join("deferred").exists() && !root.join("hold").exists());
+    let id = dirq::MessageId::new("m.msg").unwrap();
+    assert!(matches!(queue.hold(&id), Err(Error::Layout { .. })));
+}
