@@ -14,15 +14,23 @@ use crate::quarantine::quarantine;
 use crate::queue::Inner;
 use crate::scan::{self, Candidate, DirStamp};
 use crate::sys::{EntryKind, FileStat};
-use crate::{DirectoryQueue, Message, State};
+use crate::{DirectoryQueue, Message, MessageId, State};
 
 /// How many of the oldest names one scan keeps. Bigger means fewer full scans of a
 /// long queue (each costs a read of the whole directory) but more memory (about
 /// 80 bytes a name).
 const SNAPSHOT_LIMIT: usize = 128 * 1024;
 
-/// After this many claims lost in a row, the snapshot is treated as stale and rescanned.
+/// After this many claims lost in a row, a large snapshot is treated as stale and
+/// rescanned. A small one (see [`CHEAP_RESCAN`]) is rescanned after the second loss.
 const STALE_AFTER_MISSES: u32 = 16;
+
+/// Snapshots up to this size are cheaper to rescan than to walk through another
+/// claimer's trail of already taken names.
+const CHEAP_RESCAN: usize = 1024;
+
+/// A claim call that has lost this many races gives up and reports nothing to claim.
+const MAX_LOSSES_PER_CALL: usize = 64;
 
 /// Largest jump ahead in the snapshot after losing a race (see [`Snapshot::lost`]).
 const MAX_JUMP: usize = 256;
@@ -36,14 +44,20 @@ pub(crate) struct Snapshot {
     idle: Option<DirStamp>,
     buf: Vec<MaybeUninit<u8>>,
     misses: u32,
+    /// Names this handle's threads are claiming right now. They are still in
+    /// `incoming/` until their rename, so a rescan by a sibling thread would offer them
+    /// again and make it collide with its own process.
+    claiming: Vec<MessageId>,
     /// When `deferred/` next needs a look.
     pub(crate) deferred: DeferredClock,
 }
 
 impl Snapshot {
-    /// Reads `incoming/` again, after moving in whatever fell due in `deferred/`.
-    /// Returns `false` when it holds nothing to claim.
-    fn refill(&mut self, inner: &Inner) -> Result<bool> {
+    /// Reads `incoming/` again, after moving in whatever fell due in `deferred/`,
+    /// leaving out `lost`: names this call already lost to another claimer (still in
+    /// `incoming/` while their claimer renames them; offering them again would make the
+    /// caller spin on them). Returns `false` when there is nothing else to claim.
+    fn refill(&mut self, inner: &Inner, lost: &[MessageId]) -> Result<bool> {
         defer::promote_due(inner, &mut self.deferred, &mut self.buf)?;
         let incoming = inner.dir(State::Incoming);
         let stamp = if inner.family.is_local() {
@@ -58,12 +72,16 @@ impl Snapshot {
         inner.counters.scans.fetch_add(1, Ordering::Relaxed);
         let found = scan::oldest(incoming, SNAPSHOT_LIMIT, &mut self.buf)
             .map_err(|e| Error::io(Operation::Scan, &incoming.path, e))?;
-        if found.candidates.is_empty() {
+        let claiming = &self.claiming;
+        self.names = found
+            .candidates
+            .into_iter()
+            .filter(|c| !claiming.contains(&c.id) && !lost.contains(&c.id))
+            .collect();
+        if self.names.is_empty() && claiming.is_empty() {
             self.idle = stamp.filter(DirStamp::settled);
-            return Ok(false);
         }
-        self.names = found.candidates.into();
-        Ok(true)
+        Ok(!self.names.is_empty())
     }
 
     /// A claim was lost to another claimer, which is probably working through the
@@ -72,7 +90,12 @@ impl Snapshot {
     /// Many misses in a row mean the snapshot is stale.
     fn lost(&mut self) {
         self.misses += 1;
-        if self.misses >= STALE_AFTER_MISSES {
+        let stale_after = if self.names.len() <= CHEAP_RESCAN {
+            2
+        } else {
+            STALE_AFTER_MISSES
+        };
+        if self.misses >= stale_after {
             self.names.clear();
             self.misses = 0;
             return;
@@ -117,13 +140,19 @@ impl DirectoryQueue {
     /// ends the claim syncs every directory it depends on.
     pub fn try_claim(&self) -> Result<Option<Message>> {
         let inner = &*self.inner;
+        // Names lost to other claimers during this call.
+        let mut lost = Vec::new();
         loop {
+            if lost.len() >= MAX_LOSSES_PER_CALL {
+                // Losing every race: let the caller wait for the others to move on.
+                return Ok(None);
+            }
             let candidate = {
                 let mut snapshot = lock_snapshot(inner);
-                match snapshot.names.pop_front() {
+                let next = match snapshot.names.pop_front() {
                     Some(c) => c,
                     None => {
-                        if !snapshot.refill(inner)? {
+                        if !snapshot.refill(inner, &lost)? {
                             return Ok(None);
                         }
                         match snapshot.names.pop_front() {
@@ -131,9 +160,14 @@ impl DirectoryQueue {
                             None => return Ok(None),
                         }
                     }
-                }
+                };
+                snapshot.claiming.push(next.id.clone());
+                next
             };
-            match self.attempt(candidate)? {
+            let id = candidate.id.clone();
+            let attempt = self.attempt(candidate);
+            lock_snapshot(inner).claiming.retain(|c| c != &id);
+            match attempt? {
                 Attempt::Claimed(message) => {
                     lock_snapshot(inner).misses = 0;
                     inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +176,7 @@ impl DirectoryQueue {
                 Attempt::Lost => {
                     inner.counters.collisions.fetch_add(1, Ordering::Relaxed);
                     lock_snapshot(inner).lost();
+                    lost.push(id);
                 }
                 Attempt::Skipped => {}
             }
@@ -200,7 +235,7 @@ impl DirectoryQueue {
         let inner = &*self.inner;
         let incoming = &inner.dir(State::Incoming).path;
         loop {
-            let seen = inner.wake.generation();
+            let seen = crate::wake::generation();
             if let Some(message) = self.try_claim()? {
                 inner.wake.busy();
                 return Ok(Some(message));
@@ -209,7 +244,10 @@ impl DirectoryQueue {
             if now >= deadline {
                 return Ok(None);
             }
-            if inner.wake.prepare(incoming) {
+            if inner
+                .wake
+                .prepare(incoming, crate::wake::Interest::Arrivals)
+            {
                 // The watch is new: anything that arrived before it sent no event.
                 continue;
             }
@@ -220,8 +258,20 @@ impl DirectoryQueue {
                     .unwrap_or(Duration::ZERO)
             });
             let until = deadline.min(rescan).min(due.unwrap_or(rescan));
-            inner.wake.wait(seen, until);
+            crate::wake::wait_any(&[&inner.wake], seen, until);
         }
+    }
+
+    /// When a claimer with nothing to do should look again: after the rescan interval,
+    /// or when the next deferred message falls due, whichever is first.
+    pub(crate) fn next_wake(&self, now: Instant) -> Instant {
+        let rescan = now + self.inner.config.rescan_interval;
+        let due = lock_snapshot(&self.inner).deferred.next_due().map(|t| {
+            now + t
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
+        due.map_or(rescan, |due| due.min(rescan))
     }
 
     /// One attempt at claiming `candidate`, following DESIGN §4: open without following

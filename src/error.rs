@@ -166,6 +166,14 @@ pub enum Error {
         /// The message id.
         id: MessageId,
     },
+    /// A [`Piper`](crate::Piper) was configured wrongly.
+    #[error("invalid configuration of Piper {stage:?}: {reason}")]
+    PiperConfig {
+        /// The stage name.
+        stage: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A batch enqueue failed after some of its messages were already published.
     ///
     /// The published messages are visible to consumers; re-enqueuing them would make
@@ -259,7 +267,7 @@ impl Error {
             | Error::Duplicate { path, .. }
             | Error::PartialBatch { path, .. } => Some(path),
             Error::Move { from, .. } => Some(from),
-            Error::InvalidId { .. } => None,
+            Error::InvalidId { .. } | Error::PiperConfig { .. } => None,
         }
     }
 
@@ -272,7 +280,10 @@ impl Error {
             | Error::EmptyMessage { op, .. }
             | Error::Duplicate { op, .. } => Some(*op),
             Error::PartialBatch { .. } => Some(Operation::Publish),
-            Error::InvalidId { .. } | Error::Layout { .. } | Error::Config { .. } => None,
+            Error::InvalidId { .. }
+            | Error::Layout { .. }
+            | Error::Config { .. }
+            | Error::PiperConfig { .. } => None,
         }
     }
 
@@ -292,7 +303,9 @@ impl Error {
         match self {
             Error::Io { source, .. } | Error::Move { source, .. } => source.kind(),
             Error::PartialBatch { source, .. } => source.kind(),
-            Error::InvalidId { .. } | Error::Config { .. } => io::ErrorKind::InvalidInput,
+            Error::InvalidId { .. } | Error::Config { .. } | Error::PiperConfig { .. } => {
+                io::ErrorKind::InvalidInput
+            }
             Error::Layout { .. } | Error::Json { .. } | Error::EmptyMessage { .. } => {
                 io::ErrorKind::InvalidData
             }

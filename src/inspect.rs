@@ -111,6 +111,29 @@ impl DirectoryQueue {
         Ok(n)
     }
 
+    /// Total size in bytes of the messages of one state (a `stat` per message).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Scan`] or [`Operation::Stat`].
+    pub fn bytes(&self, state: State) -> Result<u64> {
+        let Some(dir) = self.inner.state_dir(state) else {
+            return Ok(0);
+        };
+        let mut total = 0;
+        for name in names(dir)? {
+            if !is_listed(state, &name) {
+                continue;
+            }
+            match dir.dir.stat_at(&name) {
+                Ok(st) => total += st.size,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(Operation::Stat, dir.join(&name), e)),
+            }
+        }
+        Ok(total)
+    }
+
     /// Age of the oldest message in `incoming/`: how long the longest-waiting message
     /// has waited. `None` when `incoming/` is empty.
     ///

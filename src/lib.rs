@@ -143,6 +143,7 @@ mod lock;
 mod message;
 mod meta;
 mod owner;
+mod piper;
 mod quarantine;
 mod queue;
 mod random;
@@ -160,6 +161,10 @@ pub use id::MessageId;
 pub use inspect::{Counts, Ids, MessageInfo};
 pub use message::{Message, MessageReader, Retried, TerminalError};
 pub use meta::FailureInfo;
+pub use piper::{
+    BreakerPolicy, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperInfo, PiperRates,
+    PiperStats, Stage, StageError, StageResult, TimeoutAction,
+};
 pub use queue::{ClaimStats, DirectoryQueue};
 pub use recover::RecoverReport;
 pub use state::{ParseStateError, State};

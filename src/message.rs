@@ -393,6 +393,13 @@ impl Message {
         attempts::read_reason(&self.file).ok().flatten()
     }
 
+    /// Gives the message up without touching it, for a supervisor that has already
+    /// moved it on behalf of this claim (a timed-out stage); the lock is released
+    /// quietly.
+    pub(crate) fn abandon(mut self) {
+        self.done = true;
+    }
+
     /// Stores this claim in the attempt count before the message leaves our hands;
     /// returns the count. A count that cannot be stored is logged, not fatal: it
     /// never justifies keeping the message from moving on.
@@ -486,6 +493,13 @@ pub struct TerminalError {
 }
 
 impl TerminalError {
+    pub(crate) fn new(error: Error, message: Option<Message>) -> TerminalError {
+        TerminalError {
+            error,
+            message: message.map(Box::new),
+        }
+    }
+
     /// What went wrong.
     pub fn error(&self) -> &Error {
         &self.error

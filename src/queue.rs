@@ -227,6 +227,28 @@ impl DirectoryQueue {
         self.inner.syncer.flush()
     }
 
+    /// A new handle on the same directories with the same settings, but its own
+    /// snapshot, wake-ups, statistics and batch of unsynced changes (a Piper's inputs,
+    /// which it shares between its workers and nobody else).
+    pub(crate) fn reopen(&self) -> DirectoryQueue {
+        let inner = &*self.inner;
+        DirectoryQueue {
+            inner: Arc::new(Inner {
+                root: inner.root.clone(),
+                dirs: inner.dirs.clone(),
+                paths: inner.paths.clone(),
+                identity: inner.identity,
+                family: inner.family,
+                config: inner.config.clone(),
+                syncer: Syncer::new(inner.config.durability, inner.family),
+                snapshot: Mutex::new(Snapshot::default()),
+                wake: Wake::new(inner.family.is_local()),
+                counters: Counters::default(),
+                noreplace: inner.noreplace.clone(),
+            }),
+        }
+    }
+
     /// Whether two handles refer to the same queue directory.
     pub fn same_queue(&self, other: &DirectoryQueue) -> bool {
         self.inner.identity == other.inner.identity

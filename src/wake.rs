@@ -4,16 +4,50 @@
 //! wakes after the rescan interval too, so a missed event costs latency, never a
 //! message.
 //!
+//! One signal serves the whole process: any watched directory's event wakes every
+//! waiter, which rescans what it waits for. That lets a waiter wait on several queues
+//! at once (a Piper's inputs, and its outputs while backpressure holds it), and lets
+//! a shutdown wake everyone; a spurious wake-up costs a directory `stat`.
+//!
 //! The watch is active only while some claimer of this handle has recently waited:
 //! notify subscribes to opens and modifications as well, so a watch on a busy queue
 //! would wake notify's thread for every claim. It is added when a claimer is about to
 //! sleep and dropped after [`IDLE_UNWATCH`] without waiters.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use notify::event::{ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
+
+/// What a waiter watches a directory for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Interest {
+    /// Messages arriving (claimers).
+    Arrivals = 1,
+    /// Messages leaving (a Piper paused by backpressure waits for downstream claims).
+    Departures = 2,
+}
+
+/// Whether `event` matters to the interests in `wanted` (a bit set of [`Interest`]).
+/// Errors and events notify cannot classify always matter.
+fn matters(event: &notify::Result<notify::Event>, wanted: u8) -> bool {
+    let arrivals = wanted & Interest::Arrivals as u8 != 0;
+    let departures = wanted & Interest::Departures as u8 != 0;
+    let Ok(event) = event else {
+        return true;
+    };
+    match event.kind {
+        EventKind::Create(_) => arrivals,
+        EventKind::Remove(_) => departures,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => arrivals,
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => departures,
+        EventKind::Modify(ModifyKind::Name(_)) | EventKind::Any | EventKind::Other => true,
+        EventKind::Modify(_) | EventKind::Access(_) => false,
+    }
+}
 
 /// How long the watch stays after the last waiter, so that a worker alternating
 /// between busy and idle does not add and remove it for every message.
@@ -21,21 +55,67 @@ const IDLE_UNWATCH: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub(crate) struct Wake {
-    signal: Arc<Signal>,
     watch: Mutex<WatchState>,
+    /// Bit set of the [`Interest`]s of this handle's waiters, read by the watcher thread.
+    interests: Arc<AtomicU8>,
+    /// Departure events seen by this handle's watch (for backpressure: nothing left
+    /// the directory, so counting it again would find the same).
+    departures: Arc<AtomicU64>,
 }
 
-/// Bumped by the watcher thread on every relevant event.
-#[derive(Debug, Default)]
+/// Bumped by the watcher threads on every relevant event, and by [`wake_all`].
+#[derive(Debug)]
 struct Signal {
     generation: Mutex<u64>,
     cond: Condvar,
 }
 
+static SIGNAL: Signal = Signal {
+    generation: Mutex::new(0),
+    cond: Condvar::new(),
+};
+
 impl Signal {
     fn bump(&self) {
         *lock(&self.generation) += 1;
         self.cond.notify_all();
+    }
+}
+
+/// Wakes every waiter of the process (for example to notice a shutdown).
+pub(crate) fn wake_all() {
+    SIGNAL.bump();
+}
+
+/// The current event generation; pass it to [`wait_any`] after a scan found nothing,
+/// so that an event arriving in between is not lost.
+pub(crate) fn generation() -> u64 {
+    *lock(&SIGNAL.generation)
+}
+
+/// Sleeps until an event arrives after generation `seen`, or until `until`, counting
+/// as a waiter of each of `wakes` meanwhile (which keeps their watches).
+pub(crate) fn wait_any(wakes: &[&Wake], seen: u64, until: Instant) {
+    for wake in wakes {
+        lock(&wake.watch).waiters += 1;
+    }
+    let mut generation = lock(&SIGNAL.generation);
+    while *generation == seen {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        generation = SIGNAL
+            .cond
+            .wait_timeout(generation, until - now)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    drop(generation);
+    for wake in wakes {
+        let mut state = lock(&wake.watch);
+        state.waiters -= 1;
+        state.last_waiter = Instant::now();
     }
 }
 
@@ -54,7 +134,8 @@ impl Wake {
     /// `events`: whether filesystem events can be trusted on this filesystem.
     pub(crate) fn new(events: bool) -> Wake {
         Wake {
-            signal: Arc::default(),
+            interests: Arc::new(AtomicU8::new(0)),
+            departures: Arc::new(AtomicU64::new(0)),
             watch: Mutex::new(WatchState {
                 watcher: None,
                 watching: None,
@@ -65,37 +146,29 @@ impl Wake {
         }
     }
 
-    /// The current event generation; pass it to [`Wake::wait`] after a scan found
-    /// nothing, so that an event arriving in between is not lost.
-    pub(crate) fn generation(&self) -> u64 {
-        *lock(&self.signal.generation)
-    }
-
-    /// Makes sure events for `dir` are being watched. Returns `true` when the watch
-    /// was just added: events before that moment were missed, so the caller scans once
-    /// more before sleeping.
-    pub(crate) fn prepare(&self, dir: &Path) -> bool {
+    /// Makes sure events of `interest` in `dir` are being watched. Returns `true` when
+    /// the watch (or the interest) was just added: events before that moment were
+    /// missed, so the caller looks once more before sleeping.
+    pub(crate) fn prepare(&self, dir: &Path, interest: Interest) -> bool {
+        let new_interest =
+            self.interests.fetch_or(interest as u8, Ordering::AcqRel) & interest as u8 == 0;
         let mut state = lock(&self.watch);
         state.last_waiter = Instant::now();
-        if state.polling_only || state.watching.is_some() {
+        if state.polling_only {
             return false;
         }
+        if state.watching.is_some() {
+            return new_interest;
+        }
         if state.watcher.is_none() {
-            let signal = Arc::clone(&self.signal);
+            let interests = Arc::clone(&self.interests);
+            let departures = Arc::clone(&self.departures);
             let handler = move |event: notify::Result<notify::Event>| {
-                let relevant = match event {
-                    Ok(event) => matches!(
-                        event.kind,
-                        EventKind::Create(_)
-                            | EventKind::Modify(notify::event::ModifyKind::Name(_))
-                            | EventKind::Any
-                            | EventKind::Other
-                    ),
-                    // Overflow or a watcher error: wake everyone to rescan.
-                    Err(_) => true,
-                };
-                if relevant {
-                    signal.bump();
+                if matters(&event, Interest::Departures as u8) {
+                    departures.fetch_add(1, Ordering::AcqRel);
+                }
+                if matters(&event, interests.load(Ordering::Acquire)) {
+                    SIGNAL.bump();
                 }
             };
             match notify::recommended_watcher(handler) {
@@ -123,26 +196,10 @@ impl Wake {
         }
     }
 
-    /// Sleeps until an event arrives after generation `seen`, or until `until`.
-    pub(crate) fn wait(&self, seen: u64, until: Instant) {
-        lock(&self.watch).waiters += 1;
-        let mut generation = lock(&self.signal.generation);
-        while *generation == seen {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            generation = self
-                .signal
-                .cond
-                .wait_timeout(generation, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        drop(generation);
-        let mut state = lock(&self.watch);
-        state.waiters -= 1;
-        state.last_waiter = Instant::now();
+    /// How many departure events the watch has seen (see [`Interest::Departures`]).
+    /// Always 0 where events are not available.
+    pub(crate) fn departures(&self) -> u64 {
+        self.departures.load(Ordering::Acquire)
     }
 
     /// Called when a claim succeeded: drops a watch nobody has needed for a while.
@@ -177,16 +234,26 @@ mod tests {
     fn an_event_after_prepare_wakes_a_sleeper() {
         let dir = tempfile::tempdir().unwrap();
         let wake = Arc::new(Wake::new(true));
-        assert!(wake.prepare(dir.path()), "the watch is new");
-        assert!(!wake.prepare(dir.path()), "the watch exists");
+        assert!(
+            wake.prepare(dir.path(), Interest::Arrivals),
+            "the watch is new"
+        );
+        assert!(
+            !wake.prepare(dir.path(), Interest::Arrivals),
+            "the watch exists"
+        );
+        assert!(
+            wake.prepare(dir.path(), Interest::Departures),
+            "the interest is new"
+        );
         // The generation is read before the event, as the claim loop does, so the
         // event is seen whether or not the sleeper is asleep yet.
-        let seen = wake.generation();
+        let seen = generation();
         let sleeper = {
             let wake = Arc::clone(&wake);
             std::thread::spawn(move || {
                 let start = Instant::now();
-                wake.wait(seen, Instant::now() + Duration::from_secs(60));
+                wait_any(&[&wake], seen, Instant::now() + Duration::from_secs(60));
                 start.elapsed()
             })
         };
@@ -196,16 +263,45 @@ mod tests {
             slept < Duration::from_secs(60),
             "woken by the event, not the deadline"
         );
-        assert!(wake.generation() > seen);
+        assert!(generation() > seen);
+    }
+
+    #[test]
+    fn claimers_ignore_departures() {
+        use notify::event::{CreateKind, RemoveKind};
+        let event = |kind| Ok(notify::Event::new(kind));
+        let arrivals = Interest::Arrivals as u8;
+        let departures = Interest::Departures as u8;
+        let moved_in = event(EventKind::Modify(ModifyKind::Name(RenameMode::To)));
+        let moved_out = event(EventKind::Modify(ModifyKind::Name(RenameMode::From)));
+        assert!(matters(&moved_in, arrivals));
+        assert!(!matters(&moved_out, arrivals));
+        assert!(matters(&moved_out, departures));
+        assert!(!matters(&moved_in, departures));
+        assert!(matters(
+            &event(EventKind::Create(CreateKind::File)),
+            arrivals
+        ));
+        assert!(matters(
+            &event(EventKind::Remove(RemoveKind::File)),
+            departures
+        ));
+        assert!(!matters(
+            &event(EventKind::Access(notify::event::AccessKind::Any)),
+            arrivals | departures
+        ));
     }
 
     #[test]
     fn polling_only_never_watches() {
         let dir = tempfile::tempdir().unwrap();
         let wake = Wake::new(false);
-        assert!(!wake.prepare(dir.path()));
+        assert!(!wake.prepare(dir.path(), Interest::Arrivals));
+        // Other tests of this process may bump the signal: wait until the deadline.
         let start = Instant::now();
-        wake.wait(wake.generation(), start + Duration::from_millis(50));
+        while start.elapsed() < Duration::from_millis(50) {
+            wait_any(&[&wake], generation(), start + Duration::from_millis(50));
+        }
         assert!(start.elapsed() >= Duration::from_millis(50));
     }
 }

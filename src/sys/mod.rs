@@ -95,3 +95,16 @@ impl FsFamily {
         !matches!(self, FsFamily::Network | FsFamily::Fuse)
     }
 }
+
+/// A process signal a Piper reacts to (see [`watch_signals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProcessSignal {
+    /// SIGTERM: systemd's way to stop a service.
+    Terminate,
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGUSR1: log statistics.
+    Statistics,
+    /// SIGHUP.
+    Hangup,
+}

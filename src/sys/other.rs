@@ -7,7 +7,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::path::Path;
 
-use super::{FileStat, FsFamily, RawEntry};
+use super::{FileStat, FsFamily, ProcessSignal, RawEntry};
 
 fn unsupported<T>() -> io::Result<T> {
     Err(io::Error::new(
@@ -122,4 +122,13 @@ pub(crate) fn hostname() -> String {
 
 pub(crate) fn pid() -> u32 {
     std::process::id()
+}
+
+#[derive(Debug)]
+pub(crate) struct SignalWatch;
+
+pub(crate) fn watch_signals(
+    _on_signal: impl FnMut(ProcessSignal) + Send + 'static,
+) -> io::Result<SignalWatch> {
+    unsupported()
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RawDir, RenameFlags};
 
-use super::{EntryKind, FileStat, FsFamily, RawEntry};
+use super::{EntryKind, FileStat, FsFamily, ProcessSignal, RawEntry};
 
 /// Size of the buffer handed to `getdents64`; one call returns about 1,500 entries.
 pub(crate) const SCAN_BUFFER_BYTES: usize = 64 * 1024;
@@ -298,6 +298,49 @@ pub(crate) fn set_xattr(file: &File, name: &str, value: &[u8]) -> io::Result<boo
 fn is_no_xattr(e: rustix::io::Errno) -> bool {
     use rustix::io::Errno;
     e == Errno::NODATA || e == Errno::OPNOTSUPP || e == Errno::RANGE
+}
+
+/// Delivers SIGTERM, SIGINT, SIGUSR1 and SIGHUP to `on_signal` on a thread of its own
+/// until the returned watch is dropped. The handlers (from `signal-hook`) stay
+/// installed afterwards, so the process no longer dies of those signals by default.
+pub(crate) fn watch_signals(
+    mut on_signal: impl FnMut(ProcessSignal) + Send + 'static,
+) -> io::Result<SignalWatch> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
+    let handle = signals.handle();
+    let thread = std::thread::Builder::new()
+        .name("dirq-signals".to_owned())
+        .spawn(move || {
+            for signal in signals.forever() {
+                on_signal(match signal {
+                    SIGTERM => ProcessSignal::Terminate,
+                    SIGINT => ProcessSignal::Interrupt,
+                    SIGUSR1 => ProcessSignal::Statistics,
+                    _ => ProcessSignal::Hangup,
+                });
+            }
+        })?;
+    Ok(SignalWatch {
+        handle,
+        thread: Some(thread),
+    })
+}
+
+/// Stops delivering signals when dropped.
+#[derive(Debug)]
+pub(crate) struct SignalWatch {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SignalWatch {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Whether an open failed because `O_NOFOLLOW` met a symbolic link (`ELOOP` on Linux,

@@ -8,5 +8,6 @@ mod filesystems;
 mod hostile;
 mod lifecycle;
 mod mentat;
+mod piper;
 mod queue;
 mod util;

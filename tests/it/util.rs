@@ -154,3 +154,51 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
+
+/// Builds (if needed) and locates an example binary of this crate, for tests that run
+/// it as separate processes. `cargo test` builds examples only when it runs them all,
+/// so the test asks cargo itself; that is a no-op when the example is up to date.
+pub fn example(name: &str) -> PathBuf {
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable");
+    // <target>/<profile>/deps/it-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let path = profile_dir.join("examples").join(name);
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "--example", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build --example");
+        assert!(status.success(), "cargo build --example {name} failed");
+        built.push(name.to_owned());
+    }
+    assert!(
+        path.is_file(),
+        "example binary {} not found",
+        path.display()
+    );
+    path
+}
+
+/// Sends a signal (`TERM`, `STOP`, ...) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
+}

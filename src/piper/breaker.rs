@@ -1,0 +1,277 @@
+//! The failure breaker: when a stage keeps failing, stop feeding it messages instead of
+//! burning the whole queue into `errors/`.
+//!
+//! Closed (normal) → open when failures in the window pass a count or a rate → after a
+//! cooldown, half-open: one message is let through as a probe → closed if it succeeds,
+//! open again (with twice the cooldown, at most 10 minutes) if it fails.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// When the failure breaker of a [`Piper`](crate::Piper) opens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerPolicy {
+    max_failures: Option<u32>,
+    max_failure_rate: Option<f64>,
+    min_samples: u32,
+    window: Duration,
+    cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    /// Opens when at least half of at least 20 outcomes in the last minute were
+    /// failures (failed, retried, timed out or panicked); cooldown 30 s.
+    fn default() -> BreakerPolicy {
+        BreakerPolicy {
+            max_failures: None,
+            max_failure_rate: Some(0.5),
+            min_samples: 20,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BreakerPolicy {
+    /// A breaker that never opens.
+    pub fn disabled() -> BreakerPolicy {
+        BreakerPolicy {
+            max_failures: None,
+            max_failure_rate: None,
+            ..BreakerPolicy::default()
+        }
+    }
+
+    /// Opens when this many failures happen within the window. Default: no count limit.
+    pub fn max_failures(mut self, failures: Option<u32>) -> BreakerPolicy {
+        self.max_failures = failures.map(|n| n.max(1));
+        self
+    }
+
+    /// Opens when this fraction of the outcomes within the window are failures, once
+    /// there are at least `min_samples` of them. Default: 0.5 of at least 20.
+    pub fn max_failure_rate(mut self, rate: Option<f64>, min_samples: u32) -> BreakerPolicy {
+        self.max_failure_rate = rate.filter(|r| r.is_finite()).map(|r| r.clamp(0.0, 1.0));
+        self.min_samples = min_samples.max(1);
+        self
+    }
+
+    /// The window failures are counted over. Default: 60 s.
+    pub fn window(mut self, window: Duration) -> BreakerPolicy {
+        self.window = window;
+        self
+    }
+
+    /// How long intake stays paused before a probe. Default: 30 s.
+    pub fn cooldown(mut self, cooldown: Duration) -> BreakerPolicy {
+        self.cooldown = cooldown;
+        self
+    }
+}
+
+const MAX_COOLDOWN: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed,
+    Open { until: Instant, cooldown: Duration },
+    HalfOpen { probing: bool, cooldown: Duration },
+}
+
+/// What changed when an outcome was recorded, for the Piper to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    Opened {
+        failures: usize,
+        outcomes: usize,
+        cooldown: Duration,
+    },
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    policy: BreakerPolicy,
+    /// Recent outcomes: when, and whether it failed.
+    outcomes: VecDeque<(Instant, bool)>,
+    state: State,
+}
+
+impl Breaker {
+    pub(crate) fn new(policy: BreakerPolicy) -> Breaker {
+        Breaker {
+            policy,
+            outcomes: VecDeque::new(),
+            state: State::Closed,
+        }
+    }
+
+    /// Whether a worker may take a message now. In the half-open state only one probe
+    /// at a time is let through.
+    pub(crate) fn admit(&mut self, now: Instant) -> bool {
+        match self.state {
+            State::Closed => true,
+            State::Open { until, cooldown } if now >= until => {
+                self.state = State::HalfOpen {
+                    probing: true,
+                    cooldown,
+                };
+                true
+            }
+            State::Open { .. } => false,
+            State::HalfOpen { probing: true, .. } => false,
+            State::HalfOpen { cooldown, .. } => {
+                self.state = State::HalfOpen {
+                    probing: true,
+                    cooldown,
+                };
+                true
+            }
+        }
+    }
+
+    /// A worker that was admitted found nothing to process: its probe did not happen.
+    pub(crate) fn cancel_probe(&mut self) {
+        if let State::HalfOpen { cooldown, .. } = self.state {
+            self.state = State::HalfOpen {
+                probing: false,
+                cooldown,
+            };
+        }
+    }
+
+    /// Whether intake is paused by the breaker.
+    pub(crate) fn is_open(&self) -> bool {
+        !matches!(self.state, State::Closed)
+    }
+
+    /// Records one processing outcome.
+    pub(crate) fn record(&mut self, failed: bool, now: Instant) -> Option<Transition> {
+        match self.state {
+            State::HalfOpen { cooldown, .. } => {
+                if failed {
+                    let cooldown = (cooldown * 2).min(MAX_COOLDOWN);
+                    self.state = State::Open {
+                        until: now + cooldown,
+                        cooldown,
+                    };
+                    return Some(Transition::Opened {
+                        failures: 1,
+                        outcomes: 1,
+                        cooldown,
+                    });
+                }
+                self.state = State::Closed;
+                self.outcomes.clear();
+                return Some(Transition::Closed);
+            }
+            State::Open { .. } => return None,
+            State::Closed => {}
+        }
+        self.outcomes.push_back((now, failed));
+        while self
+            .outcomes
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > self.policy.window)
+        {
+            self.outcomes.pop_front();
+        }
+        let failures = self.outcomes.iter().filter(|(_, f)| *f).count();
+        let outcomes = self.outcomes.len();
+        let by_count = self
+            .policy
+            .max_failures
+            .is_some_and(|max| failures >= max as usize);
+        let by_rate = self.policy.max_failure_rate.is_some_and(|rate| {
+            outcomes >= self.policy.min_samples as usize
+                && failures as f64 >= rate * outcomes as f64
+        });
+        if !(failed && (by_count || by_rate)) {
+            return None;
+        }
+        let cooldown = self.policy.cooldown;
+        self.state = State::Open {
+            until: now + cooldown,
+            cooldown,
+        };
+        Some(Transition::Opened {
+            failures,
+            outcomes,
+            cooldown,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_on_count_probes_after_cooldown_and_closes_on_success() {
+        let policy = BreakerPolicy::disabled()
+            .max_failures(Some(3))
+            .cooldown(Duration::from_secs(10));
+        let mut b = Breaker::new(policy);
+        let t0 = Instant::now();
+        assert_eq!(b.record(true, t0), None);
+        assert_eq!(b.record(false, t0), None);
+        assert_eq!(b.record(true, t0), None);
+        assert!(matches!(
+            b.record(true, t0),
+            Some(Transition::Opened { failures: 3, .. })
+        ));
+        assert!(!b.admit(t0 + Duration::from_secs(5)));
+        // Half-open: one probe at a time.
+        assert!(b.admit(t0 + Duration::from_secs(11)));
+        assert!(!b.admit(t0 + Duration::from_secs(11)));
+        assert_eq!(
+            b.record(false, t0 + Duration::from_secs(12)),
+            Some(Transition::Closed)
+        );
+        assert!(b.admit(t0 + Duration::from_secs(12)));
+    }
+
+    #[test]
+    fn a_failed_probe_doubles_the_cooldown() {
+        let mut b = Breaker::new(
+            BreakerPolicy::disabled()
+                .max_failures(Some(1))
+                .cooldown(Duration::from_secs(10)),
+        );
+        let t0 = Instant::now();
+        b.record(true, t0);
+        assert!(b.admit(t0 + Duration::from_secs(10)));
+        assert!(matches!(
+            b.record(true, t0 + Duration::from_secs(10)),
+            Some(Transition::Opened { cooldown, .. }) if cooldown == Duration::from_secs(20)
+        ));
+        assert!(!b.admit(t0 + Duration::from_secs(29)));
+        assert!(b.admit(t0 + Duration::from_secs(31)));
+    }
+
+    #[test]
+    fn rate_needs_enough_samples_and_a_cancelled_probe_frees_the_slot() {
+        let mut b = Breaker::new(BreakerPolicy::default().cooldown(Duration::ZERO));
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(b.record(true, t0), None, "fewer than 20 outcomes");
+        }
+        for _ in 0..9 {
+            b.record(false, t0);
+        }
+        assert!(b.record(true, t0).is_some(), "11 of 20 failed");
+        assert!(b.admit(t0));
+        b.cancel_probe();
+        assert!(b.admit(t0), "the slot is free again");
+    }
+
+    #[test]
+    fn disabled_never_opens() {
+        let mut b = Breaker::new(BreakerPolicy::disabled());
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            assert_eq!(b.record(true, t0), None);
+        }
+        assert!(!b.is_open());
+    }
+}

@@ -1,0 +1,199 @@
+//! Liveness: every running Piper advertises itself under each of its input queues, in
+//! `<queue>/pipers/<host>.<pid>.<tag>.json`.
+//!
+//! The advertising process holds an `flock` on its file for as long as it runs, so, as
+//! with messages in `pending/`, a file whose lock anyone can take belongs to a dead
+//! process: readers report it as stale, and the next Piper to start there removes it.
+//! The file is rewritten in place at every heartbeat; a reader that catches it half
+//! written tries once more.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Operation, Result};
+use crate::piper::stats::{PiperRates, PiperStats};
+use crate::sys::Dir;
+use crate::{lock, DirectoryQueue, MessageId};
+
+/// The directory under a queue root where Pipers advertise themselves.
+pub(crate) const PIPERS_DIR: &str = "pipers";
+
+/// What a running Piper says about itself; see [`DirectoryQueue::pipers`]. Read
+/// leniently: missing fields are left at their defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct PiperInfo {
+    /// The stage name given to [`Piper::builder`](crate::Piper::builder).
+    pub stage: String,
+    /// Host of the process.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// When it started, RFC 3339 UTC.
+    pub started: String,
+    /// Last heartbeat, RFC 3339 UTC.
+    pub heartbeat: String,
+    /// Last heartbeat, milliseconds since the epoch.
+    pub heartbeat_ms: u64,
+    /// `running`, `paused (backpressure)`, `paused (failure breaker)` or `draining`.
+    pub state: String,
+    /// Worker threads.
+    pub workers: usize,
+    /// Input queue roots, in priority order.
+    pub inputs: Vec<String>,
+    /// Output names and queue roots.
+    pub outputs: Vec<(String, String)>,
+    /// Counters since start.
+    pub stats: PiperStats,
+    /// Rates over the last seconds.
+    pub rates: PiperRates,
+    /// Whether the process is alive (it holds the lock on its file). Filled in by the
+    /// reader, not stored.
+    #[serde(skip)]
+    pub live: bool,
+}
+
+/// The advertisement files of one Piper, removed when it stops.
+#[derive(Debug)]
+pub(crate) struct Advert {
+    files: Vec<(PathBuf, File)>,
+}
+
+impl Advert {
+    /// Creates (and locks) this process's file under each input, after removing the
+    /// files of dead Pipers there.
+    pub(crate) fn create(inputs: &[DirectoryQueue]) -> Result<Advert> {
+        let name = OsString::from(format!("{}.json", MessageId::generate()));
+        let mut files = Vec::new();
+        for queue in inputs {
+            let dir_path = queue.root().join(PIPERS_DIR);
+            let dir = open_dir(&dir_path, queue.inner.config.dir_mode)?;
+            remove_stale(&dir, &dir_path)?;
+            let path = dir_path.join(&name);
+            let file = dir
+                .create_new(&name, queue.inner.config.file_mode)
+                .map_err(|e| Error::io(Operation::Create, &path, e))?;
+            lock::try_lock(&file).map_err(|e| Error::io(Operation::Create, &path, e))?;
+            files.push((path, file));
+        }
+        Ok(Advert { files })
+    }
+
+    /// Rewrites every file with `info`.
+    pub(crate) fn update(&mut self, info: &PiperInfo) {
+        let Ok(json) = serde_json::to_vec_pretty(info) else {
+            return;
+        };
+        for (path, file) in &mut self.files {
+            let written = file
+                .set_len(0)
+                .and_then(|()| std::io::Seek::rewind(file))
+                .and_then(|()| file.write_all(&json));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "cannot update liveness file");
+            }
+        }
+    }
+}
+
+impl Drop for Advert {
+    fn drop(&mut self) {
+        for (path, _) in &self.files {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove liveness file");
+            }
+        }
+    }
+}
+
+fn open_dir(path: &Path, mode: u32) -> Result<Dir> {
+    match Dir::open(path) {
+        Ok(dir) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = path.parent().unwrap_or(path);
+            let parent_dir =
+                Dir::open(parent).map_err(|e| Error::io(Operation::Open, parent, e))?;
+            match parent_dir.mkdir(OsStr::new(PIPERS_DIR), mode) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(Operation::CreateDir, path, e)),
+            }
+            Dir::open(path).map_err(|e| Error::io(Operation::Open, path, e))
+        }
+        Err(e) => Err(Error::io(Operation::Open, path, e)),
+    }
+}
+
+/// Removes the files of dead Pipers (whose lock can be taken).
+fn remove_stale(dir: &Dir, path: &Path) -> Result<()> {
+    for (name, file) in entries(dir, path)? {
+        if lock::try_lock(&file).unwrap_or(false) {
+            let _ = dir.unlink(&name);
+        }
+    }
+    Ok(())
+}
+
+/// Every advertisement file in `dir`, opened.
+fn entries(dir: &Dir, path: &Path) -> Result<Vec<(OsString, File)>> {
+    let mut names = Vec::new();
+    let mut buf = Vec::new();
+    dir.scan(&mut buf, |entry| {
+        if entry.name.as_encoded_bytes().ends_with(b".json") {
+            names.push(entry.name.to_os_string());
+        }
+    })
+    .map_err(|e| Error::io(Operation::Scan, path, e))?;
+    Ok(names
+        .into_iter()
+        .filter_map(|name| dir.open_read(&name).ok().map(|file| (name, file)))
+        .collect())
+}
+
+impl DirectoryQueue {
+    /// The Pipers that advertise themselves under this queue (see [`Piper`](crate::Piper)),
+    /// live ones and the stale files of dead ones ([`PiperInfo::live`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the directory exists but cannot be read.
+    pub fn pipers(&self) -> Result<Vec<PiperInfo>> {
+        let path = self.root().join(PIPERS_DIR);
+        let dir = match Dir::open(&path) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(Operation::Open, &path, e)),
+        };
+        let mut found = Vec::new();
+        for (_, file) in entries(&dir, &path)? {
+            let live = !lock::try_lock(&file).unwrap_or(true);
+            // A heartbeat may be rewriting the file: one more read.
+            let info = read_info(&file).or_else(|| read_info(&file));
+            found.push(PiperInfo {
+                live,
+                ..info.unwrap_or_default()
+            });
+        }
+        found.sort_by(|a, b| (&a.stage, a.pid).cmp(&(&b.stage, b.pid)));
+        Ok(found)
+    }
+}
+
+fn read_info(mut file: &File) -> Option<PiperInfo> {
+    let mut bytes = Vec::new();
+    std::io::Seek::rewind(&mut file).ok()?;
+    file.read_to_end(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn epoch_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

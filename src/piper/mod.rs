@@ -1,0 +1,560 @@
+//! Pipers: processes that run a [`Stage`] over input queues and feed output queues,
+//! with backpressure, retries, timeouts, a failure breaker and graceful shutdown.
+
+mod backpressure;
+mod breaker;
+mod liveness;
+mod stage;
+mod stats;
+mod supervisor;
+mod takeover;
+mod worker;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant, SystemTime};
+
+pub use breaker::BreakerPolicy;
+pub use liveness::PiperInfo;
+pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
+pub use stats::{PiperRates, PiperStats};
+
+use crate::error::{Error, Result};
+use crate::DirectoryQueue;
+use backpressure::{Gauge, Limits};
+use breaker::Breaker;
+use stats::{Counters, RateWindow};
+
+type Factory = Arc<dyn Fn() -> Box<dyn Stage> + Send + Sync>;
+
+/// What happens to a message whose processing exceeds the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TimeoutAction {
+    /// Move it to `errors/` with reason `timeout`.
+    #[default]
+    Fail,
+    /// Retry it later with backoff (dead-lettered after the last attempt).
+    Retry,
+}
+
+/// Runs a [`Stage`] over one or more input queues, feeding zero or more outputs: the
+/// Piper daemon of Mentat's pipelines, and what `dirq exec` runs.
+///
+/// - **Inputs** are read in strict priority order: a worker takes from the first input
+///   that has a message.
+/// - **Outputs** are named. [`Outcome::Forward`] passes a message to every output
+///   (renamed into the first, copied into the others); [`Outcome::ForwardTo`] routes it
+///   to one.
+/// - **Workers**: N threads in this process. Stages in several processes can share a
+///   queue; each message goes to one of them.
+/// - **Backpressure**: intake pauses while an output holds more than its high
+///   watermark (a count, and optionally bytes) and resumes below the low one (80 % of
+///   high by default), woken by the output's directory events with a timer fallback.
+/// - **Timeouts**: a message processed for longer than the timeout is failed with
+///   reason `timeout` (or retried) at once, and a fresh worker takes the stuck one's
+///   place; the stuck thread's outcome is discarded when it returns.
+/// - **Failure breaker**: when too many messages fail, intake pauses (and an error is
+///   logged) instead of burning the queue into `errors/`.
+/// - **Shutdown**: [`PiperHandle::shutdown`] (or SIGTERM/SIGINT with
+///   [`handle_signals`](PiperBuilder::handle_signals)) stops intake, lets in-flight
+///   messages finish within the drain timeout, releases the rest, and returns from
+///   [`run`](Piper::run). A second signal releases in-flight messages at once.
+/// - **Liveness**: each running Piper advertises itself in `<input>/pipers/`, with its
+///   counters, refreshed every 2 s ([`DirectoryQueue::pipers`]).
+/// - **Recovery**: the inputs are recovered at start and every minute.
+///
+/// ```
+/// use dirq::{DirectoryQueue, Outcome, Piper, StageResult, Message};
+///
+/// let dir = tempfile::tempdir().expect("a temporary directory");
+/// let input = DirectoryQueue::open(dir.path().join("input"))?;
+/// let output = DirectoryQueue::open(dir.path().join("output"))?;
+/// input.enqueue(br#"{"n": 1}"#)?;
+///
+/// let piper = Piper::builder("double")
+///     .input(&input)
+///     .output("next", &output)
+///     .workers(2)
+///     .stage(|message: &Message| -> StageResult {
+///         let value: serde_json::Value = message.json()?;
+///         let doubled = serde_json::json!({"n": value["n"].as_i64().unwrap_or(0) * 2});
+///         Ok(Outcome::Emit(vec![dirq::Emit::json(&doubled)?]))
+///     })
+///     .build()?;
+/// let handle = piper.handle();
+/// let runner = std::thread::spawn(move || piper.run());
+/// // ... later, when the work is done:
+/// while output.counts()?.incoming == 0 {
+///     std::thread::sleep(std::time::Duration::from_millis(10));
+/// }
+/// handle.shutdown();
+/// let stats = runner.join().expect("the piper thread")?;
+/// assert_eq!(stats.emitted, 1);
+/// # Ok::<(), dirq::Error>(())
+/// ```
+pub struct Piper {
+    shared: Arc<Shared>,
+}
+
+/// Configures a [`Piper`]; see [`Piper::builder`].
+pub struct PiperBuilder {
+    name: String,
+    inputs: Vec<DirectoryQueue>,
+    outputs: Vec<(String, DirectoryQueue)>,
+    factory: Option<Factory>,
+    workers: usize,
+    limit: usize,
+    low: Option<usize>,
+    limit_bytes: Option<u64>,
+    low_bytes: Option<u64>,
+    resume_wait: Duration,
+    timeout: Option<Duration>,
+    on_timeout: TimeoutAction,
+    breaker: BreakerPolicy,
+    drain_timeout: Duration,
+    stats_interval: Duration,
+    recover_interval: Duration,
+    signals: bool,
+    advertise: bool,
+}
+
+impl Piper {
+    /// Starts configuring a Piper; `name` names the stage in logs, statistics and
+    /// liveness files.
+    pub fn builder(name: impl Into<String>) -> PiperBuilder {
+        PiperBuilder {
+            name: name.into(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            factory: None,
+            workers: 1,
+            limit: 5000,
+            low: None,
+            limit_bytes: None,
+            low_bytes: None,
+            resume_wait: Duration::from_secs(1),
+            timeout: None,
+            on_timeout: TimeoutAction::Fail,
+            breaker: BreakerPolicy::default(),
+            drain_timeout: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(60),
+            recover_interval: Duration::from_secs(60),
+            signals: false,
+            advertise: true,
+        }
+    }
+
+    /// A handle to stop the Piper or read its statistics from another thread.
+    pub fn handle(&self) -> PiperHandle {
+        PiperHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Runs until [`PiperHandle::shutdown`] (or a signal, with
+    /// [`handle_signals`](PiperBuilder::handle_signals)), then drains and returns the
+    /// final statistics.
+    ///
+    /// # Errors
+    ///
+    /// An [`Error`] when the inputs cannot be recovered or the liveness files cannot be
+    /// written at start, or when the Piper was already run. Errors while running are
+    /// logged and do not stop it.
+    pub fn run(&self) -> Result<PiperStats> {
+        supervisor::run(&self.shared)
+    }
+}
+
+impl PiperBuilder {
+    /// Adds an input queue; inputs are read in the order they were added (strict
+    /// priority). The Piper opens its own handle to the same directory, with the same
+    /// settings (retry policy, maximum age, durability).
+    pub fn input(&mut self, queue: &DirectoryQueue) -> &mut Self {
+        self.inputs.push(queue.reopen());
+        self
+    }
+
+    /// Adds a named output queue.
+    pub fn output(&mut self, name: impl Into<String>, queue: &DirectoryQueue) -> &mut Self {
+        self.outputs.push((name.into(), queue.clone()));
+        self
+    }
+
+    /// The stage; each worker gets its own clone.
+    pub fn stage<S: Stage + Clone + Sync + 'static>(&mut self, stage: S) -> &mut Self {
+        self.factory = Some(Arc::new(move || Box::new(stage.clone()) as Box<dyn Stage>));
+        self
+    }
+
+    /// Makes each worker's stage with `factory` (per-worker state such as a
+    /// connection). A worker whose stage panicked gets a fresh one.
+    pub fn stage_factory<S, F>(&mut self, factory: F) -> &mut Self
+    where
+        S: Stage + 'static,
+        F: Fn() -> S + Send + Sync + 'static,
+    {
+        self.factory = Some(Arc::new(move || Box::new(factory()) as Box<dyn Stage>));
+        self
+    }
+
+    /// Worker threads. Default: 1.
+    pub fn workers(&mut self, workers: usize) -> &mut Self {
+        self.workers = workers;
+        self
+    }
+
+    /// High watermark: intake pauses while an output's `incoming/` holds this many
+    /// messages. Default: 5000 (Mentat's `queue_out_limit`).
+    pub fn out_limit(&mut self, high: usize) -> &mut Self {
+        self.limit = high;
+        self
+    }
+
+    /// Low watermark: paused intake resumes below it. Default: 80 % of the high one.
+    pub fn out_resume(&mut self, low: usize) -> &mut Self {
+        self.low = Some(low);
+        self
+    }
+
+    /// A byte limit besides the count: intake also pauses while an output's
+    /// `incoming/` holds this many bytes, and resumes below `low` (default 80 %).
+    /// Default: none. Counting bytes costs a `stat` per waiting message, at most every
+    /// 10 ms while paused.
+    pub fn out_limit_bytes(&mut self, high: Option<u64>, low: Option<u64>) -> &mut Self {
+        self.limit_bytes = high;
+        self.low_bytes = low;
+        self
+    }
+
+    /// How long a paused Piper waits for a filesystem event before counting its
+    /// outputs again anyway. Default: 1 s.
+    pub fn resume_wait(&mut self, wait: Duration) -> &mut Self {
+        self.resume_wait = wait;
+        self
+    }
+
+    /// Longest processing time of one message. Default: none.
+    pub fn timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What a timeout does to the message. Default: [`TimeoutAction::Fail`].
+    pub fn on_timeout(&mut self, action: TimeoutAction) -> &mut Self {
+        self.on_timeout = action;
+        self
+    }
+
+    /// When the failure breaker opens. Default: [`BreakerPolicy::default`].
+    pub fn breaker(&mut self, policy: BreakerPolicy) -> &mut Self {
+        self.breaker = policy;
+        self
+    }
+
+    /// How long a shutdown waits for in-flight messages before releasing them.
+    /// Default: 30 s.
+    pub fn drain_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// How often a statistics line is logged (at info level). Default: 60 s.
+    pub fn stats_interval(&mut self, interval: Duration) -> &mut Self {
+        self.stats_interval = interval;
+        self
+    }
+
+    /// How often the inputs are recovered (messages of dead workers requeued).
+    /// Default: 60 s.
+    pub fn recover_interval(&mut self, interval: Duration) -> &mut Self {
+        self.recover_interval = interval;
+        self
+    }
+
+    /// Whether [`Piper::run`] handles SIGTERM and SIGINT (drain, then a second signal
+    /// releases in-flight messages at once), SIGUSR1 (log statistics) and SIGHUP
+    /// (logged and ignored). For the process's main Piper; the handlers stay installed
+    /// after `run` returns. Default: `false`.
+    pub fn handle_signals(&mut self, handle: bool) -> &mut Self {
+        self.signals = handle;
+        self
+    }
+
+    /// Whether the Piper advertises itself in `<input>/pipers/`. Default: `true`.
+    pub fn advertise(&mut self, advertise: bool) -> &mut Self {
+        self.advertise = advertise;
+        self
+    }
+
+    /// Checks the settings and makes the Piper.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PiperConfig`] when there is no input or stage, no worker, two outputs
+    /// share a name, or the low watermark is above the high one.
+    pub fn build(&self) -> Result<Piper> {
+        let bad = |reason: &str| {
+            Err(Error::PiperConfig {
+                stage: self.name.clone(),
+                reason: reason.to_owned(),
+            })
+        };
+        let Some(factory) = self.factory.clone() else {
+            return bad("no stage was given");
+        };
+        if self.inputs.is_empty() {
+            return bad("no input queue was given");
+        }
+        if self.workers == 0 {
+            return bad("at least one worker is needed");
+        }
+        let mut names = HashSet::new();
+        if !self.outputs.iter().all(|(name, _)| names.insert(name)) {
+            return bad("two outputs have the same name");
+        }
+        let high = self.limit.max(1);
+        let low = self.low.unwrap_or(high / 5 * 4 + high % 5 * 4 / 5);
+        if low > high {
+            return bad("the low watermark is above the high one");
+        }
+        let limits = Limits {
+            high,
+            low,
+            high_bytes: self.limit_bytes,
+            low_bytes: self.low_bytes.or(self.limit_bytes.map(|high| high / 5 * 4)),
+        };
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|(name, queue)| Output {
+                name: name.clone(),
+                gauge: Gauge::new(queue.clone(), limits),
+            })
+            .collect();
+        Ok(Piper {
+            shared: Arc::new(Shared {
+                name: self.name.clone(),
+                inputs: self.inputs.clone(),
+                outputs,
+                factory,
+                config: Settings {
+                    workers: self.workers,
+                    resume_wait: self.resume_wait,
+                    timeout: self.timeout,
+                    on_timeout: self.on_timeout,
+                    drain_timeout: self.drain_timeout,
+                    stats_interval: self.stats_interval,
+                    recover_interval: self.recover_interval,
+                    signals: self.signals,
+                    advertise: self.advertise,
+                },
+                counters: Counters::default(),
+                breaker: Mutex::new(Breaker::new(self.breaker)),
+                run_state: AtomicU8::new(NOT_STARTED),
+                jobs: Mutex::new(Vec::new()),
+                workers: Mutex::new(Workers::default()),
+                rates: Mutex::new(RateWindow::default()),
+                supervisor: Mutex::new(None),
+                started: SystemTime::now(),
+            }),
+        })
+    }
+}
+
+/// Controls a running [`Piper`] from another thread.
+#[derive(Clone)]
+pub struct PiperHandle {
+    shared: Arc<Shared>,
+}
+
+impl PiperHandle {
+    /// Stops intake and lets in-flight messages finish (within the drain timeout);
+    /// [`Piper::run`] then returns.
+    pub fn shutdown(&self) {
+        self.shared.request(DRAINING);
+    }
+
+    /// Stops at once: in-flight messages go back to `incoming/` and [`Piper::run`]
+    /// returns; their stage threads are abandoned.
+    pub fn force(&self) {
+        self.shared.request(FORCED);
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> PiperStats {
+        self.shared.stats()
+    }
+
+    /// Rates over the last seconds.
+    pub fn rates(&self) -> PiperRates {
+        lock(&self.shared.rates).rates()
+    }
+
+    /// Whether intake is paused (backpressure or the failure breaker).
+    pub fn is_paused(&self) -> bool {
+        self.shared.pause_reason().is_some()
+    }
+}
+
+const NOT_STARTED: u8 = 0;
+const RUNNING: u8 = 1;
+const DRAINING: u8 = 2;
+const FORCED: u8 = 3;
+
+/// Settings that do not change while running.
+#[derive(Debug, Clone)]
+struct Settings {
+    workers: usize,
+    resume_wait: Duration,
+    timeout: Option<Duration>,
+    on_timeout: TimeoutAction,
+    drain_timeout: Duration,
+    stats_interval: Duration,
+    recover_interval: Duration,
+    signals: bool,
+    advertise: bool,
+}
+
+struct Output {
+    name: String,
+    gauge: Gauge,
+}
+
+/// A message being processed, as the supervisor sees it.
+struct Job {
+    id: crate::MessageId,
+    /// Index of the input queue it came from.
+    input: usize,
+    started: Instant,
+    state: AtomicU8,
+}
+
+const JOB_RUNNING: u8 = 0;
+const JOB_DONE: u8 = 1;
+const JOB_TAKEN: u8 = 2;
+
+impl Job {
+    /// The worker finished: true if the supervisor had not taken the job over.
+    fn finish(&self) -> bool {
+        self.state
+            .compare_exchange(JOB_RUNNING, JOB_DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The supervisor takes the job over: true if the worker had not finished.
+    fn take_over(&self) -> bool {
+        self.state
+            .compare_exchange(JOB_RUNNING, JOB_TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+#[derive(Default)]
+struct Workers {
+    /// Threads started and not yet finished or abandoned.
+    live: usize,
+    next_id: usize,
+    handles: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    name: String,
+    inputs: Vec<DirectoryQueue>,
+    outputs: Vec<Output>,
+    factory: Factory,
+    config: Settings,
+    counters: Counters,
+    breaker: Mutex<Breaker>,
+    run_state: AtomicU8,
+    jobs: Mutex<Vec<Arc<Job>>>,
+    workers: Mutex<Workers>,
+    rates: Mutex<RateWindow>,
+    /// The supervisor's thread, unparked when a shutdown is requested.
+    supervisor: Mutex<Option<Thread>>,
+    started: SystemTime,
+}
+
+impl Shared {
+    fn state(&self) -> u8 {
+        self.run_state.load(Ordering::Acquire)
+    }
+
+    fn intake_open(&self) -> bool {
+        self.state() == RUNNING
+    }
+
+    /// Moves to a later run state (never back) and wakes everyone to notice.
+    fn request(&self, state: u8) {
+        self.run_state.fetch_max(state, Ordering::AcqRel);
+        crate::wake::wake_all();
+        if let Some(thread) = lock(&self.supervisor).as_ref() {
+            thread.unpark();
+        }
+    }
+
+    fn stats(&self) -> PiperStats {
+        let (mut expired, mut wasted) = (0, 0);
+        for input in &self.inputs {
+            let s = input.claim_stats();
+            expired += s.expired;
+            wasted += s.collisions;
+        }
+        self.counters.snapshot(expired, wasted)
+    }
+
+    /// Why intake is paused, if it is.
+    fn pause_reason(&self) -> Option<&'static str> {
+        if lock(&self.breaker).is_open() {
+            Some("paused (failure breaker)")
+        } else if self.outputs.iter().any(|o| o.gauge.is_paused()) {
+            Some("paused (backpressure)")
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Debug for Piper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Piper")
+            .field("name", &self.shared.name)
+            .field("inputs", &self.shared.inputs)
+            .field(
+                "outputs",
+                &self
+                    .shared
+                    .outputs
+                    .iter()
+                    .map(|o| &o.name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for PiperHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PiperHandle")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for PiperBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PiperBuilder")
+            .field("name", &self.name)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,115 @@
+//! What a stage is: a function from one claimed message to an outcome.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::{Error, Operation};
+use crate::Message;
+
+/// The error a stage may return; it fails the message with the error's text (and
+/// causes) as the reason.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What [`Stage::process`] returns.
+pub type StageResult = Result<Outcome, StageError>;
+
+/// One processing step of a pipeline, run by a [`Piper`](crate::Piper) on each
+/// message it claims.
+///
+/// Each worker thread has its own instance (see
+/// [`PiperBuilder::stage`](crate::PiperBuilder::stage) and
+/// [`stage_factory`](crate::PiperBuilder::stage_factory)), so a stage may keep state
+/// such as a database connection without locking. Closures
+/// `FnMut(&Message) -> StageResult` are stages.
+///
+/// The stage only looks at the message; the Piper carries out the [`Outcome`]. An
+/// `Err` fails the message with the error as the reason; a panic retries it (a
+/// message that keeps panicking is dead-lettered after the maximum attempts) and the
+/// worker starts over with a fresh stage instance.
+pub trait Stage: Send {
+    /// Processes one message.
+    ///
+    /// # Errors
+    ///
+    /// Any error: the message is moved to `errors/` with the error chain as its reason.
+    fn process(&mut self, message: &Message) -> StageResult;
+}
+
+impl<F> Stage for F
+where
+    F: FnMut(&Message) -> StageResult + Send,
+{
+    fn process(&mut self, message: &Message) -> StageResult {
+        self(message)
+    }
+}
+
+/// What to do with a processed message.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Pass the same message on, under the same id: renamed into the first output, and
+    /// copied into each other output (fan-out).
+    Forward,
+    /// Pass the same message on to the named output only.
+    ForwardTo(String),
+    /// Replace the message by zero or more new ones (each to every output, or to the
+    /// one it names), then delete it. Emitted messages get ids derived from the
+    /// original's, so that a re-run after a crash does not duplicate those still
+    /// waiting downstream.
+    Emit(Vec<Emit>),
+    /// Delete the message: processing is done.
+    Commit,
+    /// Move the message to `errors/` with this reason.
+    Fail(String),
+    /// Try again later, with the input queue's backoff; after the last attempt the
+    /// message goes to `errors/` with this reason.
+    Retry(String),
+    /// Try again after this delay (the attempt limit still applies).
+    RetryAfter(Duration, String),
+}
+
+/// A new message emitted by a stage; see [`Outcome::Emit`].
+#[derive(Clone)]
+pub struct Emit {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) output: Option<String>,
+}
+
+impl Emit {
+    /// A message with these bytes, for every output.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Emit {
+        Emit {
+            bytes: bytes.into(),
+            output: None,
+        }
+    }
+
+    /// A message holding `value` as JSON, for every output.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] with [`Operation::Encode`] when `value` cannot be serialised.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Emit, Error> {
+        serde_json::to_vec(value)
+            .map(Emit::new)
+            .map_err(|e| Error::json(Operation::Encode, "emitted message", e))
+    }
+
+    /// Sends this message to the named output only.
+    pub fn to(mut self, output: impl Into<String>) -> Emit {
+        self.output = Some(output.into());
+        self
+    }
+}
+
+impl fmt::Debug for Emit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Emit")
+            .field("size", &self.bytes.len())
+            .field("output", &self.output)
+            .finish()
+    }
+}

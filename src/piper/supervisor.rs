@@ -1,0 +1,315 @@
+//! The thread that runs [`Piper::run`](super::Piper::run): starts the workers, then
+//! watches them (timeouts), publishes liveness, logs statistics, recovers the inputs,
+//! and drains at shutdown.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::liveness::{epoch_ms, Advert, PiperInfo};
+use super::stats::{Counters, PiperStats};
+use super::takeover::{take_over, Action};
+use super::worker::{self, error_chain};
+use super::{lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
+use crate::error::{Error, Result};
+use crate::meta::rfc3339;
+use crate::sys::{self, ProcessSignal};
+
+/// How often the supervisor looks around.
+const TICK: Duration = Duration::from_millis(50);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const RATE_SAMPLE: Duration = Duration::from_secs(1);
+
+pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
+    if shared
+        .run_state
+        .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(Error::PiperConfig {
+            stage: shared.name.clone(),
+            reason: "a Piper runs only once".to_owned(),
+        });
+    }
+    *lock(&shared.supervisor) = Some(std::thread::current());
+    for input in &shared.inputs {
+        input.recover()?;
+    }
+    let mut advert = if shared.config.advertise {
+        Some(Advert::create(&shared.inputs)?)
+    } else {
+        None
+    };
+    let _signals = if shared.config.signals {
+        let handle = super::PiperHandle {
+            shared: Arc::clone(shared),
+        };
+        let mut received = 0;
+        let watch = sys::watch_signals(move |signal| on_signal(&handle, signal, &mut received))
+            .map_err(|e| Error::io(crate::Operation::Watch, "process signals", e))?;
+        Some(watch)
+    } else {
+        None
+    };
+    for _ in 0..shared.config.workers {
+        worker::spawn(shared);
+    }
+    tracing::info!(
+        stage = %shared.name,
+        workers = shared.config.workers,
+        inputs = ?shared.inputs.iter().map(|q| q.root().display().to_string()).collect::<Vec<_>>(),
+        outputs = ?shared.outputs.iter().map(|o| o.name.clone()).collect::<Vec<_>>(),
+        "piper started"
+    );
+
+    let mut clock = Clock::new();
+    let mut drain_deadline = None;
+    loop {
+        let now = Instant::now();
+        let state = shared.state();
+        check_timeouts(shared, state);
+        clock.account_pause(shared, now);
+        if due(&mut clock.last_rate, RATE_SAMPLE, now) {
+            lock(&shared.rates).record(shared.stats());
+        }
+        if let Some(advert) = advert.as_mut() {
+            if due(&mut clock.last_heartbeat, HEARTBEAT, now) {
+                advert.update(&info(shared, state));
+            }
+        }
+        if due(&mut clock.last_stats, shared.config.stats_interval, now) {
+            log_stats(shared);
+        }
+        if state == RUNNING && due(&mut clock.last_recover, shared.config.recover_interval, now) {
+            for input in &shared.inputs {
+                if let Err(e) = input.recover() {
+                    tracing::warn!(stage = %shared.name, error = %error_chain(&e), "cannot recover input");
+                }
+            }
+        }
+        if state >= DRAINING {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                tracing::info!(stage = %shared.name, "stopping intake; draining in-flight messages");
+                if let Some(advert) = advert.as_mut() {
+                    advert.update(&info(shared, state));
+                }
+                now + shared.config.drain_timeout
+            });
+            if state == FORCED || now >= deadline {
+                release_in_flight(shared);
+                break;
+            }
+            if lock(&shared.workers).live == 0 {
+                break;
+            }
+        }
+        std::thread::park_timeout(TICK);
+    }
+    let finished: Vec<_> = {
+        let mut workers = lock(&shared.workers);
+        let (done, stuck): (Vec<_>, Vec<_>) =
+            workers.handles.drain(..).partition(|h| h.is_finished());
+        if !stuck.is_empty() {
+            tracing::warn!(stage = %shared.name, threads = stuck.len(), "abandoning worker threads stuck in their stage");
+        }
+        done
+    };
+    for handle in finished {
+        let _ = handle.join();
+    }
+    let stats = shared.stats();
+    tracing::info!(stage = %shared.name, ?stats, "piper stopped");
+    Ok(stats)
+}
+
+/// What the supervisor did last, and when.
+struct Clock {
+    last_rate: Instant,
+    last_heartbeat: Instant,
+    last_stats: Instant,
+    last_recover: Instant,
+    last_pause_check: Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let now = Instant::now();
+        Clock {
+            last_rate: now,
+            // Heartbeat at once, so that status shows the Piper from the start.
+            last_heartbeat: now - HEARTBEAT,
+            last_stats: now,
+            last_recover: now,
+            last_pause_check: now,
+        }
+    }
+}
+
+/// Whether `every` has passed since `last`; if so, `last` becomes now.
+fn due(last: &mut Instant, every: Duration, now: Instant) -> bool {
+    if now.duration_since(*last) < every {
+        return false;
+    }
+    *last = now;
+    true
+}
+
+impl Clock {
+    fn account_pause(&mut self, shared: &Shared, now: Instant) {
+        let elapsed = now.duration_since(self.last_pause_check);
+        self.last_pause_check = now;
+        if shared.pause_reason().is_some() {
+            let ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+            Counters::add(&shared.counters.paused_ms, ms);
+        }
+    }
+}
+
+/// Fails (or retries) messages processed for longer than the timeout, and starts a
+/// worker in place of each stuck one.
+fn check_timeouts(shared: &Arc<Shared>, state: u8) {
+    let Some(timeout) = shared.config.timeout else {
+        return;
+    };
+    let overdue: Vec<_> = lock(&shared.jobs)
+        .iter()
+        .filter(|job| job.started.elapsed() >= timeout)
+        .cloned()
+        .collect();
+    for job in overdue {
+        if !job.take_over() {
+            continue; // it finished just now
+        }
+        let action = match shared.config.on_timeout {
+            TimeoutAction::Retry => Action::Retry("timeout"),
+            _ => Action::Fail("timeout"),
+        };
+        let queue = &shared.inputs[job.input];
+        match take_over(queue, &job.id, action) {
+            Ok(()) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, ?timeout, "processing timed out")
+            }
+            Err(e) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, error = %error_chain(&e), "cannot move a timed-out message; recovery will requeue it when this process ends")
+            }
+        }
+        let counters = &shared.counters;
+        Counters::add(&counters.timeouts, 1);
+        Counters::add(
+            if action == Action::Fail("timeout") {
+                &counters.failed
+            } else {
+                &counters.retried
+            },
+            1,
+        );
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(transition) = lock(&shared.breaker).record(true, Instant::now()) {
+            worker::log_transition(&shared.name, transition);
+        }
+        // The stuck thread ends when its stage returns; keep the worker count.
+        lock(&shared.workers).live -= 1;
+        if state == RUNNING {
+            worker::spawn(shared);
+        }
+    }
+}
+
+/// At the end of a drain (or a forced stop): puts every message still being processed
+/// back into `incoming/`.
+fn release_in_flight(shared: &Shared) {
+    let jobs: Vec<_> = lock(&shared.jobs).clone();
+    for job in jobs {
+        if !job.take_over() {
+            continue;
+        }
+        match take_over(&shared.inputs[job.input], &job.id, Action::Release) {
+            Ok(()) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, "released a message still in progress at shutdown")
+            }
+            Err(e) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, error = %error_chain(&e), "cannot release a message at shutdown; recovery will requeue it")
+            }
+        }
+        shared.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        lock(&shared.workers).live -= 1;
+    }
+}
+
+fn on_signal(handle: &super::PiperHandle, signal: ProcessSignal, received: &mut u32) {
+    let stage = &handle.shared.name;
+    match signal {
+        ProcessSignal::Terminate | ProcessSignal::Interrupt => {
+            *received += 1;
+            if *received == 1 {
+                tracing::info!(stage = %stage, ?signal, "shutting down: finishing in-flight messages (signal again to stop now)");
+                handle.shutdown();
+            } else {
+                tracing::warn!(stage = %stage, ?signal, "stopping now: releasing in-flight messages");
+                handle.force();
+            }
+        }
+        ProcessSignal::Statistics => log_stats(&handle.shared),
+        ProcessSignal::Hangup => {
+            tracing::info!(stage = %stage, "SIGHUP ignored: a Piper has no configuration to reload");
+        }
+    }
+}
+
+fn log_stats(shared: &Shared) {
+    let s = shared.stats();
+    let r = lock(&shared.rates).rates();
+    tracing::info!(
+        stage = %shared.name,
+        claimed = s.claimed,
+        committed = s.committed,
+        forwarded = s.forwarded,
+        emitted = s.emitted,
+        failed = s.failed,
+        retried = s.retried,
+        dead_lettered = s.dead_lettered,
+        expired = s.expired,
+        timeouts = s.timeouts,
+        panics = s.panics,
+        wasted_claims = s.wasted_claims,
+        paused_ms = s.paused_ms,
+        in_flight = s.in_flight,
+        claimed_per_s = r.claimed,
+        done_per_s = r.done,
+        failed_per_s = r.failed,
+        state = shared.pause_reason().unwrap_or("running"),
+        "statistics"
+    );
+}
+
+fn info(shared: &Shared, state: u8) -> PiperInfo {
+    let now = SystemTime::now();
+    PiperInfo {
+        stage: shared.name.clone(),
+        host: sys::hostname(),
+        pid: sys::pid(),
+        started: rfc3339(shared.started),
+        heartbeat: rfc3339(now),
+        heartbeat_ms: epoch_ms(now),
+        state: if state >= DRAINING {
+            "draining"
+        } else {
+            shared.pause_reason().unwrap_or("running")
+        }
+        .to_owned(),
+        workers: shared.config.workers,
+        inputs: shared
+            .inputs
+            .iter()
+            .map(|q| q.root().display().to_string())
+            .collect(),
+        outputs: shared
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.gauge.queue().root().display().to_string()))
+            .collect(),
+        stats: shared.stats(),
+        rates: lock(&shared.rates).rates(),
+        live: true,
+    }
+}

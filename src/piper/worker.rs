@@ -1,0 +1,522 @@
+//! A worker thread: claim by input priority, process, carry out the outcome.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::backpressure::Change;
+use super::breaker::Transition;
+use super::stats::Counters;
+use super::{lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use crate::enqueue::publish_copy;
+use crate::error::{Error, Result};
+use crate::wake::{self, Interest};
+use crate::{DirectoryQueue, Message, MessageId, Retried, State, TerminalError};
+
+/// Why a worker's loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    /// Intake stopped.
+    Stopped,
+    /// Its stage overran the timeout and a new worker took its place.
+    Replaced,
+}
+
+/// What became of one processed message, for the worker.
+#[derive(Debug, PartialEq, Eq)]
+enum Processed {
+    /// Handled; go on with the next.
+    Done,
+    /// The supervisor took it over after a timeout; this worker was replaced.
+    TakenOver,
+}
+
+/// Starts one more worker thread.
+pub(super) fn spawn(shared: &Arc<Shared>) {
+    let mut workers = lock(&shared.workers);
+    let id = workers.next_id;
+    workers.next_id += 1;
+    let name = format!("dirq-{}-{id}", shared.name);
+    let worker_shared = Arc::clone(shared);
+    match std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(&worker_shared))
+    {
+        Ok(handle) => {
+            workers.live += 1;
+            workers.handles.push(handle);
+        }
+        Err(e) => tracing::error!(stage = %shared.name, error = %e, "cannot start a worker thread"),
+    }
+}
+
+fn run(shared: &Arc<Shared>) {
+    let exit = Worker::new(shared).run();
+    let mut workers = lock(&shared.workers);
+    if exit == Exit::Stopped {
+        workers.live -= 1;
+    }
+    drop(workers);
+    tracing::debug!(stage = %shared.name, ?exit, "worker ended");
+}
+
+struct Worker<'a> {
+    shared: &'a Shared,
+    stage: Box<dyn Stage>,
+    /// Consecutive errors from the inputs, for backing off instead of spinning.
+    errors: u32,
+    /// While paused by backpressure: when an output asked to be counted again.
+    ask_again: Option<Instant>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(shared: &'a Shared) -> Worker<'a> {
+        Worker {
+            shared,
+            stage: (shared.factory)(),
+            errors: 0,
+            ask_again: None,
+        }
+    }
+
+    fn run(&mut self) -> Exit {
+        while self.shared.intake_open() {
+            let seen = wake::generation();
+            if !self.admit() {
+                self.wait_for_outputs(seen);
+                continue;
+            }
+            match self.claim() {
+                Ok(Some((input, message))) => {
+                    self.errors = 0;
+                    if !self.shared.intake_open() {
+                        // Shutdown raced with the claim: it has not started, so put it back.
+                        if let Err(e) = message.release() {
+                            tracing::warn!(error = %e, "cannot release a message at shutdown");
+                        }
+                        break;
+                    }
+                    if self.process(input, message) == Processed::TakenOver {
+                        return Exit::Replaced;
+                    }
+                }
+                Ok(None) => {
+                    lock(&self.shared.breaker).cancel_probe();
+                    self.wait_for_input(seen);
+                }
+                Err(e) => {
+                    lock(&self.shared.breaker).cancel_probe();
+                    self.errors += 1;
+                    tracing::warn!(stage = %self.shared.name, error = %error_chain(&e), "cannot claim");
+                    // Back off exponentially (10 ms to 5 s) instead of spinning on an error.
+                    let backoff =
+                        Duration::from_millis(10 << self.errors.min(9)).min(Duration::from_secs(5));
+                    wake::wait_any(&[], seen, Instant::now() + backoff);
+                }
+            }
+        }
+        Exit::Stopped
+    }
+
+    /// Whether intake may go on: the failure breaker and every output's backpressure.
+    fn admit(&mut self) -> bool {
+        let shared = self.shared;
+        let mut open = true;
+        self.ask_again = None;
+        for output in &shared.outputs {
+            match output.gauge.admit() {
+                Ok(admission) => {
+                    open &= admission.open;
+                    log_change(&shared.name, &output.name, admission.change);
+                    if let Some(at) = admission.ask_again {
+                        self.ask_again = Some(self.ask_again.map_or(at, |a| a.min(at)));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(output = %output.name, error = %error_chain(&e), "cannot count output")
+                }
+            }
+        }
+        open && lock(&shared.breaker).admit(Instant::now())
+    }
+
+    /// Claims from the inputs in priority order.
+    fn claim(&self) -> Result<Option<(usize, Message)>> {
+        let mut first_error = None;
+        for (i, input) in self.shared.inputs.iter().enumerate() {
+            match input.try_claim() {
+                Ok(Some(message)) => return Ok(Some((i, message))),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(None), Err)
+    }
+
+    /// Sleeps until something may have arrived in an input, a deferred message falls
+    /// due, or the rescan interval passes.
+    fn wait_for_input(&self, seen: u64) {
+        let inputs = &self.shared.inputs;
+        let mut fresh_watch = false;
+        for input in inputs {
+            fresh_watch |= input
+                .inner
+                .wake
+                .prepare(input.path(State::Incoming), Interest::Arrivals);
+        }
+        if fresh_watch {
+            return; // events before the watch were missed: scan again first
+        }
+        let now = Instant::now();
+        let until = inputs
+            .iter()
+            .map(|q| q.next_wake(now))
+            .min()
+            .unwrap_or(now + Duration::from_secs(1));
+        let wakes: Vec<_> = inputs.iter().map(|q| &q.inner.wake).collect();
+        wake::wait_any(&wakes, seen, until);
+    }
+
+    /// Sleeps while intake is paused, until an output's `incoming/` changes (downstream
+    /// claims) or the fallback timer.
+    fn wait_for_outputs(&self, seen: u64) {
+        let outputs = &self.shared.outputs;
+        let mut fresh_watch = false;
+        for output in outputs {
+            let queue = output.gauge.queue();
+            fresh_watch |= queue
+                .inner
+                .wake
+                .prepare(queue.path(State::Incoming), Interest::Departures);
+        }
+        if fresh_watch {
+            return;
+        }
+        let wakes: Vec<_> = outputs
+            .iter()
+            .map(|o| &o.gauge.queue().inner.wake)
+            .collect();
+        let fallback = Instant::now() + self.shared.config.resume_wait;
+        wake::wait_any(
+            &wakes,
+            seen,
+            self.ask_again.map_or(fallback, |at| at.min(fallback)),
+        );
+    }
+
+    /// Runs the stage on one message and carries out its outcome.
+    fn process(&mut self, input: usize, message: Message) -> Processed {
+        let shared = self.shared;
+        let counters = &shared.counters;
+        Counters::add(&counters.claimed, 1);
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        let queue = &shared.inputs[input];
+        let attempts = message.attempts().unwrap_or(1);
+        let allowed = queue.inner.config.retry.attempts_allowed();
+        if attempts > allowed {
+            // Earlier attempts ended without an outcome: the process died on it (a
+            // poison message that crashes the worker). Dead-letter, do not crash again.
+            let reason = message
+                .last_retry_reason()
+                .unwrap_or_else(|| "the process handling it died".to_owned());
+            let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
+            self.apply_outcome(message, Outcome::Fail(reason), true);
+            counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Processed::Done;
+        }
+        let job = Arc::new(Job {
+            id: message.id().clone(),
+            input,
+            started: Instant::now(),
+            state: std::sync::atomic::AtomicU8::new(JOB_RUNNING),
+        });
+        lock(&shared.jobs).push(Arc::clone(&job));
+        let result = catch_unwind(AssertUnwindSafe(|| self.stage.process(&message)));
+        let finished = job.finish();
+        lock(&shared.jobs).retain(|j| !Arc::ptr_eq(j, &job));
+        if !finished {
+            // The supervisor timed it out, moved the message on and started a new
+            // worker: discard this outcome and end this thread.
+            message.abandon();
+            return Processed::TakenOver;
+        }
+        let outcome = match result {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => Outcome::Fail(error_chain(e.as_ref())),
+            Err(panic) => {
+                Counters::add(&counters.panics, 1);
+                self.stage = (shared.factory)();
+                Outcome::Retry(format!("stage panicked: {}", panic_message(panic.as_ref())))
+            }
+        };
+        self.apply_outcome(message, outcome, false);
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        Processed::Done
+    }
+
+    /// Carries out an outcome, counts it, and tells the breaker.
+    fn apply_outcome(&self, message: Message, outcome: Outcome, dead_letter: bool) {
+        let shared = self.shared;
+        let counters = &shared.counters;
+        let id = message.id().clone();
+        let mut failed = false;
+        let applied: Result<(), TerminalError> = match outcome {
+            Outcome::Forward => self
+                .forward(message, None)
+                .map(|()| Counters::add(&counters.forwarded, 1)),
+            Outcome::ForwardTo(name) => self
+                .forward(message, Some(&name))
+                .map(|()| Counters::add(&counters.forwarded, 1)),
+            Outcome::Emit(emits) => self.emit(message, emits),
+            Outcome::Commit => message
+                .commit()
+                .map(|()| Counters::add(&counters.committed, 1)),
+            Outcome::Fail(reason) => {
+                failed = true;
+                let result = message.fail(reason);
+                if result.is_ok() {
+                    Counters::add(&counters.failed, 1);
+                    if dead_letter {
+                        Counters::add(&counters.dead_lettered, 1);
+                    }
+                }
+                result
+            }
+            Outcome::Retry(reason) => {
+                failed = true;
+                message.retry(reason).map(|r| self.count_retry(r))
+            }
+            Outcome::RetryAfter(delay, reason) => {
+                failed = true;
+                let last = message.attempts().unwrap_or(1)
+                    >= message.queue().inner.config.retry.attempts_allowed();
+                if last {
+                    message
+                        .fail(reason)
+                        .map(|()| self.count_retry(Retried::DeadLettered))
+                } else {
+                    let when = std::time::SystemTime::now() + delay;
+                    message
+                        .retry_at(when, reason)
+                        .map(|()| self.count_retry(Retried::Deferred(when)))
+                }
+            }
+        };
+        if let Err(e) = applied {
+            let (error, message) = e.into_parts();
+            failed = true;
+            tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out the outcome");
+            if let Some(message) = message {
+                fall_back(message, &error, counters);
+            }
+        }
+        if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
+            log_transition(&shared.name, transition);
+        }
+    }
+
+    fn count_retry(&self, retried: Retried) {
+        let counters = &self.shared.counters;
+        match retried {
+            Retried::Deferred(_) => Counters::add(&counters.retried, 1),
+            _ => {
+                Counters::add(&counters.failed, 1);
+                Counters::add(&counters.dead_lettered, 1);
+            }
+        }
+    }
+
+    /// Passes the message on: to the named output, or renamed into the first output and
+    /// copied (streamed, same id) into every other one.
+    fn forward(&self, message: Message, only: Option<&str>) -> Result<(), TerminalError> {
+        let outputs = &self.shared.outputs;
+        let size = message.size();
+        let targets: Vec<&super::Output> = match only {
+            Some(name) => outputs.iter().filter(|o| o.name == name).collect(),
+            None => outputs.iter().collect(),
+        };
+        let Some((first, others)) = targets.split_first() else {
+            let reason = match only {
+                Some(name) => {
+                    format!("the stage forwarded to {name:?}, which is not an output of this Piper")
+                }
+                None => "the stage forwarded, but this Piper has no outputs".to_owned(),
+            };
+            return Err(TerminalError::new(
+                stage_error(&self.shared.name, reason),
+                Some(message),
+            ));
+        };
+        for output in others {
+            let queue = output.gauge.queue();
+            match publish_copy(
+                &queue.inner.syncer,
+                &queue.inner,
+                message.id(),
+                message.reader(),
+            ) {
+                // Already there: a copy made by an attempt that crashed after it.
+                Ok(()) | Err(Error::Duplicate { .. }) => output.gauge.added(size),
+                Err(e) => return Err(TerminalError::new(e, Some(message))),
+            }
+        }
+        message
+            .forward(first.gauge.queue())
+            .map(|()| first.gauge.added(size))
+    }
+
+    /// Publishes the emitted messages (ids derived from the original's), then deletes
+    /// the original.
+    fn emit(&self, message: Message, emits: Vec<super::Emit>) -> Result<(), TerminalError> {
+        let shared = self.shared;
+        let total = emits.len();
+        for (k, emit) in emits.into_iter().enumerate() {
+            let targets: Vec<&super::Output> = match &emit.output {
+                Some(name) => shared.outputs.iter().filter(|o| &o.name == name).collect(),
+                None => shared.outputs.iter().collect(),
+            };
+            if targets.is_empty() {
+                let reason = match &emit.output {
+                    Some(name) => format!(
+                        "the stage emitted to {name:?}, which is not an output of this Piper"
+                    ),
+                    None => "the stage emitted, but this Piper has no outputs".to_owned(),
+                };
+                return Err(TerminalError::new(
+                    stage_error(&shared.name, reason),
+                    Some(message),
+                ));
+            }
+            for output in targets {
+                let queue = output.gauge.queue();
+                let id = emitted_id(message.id(), k, total, queue, message.queue());
+                match queue.enqueue_with_id(&id, &emit.bytes) {
+                    Ok(()) | Err(Error::Duplicate { .. }) => {
+                        output.gauge.added(emit.bytes.len() as u64)
+                    }
+                    Err(e) => return Err(TerminalError::new(e, Some(message))),
+                }
+                Counters::add(&shared.counters.emitted, 1);
+            }
+        }
+        message
+            .commit()
+            .map(|()| Counters::add(&shared.counters.committed, 1))
+    }
+}
+
+/// The id of the `k`-th of `total` messages emitted from `parent` into `target`: the
+/// parent's own id when it emits one message, `<parent>.<k>` otherwise. Deterministic,
+/// so that a re-run after a crash finds what the first run published. A fresh id when
+/// the target is the parent's own queue (where the parent's id is still in use) or the
+/// derived id would not be valid.
+fn emitted_id(
+    parent: &MessageId,
+    k: usize,
+    total: usize,
+    target: &DirectoryQueue,
+    source: &DirectoryQueue,
+) -> MessageId {
+    if target.same_queue(source) {
+        return MessageId::generate();
+    }
+    if total == 1 {
+        return parent.clone();
+    }
+    let mut name = parent.as_os_str().to_os_string();
+    name.push(format!(".{k}"));
+    MessageId::new(name).unwrap_or_else(|_| MessageId::generate())
+}
+
+/// A terminal could not be carried out and handed the message back: fail it with the
+/// error, or failing that release it, or failing that leave it to recovery.
+fn fall_back(message: Message, error: &Error, counters: &Counters) {
+    match message.fail(format!(
+        "cannot carry out the stage's outcome: {}",
+        error_chain(error)
+    )) {
+        Ok(()) => Counters::add(&counters.failed, 1),
+        Err(e) => {
+            if let Some(message) = e.into_message() {
+                if let Err(e) = message.release() {
+                    tracing::warn!(error = %e, "cannot release the message either; recovery will requeue it");
+                }
+            }
+        }
+    }
+}
+
+fn stage_error(stage: &str, reason: String) -> Error {
+    Error::PiperConfig {
+        stage: stage.to_owned(),
+        reason,
+    }
+}
+
+fn log_change(stage: &str, output: &str, change: Option<Change>) {
+    match change {
+        Some(Change::Paused { count, bytes }) => {
+            tracing::info!(
+                stage,
+                output,
+                count,
+                bytes,
+                "backpressure: output is full, pausing intake"
+            );
+        }
+        Some(Change::Resumed { count, bytes }) => {
+            tracing::info!(
+                stage,
+                output,
+                count,
+                bytes,
+                "backpressure: output drained, resuming intake"
+            );
+        }
+        None => {}
+    }
+}
+
+pub(super) fn log_transition(stage: &str, transition: Transition) {
+    match transition {
+        Transition::Opened {
+            failures,
+            outcomes,
+            cooldown,
+        } => tracing::error!(
+            stage,
+            failures,
+            outcomes,
+            cooldown_s = cooldown.as_secs_f64(),
+            "failure breaker open: {failures} of the last {outcomes} messages failed; \
+             pausing intake for {cooldown:?} before trying one message"
+        ),
+        Transition::Closed => tracing::info!(
+            stage,
+            "failure breaker closed: a probe succeeded, resuming intake"
+        ),
+    }
+}
+
+/// An error with its causes, for reasons and logs.
+pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
+}

@@ -1,0 +1,701 @@
+//! Pipers: outcomes, retries, hold, delay, expiry, timeouts, the breaker, poison
+//! messages, backpressure, shutdown, priorities, liveness; and whole pipelines of
+//! processes (the `pipeline` example).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use dirq::{
+    BreakerPolicy, DirectoryQueue, Emit, Message, Outcome, Piper, PiperBuilder, PiperHandle,
+    PiperStats, RetryPolicy, StageResult, State, TimeoutAction,
+};
+
+use crate::util::{example, names_in, signal, tempdir, wait_until, TestQueue};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A Piper running on a thread of its own; shut down (and joined) when dropped.
+struct Running {
+    handle: PiperHandle,
+    thread: Option<JoinHandle<dirq::Result<PiperStats>>>,
+}
+
+impl Running {
+    fn start(builder: &mut PiperBuilder) -> Running {
+        let piper = builder.build().expect("a valid Piper");
+        let handle = piper.handle();
+        let thread = std::thread::spawn(move || piper.run());
+        Running {
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> PiperStats {
+        self.handle.shutdown();
+        let thread = self.thread.take().expect("running");
+        thread
+            .join()
+            .expect("the piper thread")
+            .expect("run succeeds")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.handle.force();
+            let _ = thread.join();
+        }
+    }
+}
+
+fn body(m: &Message) -> String {
+    String::from_utf8(m.bytes().unwrap()).unwrap()
+}
+
+fn quick_retry(root: &std::path::Path, attempts: u32) -> DirectoryQueue {
+    DirectoryQueue::builder(root)
+        .retry_policy(
+            RetryPolicy::default()
+                .initial(Duration::from_millis(20))
+                .jitter(0.0)
+                .max_attempts(attempts),
+        )
+        .open()
+        .unwrap()
+}
+
+/// Polls that `condition` keeps holding for `window` (for "nothing more happens").
+fn assert_stays(window: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(condition(), "{what} stopped holding");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn outcomes_forward_fan_out_route_emit_and_commit() {
+    let t = TestQueue::new();
+    let (a, b) = (t.sibling("a"), t.sibling("b"));
+    let all = t.queue.enqueue(b"all").unwrap();
+    let only_b = t.queue.enqueue(b"only-b").unwrap();
+    let emit = t.queue.enqueue(b"emit").unwrap();
+    t.queue.enqueue(b"drop").unwrap();
+    let running = Running::start(
+        Piper::builder("router")
+            .input(&t.queue)
+            .output("a", &a)
+            .output("b", &b)
+            .stage(|m: &Message| -> StageResult {
+                Ok(match body(m).as_str() {
+                    "all" => Outcome::Forward,
+                    "only-b" => Outcome::ForwardTo("b".into()),
+                    "emit" => Outcome::Emit(vec![Emit::new("first"), Emit::new("second").to("a")]),
+                    _ => Outcome::Commit,
+                })
+            }),
+    );
+    wait_until(LONG, "every message handled", || {
+        t.queue.counts().unwrap().unfinished() == 0
+    });
+    let stats = running.stop();
+    assert_eq!(
+        (
+            stats.claimed,
+            stats.forwarded,
+            stats.committed,
+            stats.emitted
+        ),
+        (4, 2, 2, 3)
+    );
+    let emitted_0 = format!("{emit}.0");
+    let emitted_1 = format!("{emit}.1");
+    let mut want_a = vec![all.to_string(), emitted_0.clone(), emitted_1];
+    want_a.sort();
+    assert_eq!(names_in(a.path(State::Incoming)), want_a);
+    let mut want_b = vec![all.to_string(), only_b.to_string(), emitted_0];
+    want_b.sort();
+    assert_eq!(names_in(b.path(State::Incoming)), want_b);
+    assert_eq!(
+        b.peek(&all).unwrap().1,
+        b"all",
+        "fan-out copies the message"
+    );
+}
+
+#[test]
+fn retry_backs_off_and_dead_letters_after_the_last_attempt() {
+    let t = TestQueue::new();
+    let queue = quick_retry(t.root(), 3);
+    let flaky = queue.enqueue(b"flaky").unwrap();
+    let hopeless = queue.enqueue(b"hopeless").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let running = Running::start(Piper::builder("retrier").input(&queue).stage(
+        move |m: &Message| -> StageResult {
+            let attempts = m.attempts()?;
+            log.lock()
+                .unwrap()
+                .push((body(m), attempts, Instant::now()));
+            if body(m) == "flaky" && attempts == 2 {
+                return Ok(Outcome::Commit);
+            }
+            Ok(Outcome::Retry(format!("backend down (attempt {attempts})")))
+        },
+    ));
+    wait_until(LONG, "both messages finished", || {
+        queue.counts().unwrap().unfinished() == 0
+    });
+    let stats = running.stop();
+    assert_eq!(
+        (stats.retried, stats.dead_lettered, stats.committed),
+        (3, 1, 1)
+    );
+    let failure = queue.failure(&hopeless).unwrap().unwrap();
+    assert_eq!(failure.reason.as_deref(), Some("backend down (attempt 3)"));
+    assert_eq!(failure.attempts, Some(3));
+    assert!(queue.failure(&flaky).unwrap().is_none());
+    // Backoff: the attempts of the hopeless message are at least 20 ms, then 40 ms apart.
+    let seen = seen.lock().unwrap();
+    let times: Vec<Instant> = seen
+        .iter()
+        .filter(|(b, ..)| b == "hopeless")
+        .map(|(.., t)| *t)
+        .collect();
+    assert_eq!(times.len(), 3);
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(18),
+        "{:?}",
+        times[1] - times[0]
+    );
+    assert!(
+        times[2] - times[1] >= Duration::from_millis(38),
+        "{:?}",
+        times[2] - times[1]
+    );
+}
+
+#[test]
+fn held_and_delayed_messages_wait_for_release_and_their_time() {
+    let t = TestQueue::new();
+    let held = t.queue.enqueue(b"held").unwrap();
+    t.queue.hold(&held).unwrap();
+    let due = SystemTime::now() + Duration::from_millis(300);
+    t.queue.enqueue_at(b"delayed", due).unwrap();
+    t.queue.enqueue(b"now").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let running = Running::start(Piper::builder("waiter").input(&t.queue).stage(
+        move |m: &Message| -> StageResult {
+            tx.lock()
+                .unwrap()
+                .send((body(m), SystemTime::now()))
+                .unwrap();
+            Ok(Outcome::Commit)
+        },
+    ));
+    let (first, _) = rx.recv_timeout(LONG).unwrap();
+    assert_eq!(first, "now");
+    let (second, at) = rx.recv_timeout(LONG).unwrap();
+    assert_eq!(second, "delayed");
+    assert!(at >= due, "processed before its time");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the held message was processed"
+    );
+    t.queue.unhold(&held).unwrap();
+    assert_eq!(rx.recv_timeout(LONG).unwrap().0, "held");
+    running.stop();
+}
+
+#[test]
+fn expired_messages_go_to_errors_unprocessed() {
+    let t = TestQueue::new();
+    let old = t.queue.enqueue(b"old").unwrap();
+    wait_until(LONG, "the message to age", || {
+        t.queue
+            .oldest_age()
+            .unwrap()
+            .is_some_and(|a| a > Duration::from_millis(200))
+    });
+    t.queue.enqueue(b"fresh").unwrap();
+    let strict = DirectoryQueue::builder(t.root())
+        .max_age(Some(Duration::from_millis(150)))
+        .open()
+        .unwrap();
+    let processed = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&processed);
+    let running = Running::start(Piper::builder("fresh-only").input(&strict).stage(
+        move |m: &Message| -> StageResult {
+            log.lock().unwrap().push(body(m));
+            Ok(Outcome::Commit)
+        },
+    ));
+    wait_until(LONG, "both handled", || {
+        t.queue.counts().unwrap().unfinished() == 0
+    });
+    let stats = running.stop();
+    assert_eq!(*processed.lock().unwrap(), vec!["fresh".to_owned()]);
+    assert_eq!(stats.expired, 1);
+    assert_eq!(
+        t.queue.failure(&old).unwrap().unwrap().reason.as_deref(),
+        Some("expired")
+    );
+}
+
+#[test]
+fn a_hung_stage_is_timed_out_and_its_worker_replaced() {
+    for action in [TimeoutAction::Fail, TimeoutAction::Retry] {
+        let t = TestQueue::new();
+        let hung = t.queue.enqueue(b"hang").unwrap();
+        for i in 0..5 {
+            t.queue.enqueue(format!("ok {i}")).unwrap();
+        }
+        let (release, hold) = mpsc::channel::<()>();
+        let hold = Arc::new(Mutex::new(hold));
+        let done = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&done);
+        let running = Running::start(
+            Piper::builder("hangs")
+                .input(&t.queue)
+                .workers(1)
+                .timeout(Some(Duration::from_millis(200)))
+                .on_timeout(action)
+                .stage(move |m: &Message| -> StageResult {
+                    if body(m) == "hang" {
+                        // Stuck until the test lets go (long after the timeout).
+                        let _ = hold.lock().unwrap().recv_timeout(LONG);
+                        return Ok(Outcome::Commit);
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok(Outcome::Commit)
+                }),
+        );
+        // The only worker is stuck; a replacement processes the rest.
+        wait_until(LONG, "the other messages to be processed", || {
+            done.load(Ordering::SeqCst) == 5
+        });
+        let state = if action == TimeoutAction::Fail {
+            State::Errors
+        } else {
+            State::Deferred
+        };
+        wait_until(LONG, "the hung message to be moved", || {
+            t.queue.ids(state).unwrap().any(|id| id.unwrap() == hung)
+        });
+        if action == TimeoutAction::Fail {
+            let failure = t.queue.failure(&hung).unwrap().unwrap();
+            assert_eq!(failure.reason.as_deref(), Some("timeout"));
+        }
+        // Let the stuck stage return: its Commit must be discarded.
+        release.send(()).unwrap();
+        let stats = running.stop();
+        assert_eq!(stats.timeouts, 1, "{action:?}");
+        assert!(
+            t.queue.ids(state).unwrap().any(|id| id.unwrap() == hung),
+            "{action:?}: outcome discarded"
+        );
+        assert_eq!(t.queue.counts().unwrap().pending, 0);
+    }
+}
+
+#[test]
+fn the_breaker_pauses_intake_and_a_probe_resumes_it() {
+    let t = TestQueue::new();
+    for i in 0..20 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let healthy = Arc::new(AtomicBool::new(false));
+    let is_healthy = Arc::clone(&healthy);
+    let running = Running::start(
+        Piper::builder("breaks")
+            .input(&t.queue)
+            .workers(1)
+            .breaker(
+                BreakerPolicy::disabled()
+                    .max_failures(Some(3))
+                    .cooldown(Duration::from_millis(300)),
+            )
+            .stage(move |_: &Message| -> StageResult {
+                if is_healthy.load(Ordering::SeqCst) {
+                    Ok(Outcome::Commit)
+                } else {
+                    Err("database unreachable".into())
+                }
+            }),
+    );
+    wait_until(LONG, "the breaker to open", || running.handle.is_paused());
+    assert_eq!(
+        t.queue.counts().unwrap().errors,
+        3,
+        "only the failures before it opened"
+    );
+    // While open (and after its probe fails) intake stays mostly closed: not the whole queue.
+    assert_stays(Duration::from_millis(200), "the breaker holding", || {
+        t.queue.counts().unwrap().errors <= 4
+    });
+    healthy.store(true, Ordering::SeqCst);
+    wait_until(LONG, "a probe to close it and the rest to flow", || {
+        t.queue.counts().unwrap().unfinished() == 0
+    });
+    assert!(!running.handle.is_paused());
+    let errors = t.queue.counts().unwrap().errors;
+    assert!(
+        (3..=5).contains(&errors),
+        "{errors} failed: the breaker did not hold"
+    );
+    running.stop();
+}
+
+#[test]
+fn a_panicking_stage_dead_letters_the_poison_message_and_survives() {
+    let t = TestQueue::new();
+    let queue = quick_retry(t.root(), 3);
+    let poison = queue.enqueue(b"poison").unwrap();
+    for i in 0..10 {
+        queue.enqueue(format!("fine {i}")).unwrap();
+    }
+    let running = Running::start(Piper::builder("fragile").input(&queue).workers(2).stage(
+        |m: &Message| -> StageResult {
+            if body(m) == "poison" {
+                panic!("cannot digest this");
+            }
+            Ok(Outcome::Commit)
+        },
+    ));
+    wait_until(LONG, "everything handled and counted", || {
+        queue.counts().unwrap().unfinished() == 0 && running.handle.stats().dead_lettered == 1
+    });
+    let stats = running.handle.stats();
+    assert_eq!(
+        (stats.panics, stats.committed, stats.dead_lettered),
+        (3, 10, 1)
+    );
+    let failure = queue.failure(&poison).unwrap().unwrap();
+    let reason = failure.reason.unwrap();
+    assert!(reason.contains("panicked: cannot digest this"), "{reason}");
+    // Still alive and working.
+    queue.enqueue(b"after").unwrap();
+    wait_until(LONG, "a message after the poison", || {
+        queue.counts().unwrap().unfinished() == 0
+    });
+    running.stop();
+}
+
+#[test]
+fn backpressure_bounds_the_next_queue_and_resumes_promptly() {
+    const LIMIT: usize = 40;
+    const LOW: usize = 20;
+    const WORKERS: usize = 2;
+    let t = TestQueue::new();
+    let next = t.sibling("next");
+    let payloads: Vec<String> = (0..400).map(|i| format!("m{i}")).collect();
+    t.queue.enqueue_batch(&payloads).unwrap();
+    let running = Running::start(
+        Piper::builder("upstream")
+            .input(&t.queue)
+            .output("next", &next)
+            .workers(WORKERS)
+            .out_limit(LIMIT)
+            .out_resume(LOW)
+            .stage(|_: &Message| -> StageResult { Ok(Outcome::Forward) }),
+    );
+    let peak = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (next, peak, stop) = (next.clone(), Arc::clone(&peak), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                peak.fetch_max(next.count(State::Incoming).unwrap(), Ordering::SeqCst);
+            }
+        })
+    };
+    // Nothing downstream yet: the upstream fills `next` to its limit and pauses.
+    wait_until(LONG, "intake to pause", || running.handle.is_paused());
+    let paused_at = next.count(State::Incoming).unwrap();
+    // A downstream burst takes it below the low watermark; measure how soon intake resumes.
+    let mut drained = 0;
+    while next.count(State::Incoming).unwrap() >= LOW {
+        next.try_claim().unwrap().unwrap().commit().unwrap();
+        drained += 1;
+    }
+    let below_low = Instant::now();
+    let level = next.count(State::Incoming).unwrap();
+    wait_until(LONG, "intake to resume", || {
+        next.count(State::Incoming).unwrap() > level
+    });
+    let resumed_after = below_low.elapsed();
+    // Then a slow, steady downstream until everything went through.
+    let mut delivered = drained;
+    while delivered < 400 {
+        if let Some(m) = next.claim_timeout(LONG).unwrap() {
+            m.commit().unwrap();
+            delivered += 1;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    monitor.join().unwrap();
+    let stats = running.stop();
+    let peak = peak.load(Ordering::SeqCst);
+    eprintln!(
+        "backpressure: limit {LIMIT}, low {LOW}, {WORKERS} workers: paused at {paused_at}, \
+         peak {peak} seen in next, resumed {resumed_after:?} after the level fell below low, \
+         paused {} ms in all",
+        stats.paused_ms
+    );
+    assert!(
+        peak <= LIMIT + WORKERS,
+        "next held {peak} > {LIMIT} + {WORKERS}"
+    );
+    assert!(
+        resumed_after < Duration::from_secs(5),
+        "resumed only after {resumed_after:?}"
+    );
+    assert_eq!(stats.forwarded, 400);
+}
+
+#[test]
+fn shutdown_finishes_in_flight_messages_and_loses_nothing() {
+    let t = TestQueue::new();
+    let next = t.sibling("next");
+    for i in 0..20 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let running = Running::start(
+        Piper::builder("slow")
+            .input(&t.queue)
+            .output("next", &next)
+            .workers(2)
+            .stage(|_: &Message| -> StageResult {
+                std::thread::sleep(Duration::from_millis(100));
+                Ok(Outcome::Forward)
+            }),
+    );
+    wait_until(LONG, "work in progress", || {
+        running.handle.stats().in_flight == 2
+    });
+    let start = Instant::now();
+    let stats = running.stop();
+    eprintln!("shutdown with 2 in flight took {:?}", start.elapsed());
+    assert_eq!(t.queue.counts().unwrap().pending, 0);
+    let moved = next.counts().unwrap().incoming;
+    assert_eq!(moved as u64, stats.forwarded);
+    assert_eq!(
+        moved + t.queue.counts().unwrap().incoming,
+        20,
+        "nothing lost"
+    );
+}
+
+#[test]
+fn a_drain_that_runs_out_of_time_releases_the_message() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"forever").unwrap();
+    let (_keep, hold) = mpsc::channel::<()>();
+    let hold = Arc::new(Mutex::new(hold));
+    let running = Running::start(
+        Piper::builder("stuck")
+            .input(&t.queue)
+            .drain_timeout(Duration::from_millis(200))
+            .stage(move |_: &Message| -> StageResult {
+                let _ = hold.lock().unwrap().recv_timeout(LONG);
+                Ok(Outcome::Commit)
+            }),
+    );
+    wait_until(LONG, "the message in progress", || {
+        running.handle.stats().in_flight == 1
+    });
+    running.stop();
+    assert_eq!(names_in(&t.path(State::Incoming)), vec![id.to_string()]);
+    assert_eq!(t.queue.list(State::Incoming).unwrap()[0].attempts, Some(1));
+}
+
+#[test]
+fn inputs_are_read_in_strict_priority_order() {
+    let t = TestQueue::new();
+    let low = t.sibling("low");
+    for i in 0..10 {
+        low.enqueue(format!("low {i}")).unwrap();
+        t.queue.enqueue(format!("high {i}")).unwrap();
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&order);
+    let running = Running::start(
+        Piper::builder("prioritised")
+            .input(&t.queue)
+            .input(&low)
+            .workers(1)
+            .stage(move |m: &Message| -> StageResult {
+                log.lock().unwrap().push(body(m));
+                Ok(Outcome::Commit)
+            }),
+    );
+    wait_until(LONG, "both inputs drained", || {
+        t.queue.counts().unwrap().unfinished() + low.counts().unwrap().unfinished() == 0
+    });
+    running.stop();
+    let order = order.lock().unwrap();
+    assert!(
+        order[..10].iter().all(|b| b.starts_with("high")),
+        "{order:?}"
+    );
+}
+
+#[test]
+fn a_running_piper_advertises_itself_and_dead_ones_are_stale() {
+    let t = TestQueue::new();
+    // A file left by a dead Piper: nobody holds its lock.
+    let pipers = t.root().join("pipers");
+    std::fs::create_dir_all(&pipers).unwrap();
+    std::fs::write(pipers.join("dead.json"), br#"{"stage": "ghost", "pid": 1}"#).unwrap();
+    let stale = t.queue.pipers().unwrap();
+    assert_eq!(stale.len(), 1);
+    assert!(!stale[0].live && stale[0].stage == "ghost");
+
+    let running = Running::start(
+        Piper::builder("visible")
+            .input(&t.queue)
+            .workers(3)
+            .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
+    );
+    wait_until(LONG, "the Piper to advertise itself", || {
+        t.queue
+            .pipers()
+            .unwrap()
+            .iter()
+            .any(|p| p.stage == "visible")
+    });
+    let infos = t.queue.pipers().unwrap();
+    assert_eq!(infos.len(), 1, "the dead Piper's file was removed at start");
+    let me = &infos[0];
+    assert!(me.live);
+    assert_eq!(
+        (me.pid, me.workers, me.state.as_str()),
+        (std::process::id(), 3, "running")
+    );
+    running.stop();
+    assert!(
+        t.queue.pipers().unwrap().is_empty(),
+        "removed when it stops"
+    );
+}
+
+/// Runs the `pipeline` example's coordinator and returns its JSON summary.
+fn pipeline(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(example("pipeline"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pipeline {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a summary line");
+    serde_json::from_str(last).unwrap()
+}
+
+#[test]
+fn three_stages_of_two_processes_deliver_each_message_exactly_once() {
+    let dir = tempdir();
+    let root = dir.path().join("pipeline");
+    let summary = pipeline(&[
+        "--messages",
+        "10000",
+        "--processes",
+        "2",
+        "--workers",
+        "2",
+        "--durability",
+        "none",
+        "--dir",
+        root.to_str().unwrap(),
+    ]);
+    eprintln!("three-stage pipeline: {summary}");
+    assert_eq!(summary["delivered"], summary["expected"]);
+    assert_eq!(summary["expected"], 9990);
+    assert_eq!(
+        (summary["duplicates"].as_u64(), summary["missing"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(summary["left_over"], 0);
+}
+
+#[test]
+fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
+    let t = TestQueue::new();
+    let dir = t.dir.path();
+    let input = DirectoryQueue::open(dir.join("input")).unwrap();
+    let parsed = DirectoryQueue::open(dir.join("parsed")).unwrap();
+    let events: Vec<String> = (0..300).map(|i| format!("{{\"ID\": \"{i}\"}}")).collect();
+    input.enqueue_batch(&events).unwrap();
+    let stage = || {
+        std::process::Command::new(example("pipeline"))
+            .args([
+                "stage",
+                "parse",
+                "--workers",
+                "4",
+                "--delay-ms",
+                "20",
+                "--dir",
+            ])
+            .arg(dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // One signal: drain and exit 0.
+    let child = stage();
+    wait_until(LONG, "processing under way", || {
+        parsed.counts().unwrap().incoming >= 20
+    });
+    signal(child.id(), "HUP"); // logged and ignored
+    signal(child.id(), "USR1"); // logs a statistics line
+    signal(child.id(), "TERM");
+    let start = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {}: {stderr}", out.status);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took longer than the drain timeout"
+    );
+    assert!(stderr.contains("SIGHUP ignored"), "{stderr}");
+    assert!(stderr.contains("statistics"), "{stderr}");
+    assert_eq!(
+        input.counts().unwrap().pending,
+        0,
+        "nothing left in pending/"
+    );
+    let (done, waiting) = (
+        parsed.counts().unwrap().incoming,
+        input.counts().unwrap().incoming,
+    );
+    assert_eq!(done + waiting, 300, "nothing lost");
+    assert!(waiting > 0, "stopped under load");
+
+    // Two signals: in-flight messages go back at once.
+    let child = stage();
+    wait_until(LONG, "processing under way again", || {
+        parsed.counts().unwrap().incoming > done
+    });
+    signal(child.id(), "TERM");
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(input.counts().unwrap().pending, 0);
+    let total = parsed.counts().unwrap().incoming + input.counts().unwrap().incoming;
+    assert_eq!(total, 300, "nothing lost after a forced stop");
+}
