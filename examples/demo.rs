@@ -1,193 +1,193 @@
-//! A small pipeline at work: `cargo run --release --example demo`.
+//! A pipeline at work: `cargo run --release --example demo`.
 //!
 //! ```text
-//! producer ──▶ input ──[parse ×2]──▶ parsed ──[enrich ×2]──▶ enriched ──[sink]──▶ done
+//! producer ──▶ input ──[parse ×2]──▶ parsed ──[enrich ×2]──▶ enriched ──[sink]
 //!                 └──▶ errors/ (malformed events, with a reason)
 //! ```
 //!
-//! Every queue is a directory under a temporary directory. The producer writes security
-//! events (some malformed); two `parse` workers forward the valid ones by rename and
-//! fail the rest into `errors/`; two `enrich` workers add a field and emit a new
-//! message; a sink counts what arrives. One `enrich` worker "crashes" holding a
-//! message, and recovery hands it to the other. At the end the demo checks that every
-//! valid event arrived exactly once. Pass `--keep` to keep the queues and look at them
-//! with the `dirq` command.
+//! Every queue is a directory under a temporary directory; every stage is a
+//! [`Piper`]. `parse` forwards valid events by rename and fails the rest into
+//! `errors/`; `enrich` adds a field and emits a new message, retrying events whose
+//! lookup fails (with backoff), and survives a bug that panics on one event; the sink
+//! is slow, so `enrich` pauses when `enriched/` holds 300 events (backpressure) and
+//! resumes when it drains. At the end the demo checks that every valid event arrived
+//! exactly once. Pass `--keep` to keep the queues and look at them with `dirq`.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Durability, State};
+use dirq::{DirectoryQueue, Emit, Message, Outcome, Piper, RetryPolicy, StageResult, State};
 
 const EVENTS: usize = 5_000;
 const MALFORMED_EVERY: usize = 97;
+const FLAKY_EVERY: usize = 53;
+const BUGGY_EVENT: usize = 4_242;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let keep = std::env::args().any(|a| a == "--keep");
+    // One line instead of a backtrace: the Piper contains the panic and retries.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        println!(
+            "  !! a stage panicked ({what}); the Piper retries that message with a fresh stage"
+        );
+    }));
     let root = std::env::temp_dir().join(format!("dirq-demo-{}", std::process::id()));
-    println!("dirq demo: a 3-stage pipeline in {}\n", root.display());
+    println!(
+        "dirq demo: a 3-stage pipeline of Pipers in {}\n",
+        root.display()
+    );
+    let retries = RetryPolicy::default()
+        .initial(Duration::from_millis(100))
+        .max_attempts(5);
     let open = |name: &str| {
         DirectoryQueue::builder(root.join(name))
-            .durability(Durability::Full)
+            .retry_policy(retries)
             .open()
     };
     let (input, parsed, enriched) = (open("input")?, open("parsed")?, open("enriched")?);
 
-    let producing = AtomicBool::new(true);
-    let delivered = Mutex::new(HashSet::new());
-    let duplicates = AtomicUsize::new(0);
-    let crashed_once = AtomicBool::new(false);
+    let parse = Piper::builder("parse")
+        .input(&input)
+        .output("parsed", &parsed)
+        .workers(2)
+        .stage(|m: &Message| -> StageResult {
+            m.json::<serde_json::Value>()?; // malformed: fails with the decoder's reason
+            Ok(Outcome::Forward)
+        })
+        .build()?;
+    let panicked_once = Arc::new(AtomicBool::new(false));
+    let enrich = Piper::builder("enrich")
+        .input(&parsed)
+        .output("enriched", &enriched)
+        .workers(2)
+        .out_limit(300)
+        .stage(move |m: &Message| -> StageResult {
+            let mut event: serde_json::Value = m.json()?;
+            let n: usize = event["ID"].as_str().unwrap_or("0").parse()?;
+            if n == BUGGY_EVENT && !panicked_once.swap(true, Ordering::SeqCst) {
+                panic!("a bug in the enricher (event {n})");
+            }
+            if n % FLAKY_EVERY == 0 && m.attempts()? == 1 {
+                return Ok(Outcome::Retry("geo lookup timed out".into()));
+            }
+            event["Country"] = "CZ".into();
+            Ok(Outcome::Emit(vec![Emit::json(&event)?]))
+        })
+        .build()?;
+    let delivered = Arc::new(Mutex::new(HashSet::new()));
+    let duplicates = Arc::new(Mutex::new(0usize));
+    let (seen, dups) = (Arc::clone(&delivered), Arc::clone(&duplicates));
+    let sink = Piper::builder("sink")
+        .input(&enriched)
+        .stage(move |m: &Message| -> StageResult {
+            thread::sleep(Duration::from_micros(300)); // a slow database
+            let event: serde_json::Value = m.json()?;
+            let id = event["ID"].as_str().unwrap_or_default().to_owned();
+            if !seen.lock().map_err(|_| "poisoned")?.insert(id) {
+                *dups.lock().map_err(|_| "poisoned")? += 1;
+            }
+            Ok(Outcome::Commit)
+        })
+        .build()?;
+
+    let handles = [parse.handle(), enrich.handle(), sink.handle()];
     let start = Instant::now();
+    let runners: Vec<_> = [parse, enrich, sink]
+        .into_iter()
+        .map(|piper| thread::spawn(move || piper.run()))
+        .collect();
+    let producer = {
+        let input = input.clone();
+        thread::spawn(move || -> Result<(), dirq::Error> {
+            for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(100) {
+                input.enqueue_batch(chunk.iter().map(|&i| event(i)))?;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        })
+    };
 
-    thread::scope(|s| -> Result<(), Box<dyn std::error::Error>> {
-        // Producer: events in batches of 50, one durability barrier per batch.
-        s.spawn(|| {
-            for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(50) {
-                let events: Vec<String> = chunk.iter().map(|&i| event(i)).collect();
-                input.enqueue_batch(&events).expect("enqueue");
-            }
-            producing.store(false, Ordering::SeqCst);
-        });
-        // parse ×2: valid JSON moves on by rename (same id); the rest is failed.
-        for _ in 0..2 {
-            let (input, parsed) = (DirectoryQueue::open(input.root()).expect("open"), &parsed);
-            s.spawn(move || {
-                while let Some(message) = claim(&input) {
-                    match message.json::<serde_json::Value>() {
-                        Ok(_) => message.forward(parsed).expect("forward"),
-                        Err(e) => {
-                            let reason = format!(
-                                "invalid JSON: {}",
-                                std::error::Error::source(&e)
-                                    .map_or(e.to_string(), |c| c.to_string())
-                            );
-                            message.fail(reason).expect("fail");
-                        }
-                    }
-                }
+    let expected = EVENTS - EVENTS.div_ceil(MALFORMED_EVERY);
+    println!(
+        "  {:>6}  {:>17}  {:>17}  {:>17}  {:>9}",
+        "time", "input", "parsed", "enriched", "delivered"
+    );
+    println!(
+        "  {:>6}  {:>17}  {:>17}  {:>17}",
+        "", "wait/pend/err/def", "wait/pend/err/def", "wait/pend/err/def"
+    );
+    let mut was_paused = false;
+    loop {
+        thread::sleep(Duration::from_millis(250));
+        let done = delivered.lock().map_err(|_| "poisoned")?.len();
+        let mut line = format!("  {:>5.2}s  ", start.elapsed().as_secs_f64());
+        for queue in [&input, &parsed, &enriched] {
+            let c = queue.counts()?;
+            line.push_str(&format!(
+                "{:>17}  ",
+                format!("{}/{}/{}/{}", c.incoming, c.pending, c.errors, c.deferred)
+            ));
+        }
+        line.push_str(&format!("{done:>9}"));
+        let paused = handles[1].is_paused();
+        if paused != was_paused {
+            line.push_str(if paused {
+                "   << enrich paused: enriched/ is full"
+            } else {
+                "   >> enrich resumed"
             });
+            was_paused = paused;
         }
-        // enrich ×2: add a field, emit the enriched event as a new message, then commit.
-        for worker in 0..2 {
-            let (parsed, enriched, crashed_once) = (
-                DirectoryQueue::open(parsed.root()).expect("open"),
-                &enriched,
-                &crashed_once,
-            );
-            s.spawn(move || {
-                while let Some(message) = claim(&parsed) {
-                    if worker == 1 && !crashed_once.swap(true, Ordering::SeqCst) {
-                        // Simulate a worker dying mid-message: no terminal. The message
-                        // stays in pending/, unlocked, until recovery requeues it.
-                        println!(
-                            "  !! enrich worker {worker} crashes holding {}",
-                            message.id()
-                        );
-                        drop(message);
-                        continue;
-                    }
-                    let mut value: serde_json::Value = message.json().expect("parsed JSON");
-                    value["Country"] = "CZ".into();
-                    enriched.enqueue_json(&value).expect("emit");
-                    message.commit().expect("commit");
-                }
-            });
+        println!("{line}");
+        if done >= expected || start.elapsed() > Duration::from_secs(120) {
+            break;
         }
-        // sink: count each event id once.
-        s.spawn(|| {
-            let enriched = DirectoryQueue::open(enriched.root()).expect("open");
-            while let Some(message) = claim(&enriched) {
-                let value: serde_json::Value = message.json().expect("enriched JSON");
-                let id = value["ID"].as_str().unwrap_or_default().to_owned();
-                if !delivered.lock().expect("lock").insert(id) {
-                    duplicates.fetch_add(1, Ordering::Relaxed);
-                }
-                message.commit().expect("commit");
-            }
-        });
-        // The operator's view, and periodic recovery (as a long-running stage would do).
-        let expected = EVENTS - EVENTS.div_ceil(MALFORMED_EVERY);
-        let mut last_recover = Instant::now();
-        println!(
-            "  {:>6}  {:>15}  {:>15}  {:>15}  {:>9}",
-            "time", "input", "parsed", "enriched", "delivered"
-        );
-        println!(
-            "  {:>6}  {:>15}  {:>15}  {:>15}",
-            "", "wait/pend/err", "wait/pend/err", "wait/pend/err"
-        );
-        loop {
-            thread::sleep(Duration::from_millis(250));
-            let done = delivered.lock().expect("lock").len();
-            println!(
-                "  {:>5.2}s  {}",
-                start.elapsed().as_secs_f64(),
-                status_line(&[&input, &parsed, &enriched], done)?
-            );
-            if last_recover.elapsed() > Duration::from_secs(1) {
-                let report = parsed.recover()?;
-                if report.requeued > 0 {
-                    println!(
-                        "  >> recover(): requeued {} message(s) of a dead worker",
-                        report.requeued
-                    );
-                }
-                last_recover = Instant::now();
-            }
-            if done >= expected && !producing.load(Ordering::SeqCst) {
-                STOP.store(true, Ordering::SeqCst);
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                STOP.store(true, Ordering::SeqCst);
-                return Err("the pipeline did not finish within 2 minutes".into());
-            }
-        }
-        Ok(())
-    })?;
+    }
+    producer.join().map_err(|_| "the producer panicked")??;
+    for handle in &handles {
+        handle.shutdown();
+    }
+    let mut stats = Vec::new();
+    for runner in runners {
+        stats.push(runner.join().map_err(|_| "a piper panicked")??);
+    }
 
-    let delivered = delivered.into_inner()?.len();
+    let delivered = delivered.lock().map_err(|_| "poisoned")?.len();
+    let duplicates = *duplicates.lock().map_err(|_| "poisoned")?;
     let failed = input.counts()?.errors;
-    println!("\ndelivered {delivered} events exactly once ({} duplicates), {failed} malformed events in errors/, in {:.2}s",
-        duplicates.load(Ordering::Relaxed), start.elapsed().as_secs_f64());
+    println!(
+        "\ndelivered {delivered} events exactly once ({duplicates} duplicates) and {failed} malformed ones \
+         to errors/, in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
+    for (name, s) in ["parse", "enrich", "sink"].iter().zip(&stats) {
+        println!(
+            "  {name:<6} claimed {:>5}  forwarded {:>5}  emitted {:>5}  failed {:>3}  retried {:>3}  \
+             panics {}  paused {:.1}s",
+            s.claimed, s.forwarded, s.emitted, s.failed, s.retried, s.panics, s.paused_ms as f64 / 1000.0
+        );
+    }
     if let Some(info) = input.list(State::Errors)?.first() {
         let reason = info
             .failure
             .as_ref()
             .and_then(|f| f.reason.clone())
             .unwrap_or_default();
-        println!("one of them: errors/{}  reason: {reason}", info.id);
+        println!("one failure: errors/{}\n  reason: {reason}", info.id);
     }
-    assert_eq!(
-        duplicates.load(Ordering::Relaxed),
-        0,
-        "no event may arrive twice"
-    );
-    assert_eq!(
-        delivered + failed,
-        EVENTS,
-        "every event is delivered or failed"
-    );
+    if duplicates > 0 || delivered + failed != EVENTS {
+        return Err("the pipeline lost or duplicated events".into());
+    }
     finish(&root, keep)
-}
-
-/// Stops the workers once the operator loop has seen everything arrive.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Waits for a message, giving up once the demo is over.
-fn claim(queue: &DirectoryQueue) -> Option<dirq::Message> {
-    while !STOP.load(Ordering::SeqCst) {
-        if let Some(message) = queue
-            .claim_timeout(Duration::from_millis(100))
-            .expect("claim")
-        {
-            return Some(message);
-        }
-    }
-    None
 }
 
 fn event(i: usize) -> String {
@@ -200,31 +200,15 @@ fn event(i: usize) -> String {
     )
 }
 
-fn status_line(queues: &[&DirectoryQueue], delivered: usize) -> Result<String, dirq::Error> {
-    let mut line = String::new();
-    for queue in queues {
-        let c = queue.counts()?;
-        line.push_str(&format!(
-            "{:>15}  ",
-            format!("{}/{}/{}", c.incoming, c.pending, c.errors)
-        ));
-    }
-    line.push_str(&format!("{delivered:>9}"));
-    Ok(line)
-}
-
 fn finish(root: &Path, keep: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let dirq = PathBuf::from("target/release/dirq");
     if keep {
         println!("\nThe queues are kept. Look at them with the dirq command, for example:");
         println!(
-            "  cargo build --release && {} status {}/*",
-            dirq.display(),
+            "  cargo build --release && target/release/dirq status {}/*",
             root.display()
         );
         println!(
-            "  {} ls --state errors {}",
-            dirq.display(),
+            "  target/release/dirq ls --state errors {}",
             root.join("input").display()
         );
         println!("  rm -r {}    # when done", root.display());

@@ -29,6 +29,11 @@ const STALE_AFTER_MISSES: u32 = 16;
 /// claimer's trail of already taken names.
 const CHEAP_RESCAN: usize = 1024;
 
+/// How soon a claimer looks again after finding a message in `incoming/` locked by
+/// someone else (a claim in progress, or a message being released): the holder lets
+/// go within moments, and no event will say so.
+const RECHECK_LOCKED: Duration = Duration::from_millis(2);
+
 /// A claim call that has lost this many races gives up and reports nothing to claim.
 const MAX_LOSSES_PER_CALL: usize = 64;
 
@@ -48,6 +53,9 @@ pub(crate) struct Snapshot {
     /// `incoming/` until their rename, so a rescan by a sibling thread would offer them
     /// again and make it collide with its own process.
     claiming: Vec<MessageId>,
+    /// Set when the last claim call found a message locked by someone else: look
+    /// again at this time rather than waiting for an event.
+    recheck: Option<Instant>,
     /// When `deferred/` next needs a look.
     pub(crate) deferred: DeferredClock,
 }
@@ -111,6 +119,8 @@ enum Attempt {
     Claimed(Message),
     /// Another claimer got there first.
     Lost,
+    /// Someone holds the message's lock: lost too, but it may come free any moment.
+    Locked,
     /// The entry was not claimable and was moved away or skipped.
     Skipped,
 }
@@ -142,9 +152,11 @@ impl DirectoryQueue {
         let inner = &*self.inner;
         // Names lost to other claimers during this call.
         let mut lost = Vec::new();
+        let mut locked = false;
         loop {
             if lost.len() >= MAX_LOSSES_PER_CALL {
                 // Losing every race: let the caller wait for the others to move on.
+                lock_snapshot(inner).recheck = locked.then(|| Instant::now() + RECHECK_LOCKED);
                 return Ok(None);
             }
             let candidate = {
@@ -152,13 +164,13 @@ impl DirectoryQueue {
                 let next = match snapshot.names.pop_front() {
                     Some(c) => c,
                     None => {
-                        if !snapshot.refill(inner, &lost)? {
+                        let found = snapshot.refill(inner, &lost)?;
+                        let next = found.then(|| snapshot.names.pop_front()).flatten();
+                        let Some(next) = next else {
+                            snapshot.recheck = locked.then(|| Instant::now() + RECHECK_LOCKED);
                             return Ok(None);
-                        }
-                        match snapshot.names.pop_front() {
-                            Some(c) => c,
-                            None => return Ok(None),
-                        }
+                        };
+                        next
                     }
                 };
                 snapshot.claiming.push(next.id.clone());
@@ -167,13 +179,15 @@ impl DirectoryQueue {
             let id = candidate.id.clone();
             let attempt = self.attempt(candidate);
             lock_snapshot(inner).claiming.retain(|c| c != &id);
-            match attempt? {
+            let outcome = attempt?;
+            match outcome {
                 Attempt::Claimed(message) => {
                     lock_snapshot(inner).misses = 0;
                     inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(message));
                 }
-                Attempt::Lost => {
+                Attempt::Lost | Attempt::Locked => {
+                    locked |= matches!(outcome, Attempt::Locked);
                     inner.counters.collisions.fetch_add(1, Ordering::Relaxed);
                     lock_snapshot(inner).lost();
                     lost.push(id);
@@ -298,7 +312,8 @@ impl DirectoryQueue {
             .map_err(|e| Error::io(Operation::Claim, path(), e))?
         {
             Entry::Locked(file, st) => (file, st),
-            Entry::Held | Entry::Gone => return Ok(Attempt::Lost),
+            Entry::Held => return Ok(Attempt::Locked),
+            Entry::Gone => return Ok(Attempt::Lost),
             // Replaced since the scan by something that is not a file.
             Entry::NotRegular(kind) => {
                 return self.quarantine_incoming(name, &format!("{} in incoming/", kind.as_str()))

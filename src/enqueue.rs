@@ -372,6 +372,11 @@ impl<'q> TmpFile<'q> {
             Destination::Deferred(_) => self.queue.require(State::Deferred)?,
         };
         let mut id = self.id.take().unwrap_or_else(MessageId::generate);
+        // IMPORTANT: unlock before publishing. A claimer that found the new message
+        // still locked would take it for a claim in progress and could sleep until its
+        // next rescan. The lock only kept recovery from purging the file while it was
+        // written; its fresh mtime does that from here on.
+        lock::unlock(&self.file).map_err(|e| Error::io(Operation::Publish, &self.path, e))?;
         for _ in 0..16 {
             let name = match destination {
                 Destination::Incoming => id.as_os_str().to_os_string(),

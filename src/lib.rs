@@ -36,6 +36,13 @@
 //!   sidecar, [`Message::release`] puts it back.
 //! - [`DirectoryQueue::recover`] requeues messages of dead owners and removes
 //!   abandoned temporary files.
+//! - [`Message::retry`] defers a message with backoff into `deferred/` (a dead letter in
+//!   `errors/` after the last attempt); [`DirectoryQueue::enqueue_at`] delays delivery;
+//!   [`DirectoryQueue::hold`] keeps a message in `hold/` until released.
+//!
+//! A [`Piper`] runs a [`Stage`] over input queues and feeds output queues, with
+//! backpressure, retries, timeouts, a failure breaker, graceful shutdown on SIGTERM,
+//! statistics and liveness: the building block of multi-process pipelines.
 //!
 //! The full specification, with every system call, fsync and crash case, is in
 //! `docs/protocol.md`.

@@ -20,6 +20,11 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Releases the lock before the file is closed.
+pub(crate) fn unlock(file: &File) -> io::Result<()> {
+    fs2::FileExt::unlock(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,31 +152,33 @@ fn retry_backs_off_and_dead_letters_after_the_last_attempt() {
         queue.counts().unwrap().unfinished() == 0
     });
     let stats = running.stop();
+    let seen = seen.lock().unwrap();
+    // Everything the stage saw, for the failure messages below.
+    let log: Vec<(&str, u32)> = seen.iter().map(|(b, a, _)| (b.as_str(), *a)).collect();
     assert_eq!(
         (stats.retried, stats.dead_lettered, stats.committed),
-        (3, 1, 1)
+        (3, 1, 1),
+        "{stats:?} {log:?}"
     );
     let failure = queue.failure(&hopeless).unwrap().unwrap();
-    assert_eq!(failure.reason.as_deref(), Some("backend down (attempt 3)"));
-    assert_eq!(failure.attempts, Some(3));
-    assert!(queue.failure(&flaky).unwrap().is_none());
+    assert_eq!(
+        failure.reason.as_deref(),
+        Some("backend down (attempt 3)"),
+        "{log:?}"
+    );
+    assert_eq!(failure.attempts, Some(3), "{log:?}");
+    assert!(queue.failure(&flaky).unwrap().is_none(), "{log:?}");
     // Backoff: the attempts of the hopeless message are at least 20 ms, then 40 ms apart.
-    let seen = seen.lock().unwrap();
     let times: Vec<Instant> = seen
         .iter()
         .filter(|(b, ..)| b == "hopeless")
         .map(|(.., t)| *t)
         .collect();
-    assert_eq!(times.len(), 3);
+    assert_eq!(times.len(), 3, "{log:?}");
+    let gaps = [times[1] - times[0], times[2] - times[1]];
     assert!(
-        times[1] - times[0] >= Duration::from_millis(18),
-        "{:?}",
-        times[1] - times[0]
-    );
-    assert!(
-        times[2] - times[1] >= Duration::from_millis(38),
-        "{:?}",
-        times[2] - times[1]
+        gaps[0] >= Duration::from_millis(18) && gaps[1] >= Duration::from_millis(38),
+        "gaps {gaps:?}, {log:?}"
     );
 }
 
@@ -698,4 +700,50 @@ fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     assert_eq!(input.counts().unwrap().pending, 0);
     let total = parsed.counts().unwrap().incoming + input.counts().unwrap().incoming;
     assert_eq!(total, 300, "nothing lost after a forced stop");
+}
+
+#[test]
+fn dirq_status_shows_live_pipers_and_marks_dead_ones_stale() {
+    let t = TestQueue::new();
+    let pipers = t.root().join("pipers");
+    std::fs::create_dir_all(&pipers).unwrap();
+    let running = Running::start(
+        Piper::builder("watched")
+            .input(&t.queue)
+            .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
+    );
+    wait_until(LONG, "the Piper to advertise itself", || {
+        !t.queue.pipers().unwrap().is_empty()
+    });
+    // Left behind by a Piper that died (nobody holds its lock).
+    std::fs::write(
+        pipers.join("dead.json"),
+        br#"{"stage": "ghost", "pid": 4242, "host": "h"}"#,
+    )
+    .unwrap();
+    let q = t.root().to_str().unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(crate::util::run_ok(&["status", "--json", q]).trim()).unwrap();
+    let listed = status["pipers"].as_array().unwrap();
+    let live = listed
+        .iter()
+        .find(|p| p["stage"] == "watched")
+        .expect("the live Piper");
+    assert_eq!(
+        (live["live"].as_bool(), live["state"].as_str()),
+        (Some(true), Some("running"))
+    );
+    assert_eq!(live["pid"], std::process::id());
+    let ghost = listed
+        .iter()
+        .find(|p| p["stage"] == "ghost")
+        .expect("the stale file");
+    assert_eq!(
+        (ghost["live"].as_bool(), ghost["state"].as_str()),
+        (Some(false), Some("stale"))
+    );
+    let human = crate::util::run_ok(&["status", q]);
+    assert!(human.contains("piper watched pid"), "{human}");
+    assert!(human.contains("piper ghost pid 4242@h: stale"), "{human}");
+    running.stop();
 }

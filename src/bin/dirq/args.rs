@@ -41,6 +41,8 @@ pub(crate) enum StateArg {
     Pending,
     Errors,
     Tmp,
+    Deferred,
+    Hold,
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,7 +99,7 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         null: bool,
     },
 
-    /// Counts per state and the age of the oldest waiting message.
+    /// Counts per state, the age of the oldest waiting message, and the Pipers at work.
     #[command(
         after_help = "Examples:\n  dirq status q1 q2\n  dirq status --json q1 | jq .incoming"
     )]
@@ -105,7 +107,8 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         /// Queues to report on.
         #[arg(required = true, value_name = "QUEUE")]
         queues: Vec<PathBuf>,
-        /// One JSON object per queue per line: queue, incoming, pending, errors, tmp, oldest_age_s.
+        /// One JSON object per queue per line: queue, incoming, pending, errors, tmp,
+        /// deferred, hold, oldest_age_s, and the Pipers that advertise under it.
         #[arg(long)]
         json: bool,
     },
@@ -121,7 +124,8 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         /// Only this state (default: all but tmp).
         #[arg(long, value_enum)]
         state: Option<StateArg>,
-        /// One JSON object per line: id, state, size, age_s, and reason for errors.
+        /// One JSON object per line: id, state, size, age_s, attempts, not_before (deferred)
+        /// and reason (errors).
         #[arg(long)]
         json: bool,
     },

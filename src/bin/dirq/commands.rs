@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use dirq::{DirectoryQueue, Durability, Message, MessageId, MessageInfo, State};
+use dirq::{DirectoryQueue, Durability, Message, MessageId, MessageInfo, PiperInfo, State};
 use serde_json::json;
 
 use crate::args::{Cli, Command, DurabilityArg, StateArg};
@@ -207,18 +207,21 @@ fn status(queues: &[DirectoryQueue], json: bool) -> CliResult {
     let write_error = context("failed to write to standard output");
     let mut rows = Vec::new();
     for queue in queues {
-        rows.push((queue, queue.counts()?, queue.oldest_age()?));
+        rows.push((queue, queue.counts()?, queue.oldest_age()?, queue.pipers()?));
     }
     let result = (|| {
         if json {
-            for (queue, counts, oldest) in &rows {
+            for (queue, counts, oldest, pipers) in &rows {
                 let line = json!({
                     "queue": queue.root().to_string_lossy(),
                     "incoming": counts.incoming,
                     "pending": counts.pending,
                     "errors": counts.errors,
                     "tmp": counts.tmp,
+                    "deferred": counts.deferred,
+                    "hold": counts.hold,
                     "oldest_age_s": oldest.map(|d| d.as_secs_f64()),
+                    "pipers": pipers.iter().map(piper_json).collect::<Vec<_>>(),
                 });
                 writeln!(out, "{line}")?;
             }
@@ -226,24 +229,69 @@ fn status(queues: &[DirectoryQueue], json: bool) -> CliResult {
         }
         writeln!(
             out,
-            "{:<30} {:>9} {:>9} {:>9} {:>6} {:>8}",
-            "QUEUE", "INCOMING", "PENDING", "ERRORS", "TMP", "OLDEST"
+            "{:<30} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8}",
+            "QUEUE", "INCOMING", "PENDING", "ERRORS", "DEFERRED", "HOLD", "TMP", "OLDEST"
         )?;
-        for (queue, counts, oldest) in &rows {
+        for (queue, counts, oldest, pipers) in &rows {
             writeln!(
                 out,
-                "{:<30} {:>9} {:>9} {:>9} {:>6} {:>8}",
+                "{:<30} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8}",
                 queue.root().display(),
                 counts.incoming,
                 counts.pending,
                 counts.errors,
+                counts.deferred,
+                counts.hold,
                 counts.tmp,
                 oldest.map_or_else(|| "-".to_owned(), human::duration)
             )?;
+            for piper in pipers {
+                writeln!(out, "  {}", piper_line(piper))?;
+            }
         }
         Ok(())
     })();
     quiet_broken_pipe(result).map_err(|e| Box::new(write_error(e)) as _)
+}
+
+fn piper_json(piper: &PiperInfo) -> serde_json::Value {
+    json!({
+        "stage": piper.stage,
+        "pid": piper.pid,
+        "host": piper.host,
+        "live": piper.live,
+        "state": if piper.live { piper.state.as_str() } else { "stale" },
+        "started": piper.started,
+        "heartbeat": piper.heartbeat,
+        "workers": piper.workers,
+        "stats": piper.stats,
+        "rates": piper.rates,
+    })
+}
+
+fn piper_line(piper: &PiperInfo) -> String {
+    if !piper.live {
+        return format!(
+            "piper {} pid {}@{}: stale (the process is gone; last heartbeat {})",
+            piper.stage, piper.pid, piper.host, piper.heartbeat
+        );
+    }
+    let s = &piper.stats;
+    format!(
+        "piper {} pid {}@{}: {}, {} workers, {:.1}/s done, {:.1}/s failing; \
+         {} claimed, {} failed, {} retried, {} in flight",
+        piper.stage,
+        piper.pid,
+        piper.host,
+        piper.state,
+        piper.workers,
+        piper.rates.done,
+        piper.rates.failed,
+        s.claimed,
+        s.failed,
+        s.retried,
+        s.in_flight
+    )
 }
 
 fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) -> CliResult {
@@ -252,7 +300,15 @@ fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) -> CliResult 
         Some(StateArg::Pending) => vec![State::Pending],
         Some(StateArg::Errors) => vec![State::Errors],
         Some(StateArg::Tmp) => vec![State::Tmp],
-        None => vec![State::Incoming, State::Pending, State::Errors],
+        Some(StateArg::Deferred) => vec![State::Deferred],
+        Some(StateArg::Hold) => vec![State::Hold],
+        None => vec![
+            State::Incoming,
+            State::Pending,
+            State::Deferred,
+            State::Hold,
+            State::Errors,
+        ],
     };
     let mut lines = Vec::new();
     for state in states {
@@ -276,7 +332,11 @@ fn ls_json(info: &MessageInfo) -> String {
         "state": info.state.as_str(),
         "size": info.size,
         "age_s": info.age.map(|d| d.as_secs_f64()),
+        "attempts": info.attempts,
     });
+    if let Some(when) = info.not_before {
+        line["not_before"] = json!(unix_seconds(when));
+    }
     if info.state == State::Errors {
         line["reason"] = json!(info.failure.as_ref().and_then(|f| f.reason.clone()));
     }
@@ -294,11 +354,25 @@ fn ls_human(info: &MessageInfo) -> String {
     if !info.regular {
         line.push_str("  (not a regular file)");
     }
+    if let Some(attempts) = info.attempts.filter(|&a| a > 0) {
+        line.push_str(&format!("  attempts: {attempts}"));
+    }
+    if let Some(when) = info.not_before {
+        let wait = when
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        line.push_str(&format!("  due in {}", human::duration(wait)));
+    }
     if let Some(reason) = info.failure.as_ref().and_then(|f| f.reason.as_deref()) {
         line.push_str("  reason: ");
         line.push_str(reason);
     }
     line
+}
+
+fn unix_seconds(time: std::time::SystemTime) -> f64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn cat(queue: &DirectoryQueue, id: &OsStr) -> CliResult {
