@@ -56,6 +56,12 @@ pub(crate) fn read_reason(file: &File) -> io::Result<Option<String>> {
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
+/// Forgets the count and the last reason (a requeue that starts over).
+pub(crate) fn reset(file: &File) -> io::Result<()> {
+    crate::sys::remove_xattr(file, ATTRIBUTE)?;
+    crate::sys::remove_xattr(file, REASON)
+}
+
 fn format(identity: QueueIdentity, count: u32) -> String {
     format!("{count} {}:{}", identity.0, identity.1)
 }

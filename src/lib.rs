@@ -136,8 +136,10 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod admin;
 mod attempts;
 mod builder;
+mod check;
 mod claim;
 mod defer;
 mod durability;
@@ -160,17 +162,19 @@ mod state;
 mod sys;
 mod wake;
 
+pub use admin::PurgeReport;
 pub use builder::QueueBuilder;
+pub use check::{Problem, ProblemKind, RepairReport};
 pub use defer::RetryPolicy;
 pub use durability::Durability;
 pub use error::{Error, JsonError, Operation, Result};
 pub use id::MessageId;
 pub use inspect::{Counts, Ids, MessageInfo};
 pub use message::{Message, MessageReader, Retried, TerminalError};
-pub use meta::FailureInfo;
+pub use meta::{FailureDetails, FailureInfo};
 pub use piper::{
-    BreakerPolicy, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperInfo, PiperRates,
-    PiperStats, Stage, StageError, StageResult, TimeoutAction,
+    BreakerPolicy, CommandStage, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperInfo,
+    PiperRates, PiperStats, Stage, StageError, StageResult, TimeoutAction, EX_TEMPFAIL,
 };
 pub use queue::{ClaimStats, DirectoryQueue};
 pub use recover::RecoverReport;

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Operation, Result};
-use crate::meta::FailureInfo;
+use crate::meta::{FailureDetails, FailureInfo};
 use crate::quarantine::{move_to_errors, Moved};
 use crate::{attempts, defer, enqueue, sys, DirectoryQueue, MessageId, State};
 
@@ -256,8 +256,26 @@ impl Message {
     /// with [`Durability::None`](crate::Durability::None)). The move is synced like
     /// [`commit`](Message::commit).
     pub fn fail(self, reason: impl Into<String>) -> Result<(), TerminalError> {
+        self.fail_with(reason, FailureDetails::default())
+    }
+
+    /// Like [`fail`](Message::fail), with more details in the sidecar (a command's exit
+    /// code and the end of its standard error).
+    ///
+    /// # Errors
+    ///
+    /// As [`fail`](Message::fail).
+    ///
+    /// # Durability
+    ///
+    /// As [`fail`](Message::fail).
+    pub fn fail_with(
+        self,
+        reason: impl Into<String>,
+        details: FailureDetails,
+    ) -> Result<(), TerminalError> {
         let attempts = self.record_attempt();
-        let info = FailureInfo::now(reason.into(), attempts, State::Pending);
+        let info = FailureInfo::now(reason.into(), attempts, State::Pending).with(details);
         let inner = self.queue.inner.clone();
         match move_to_errors(
             &inner,

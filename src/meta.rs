@@ -38,6 +38,30 @@ pub struct FailureInfo {
     /// quarantined entries).
     #[serde(default)]
     pub from: Option<String>,
+    /// Exit code of the command that failed it (`dirq exec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The end of that command's standard error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+}
+
+/// Details of a failure beyond its reason, kept in the sidecar; see
+/// [`Message::fail_with`](crate::Message::fail_with).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailureDetails {
+    /// Exit code of a command that failed.
+    pub exit_code: Option<i32>,
+    /// The end of its standard error.
+    pub stderr: Option<String>,
+}
+
+impl FailureDetails {
+    /// Details with an exit code and the end of standard error.
+    pub fn new(exit_code: Option<i32>, stderr: Option<String>) -> FailureDetails {
+        FailureDetails { exit_code, stderr }
+    }
 }
 
 impl FailureInfo {
@@ -50,7 +74,16 @@ impl FailureInfo {
             pid: Some(crate::sys::pid()),
             attempts: Some(attempts),
             from: Some(from.as_str().to_owned()),
+            exit_code: None,
+            stderr: None,
         }
+    }
+
+    /// Adds `details` to the sidecar.
+    pub(crate) fn with(mut self, details: FailureDetails) -> FailureInfo {
+        self.exit_code = details.exit_code;
+        self.stderr = details.stderr;
+        self
     }
 }
 

@@ -30,7 +30,7 @@ pub(crate) fn quarantine(inner: &Inner, from: State, name: &OsStr, reason: &str)
     {
         inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
-            entry = %inner.dir(from).join(name).display(),
+            entry = %inner.require(from)?.join(name).display(),
             to = %inner.dir(State::Errors).join(&target).display(),
             reason,
             "quarantined"
@@ -63,7 +63,7 @@ pub(crate) fn move_to_errors(
     info: &FailureInfo,
     op: Operation,
 ) -> Result<Moved> {
-    let source = inner.dir(from);
+    let source = inner.require(from)?;
     let errors = inner.dir(State::Errors);
     let mut start = 0;
     for _ in 0..8 {

@@ -41,6 +41,23 @@ impl StateDir {
         self.path.join(name)
     }
 
+    /// Every name in the directory, in directory order.
+    pub(crate) fn names(&self) -> Result<Vec<std::ffi::OsString>> {
+        Ok(self.entries()?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Every name in the directory with the kind the directory read reported.
+    pub(crate) fn entries(&self) -> Result<Vec<(std::ffi::OsString, EntryKind)>> {
+        let mut entries = Vec::new();
+        let mut buf = Vec::new();
+        self.dir
+            .scan(&mut buf, |entry| {
+                entries.push((entry.name.to_os_string(), entry.kind))
+            })
+            .map_err(|e| Error::io(Operation::Scan, &self.path, e))?;
+        Ok(entries)
+    }
+
     /// `fsync` of the directory.
     pub(crate) fn sync(&self) -> Result<()> {
         self.dir
@@ -53,6 +70,8 @@ impl StateDir {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) root: PathBuf,
+    /// The root directory, for checks of what lies beside the state directories.
+    pub(crate) root_dir: Arc<Dir>,
     /// Indexed by [`State::index`]. The four Mentat states are always there; `deferred/`
     /// and `hold/` are missing only in a queue opened without permission to create them.
     dirs: [Option<Arc<StateDir>>; 6],
@@ -170,6 +189,7 @@ impl DirectoryQueue {
         Ok(DirectoryQueue {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
+                root_dir: Arc::new(root_dir),
                 dirs,
                 paths: State::ALL.map(|state| root.join(state.as_str())),
                 identity: (root_stat.dev, root_stat.ino),
@@ -235,6 +255,7 @@ impl DirectoryQueue {
         DirectoryQueue {
             inner: Arc::new(Inner {
                 root: inner.root.clone(),
+                root_dir: Arc::clone(&inner.root_dir),
                 dirs: inner.dirs.clone(),
                 paths: inner.paths.clone(),
                 identity: inner.identity,

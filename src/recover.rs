@@ -1,8 +1,7 @@
 //! Recovery: requeue messages whose owner died, remove stale temporary files.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io;
-use std::mem::MaybeUninit;
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Operation, Result};
@@ -61,11 +60,13 @@ impl DirectoryQueue {
     /// returns. `Batch`: at the next [`sync`](DirectoryQueue::sync). `None`: never.
     pub fn recover(&self) -> Result<RecoverReport> {
         let mut report = RecoverReport::default();
-        let mut buf = Vec::new();
         let result = self
-            .recover_pending(&mut report, &mut buf)
-            .and_then(|()| self.recover_tmp(&mut report, &mut buf))
-            .and_then(|()| self.recover_incoming(&mut report, &mut buf));
+            .recover_pending(&mut report)
+            .and_then(|()| {
+                report.tmp_removed = self.purge_tmp(self.inner.config.tmp_max_age)?;
+                Ok(())
+            })
+            .and_then(|()| self.recover_incoming(&mut report));
         let inner = &*self.inner;
         let synced = if report.requeued + report.duplicates_removed > 0 {
             inner
@@ -81,141 +82,140 @@ impl DirectoryQueue {
         Ok(report)
     }
 
-    fn recover_pending(
+    fn recover_pending(&self, report: &mut RecoverReport) -> Result<()> {
+        for (name, kind) in self.inner.dir(State::Pending).entries()? {
+            self.recover_entry(&name, kind, report)?;
+        }
+        Ok(())
+    }
+
+    /// Requeues the pending message `name` if its owner is gone (see
+    /// [`recover`](DirectoryQueue::recover)); `kind` is what the directory read said.
+    pub(crate) fn recover_entry(
         &self,
+        name: &OsStr,
+        kind: EntryKind,
         report: &mut RecoverReport,
-        buf: &mut Vec<MaybeUninit<u8>>,
     ) -> Result<()> {
         let inner = &*self.inner;
         let pending = inner.dir(State::Pending);
         let incoming = inner.dir(State::Incoming);
-        for (name, kind) in list(inner.dir(State::Pending), buf)? {
-            let path = || pending.join(&name);
-            if MessageId::is_hidden(name.as_encoded_bytes()) {
-                report.quarantined += usize::from(self.set_aside(
-                    State::Pending,
-                    &name,
-                    "hidden file in pending/",
-                )?);
-                continue;
+        let path = || pending.join(name);
+        if MessageId::is_hidden(name.as_encoded_bytes()) {
+            report.quarantined +=
+                usize::from(self.set_aside(State::Pending, name, "hidden file in pending/")?);
+            return Ok(());
+        }
+        // What the directory read already says is not a file is never opened.
+        let locked = if kind == EntryKind::File || kind == EntryKind::Unknown {
+            lock_entry(pending, name).map_err(|e| Error::io(Operation::Recover, path(), e))?
+        } else {
+            Entry::NotRegular(kind)
+        };
+        let (file, st) = match locked {
+            Entry::Locked(file, st) => (file, st),
+            Entry::Held => {
+                report.owned += 1;
+                return Ok(());
             }
-            // What the directory read already says is not a file is never opened.
-            let locked = if kind == EntryKind::File || kind == EntryKind::Unknown {
-                lock_entry(pending, &name).map_err(|e| Error::io(Operation::Recover, path(), e))?
-            } else {
-                Entry::NotRegular(kind)
-            };
-            let (file, st) = match locked {
-                Entry::Locked(file, st) => (file, st),
-                Entry::Held => {
-                    report.owned += 1;
-                    continue;
-                }
-                Entry::Gone => continue,
-                Entry::NotRegular(kind) => {
-                    let reason = format!("{} in pending/", kind.as_str());
-                    report.quarantined +=
-                        usize::from(self.set_aside(State::Pending, &name, &reason)?);
-                    continue;
-                }
-            };
-            // ctime is the time of the rename into pending/, that is, of the claim.
-            let age = SystemTime::now()
-                .duration_since(st.ctime)
-                .unwrap_or(Duration::ZERO);
-            if age < inner.config.orphan_grace {
-                report.within_grace += 1;
-                continue;
+            Entry::Gone => return Ok(()),
+            Entry::NotRegular(kind) => {
+                let reason = format!("{} in pending/", kind.as_str());
+                report.quarantined += usize::from(self.set_aside(State::Pending, name, &reason)?);
+                return Ok(());
             }
-            let previous = attempts::read(&file, inner.identity).unwrap_or(0);
-            if let Err(e) = attempts::write(&file, inner.identity, previous + 1) {
-                tracing::debug!(path = %path().display(), error = %e, "cannot store attempt count");
-            }
-            match pending.dir.rename_noreplace(&name, &incoming.dir, &name) {
-                Ok(()) => report.requeued += 1,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    match incoming.dir.stat_at(&name) {
-                        // The same file under both names: the pending name is the stale one.
-                        Ok(other) if other.same_file(&st) => {
-                            pending
-                                .dir
-                                .unlink(&name)
-                                .map_err(|e| Error::io(Operation::Recover, path(), e))?;
-                            report.duplicates_removed += 1;
-                        }
-                        _ => {
-                            let reason =
-                                "duplicate id: incoming/ holds another message with this id";
-                            report.quarantined +=
-                                usize::from(self.set_aside(State::Pending, &name, reason)?);
-                        }
+        };
+        // ctime is the time of the rename into pending/, that is, of the claim.
+        let age = SystemTime::now()
+            .duration_since(st.ctime)
+            .unwrap_or(Duration::ZERO);
+        if age < inner.config.orphan_grace {
+            report.within_grace += 1;
+            return Ok(());
+        }
+        let previous = attempts::read(&file, inner.identity).unwrap_or(0);
+        if let Err(e) = attempts::write(&file, inner.identity, previous + 1) {
+            tracing::debug!(path = %path().display(), error = %e, "cannot store attempt count");
+        }
+        match pending.dir.rename_noreplace(name, &incoming.dir, name) {
+            Ok(()) => report.requeued += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                match incoming.dir.stat_at(name) {
+                    // The same file under both names: the pending name is the stale one.
+                    Ok(other) if other.same_file(&st) => {
+                        pending
+                            .dir
+                            .unlink(name)
+                            .map_err(|e| Error::io(Operation::Recover, path(), e))?;
+                        report.duplicates_removed += 1;
+                    }
+                    _ => {
+                        let reason = "duplicate id: incoming/ holds another message with this id";
+                        report.quarantined +=
+                            usize::from(self.set_aside(State::Pending, name, reason)?);
                     }
                 }
-                Err(e) => {
-                    return Err(Error::moving(
-                        Operation::Recover,
-                        path(),
-                        incoming.join(&name),
-                        e,
-                    ))
-                }
+            }
+            Err(e) => {
+                return Err(Error::moving(
+                    Operation::Recover,
+                    path(),
+                    incoming.join(name),
+                    e,
+                ))
             }
         }
         Ok(())
     }
 
-    fn recover_tmp(
-        &self,
-        report: &mut RecoverReport,
-        buf: &mut Vec<MaybeUninit<u8>>,
-    ) -> Result<()> {
-        let inner = &*self.inner;
-        let tmp = inner.dir(State::Tmp);
+    /// Removes files from `tmp/` older than `max_age` (or left beside a published
+    /// twin) whose writer is gone; returns how many.
+    pub(crate) fn purge_tmp(&self, max_age: Duration) -> Result<usize> {
+        let mut removed = 0;
+        for (name, _) in self.inner.dir(State::Tmp).entries()? {
+            removed += self.purge_tmp_entry(&name, max_age)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes `tmp/name` if it is older than `max_age` (or left beside a published
+    /// twin) and its writer is gone; 1 if it was removed.
+    pub(crate) fn purge_tmp_entry(&self, name: &OsStr, max_age: Duration) -> Result<usize> {
+        let tmp = self.inner.dir(State::Tmp);
         let now = SystemTime::now();
-        for (name, _) in list(tmp, buf)? {
-            let path = || tmp.join(&name);
-            let st = match tmp.dir.stat_at(&name) {
-                Ok(st) => st,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
-            };
-            let stale =
-                now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= inner.config.tmp_max_age;
-            match st.kind {
-                // A leftover symlink is removed (never followed); anything else that is
-                // not a file is left for `dirq check` to report.
-                EntryKind::Symlink if stale => {
-                    remove(tmp, &name, report)?;
-                    continue;
-                }
-                EntryKind::File => {}
-                _ => continue,
-            }
-            // A second link means the message was published and a crash undid the
-            // removal of this name: it can go at once.
-            if !stale && st.nlink < 2 {
-                continue;
-            }
-            // Removed only if its writer is gone (the lock) and it is still the file
-            // that was judged stale.
-            match lock_entry(tmp, &name).map_err(|e| Error::io(Operation::Recover, path(), e))? {
-                Entry::Locked(_, now) if now.same_file(&st) => remove(tmp, &name, report)?,
-                _ => continue,
-            }
+        let path = || tmp.join(name);
+        let st = match tmp.dir.stat_at(name) {
+            Ok(st) => st,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(Operation::Recover, path(), e)),
+        };
+        let stale = now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= max_age;
+        match st.kind {
+            // A leftover symlink is removed (never followed); anything else that is
+            // not a file is left for `dirq check` to report.
+            EntryKind::Symlink if stale => return remove(tmp, name),
+            EntryKind::File => {}
+            _ => return Ok(0),
         }
-        Ok(())
+        // A second link means the message was published and a crash undid the
+        // removal of this name: it can go at once.
+        if !stale && st.nlink < 2 {
+            return Ok(0);
+        }
+        // Removed only if its writer is gone (the lock) and it is still the file
+        // that was judged stale.
+        match lock_entry(tmp, name).map_err(|e| Error::io(Operation::Recover, path(), e))? {
+            Entry::Locked(_, now) if now.same_file(&st) => remove(tmp, name),
+            _ => Ok(0),
+        }
     }
 
-    fn recover_incoming(
-        &self,
-        report: &mut RecoverReport,
-        buf: &mut Vec<MaybeUninit<u8>>,
-    ) -> Result<()> {
+    fn recover_incoming(&self, report: &mut RecoverReport) -> Result<()> {
         let inner = &*self.inner;
         let incoming = inner.dir(State::Incoming);
         let now = SystemTime::now();
-        for (name, _) in list(incoming, buf)? {
+        for (name, _) in incoming.entries()? {
             if !MessageId::is_hidden(name.as_encoded_bytes()) {
                 continue;
             }
@@ -236,27 +236,11 @@ impl DirectoryQueue {
     }
 }
 
-/// Every name in `dir`, with the kind the directory read reported.
-fn list(
-    dir: &crate::queue::StateDir,
-    buf: &mut Vec<MaybeUninit<u8>>,
-) -> Result<Vec<(OsString, EntryKind)>> {
-    let mut names = Vec::new();
-    dir.dir
-        .scan(buf, |entry| {
-            names.push((entry.name.to_os_string(), entry.kind))
-        })
-        .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
-    Ok(names)
-}
-
-fn remove(tmp: &crate::queue::StateDir, name: &OsStr, report: &mut RecoverReport) -> Result<()> {
+/// Unlinks `name` from `tmp/`; 1 if it was removed, 0 if it had gone.
+fn remove(tmp: &crate::queue::StateDir, name: &OsStr) -> Result<usize> {
     match tmp.dir.unlink(name) {
-        Ok(()) => {
-            report.tmp_removed += 1;
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(1),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(Error::io(Operation::Recover, tmp.join(name), e)),
     }
 }

@@ -69,7 +69,12 @@ impl Advert {
     /// Creates (and locks) this process's file under each input, after removing the
     /// files of dead Pipers there.
     pub(crate) fn create(inputs: &[DirectoryQueue]) -> Result<Advert> {
-        let name = OsString::from(format!("{}.json", MessageId::generate()));
+        let id = MessageId::generate();
+        let name = OsString::from(format!("{id}.json"));
+        // IMPORTANT: created under a name readers ignore, locked, and only then renamed
+        // into place. A file visible before its lock would look like a dead Piper's to
+        // another one starting at the same moment, which would remove it.
+        let unlocked = OsString::from(format!(".{id}.new"));
         let mut files = Vec::new();
         for queue in inputs {
             let dir_path = queue.root().join(PIPERS_DIR);
@@ -77,9 +82,12 @@ impl Advert {
             remove_stale(&dir, &dir_path)?;
             let path = dir_path.join(&name);
             let file = dir
-                .create_new(&name, queue.inner.config.file_mode)
-                .map_err(|e| Error::io(Operation::Create, &path, e))?;
+                .create_new(&unlocked, queue.inner.config.file_mode)
+                .map_err(|e| Error::io(Operation::Create, dir_path.join(&unlocked), e))?;
             lock::try_lock(&file).map_err(|e| Error::io(Operation::Create, &path, e))?;
+            dir.rename_noreplace(&unlocked, &dir, &name).map_err(|e| {
+                Error::moving(Operation::Create, dir_path.join(&unlocked), &path, e)
+            })?;
             files.push((path, file));
         }
         Ok(Advert { files })

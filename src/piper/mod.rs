@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod breaker;
+mod command;
 mod liveness;
 mod stage;
 mod stats;
@@ -18,7 +19,9 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use breaker::BreakerPolicy;
+pub use command::{CommandStage, EX_TEMPFAIL};
 pub use liveness::PiperInfo;
+pub(crate) use liveness::PIPERS_DIR;
 pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 

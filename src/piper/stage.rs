@@ -64,6 +64,8 @@ pub enum Outcome {
     Commit,
     /// Move the message to `errors/` with this reason.
     Fail(String),
+    /// Move the message to `errors/` with this reason and more details in its sidecar.
+    FailWith(String, crate::FailureDetails),
     /// Try again later, with the input queue's backoff; after the last attempt the
     /// message goes to `errors/` with this reason.
     Retry(String),

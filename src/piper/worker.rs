@@ -12,7 +12,7 @@ use super::{lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
 use crate::enqueue::publish_copy;
 use crate::error::{Error, Result};
 use crate::wake::{self, Interest};
-use crate::{DirectoryQueue, Message, MessageId, Retried, State, TerminalError};
+use crate::{DirectoryQueue, FailureDetails, Message, MessageId, Retried, State, TerminalError};
 
 /// Why a worker's loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -276,14 +276,11 @@ impl<'a> Worker<'a> {
                 .map(|()| Counters::add(&counters.committed, 1)),
             Outcome::Fail(reason) => {
                 failed = true;
-                let result = message.fail(reason);
-                if result.is_ok() {
-                    Counters::add(&counters.failed, 1);
-                    if dead_letter {
-                        Counters::add(&counters.dead_lettered, 1);
-                    }
-                }
-                result
+                self.fail(message, reason, FailureDetails::default(), dead_letter)
+            }
+            Outcome::FailWith(reason, details) => {
+                failed = true;
+                self.fail(message, reason, details, dead_letter)
             }
             Outcome::Retry(reason) => {
                 failed = true;
@@ -316,6 +313,22 @@ impl<'a> Worker<'a> {
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
             log_transition(&shared.name, transition);
         }
+    }
+
+    fn fail(
+        &self,
+        message: Message,
+        reason: String,
+        details: FailureDetails,
+        dead_letter: bool,
+    ) -> Result<(), TerminalError> {
+        let counters = &self.shared.counters;
+        message.fail_with(reason, details)?;
+        Counters::add(&counters.failed, 1);
+        if dead_letter {
+            Counters::add(&counters.dead_lettered, 1);
+        }
+        Ok(())
     }
 
     fn count_retry(&self, retried: Retried) {

@@ -56,6 +56,8 @@ pub(crate) struct FileStat {
     pub(crate) kind: EntryKind,
     pub(crate) nlink: u64,
     pub(crate) size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub(crate) mode: u32,
     pub(crate) mtime: SystemTime,
     pub(crate) ctime: SystemTime,
 }
@@ -107,4 +109,13 @@ pub(crate) enum ProcessSignal {
     Statistics,
     /// SIGHUP.
     Hangup,
+}
+
+/// A signal for a whole process group (see `signal_group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupSignal {
+    /// SIGTERM: ask to stop.
+    Terminate,
+    /// SIGKILL: stop now.
+    Kill,
 }

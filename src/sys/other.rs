@@ -57,6 +57,9 @@ impl Dir {
     ) -> io::Result<()> {
         unsupported()
     }
+    pub(crate) fn chmod(&self, _name: &OsStr, _mode: u32) -> io::Result<()> {
+        unsupported()
+    }
     pub(crate) fn unlink(&self, _name: &OsStr) -> io::Result<()> {
         unsupported()
     }
@@ -96,6 +99,14 @@ pub(crate) fn set_xattr(_file: &File, _name: &str, _value: &[u8]) -> io::Result<
 
 pub(crate) fn start_writeback(_file: &File) {}
 
+pub(crate) fn remove_xattr(_file: &File, _name: &str) -> io::Result<()> {
+    Ok(())
+}
+
+pub(crate) fn lock_owners(_dev: u64) -> std::collections::HashMap<u64, u32> {
+    std::collections::HashMap::new()
+}
+
 pub(crate) fn stat_file(_file: &File) -> io::Result<FileStat> {
     unsupported()
 }
@@ -131,4 +142,28 @@ pub(crate) fn watch_signals(
     _on_signal: impl FnMut(ProcessSignal) + Send + 'static,
 ) -> io::Result<SignalWatch> {
     unsupported()
+}
+
+pub(crate) fn new_process_group(_command: &mut std::process::Command) {}
+
+pub(crate) fn signal_group(_group: u32, _signal: super::GroupSignal) {}
+
+pub(crate) fn killed_by(_status: &std::process::ExitStatus) -> Option<i32> {
+    None
+}
+
+pub(crate) fn wait_child_timeout(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

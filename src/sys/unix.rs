@@ -134,6 +134,16 @@ impl Dir {
         Ok(rfs::renameat(&self.fd, from, &to_dir.fd, to)?)
     }
 
+    /// `fchmodat(name, mode)`, not following a symlink (Linux refuses to chmod one).
+    pub(crate) fn chmod(&self, name: &OsStr, mode: u32) -> io::Result<()> {
+        Ok(rfs::chmodat(
+            &self.fd,
+            name,
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )?)
+    }
+
     /// `unlinkat(name)` of a file.
     pub(crate) fn unlink(&self, name: &OsStr) -> io::Result<()> {
         Ok(rfs::unlinkat(&self.fd, name, AtFlags::empty())?)
@@ -295,6 +305,50 @@ pub(crate) fn set_xattr(file: &File, name: &str, value: &[u8]) -> io::Result<boo
     }
 }
 
+/// Removes extended attribute `name` of `file` if it is set.
+pub(crate) fn remove_xattr(file: &File, name: &str) -> io::Result<()> {
+    match rfs::fremovexattr(file.as_fd(), name) {
+        Ok(()) => Ok(()),
+        Err(e) if is_no_xattr(e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The processes holding `flock` locks on files of the device `dev`, by inode, from
+/// `/proc/locks`. Empty where that file does not exist.
+pub(crate) fn lock_owners(dev: u64) -> std::collections::HashMap<u64, u32> {
+    let mut owners = std::collections::HashMap::new();
+    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+        return owners;
+    };
+    let wanted = (u64::from(rfs::major(dev)), u64::from(rfs::minor(dev)));
+    for line in text.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" after the
+        // number and are not owners.
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&"FLOCK") {
+            continue;
+        }
+        let (Some(pid), Some(file)) = (fields.get(4), fields.get(5)) else {
+            continue;
+        };
+        let mut parts = file.split(':');
+        let (Some(major), Some(minor), Some(ino)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let device = (
+            u64::from_str_radix(major, 16).unwrap_or(u64::MAX),
+            u64::from_str_radix(minor, 16).unwrap_or(u64::MAX),
+        );
+        if let (true, Ok(ino), Ok(pid)) = (device == wanted, ino.parse::<u64>(), pid.parse::<u32>())
+        {
+            owners.insert(ino, pid);
+        }
+    }
+    owners
+}
+
 fn is_no_xattr(e: rustix::io::Errno) -> bool {
     use rustix::io::Errno;
     e == Errno::NODATA || e == Errno::OPNOTSUPP || e == Errno::RANGE
@@ -340,6 +394,84 @@ impl Drop for SignalWatch {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Puts the command's process in a new process group of its own (its pid is the
+/// group id), so that it and everything it starts can be signalled together.
+pub(crate) fn new_process_group(command: &mut std::process::Command) {
+    std::os::unix::process::CommandExt::process_group(command, 0);
+}
+
+/// Signals a whole process group. Errors (the group is gone) are ignored.
+pub(crate) fn signal_group(group: u32, signal: super::GroupSignal) {
+    let Some(pid) = i32::try_from(group)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let signal = match signal {
+        super::GroupSignal::Terminate => rustix::process::Signal::TERM,
+        super::GroupSignal::Kill => rustix::process::Signal::KILL,
+    };
+    let _ = rustix::process::kill_process_group(pid, signal);
+}
+
+/// The signal that killed a process, if one did.
+pub(crate) fn killed_by(status: &std::process::ExitStatus) -> Option<i32> {
+    std::os::unix::process::ExitStatusExt::signal(status)
+}
+
+/// Waits at most `timeout` for `child` to exit; `Ok(None)` when it is still running.
+/// On Linux through a pidfd (exact, no polling); elsewhere by polling.
+pub(crate) fn wait_child_timeout(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    #[cfg(target_os = "linux")]
+    if let Some(pid) = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        if let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    return Ok(Some(status));
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timespec =
+                    rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec {
+                        tv_sec: i64::MAX,
+                        tv_nsec: 0,
+                    });
+                match rustix::event::poll(&mut fds, Some(&timespec)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
     }
 }
 
@@ -404,6 +536,7 @@ fn convert_stat(st: &rfs::Stat) -> FileStat {
         kind: convert_kind(FileType::from_raw_mode(st.st_mode as rfs::RawMode)),
         nlink: st.st_nlink as u64,
         size: u64::try_from(st.st_size).unwrap_or(0),
+        mode: st.st_mode as u32 & 0o7777,
         mtime: to_system_time(st.st_mtime as i64, st.st_mtime_nsec as u32),
         ctime: to_system_time(st.st_ctime as i64, st.st_ctime_nsec as u32),
     }

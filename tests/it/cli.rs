@@ -206,7 +206,27 @@ fn bad_usage_exits_2() {
 
 #[test]
 fn help_shows_examples_for_each_command() {
-    for command in ["init", "push", "take", "status", "ls", "cat", "recover"] {
+    let commands = [
+        "init",
+        "push",
+        "take",
+        "status",
+        "ls",
+        "ages",
+        "cat",
+        "requeue",
+        "hold",
+        "release",
+        "delete",
+        "purge",
+        "check",
+        "recover",
+        "exec",
+        "run",
+        "metrics",
+        "completions",
+    ];
+    for command in commands {
         let help = run_ok(&[command, "--help"]);
         assert!(
             help.contains("Example"),
@@ -214,7 +234,7 @@ fn help_shows_examples_for_each_command() {
         );
     }
     let top = run_ok(&["--help"]);
-    for command in ["init", "push", "take", "status", "ls", "cat", "recover"] {
+    for command in commands {
         assert!(top.contains(command), "{top}");
     }
 }

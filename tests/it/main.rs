@@ -4,10 +4,12 @@
 mod cli;
 mod concurrency;
 mod crash;
+mod exec;
 mod filesystems;
 mod hostile;
 mod lifecycle;
 mod mentat;
+mod operator;
 mod piper;
 mod queue;
 mod util;

@@ -202,3 +202,45 @@ pub fn signal(pid: u32, name: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{name} {pid} failed");
 }
+
+/// A copy of the hand-made queue `tests/fixtures/<name>` in a temporary directory:
+/// its `q/` is the queue. Symlinks are copied as symlinks; `README` and `.gitkeep` are
+/// left out; every state directory exists, with mode 0775 like the root.
+pub fn fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let dir = tempdir();
+    let root = dir.path().join("q");
+    copy_tree(&source, &root);
+    for state in ["tmp", "incoming", "pending", "errors", "deferred", "hold"] {
+        std::fs::create_dir_all(root.join(state)).unwrap();
+    }
+    for entry in std::iter::once(root.clone())
+        .chain(["tmp", "incoming", "pending", "errors", "deferred", "hold"].map(|s| root.join(s)))
+    {
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o775)).unwrap();
+    }
+    (dir, root)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "README" || name == ".gitkeep" {
+            continue;
+        }
+        let (source, target) = (entry.path(), to.join(&name));
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&source).unwrap(), &target).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&source, &target);
+        } else {
+            std::fs::copy(&source, &target).unwrap();
+        }
+    }
+}

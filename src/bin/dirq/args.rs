@@ -2,16 +2,21 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Message queues kept as plain directories (the filer protocol).
 ///
-/// A queue is a directory with tmp/, incoming/, pending/ and errors/. Any number of
-/// processes share it; nothing acknowledged is lost in a crash.
+/// A queue is a directory with tmp/, incoming/, pending/ and errors/ (and dirq's
+/// deferred/ and hold/). Any number of processes share it; nothing acknowledged is lost
+/// in a crash.
 #[derive(Debug, Parser)]
 #[command(name = "dirq", version, propagate_version = true, max_term_width = 100)]
-#[command(after_help = "Logging: set DIRQ_LOG (for example DIRQ_LOG=debug) or use -v.")]
+#[command(
+    after_help = "Logging: set DIRQ_LOG (for example DIRQ_LOG=debug) or use -v.\n\
+Durations are seconds or a number with a unit: 30s, 5m, 2h, 1d."
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -47,7 +52,7 @@ pub(crate) enum StateArg {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Create queues (the directory and its tmp/, incoming/, pending/, errors/).
+    /// Create queues (the directory and its state directories).
     #[command(
         after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 0770 /srv/q"
     )]
@@ -92,30 +97,36 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         #[arg(long, value_name = "NEXT")]
         to: Option<PathBuf>,
         /// Wait up to SECS for the first message.
-        #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
-        wait: Option<std::time::Duration>,
+        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        wait: Option<Duration>,
         /// Separate messages with NUL instead of newline.
         #[arg(short = '0', long = "null")]
         null: bool,
     },
 
-    /// Counts per state, the age of the oldest waiting message, and the Pipers at work.
+    /// Counts and bytes per state, the oldest waiting message, and the Pipers at work.
     #[command(
-        after_help = "Examples:\n  dirq status q1 q2\n  dirq status --json q1 | jq .incoming"
+        after_help = "Examples:\n  dirq status q1 q2\n  dirq status --watch 2 /var/spool/dirq/*\n  \
+dirq status --json q1 | jq .incoming"
     )]
     Status {
         /// Queues to report on.
         #[arg(required = true, value_name = "QUEUE")]
         queues: Vec<PathBuf>,
         /// One JSON object per queue per line: queue, incoming, pending, errors, tmp,
-        /// deferred, hold, oldest_age_s, and the Pipers that advertise under it.
+        /// deferred, hold, bytes, oldest_age_s, and the Pipers that advertise under it.
         #[arg(long)]
         json: bool,
+        /// Refresh every SECS seconds, in place (until interrupted).
+        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        watch: Option<Duration>,
     },
 
     /// List messages, one per line, oldest first.
     #[command(
-        after_help = "Examples:\n  dirq ls q\n  dirq ls q --state errors\n  dirq ls q --json | jq -r 'select(.state == \"errors\") | .reason'"
+        after_help = "Each line shows the state, size, age, attempts, and where they apply the due \
+time (deferred), the owner's pid (pending) and the failure reason (errors).\n\nExamples:\n  dirq ls q\n  \
+dirq ls q --state errors\n  dirq ls q --json | jq -r 'select(.state == \"errors\") | .reason'"
     )]
     Ls {
         /// The queue.
@@ -124,13 +135,25 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         /// Only this state (default: all but tmp).
         #[arg(long, value_enum)]
         state: Option<StateArg>,
-        /// One JSON object per line: id, state, size, age_s, attempts, not_before (deferred)
-        /// and reason (errors).
+        /// One JSON object per line: id, state, size, age_s, attempts, and not_before
+        /// (deferred), held (hold), owner_pid (pending), reason (errors).
         #[arg(long)]
         json: bool,
     },
 
-    /// Print one message without claiming it (from incoming/, pending/ or errors/).
+    /// Histogram of message ages per state, like Postfix's qshape.
+    #[command(
+        after_help = "Columns: T is the total; each other column counts messages younger than that \
+many minutes (and older than the column before); 1280+ counts the rest.\n\nExamples:\n  dirq ages q\n  \
+dirq ages /var/spool/dirq/*"
+    )]
+    Ages {
+        /// Queues to report on.
+        #[arg(required = true, value_name = "QUEUE")]
+        queues: Vec<PathBuf>,
+    },
+
+    /// Print one message without claiming it.
     #[command(after_help = "Example:\n  dirq cat q 1763797920.123456789.host.4242.9f3a1c2b.msg")]
     Cat {
         /// The queue.
@@ -139,6 +162,97 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         /// The message id (its file name).
         #[arg(value_name = "ID")]
         id: OsString,
+    },
+
+    /// Move failed messages from errors/ back to incoming/.
+    #[command(
+        after_help = "Attempt counts start over unless --keep-attempts is given; the failure \
+sidecars are removed.\n\nExamples:\n  dirq requeue q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
+    )]
+    Requeue {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        select: Selection,
+        /// Only messages that failed longer ago than this.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Keep the attempt counts instead of starting over.
+        #[arg(long)]
+        keep_attempts: bool,
+    },
+
+    /// Put waiting messages on hold: they are not claimed until released.
+    #[command(
+        after_help = "Examples:\n  dirq hold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq hold q --all"
+    )]
+    Hold {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        select: Selection,
+    },
+
+    /// Release held messages back to incoming/.
+    #[command(
+        after_help = "Examples:\n  dirq release q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  dirq release q --all"
+    )]
+    Release {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        select: Selection,
+    },
+
+    /// Delete messages (waiting, deferred, held or failed; never claimed ones).
+    #[command(
+        after_help = "Examples:\n  dirq delete q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq ls q --state errors --json | jq -r .id | dirq delete q -\n  dirq delete q --all"
+    )]
+    Delete {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        select: Selection,
+    },
+
+    /// Remove abandoned temporary files and, optionally, old failed messages.
+    #[command(
+        after_help = "Examples:\n  dirq purge q\n  dirq purge q --tmp-older-than 10m --errors-older-than 30d"
+    )]
+    Purge {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// Remove files in tmp/ older than this whose writer is gone.
+        #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+        tmp_older_than: Duration,
+        /// Also remove failed messages (and their sidecars) older than this.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        errors_older_than: Option<Duration>,
+    },
+
+    /// Check a queue for problems (like postsuper -s); --repair fixes them.
+    #[command(
+        after_help = "Finds entries that do not belong (unknown files, symlinks, FIFOs, \
+directories, hard links, empty messages), sidecars without messages, messages under two names \
+(crash leftovers), duplicate ids, orphaned and abandoned files, and wrong permissions.\n\
+Exit status: 0 when healthy, 1 when problems were found (repaired or not).\n\nExamples:\n  \
+dirq check q\n  dirq check --repair q && dirq check q"
+    )]
+    Check {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// Fix what was found.
+        #[arg(long)]
+        repair: bool,
     },
 
     /// Requeue messages of dead workers and remove abandoned temporary files.
@@ -152,9 +266,116 @@ worker is alive (even stopped) is never touched.\n\nExample:\n  dirq recover q1 
         queues: Vec<PathBuf>,
         /// Leave unlocked pending messages younger than SECS alone (for queues shared
         /// with Mentat daemons, which take no locks).
-        #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
-        grace: Option<std::time::Duration>,
+        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        grace: Option<Duration>,
     },
+
+    /// Run a command for each message (a Piper whose stage is a command).
+    #[command(
+        after_help = "The message is the command's standard input; DIRQ_ID, DIRQ_QUEUE, \
+DIRQ_ATTEMPT and DIRQ_PATH are in its environment. Exit 0 commits the message (with --to, passes \
+on the command's standard output, or the message itself when that is empty); exit 75 retries \
+it later with backoff; any other exit moves it to errors/ with the exit code and the end of \
+standard error. SIGTERM drains and exits 0; a second SIGTERM stops at once.\n\n\
+Examples:\n  dirq exec q -- ./handle.sh\n  dirq exec input --to parsed -j 4 --timeout 30s -- jq -c .event\n  \
+dirq exec q --on-fail 'logger -t dirq \"$DIRQ_ID failed: $DIRQ_REASON\"' -- ./deliver\n  \
+dirq exec q --dry-run -- ./handle.sh"
+    )]
+    Exec(ExecArgs),
+
+    /// Run the stages of a pipeline file, restarting crashed workers.
+    #[command(
+        after_help = "Example PIPELINE.toml:\n\n  [[stage]]\n  name = \"parse\"\n  \
+input = \"spool/input\"\n  output = \"spool/parsed\"\n  command = [\"jq\", \"-c\", \".\"]\n  workers = 2\n\n  \
+[[stage]]\n  name = \"deliver\"\n  input = \"spool/parsed\"\n  command = [\"./deliver.sh\"]\n  \
+processes = 2\n  timeout = \"30s\"\n\nPaths are relative to the file. Other stage keys: inputs (a list), \
+out_limit, on_fail, retries, drain_timeout.\n\nExample:\n  dirq run pipeline.toml"
+    )]
+    Run {
+        /// The pipeline file.
+        #[arg(value_name = "PIPELINE.toml")]
+        file: PathBuf,
+    },
+
+    /// Print Prometheus metrics of queues (text exposition format).
+    #[command(
+        after_help = "For node_exporter's textfile collector or a scraper.\n\nExamples:\n  \
+dirq metrics /var/spool/dirq/* > /var/lib/node_exporter/dirq.prom.$$ && \\\n    \
+mv /var/lib/node_exporter/dirq.prom.$$ /var/lib/node_exporter/dirq.prom"
+    )]
+    Metrics {
+        /// Queues to report on.
+        #[arg(required = true, value_name = "QUEUE")]
+        queues: Vec<PathBuf>,
+    },
+
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  dirq completions bash > /etc/bash_completion.d/dirq\n  \
+dirq completions zsh > ~/.zfunc/_dirq"
+    )]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Which messages a command acts on.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct Selection {
+    /// Message ids; "-" reads ids from standard input, one per line.
+    #[arg(value_name = "ID")]
+    pub(crate) ids: Vec<OsString>,
+    /// Every message the command applies to.
+    #[arg(long)]
+    pub(crate) all: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// The input queue.
+    #[arg(value_name = "QUEUE")]
+    pub(crate) queue: PathBuf,
+    /// Pass the command's output (or the message) on to this queue.
+    #[arg(long, value_name = "NEXT")]
+    pub(crate) to: Option<PathBuf>,
+    /// Commands run in parallel.
+    #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N")]
+    pub(crate) jobs: usize,
+    /// Kill a command's process group after this long and fail its message.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) timeout: Option<Duration>,
+    /// After a timeout, how long the command's process group has between SIGTERM and
+    /// SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) kill_grace: Duration,
+    /// Pause while NEXT holds this many messages (backpressure).
+    #[arg(long, value_name = "N", default_value_t = 5000)]
+    pub(crate) out_limit: usize,
+    /// Only print what would run for each waiting message; change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Shell command run when a message fails, with DIRQ_REASON, DIRQ_ID, DIRQ_QUEUE,
+    /// DIRQ_ATTEMPT and DIRQ_EXIT_CODE in its environment.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) on_fail: Option<OsString>,
+    /// Stage name in logs and `dirq status` (default: the command's name).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) name: Option<String>,
+    /// Attempts before a message is dead-lettered into errors/.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub(crate) retries: u32,
+    /// Exit 0 once the queue is empty and no command is running.
+    #[arg(long)]
+    pub(crate) drain: bool,
+    /// How long SIGTERM waits for running commands before putting their messages back.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) drain_timeout: Duration,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<OsString>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -162,12 +383,28 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode like 0775"))
 }
 
-fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
-    let secs: f64 = s
+/// Seconds (`1.5`) or a number with a unit: `500ms`, `30s`, `5m`, `2h`, `1d`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
         .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    std::time::Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("{s:?} is not a non-negative number of seconds"))
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h or 1.5"))?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use ms, s, m, h or d"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(number * scale)
+        .map_err(|_| format!("{s:?} is not a non-negative duration"))
 }
 
 #[cfg(test)]
@@ -181,14 +418,17 @@ mod tests {
     }
 
     #[test]
-    fn modes_and_seconds_parse() {
+    fn modes_and_durations_parse() {
         assert_eq!(parse_mode("0775"), Ok(0o775));
         assert_eq!(parse_mode("0o700"), Ok(0o700));
         assert!(parse_mode("9").is_err());
-        assert_eq!(
-            parse_seconds("1.5"),
-            Ok(std::time::Duration::from_millis(1500))
-        );
-        assert!(parse_seconds("-1").is_err());
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
     }
 }

@@ -16,6 +16,19 @@ pub(crate) fn duration(d: Duration) -> String {
     }
 }
 
+/// A wall-clock time of day in UTC, `HH:MM:SS`.
+pub(crate) fn clock(time: std::time::SystemTime) -> String {
+    let secs = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
 /// `200 B`, `1.5 KiB`, `3.0 MiB`.
 pub(crate) fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];

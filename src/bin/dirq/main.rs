@@ -2,8 +2,9 @@
 //! no protocol logic lives here.
 
 mod args;
-mod commands;
+mod cmd;
 mod human;
+mod output;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -12,10 +13,18 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    init_logging(cli.verbose);
-    match commands::run(cli) {
+    // Long-running commands report what they do (statistics, signals) by default.
+    let daemon = matches!(
+        cli.command,
+        args::Command::Exec(_) | args::Command::Run { .. }
+    );
+    init_logging(cli.verbose + u8::from(daemon));
+    match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            if let Some(status) = error.downcast_ref::<output::ExitStatus>() {
+                return ExitCode::from(status.0);
+            }
             print_error_chain(error.as_ref());
             ExitCode::from(1)
         }
@@ -23,7 +32,7 @@ fn main() -> ExitCode {
 }
 
 /// Prints `dirq: error: ...` and each cause on its own line.
-fn print_error_chain(error: &(dyn std::error::Error + 'static)) {
+pub(crate) fn print_error_chain(error: &(dyn std::error::Error + 'static)) {
     let mut stderr = std::io::stderr().lock();
     let _ = writeln!(stderr, "dirq: error: {error}");
     let mut source = error.source();
@@ -44,6 +53,7 @@ fn init_logging(verbose: u8) {
     let filter = EnvFilter::try_from_env("DIRQ_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();

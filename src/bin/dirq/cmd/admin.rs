@@ -1,0 +1,213 @@
+//! Repairing and tidying queues: requeue, hold, release, delete, purge, check, recover.
+
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use dirq::{DirectoryQueue, MessageId, State};
+
+use super::Opener;
+use crate::args::Selection;
+use crate::output::{context, progress, stdout_error, CliResult, ExitStatus};
+
+/// The ids a command acts on: given ones (`-` reads more from standard input), or with
+/// `--all` every message of `all_from`.
+fn selected(
+    queue: &DirectoryQueue,
+    select: &Selection,
+    all_from: &[State],
+) -> Result<Vec<MessageId>, Box<dyn std::error::Error + Send + Sync>> {
+    if select.all {
+        let mut ids = Vec::new();
+        for &state in all_from {
+            for id in queue.ids(state)? {
+                ids.push(id?);
+            }
+        }
+        ids.sort();
+        return Ok(ids);
+    }
+    let mut ids = Vec::new();
+    for arg in &select.ids {
+        if arg == "-" {
+            for line in io::stdin().lock().lines() {
+                let line = line.map_err(context("failed to read ids from standard input"))?;
+                let line = line.trim();
+                if !line.is_empty() {
+                    ids.push(MessageId::new(line)?);
+                }
+            }
+        } else {
+            ids.push(MessageId::new(arg)?);
+        }
+    }
+    Ok(ids)
+}
+
+/// Applies `action` to each id with a progress bar, reporting failures one by one and
+/// counting them; the command fails if any did.
+fn for_each(
+    ids: &[MessageId],
+    verb: &str,
+    mut action: impl FnMut(&MessageId) -> Result<(), dirq::Error>,
+) -> CliResult {
+    let bar = progress(ids.len() as u64, verb);
+    let mut failed = 0;
+    for id in ids {
+        if let Err(e) = action(id) {
+            failed += 1;
+            bar.suspend(|| crate::print_error_chain(&e));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let done = ids.len() - failed;
+    writeln!(io::stdout(), "{verb} {done} of {} message(s)", ids.len()).map_err(stdout_error)?;
+    if failed > 0 {
+        return Err(format!("{failed} message(s) could not be {verb}").into());
+    }
+    Ok(())
+}
+
+pub(crate) fn requeue(
+    queue: &DirectoryQueue,
+    select: &Selection,
+    older_than: Option<Duration>,
+    keep_attempts: bool,
+) -> CliResult {
+    let mut ids = selected(queue, select, &[State::Errors])?;
+    if let Some(age) = older_than {
+        let now = SystemTime::now();
+        let failed_long_ago = |id: &MessageId| {
+            queue
+                .info(State::Errors, id)
+                .ok()
+                .and_then(|info| info.failed_at)
+                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= age)
+        };
+        ids.retain(failed_long_ago);
+    }
+    let result = for_each(&ids, "requeued", |id| queue.requeue(id, keep_attempts));
+    queue.sync()?;
+    result
+}
+
+pub(crate) fn hold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    let ids = selected(queue, select, &[State::Incoming, State::Deferred])?;
+    let result = for_each(&ids, "held", |id| queue.hold(id).map(drop));
+    queue.sync()?;
+    result
+}
+
+pub(crate) fn release(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    let ids = selected(queue, select, &[State::Hold])?;
+    let result = for_each(&ids, "released", |id| queue.unhold(id));
+    queue.sync()?;
+    result
+}
+
+pub(crate) fn delete(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    let ids = selected(
+        queue,
+        select,
+        &[State::Incoming, State::Deferred, State::Hold, State::Errors],
+    )?;
+    let result = for_each(&ids, "deleted", |id| queue.delete(id).map(drop));
+    queue.sync()?;
+    result
+}
+
+pub(crate) fn purge(
+    queue: &DirectoryQueue,
+    tmp_older_than: Duration,
+    errors_older_than: Option<Duration>,
+) -> CliResult {
+    let total = queue.count(State::Tmp)?
+        + errors_older_than.map_or(Ok(0), |_| queue.count(State::Errors))?;
+    let bar = progress(total as u64, "purging");
+    let report = queue.purge(tmp_older_than, errors_older_than, &mut |n| {
+        bar.set_position(n)
+    })?;
+    bar.finish_and_clear();
+    writeln!(
+        io::stdout(),
+        "{}: removed {} abandoned file(s) from tmp/ and {} failed message(s) from errors/",
+        queue.root().display(),
+        report.tmp_removed,
+        report.errors_removed
+    )
+    .map_err(stdout_error)?;
+    Ok(())
+}
+
+pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
+    let total: usize = State::ALL
+        .iter()
+        .map(|&s| queue.count(s).unwrap_or(0))
+        .sum();
+    let bar = progress(total as u64, "checking");
+    let problems = queue.check(&mut |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    let mut out = io::stdout().lock();
+    for problem in &problems {
+        writeln!(out, "{problem}  -> {}", problem.fix).map_err(stdout_error)?;
+    }
+    if problems.is_empty() {
+        writeln!(out, "{}: healthy", queue.root().display()).map_err(stdout_error)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{}: {} problem(s)",
+        queue.root().display(),
+        problems.len()
+    )
+    .map_err(stdout_error)?;
+    if repair {
+        let bar = progress(problems.len() as u64, "repairing");
+        let report = queue.repair(&problems, &mut |n| bar.set_position(n))?;
+        bar.finish_and_clear();
+        queue.sync()?;
+        writeln!(
+            out,
+            "repaired {} ({} had gone by themselves)",
+            report.fixed, report.vanished
+        )
+        .map_err(stdout_error)?;
+    } else {
+        writeln!(
+            out,
+            "run dirq check --repair {} to fix them",
+            queue.root().display()
+        )
+        .map_err(stdout_error)?;
+    }
+    Err(Box::new(ExitStatus(1)))
+}
+
+pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duration>) -> CliResult {
+    let mut out = io::stdout().lock();
+    for path in queues {
+        let queue = DirectoryQueue::builder(path)
+            .create(false)
+            .durability(opener.durability)
+            .orphan_grace(grace.unwrap_or(Duration::ZERO))
+            .open()?;
+        let report = queue.recover()?;
+        queue.sync()?;
+        writeln!(
+            out,
+            "{}: requeued {}, left {} with live owners, {} within grace, removed {} from tmp/, \
+             quarantined {}, removed {} duplicate names",
+            path.display(),
+            report.requeued,
+            report.owned,
+            report.within_grace,
+            report.tmp_removed,
+            report.quarantined,
+            report.duplicates_removed
+        )
+        .map_err(stdout_error)?;
+    }
+    Ok(())
+}

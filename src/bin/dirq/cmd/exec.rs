@@ -1,0 +1,108 @@
+//! `dirq exec`: a Piper whose stage runs a command for each message.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use dirq::{CommandStage, DirectoryQueue, Piper, RetryPolicy, State};
+
+use super::Opener;
+use crate::args::ExecArgs;
+use crate::output::{stdout_error, CliResult};
+
+pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
+    let input = DirectoryQueue::builder(&args.queue)
+        .create(false)
+        .durability(opener.durability)
+        .retry_policy(RetryPolicy::default().max_attempts(args.retries))
+        .open()?;
+    let (program, rest) = args.command.split_first().ok_or("no command was given")?;
+    if args.dry_run {
+        return dry_run(&input, program.as_ref(), rest);
+    }
+    let next = args.to.as_deref().map(|to| opener.create(to)).transpose()?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        Path::new(program)
+            .file_name()
+            .map_or_else(|| "exec".to_owned(), |n| n.to_string_lossy().into_owned())
+    });
+    let stage = CommandStage::new(program, rest, input.root().to_string_lossy())
+        .forward(next.is_some())
+        .timeout(args.timeout)
+        .kill_grace(args.kill_grace)
+        .on_fail(args.on_fail.clone());
+    let mut builder = Piper::builder(&name);
+    builder
+        .input(&input)
+        .workers(args.jobs.max(1))
+        .drain_timeout(args.drain_timeout)
+        .handle_signals(true)
+        .stage(stage.clone());
+    if let Some(next) = &next {
+        builder
+            .output("next", next)
+            .out_limit(args.out_limit.max(1));
+    }
+    let piper = builder.build()?;
+    let handle = piper.handle();
+    let drain = args.drain.then(|| {
+        let (input, handle) = (input.clone(), handle.clone());
+        std::thread::spawn(move || {
+            // Empty means nothing waiting, claimed or due to be retried; held messages
+            // wait for an operator and do not count.
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let idle = input
+                    .counts()
+                    .is_ok_and(|c| c.incoming + c.pending + c.deferred == 0)
+                    && handle.stats().in_flight == 0;
+                if idle {
+                    handle.shutdown();
+                    return;
+                }
+            }
+        })
+    });
+    let result = piper.run();
+    // Commands of a Piper stopped by force are still running: they go too.
+    stage.kill_running();
+    drop(drain);
+    let stats = result?;
+    tracing::info!(stage = %name, ?stats, "exec finished");
+    Ok(())
+}
+
+/// Prints the command that would run for each waiting message, oldest first; claims
+/// nothing.
+fn dry_run(
+    input: &DirectoryQueue,
+    program: &std::ffi::OsStr,
+    args: &[std::ffi::OsString],
+) -> CliResult {
+    let mut out = io::stdout().lock();
+    let command = std::iter::once(program)
+        .chain(args.iter().map(|a| a.as_os_str()))
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let infos = input.list(State::Incoming)?;
+    for info in &infos {
+        writeln!(
+            out,
+            "would run: {command}  (DIRQ_ID={} DIRQ_QUEUE={} DIRQ_ATTEMPT={} DIRQ_PATH={}, {} bytes on stdin)",
+            info.id,
+            input.root().display(),
+            info.attempts.unwrap_or(0) + 1,
+            input.path(State::Pending).join(info.id.as_os_str()).display(),
+            info.size
+        )
+        .map_err(stdout_error)?;
+    }
+    writeln!(
+        out,
+        "dry run: {} message(s) would be processed; nothing was changed",
+        infos.len()
+    )
+    .map_err(stdout_error)?;
+    Ok(())
+}

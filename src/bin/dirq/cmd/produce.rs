@@ -1,0 +1,98 @@
+//! Putting messages in and taking them out: init, push, take, cat.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dirq::{DirectoryQueue, Message, MessageId};
+
+use crate::output::{context, quiet_broken_pipe, stdout_error, CliResult};
+
+pub(crate) fn init(queues: &[PathBuf], mode: u32) -> CliResult {
+    for queue in queues {
+        DirectoryQueue::builder(queue).dir_mode(mode).open()?;
+    }
+    Ok(())
+}
+
+pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
+    let stdin_only = [OsString::from("-")];
+    let files = if files.is_empty() {
+        &stdin_only[..]
+    } else {
+        files
+    };
+    let mut out = io::stdout().lock();
+    for file in files {
+        let id = if file == OsStr::new("-") {
+            queue.enqueue_reader(io::stdin().lock())?
+        } else {
+            let path = Path::new(file);
+            let input = std::fs::File::open(path).map_err(context(format!(
+                "failed to open input file {}",
+                path.display()
+            )))?;
+            queue.enqueue_reader(input)?
+        };
+        writeln!(out, "{id}").map_err(stdout_error)?;
+    }
+    queue.sync()?;
+    Ok(())
+}
+
+pub(crate) fn take(
+    queue: &DirectoryQueue,
+    next: Option<&DirectoryQueue>,
+    count: u64,
+    wait: Option<Duration>,
+    separator: u8,
+) -> CliResult {
+    let mut out = io::stdout().lock();
+    let mut taken = 0;
+    while taken < count {
+        let claimed = match (taken, wait) {
+            (0, Some(wait)) => queue.claim_timeout(wait)?,
+            _ => queue.try_claim()?,
+        };
+        let Some(message) = claimed else { break };
+        match next {
+            Some(next) => {
+                let id = message.id().clone();
+                message.forward(next)?;
+                writeln!(out, "{id}").map_err(stdout_error)?;
+            }
+            None => print_then_commit(message, &mut out, separator)?,
+        }
+        taken += 1;
+    }
+    queue.sync()?;
+    Ok(())
+}
+
+/// Writes the message and its separator, and commits it only once they are out; a
+/// message that could not be written goes back to `incoming/`.
+fn print_then_commit(message: Message, out: &mut impl Write, separator: u8) -> CliResult {
+    let written = io::copy(&mut message.reader(), out)
+        .and_then(|_| out.write_all(&[separator]))
+        .and_then(|()| out.flush());
+    if let Err(e) = written {
+        let id = message.id().clone();
+        if let Err(release) = message.release() {
+            tracing::warn!(%id, error = %release, "cannot release message");
+        }
+        return Err(Box::new(context(format!(
+            "failed to write message {id} to standard output; it was put back"
+        ))(e)));
+    }
+    message.commit()?;
+    Ok(())
+}
+
+pub(crate) fn cat(queue: &DirectoryQueue, id: &OsStr) -> CliResult {
+    let id = MessageId::new(id)?;
+    let (_, bytes) = queue.peek(&id)?;
+    let mut out = io::stdout().lock();
+    quiet_broken_pipe(out.write_all(&bytes).and_then(|()| out.flush())).map_err(stdout_error)?;
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Looking at queues: status, ls, ages.
+
+use std::fmt::Write as _;
+use std::io::{self, IsTerminal, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dirq::{Counts, DirectoryQueue, MessageInfo, PiperInfo, State};
+use serde_json::json;
+
+use crate::args::StateArg;
+use crate::human;
+use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
+
+/// States that hold messages (not `tmp/`), in the order they are shown.
+const MESSAGE_STATES: [State; 5] = [
+    State::Incoming,
+    State::Pending,
+    State::Deferred,
+    State::Hold,
+    State::Errors,
+];
+
+pub(crate) fn status(queues: &[DirectoryQueue], json: bool, watch: Option<Duration>) -> CliResult {
+    let Some(every) = watch else {
+        let text = render_status(queues, json)?;
+        return write_out_text(&text);
+    };
+    let clear = io::stdout().is_terminal();
+    loop {
+        let text = render_status(queues, json)?;
+        let mut frame = String::new();
+        if clear {
+            frame.push_str("\x1b[H\x1b[2J"); // cursor home, clear screen
+        }
+        let _ = writeln!(
+            frame,
+            "every {}: dirq status    {}",
+            human::duration(every),
+            crate::human::clock(SystemTime::now())
+        );
+        frame.push_str(&text);
+        if !clear {
+            frame.push('\n');
+        }
+        write_out_text(&frame)?;
+        std::thread::sleep(every);
+    }
+}
+
+pub(crate) fn write_out_text(text: &str) -> CliResult {
+    let mut out = io::stdout().lock();
+    quiet_broken_pipe(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+        .map_err(stdout_error)?;
+    Ok(())
+}
+
+struct Row<'q> {
+    queue: &'q DirectoryQueue,
+    counts: Counts,
+    bytes: Vec<(State, u64)>,
+    oldest: Option<Duration>,
+    pipers: Vec<PiperInfo>,
+}
+
+fn gather(queue: &DirectoryQueue) -> Result<Row<'_>, dirq::Error> {
+    let mut bytes = Vec::new();
+    for state in MESSAGE_STATES {
+        bytes.push((state, queue.bytes(state)?));
+    }
+    Ok(Row {
+        queue,
+        counts: queue.counts()?,
+        bytes,
+        oldest: queue.oldest_age()?,
+        pipers: queue.pipers()?,
+    })
+}
+
+fn render_status(queues: &[DirectoryQueue], json: bool) -> Result<String, dirq::Error> {
+    let rows = queues.iter().map(gather).collect::<Result<Vec<_>, _>>()?;
+    let mut text = String::new();
+    if json {
+        for row in &rows {
+            let c = &row.counts;
+            let line = json!({
+                "queue": row.queue.root().to_string_lossy(),
+                "incoming": c.incoming, "pending": c.pending, "errors": c.errors,
+                "tmp": c.tmp, "deferred": c.deferred, "hold": c.hold,
+                "bytes": row.bytes.iter().map(|(s, b)| (s.as_str().to_owned(), json!(b))).collect::<serde_json::Map<_, _>>(),
+                "oldest_age_s": row.oldest.map(|d| d.as_secs_f64()),
+                "pipers": row.pipers.iter().map(piper_json).collect::<Vec<_>>(),
+            });
+            let _ = writeln!(text, "{line}");
+        }
+        return Ok(text);
+    }
+    let _ = writeln!(
+        text,
+        "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>5} {:>10} {:>8}",
+        "QUEUE", "INCOMING", "PENDING", "DEFERRED", "HOLD", "ERRORS", "TMP", "BYTES", "OLDEST"
+    );
+    for row in &rows {
+        let c = &row.counts;
+        let waiting: u64 = row
+            .bytes
+            .iter()
+            .filter(|(s, _)| *s != State::Errors)
+            .map(|(_, b)| b)
+            .sum();
+        let _ = writeln!(
+            text,
+            "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>5} {:>10} {:>8}",
+            row.queue.root().display(),
+            c.incoming,
+            c.pending,
+            c.deferred,
+            c.hold,
+            c.errors,
+            c.tmp,
+            human::size(waiting),
+            row.oldest.map_or_else(|| "-".to_owned(), human::duration)
+        );
+        for piper in &row.pipers {
+            let _ = writeln!(text, "  {}", piper_line(piper));
+        }
+    }
+    Ok(text)
+}
+
+pub(crate) fn piper_json(piper: &PiperInfo) -> serde_json::Value {
+    json!({
+        "stage": piper.stage,
+        "pid": piper.pid,
+        "host": piper.host,
+        "live": piper.live,
+        "state": if piper.live { piper.state.as_str() } else { "stale" },
+        "paused": piper.live && piper.state.starts_with("paused"),
+        "started": piper.started,
+        "heartbeat": piper.heartbeat,
+        "workers": piper.workers,
+        "stats": piper.stats,
+        "rates": piper.rates,
+    })
+}
+
+fn piper_line(piper: &PiperInfo) -> String {
+    if !piper.live {
+        return format!(
+            "piper {} pid {}@{}: stale (the process is gone; last heartbeat {})",
+            piper.stage, piper.pid, piper.host, piper.heartbeat
+        );
+    }
+    let s = &piper.stats;
+    format!(
+        "piper {} pid {}@{}: {}, {} workers, {:.1}/s done, {:.1}/s failing; \
+         {} claimed, {} failed, {} retried, {} in flight",
+        piper.stage,
+        piper.pid,
+        piper.host,
+        piper.state,
+        piper.workers,
+        piper.rates.done,
+        piper.rates.failed,
+        s.claimed,
+        s.failed,
+        s.retried,
+        s.in_flight
+    )
+}
+
+pub(crate) fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) -> CliResult {
+    let states = match state {
+        Some(StateArg::Incoming) => vec![State::Incoming],
+        Some(StateArg::Pending) => vec![State::Pending],
+        Some(StateArg::Errors) => vec![State::Errors],
+        Some(StateArg::Tmp) => vec![State::Tmp],
+        Some(StateArg::Deferred) => vec![State::Deferred],
+        Some(StateArg::Hold) => vec![State::Hold],
+        None => MESSAGE_STATES.to_vec(),
+    };
+    let mut lines = Vec::new();
+    for state in states {
+        for info in queue.list(state)? {
+            lines.push(if json {
+                ls_json(&info)
+            } else {
+                ls_human(&info)
+            });
+        }
+    }
+    let mut out = io::stdout().lock();
+    let written = lines.iter().try_for_each(|line| writeln!(out, "{line}"));
+    quiet_broken_pipe(written).map_err(stdout_error)?;
+    Ok(())
+}
+
+fn ls_json(info: &MessageInfo) -> String {
+    let mut line = json!({
+        "id": info.id.as_os_str().to_string_lossy(),
+        "state": info.state.as_str(),
+        "size": info.size,
+        "age_s": info.age.map(|d| d.as_secs_f64()),
+        "attempts": info.attempts,
+    });
+    match info.state {
+        State::Deferred => line["not_before"] = json!(info.not_before.map(unix_seconds)),
+        State::Hold => line["held"] = json!(true),
+        State::Pending => line["owner_pid"] = json!(info.owner),
+        State::Errors => {
+            let failure = info.failure.as_ref();
+            line["reason"] = json!(failure.and_then(|f| f.reason.clone()));
+            if let Some(code) = failure.and_then(|f| f.exit_code) {
+                line["exit_code"] = json!(code);
+            }
+        }
+        _ => {}
+    }
+    if !info.regular {
+        line["regular"] = json!(false);
+    }
+    line.to_string()
+}
+
+fn ls_human(info: &MessageInfo) -> String {
+    let mut line = format!(
+        "{:<8} {:>10} {:>7}  {}",
+        info.state,
+        human::size(info.size),
+        info.age.map_or_else(|| "-".to_owned(), human::duration),
+        info.id
+    );
+    if !info.regular {
+        line.push_str("  (not a regular file)");
+    }
+    if let Some(attempts) = info.attempts.filter(|&a| a > 0) {
+        let _ = write!(line, "  attempts: {attempts}");
+    }
+    if let Some(when) = info.not_before {
+        let wait = when.duration_since(SystemTime::now()).unwrap_or_default();
+        let _ = write!(line, "  due in {}", human::duration(wait));
+    }
+    if info.state == State::Pending {
+        match info.owner {
+            Some(pid) => {
+                let _ = write!(line, "  owner: pid {pid}");
+            }
+            None => line.push_str("  owner: none (orphan; dirq recover requeues it)"),
+        }
+    }
+    if let Some(reason) = info.failure.as_ref().and_then(|f| f.reason.as_deref()) {
+        let _ = write!(line, "  reason: {reason}");
+    }
+    line
+}
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Bucket limits of `ages`, in minutes (qshape's).
+const AGE_BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+pub(crate) fn ages(queues: &[DirectoryQueue]) -> CliResult {
+    let mut text = String::new();
+    let _ = write!(text, "{:<24} {:>7}", "", "T");
+    for limit in AGE_BUCKETS {
+        let _ = write!(text, " {limit:>6}");
+    }
+    let _ = writeln!(text, " {:>6}", "1280+");
+    for queue in queues {
+        let _ = writeln!(text, "{}", queue.root().display());
+        for state in MESSAGE_STATES {
+            let histogram = histogram(&queue.ages(state)?);
+            let _ = write!(
+                text,
+                "  {:<22} {:>7}",
+                state.as_str(),
+                histogram.iter().sum::<u64>()
+            );
+            for count in histogram {
+                let _ = write!(text, " {count:>6}");
+            }
+            text.push('\n');
+        }
+    }
+    write_out_text(&text)
+}
+
+/// Counts per age bucket: younger than 5 minutes, 5 to 10, ..., 640 to 1280, older.
+fn histogram(ages: &[Duration]) -> [u64; AGE_BUCKETS.len() + 1] {
+    let mut counts = [0u64; AGE_BUCKETS.len() + 1];
+    for age in ages {
+        let minutes = age.as_secs_f64() / 60.0;
+        let bucket = AGE_BUCKETS
+            .iter()
+            .position(|&limit| minutes < limit as f64)
+            .unwrap_or(AGE_BUCKETS.len());
+        counts[bucket] += 1;
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_fall_into_qshape_buckets() {
+        let m = |minutes: u64| Duration::from_secs(minutes * 60);
+        let counts = histogram(&[m(0), m(4), m(5), m(19), m(1279), m(1280), m(100_000)]);
+        assert_eq!(counts, [2, 1, 1, 0, 0, 0, 0, 0, 1, 2]);
+    }
+}

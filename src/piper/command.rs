@@ -1,0 +1,284 @@
+//! A stage that runs a command once per message: the "queue batch" wrapper of job
+//! schedulers, and what `dirq exec` runs.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use super::stage::{Emit, Outcome, Stage, StageResult};
+use crate::meta::FailureDetails;
+use crate::{sys, Message};
+
+/// Exit status that asks for a retry (`EX_TEMPFAIL` of `sysexits.h`).
+pub const EX_TEMPFAIL: i32 = 75;
+
+/// How much of a failed command's standard error is kept in the sidecar.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// Runs a command for each message.
+///
+/// - The message bytes are the command's standard input; `DIRQ_ID`, `DIRQ_QUEUE`,
+///   `DIRQ_ATTEMPT` and `DIRQ_PATH` are in its environment. It runs in a process group
+///   of its own.
+/// - Exit 0 commits the message; with [`forward`](CommandStage::forward), it passes on
+///   the command's standard output as a new message (same id), or the original message
+///   when the output is empty.
+/// - Exit 75 (`EX_TEMPFAIL`) retries it with backoff.
+/// - Any other exit, or death by a signal, fails it, with the exit code and the end of
+///   the command's standard error in the sidecar.
+/// - A command that runs longer than the [timeout](CommandStage::timeout) gets SIGTERM
+///   for its whole process group, then SIGKILL after a grace period, and the message
+///   fails with reason `timeout`.
+///
+/// Standard error is passed through to the Piper's standard error as well. With
+/// `forward`, standard output is collected in memory; without, it is passed through.
+#[derive(Debug, Clone)]
+pub struct CommandStage {
+    program: OsString,
+    args: Vec<OsString>,
+    queue: String,
+    forward: bool,
+    timeout: Option<Duration>,
+    kill_grace: Duration,
+    on_fail: Option<OsString>,
+    /// Process groups of commands running now, for [`CommandStage::kill_running`].
+    running: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl CommandStage {
+    /// Runs `program` with `args` for each message of the queue named `queue` (the
+    /// value of `DIRQ_QUEUE`).
+    pub fn new<I, A>(
+        program: impl Into<OsString>,
+        args: I,
+        queue: impl Into<String>,
+    ) -> CommandStage
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        CommandStage {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            queue: queue.into(),
+            forward: false,
+            timeout: None,
+            kill_grace: Duration::from_secs(5),
+            on_fail: None,
+            running: Arc::default(),
+        }
+    }
+
+    /// Whether a successful command passes its output (or the message) on. Default:
+    /// `false` (the message is committed).
+    pub fn forward(mut self, forward: bool) -> CommandStage {
+        self.forward = forward;
+        self
+    }
+
+    /// Longest a command may run. Default: none.
+    pub fn timeout(mut self, timeout: Option<Duration>) -> CommandStage {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long a timed-out command has between SIGTERM and SIGKILL. Default: 5 s.
+    pub fn kill_grace(mut self, grace: Duration) -> CommandStage {
+        self.kill_grace = grace;
+        self
+    }
+
+    /// A shell command (`sh -c`) run when a message fails, for alerting, with
+    /// `DIRQ_REASON`, `DIRQ_ID`, `DIRQ_QUEUE`, `DIRQ_ATTEMPT` and `DIRQ_EXIT_CODE` (if
+    /// any) in its environment. Default: none.
+    pub fn on_fail(mut self, hook: Option<OsString>) -> CommandStage {
+        self.on_fail = hook;
+        self
+    }
+
+    /// Kills (SIGKILL) the process groups of all commands still running: for a Piper
+    /// stopped by force, whose stage threads are abandoned.
+    pub fn kill_running(&self) {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        for &group in running.iter() {
+            sys::signal_group(group, sys::GroupSignal::Kill);
+        }
+    }
+
+    fn spawn(&self, message: &Message, attempt: u32) -> std::io::Result<Child> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env("DIRQ_ID", message.id().as_os_str())
+            .env("DIRQ_QUEUE", &self.queue)
+            .env("DIRQ_ATTEMPT", attempt.to_string())
+            .env("DIRQ_PATH", message.path())
+            .stdin(Stdio::piped())
+            .stdout(if self.forward {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .stderr(Stdio::piped());
+        sys::new_process_group(&mut command);
+        command.spawn()
+    }
+
+    /// Runs the command on `message`: its exit status (or `None` when it timed out),
+    /// its standard output (with `forward`) and the end of its standard error.
+    fn run(
+        &self,
+        message: &Message,
+        attempt: u32,
+    ) -> Result<(Option<ExitStatus>, Vec<u8>, String), super::StageError> {
+        let mut child = self.spawn(message, attempt)?;
+        let group = child.id();
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(group);
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let result = std::thread::scope(|scope| {
+            // Feed the message; a command that does not read it all closes the pipe,
+            // which is not an error.
+            scope.spawn(move || {
+                if let Some(mut stdin) = stdin {
+                    let _ = std::io::copy(&mut message.reader(), &mut stdin);
+                }
+            });
+            let out = scope.spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut stdout) = stdout {
+                    let _ = stdout.read_to_end(&mut bytes);
+                }
+                bytes
+            });
+            let err = scope.spawn(move || stderr.map(tee_tail).unwrap_or_default());
+            let status = self.wait(&mut child, group);
+            let out = out.join().unwrap_or_default();
+            let err = err.join().unwrap_or_default();
+            (status, out, err)
+        });
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&group);
+        let (status, out, err) = result;
+        Ok((status?, out, err))
+    }
+
+    /// Waits for the command, killing its process group at the timeout. `Ok(None)`
+    /// means it timed out.
+    fn wait(&self, child: &mut Child, group: u32) -> std::io::Result<Option<ExitStatus>> {
+        let Some(timeout) = self.timeout else {
+            return child.wait().map(Some);
+        };
+        if let Some(status) = wait_timeout(child, timeout)? {
+            return Ok(Some(status));
+        }
+        sys::signal_group(group, sys::GroupSignal::Terminate);
+        if wait_timeout(child, self.kill_grace)?.is_none() {
+            sys::signal_group(group, sys::GroupSignal::Kill);
+            child.wait()?;
+        }
+        // Whatever else is left of the group (a child that ignored SIGTERM) goes too.
+        sys::signal_group(group, sys::GroupSignal::Kill);
+        Ok(None)
+    }
+
+    fn alert(&self, message: &Message, attempt: u32, reason: &str, exit_code: Option<i32>) {
+        let Some(hook) = &self.on_fail else {
+            return;
+        };
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(hook)
+            .env("DIRQ_REASON", reason)
+            .env("DIRQ_ID", message.id().as_os_str())
+            .env("DIRQ_QUEUE", &self.queue)
+            .env("DIRQ_ATTEMPT", attempt.to_string())
+            .stdin(Stdio::null());
+        if let Some(code) = exit_code {
+            command.env("DIRQ_EXIT_CODE", code.to_string());
+        }
+        match command.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => tracing::warn!(id = %message.id(), %status, "the on-fail hook failed"),
+            Err(e) => tracing::warn!(id = %message.id(), error = %e, "cannot run the on-fail hook"),
+        }
+    }
+}
+
+impl Stage for CommandStage {
+    fn process(&mut self, message: &Message) -> StageResult {
+        let attempt = message.attempts()?;
+        let (status, stdout, stderr_tail) = self.run(message, attempt)?;
+        let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
+            None => ("timeout".to_owned(), None),
+            Some((Some(0), _)) => {
+                return Ok(match (self.forward, stdout.is_empty()) {
+                    (false, _) => Outcome::Commit,
+                    (true, true) => Outcome::Forward,
+                    (true, false) => Outcome::Emit(vec![Emit::new(stdout)]),
+                });
+            }
+            Some((Some(EX_TEMPFAIL), _)) => {
+                return Ok(Outcome::Retry(format!(
+                    "exit {EX_TEMPFAIL} (temporary failure){}",
+                    suffix(&stderr_tail)
+                )));
+            }
+            Some((Some(code), _)) => (format!("exit {code}"), Some(code)),
+            Some((None, Some(signal))) => (format!("killed by signal {signal}"), None),
+            Some((None, None)) => ("ended abnormally".to_owned(), None),
+        };
+        self.alert(message, attempt, &reason, exit_code);
+        let details = FailureDetails {
+            exit_code,
+            stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
+        };
+        Ok(Outcome::FailWith(reason, details))
+    }
+}
+
+fn suffix(stderr_tail: &str) -> String {
+    let last = stderr_tail.lines().last().unwrap_or_default().trim();
+    if last.is_empty() {
+        String::new()
+    } else {
+        format!(": {last}")
+    }
+}
+
+/// Copies a command's standard error to ours and returns its last
+/// [`STDERR_TAIL_BYTES`] as text.
+fn tee_tail(mut stderr: impl Read) -> String {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stderr.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = std::io::stderr().write_all(&buf[..n]);
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL_BYTES {
+                    tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+                }
+            }
+        }
+    }
+    if tail.len() > STDERR_TAIL_BYTES {
+        tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+    }
+    String::from_utf8_lossy(&tail).into_owned()
+}
+
+/// Waits at most `timeout` for `child`; `Ok(None)` when it is still running.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    sys::wait_child_timeout(child, timeout)
+}

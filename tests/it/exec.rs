@@ -1,0 +1,398 @@
+//! `dirq exec` (a command per message) and `dirq run` (a pipeline of them).
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dirq::{DirectoryQueue, MessageId, State};
+
+use crate::util::{dirq, names_in, signal, tempdir, wait_until, TestQueue};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `dirq exec --drain QUEUE [extra...] -- sh -c SCRIPT`, run to completion.
+fn exec(queue: &Path, extra: &[&str], script: &str) -> Output {
+    let out = dirq()
+        .args(["exec", "--drain", s(queue)])
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .current_dir(queue.parent().unwrap())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn process_exists(pid: &str) -> bool {
+    Path::new("/proc").join(pid.trim()).exists()
+}
+
+#[test]
+fn success_commits_and_failure_keeps_exit_code_and_stderr() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"ok 1").unwrap();
+    let bad = t.queue.enqueue(b"bad input").unwrap();
+    t.queue.enqueue(b"ok 2").unwrap();
+    let env_log = t.dir.path().join("env.log");
+    exec(
+        t.root(),
+        &[],
+        &format!(
+            r#"read m; echo "$DIRQ_ID|$DIRQ_QUEUE|$DIRQ_ATTEMPT|$DIRQ_PATH|$m" >> {}
+               case "$m" in bad*) echo "cannot parse: $m" >&2; exit 3;; esac"#,
+            env_log.display()
+        ),
+    );
+    let counts = t.queue.counts().unwrap();
+    assert_eq!((counts.incoming, counts.pending, counts.errors), (0, 0, 1));
+    let failure = t.queue.failure(&bad).unwrap().unwrap();
+    assert_eq!(failure.reason.as_deref(), Some("exit 3"));
+    assert_eq!(failure.exit_code, Some(3));
+    assert!(failure.stderr.unwrap().contains("cannot parse: bad input"));
+    // The environment of each run.
+    let log = std::fs::read_to_string(&env_log).unwrap();
+    let line = log.lines().find(|l| l.ends_with("|bad input")).unwrap();
+    let fields: Vec<&str> = line.split('|').collect();
+    assert_eq!(fields[0], bad.to_string());
+    assert_eq!(fields[1], t.root().to_str().unwrap());
+    assert_eq!(fields[2], "1");
+    assert_eq!(
+        fields[3],
+        t.path(State::Pending)
+            .join(bad.as_os_str())
+            .to_str()
+            .unwrap()
+    );
+}
+
+#[test]
+fn with_to_the_output_is_passed_on_or_the_message_when_there_is_none() {
+    let t = TestQueue::new();
+    let next = t.dir.path().join("next");
+    let upper = t.queue.enqueue(b"shout").unwrap();
+    let quiet = t.queue.enqueue(b"quiet please").unwrap();
+    exec(
+        t.root(),
+        &["--to", s(&next)],
+        r#"read m; case "$m" in quiet*) cat > /dev/null;; *) echo "$m" | tr a-z A-Z;; esac"#,
+    );
+    let next = DirectoryQueue::open(&next).unwrap();
+    assert_eq!(
+        next.peek(&upper).unwrap().1,
+        b"SHOUT\n",
+        "stdout became the next message"
+    );
+    assert_eq!(
+        next.peek(&quiet).unwrap().1,
+        b"quiet please",
+        "empty stdout: the message itself"
+    );
+    assert_eq!(t.queue.counts().unwrap().unfinished(), 0);
+}
+
+#[test]
+fn exit_75_retries_later() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"try again").unwrap();
+    let log = t.dir.path().join("attempts.log");
+    let start = Instant::now();
+    exec(
+        t.root(),
+        &[],
+        &format!(
+            r#"echo "$DIRQ_ATTEMPT" >> {}; test "$DIRQ_ATTEMPT" -gt 1 || exit 75"#,
+            log.display()
+        ),
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "1\n2\n");
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "the retry waited for its backoff"
+    );
+    assert_eq!(t.queue.counts().unwrap().unfinished(), 0);
+    assert!(t.queue.failure(&id).unwrap().is_none());
+}
+
+#[test]
+fn a_timeout_kills_the_whole_process_group() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"slow").unwrap();
+    let pidfile = t.dir.path().join("child.pid");
+    let start = Instant::now();
+    exec(
+        t.root(),
+        &["--timeout", "500ms"],
+        &format!("sleep 600 & echo $! > {}; wait", pidfile.display()),
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert_eq!(
+        t.queue.failure(&id).unwrap().unwrap().reason.as_deref(),
+        Some("timeout")
+    );
+    let child = std::fs::read_to_string(&pidfile).unwrap();
+    wait_until(LONG, "the command's own child to be gone", || {
+        !process_exists(&child)
+    });
+}
+
+#[test]
+fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"stubborn").unwrap();
+    let pidfile = t.dir.path().join("child.pid");
+    exec(
+        t.root(),
+        &["--timeout", "300ms", "--kill-grace", "300ms"],
+        &format!(
+            "trap '' TERM; sleep 600 & echo $! > {}; while true; do sleep 0.1; done",
+            pidfile.display()
+        ),
+    );
+    assert_eq!(
+        t.queue.failure(&id).unwrap().unwrap().reason.as_deref(),
+        Some("timeout")
+    );
+    let child = std::fs::read_to_string(&pidfile).unwrap();
+    wait_until(LONG, "the stubborn group to be gone", || {
+        !process_exists(&child)
+    });
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let t = TestQueue::new();
+    for i in 0..3 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let before: Vec<(String, Vec<String>)> = ["incoming", "pending", "errors", "tmp"]
+        .iter()
+        .map(|s| (s.to_string(), names_in(&t.root().join(s))))
+        .collect();
+    let marker = t.dir.path().join("ran");
+    let out = dirq()
+        .args(["exec", "--dry-run", s(t.root()), "--", "touch", s(&marker)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.matches("would run: touch").count(), 3, "{stdout}");
+    let after: Vec<(String, Vec<String>)> = ["incoming", "pending", "errors", "tmp"]
+        .iter()
+        .map(|s| (s.to_string(), names_in(&t.root().join(s))))
+        .collect();
+    assert_eq!(before, after);
+    assert!(!marker.exists(), "nothing ran");
+}
+
+#[test]
+fn on_fail_runs_a_hook_with_the_reason() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"doomed").unwrap();
+    let alert = t.dir.path().join("alert");
+    exec(
+        t.root(),
+        &[
+            "--on-fail",
+            &format!(
+                r#"echo "$DIRQ_ID $DIRQ_REASON $DIRQ_EXIT_CODE" > {}"#,
+                alert.display()
+            ),
+        ],
+        "exit 9",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&alert).unwrap(),
+        format!("{id} exit 9 9\n")
+    );
+}
+
+#[test]
+fn jobs_run_in_parallel() {
+    let t = TestQueue::new();
+    for i in 0..4 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let dir = t.dir.path();
+    exec(
+        t.root(),
+        &["-j", "4"],
+        &format!(
+            "touch {dir}/running.$DIRQ_ID; sleep 0.5; ls {dir} | grep -c '^running' >> {dir}/overlap; rm {dir}/running.$DIRQ_ID",
+            dir = dir.display()
+        ),
+    );
+    let overlap = std::fs::read_to_string(dir.join("overlap")).unwrap();
+    let most: u32 = overlap
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .max()
+        .unwrap();
+    assert!(most > 1, "commands never overlapped: {overlap}");
+}
+
+#[test]
+fn sigterm_drains_running_commands_and_exits_0() {
+    let t = TestQueue::new();
+    let next = t.dir.path().join("next");
+    DirectoryQueue::open(&next).unwrap();
+    for i in 0..30 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let child = dirq()
+        .args([
+            "exec",
+            s(t.root()),
+            "--to",
+            s(&next),
+            "-j",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.1; cat",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(LONG, "some commands to finish", || {
+        names_in(&next.join("incoming")).len() >= 4
+    });
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(t.queue.counts().unwrap().pending, 0);
+    let done = names_in(&next.join("incoming")).len();
+    assert_eq!(
+        done + t.queue.counts().unwrap().incoming,
+        30,
+        "nothing lost"
+    );
+    assert!(done < 30, "it stopped before the end");
+}
+
+#[test]
+fn run_supervises_a_three_stage_pipeline_and_restarts_crashed_workers() {
+    let dir = tempdir();
+    let root = dir.path();
+    std::fs::write(
+        root.join("pipeline.toml"),
+        r#"
+[defaults]
+drain_timeout = "5s"
+
+[[stage]]
+name = "upper"
+input = "spool/input"
+output = "spool/upper"
+command = ["tr", "a-z", "A-Z"]
+processes = 2
+
+[[stage]]
+name = "tag"
+input = "spool/upper"
+output = "spool/tagged"
+command = "sed 's/^/tagged: /'"
+
+[[stage]]
+name = "deliver"
+input = "spool/tagged"
+output = "spool/done"
+command = ["cat"]
+workers = 2
+"#,
+    )
+    .unwrap();
+    let spool = root.join("spool");
+    for queue in ["input", "upper", "tagged", "done"] {
+        DirectoryQueue::open(spool.join(queue)).unwrap();
+    }
+    let input = DirectoryQueue::open(spool.join("input")).unwrap();
+    let ids: Vec<MessageId> = (0..50)
+        .map(|i| input.enqueue(format!("event {i}")).unwrap())
+        .collect();
+    let supervisor = dirq()
+        .args(["run", s(&root.join("pipeline.toml"))])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let done = DirectoryQueue::open(spool.join("done")).unwrap();
+    wait_until(LONG, "every event through three stages", || {
+        done.count(State::Incoming).unwrap() == 50
+    });
+    for id in &ids {
+        let body = String::from_utf8(done.peek(id).unwrap().1).unwrap();
+        assert!(body.starts_with("tagged: EVENT "), "{body}");
+    }
+    // dirq status shows the stages; a worker killed with SIGKILL comes back.
+    let upper = DirectoryQueue::open(spool.join("input")).unwrap();
+    wait_until(LONG, "both upper workers to advertise", || {
+        upper
+            .pipers()
+            .unwrap()
+            .iter()
+            .filter(|p| p.live && p.stage == "upper")
+            .count()
+            == 2
+    });
+    let victim = upper.pipers().unwrap().iter().find(|p| p.live).unwrap().pid;
+    signal(victim, "KILL");
+    wait_until(LONG, "the killed worker to be restarted", || {
+        let pipers = upper.pipers().unwrap();
+        pipers
+            .iter()
+            .filter(|p| p.live && p.stage == "upper")
+            .count()
+            == 2
+            && pipers.iter().all(|p| !p.live || p.pid != victim)
+    });
+    let status = crate::util::run_ok(&["status", s(&spool.join("upper"))]);
+    assert!(status.contains("piper tag pid"), "{status}");
+    // More work still flows after the restart.
+    input.enqueue(b"late event").unwrap();
+    wait_until(LONG, "the late event", || {
+        done.count(State::Incoming).unwrap() == 51
+    });
+    signal(supervisor.id(), "TERM");
+    let start = Instant::now();
+    let out = supervisor.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+    wait_until(LONG, "every worker to be gone", || {
+        upper.pipers().unwrap().iter().all(|p| !p.live)
+    });
+}
+
+#[test]
+fn a_bad_pipeline_file_is_a_clear_error() {
+    let dir = tempdir();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[stage]]\nname = \"x\"\ninput = \"q\"\ncommand = [\"cat\"]\nworkerz = 2\n",
+    )
+    .unwrap();
+    let out = crate::util::run(&["run", s(&file)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("invalid pipeline file") && stderr.contains("workerz"),
+        "{stderr}"
+    );
+}
