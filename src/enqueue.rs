@@ -39,14 +39,18 @@ impl DirectoryQueue {
     /// file is synced, `incoming/` at the next [`sync`](DirectoryQueue::sync).
     /// `None`: nothing is synced.
     pub fn enqueue(&self, bytes: impl AsRef<[u8]>) -> Result<MessageId> {
-        let bytes = bytes.as_ref();
-        let inner = &*self.inner;
+        self.written(bytes.as_ref(), None)?
+            .publish(Destination::Incoming)
+    }
+
+    /// A file in `tmp/` holding `bytes`, unless they are blank.
+    fn written(&self, bytes: &[u8], id: Option<&MessageId>) -> Result<TmpFile<'_>> {
         if is_blank(bytes) {
-            return Err(empty(inner));
+            return Err(empty(&self.inner));
         }
-        let mut tmp = TmpFile::create(inner, None)?;
+        let mut tmp = TmpFile::create(&self.inner, id)?;
         tmp.write(bytes)?;
-        tmp.publish(Destination::Incoming)
+        Ok(tmp)
     }
 
     /// Enqueues `bytes` for delivery at `not_before`: the message waits in `deferred/`
@@ -62,13 +66,7 @@ impl DirectoryQueue {
     ///
     /// As [`enqueue`](DirectoryQueue::enqueue), with `deferred/` in place of `incoming/`.
     pub fn enqueue_at(&self, bytes: impl AsRef<[u8]>, not_before: SystemTime) -> Result<MessageId> {
-        let bytes = bytes.as_ref();
-        let inner = &*self.inner;
-        if is_blank(bytes) {
-            return Err(empty(inner));
-        }
-        let mut tmp = TmpFile::create(inner, None)?;
-        tmp.write(bytes)?;
+        let tmp = self.written(bytes.as_ref(), None)?;
         if not_before <= SystemTime::now() {
             return tmp.publish(Destination::Incoming);
         }
@@ -88,13 +86,7 @@ impl DirectoryQueue {
     ///
     /// As [`enqueue`](DirectoryQueue::enqueue).
     pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<()> {
-        let bytes = bytes.as_ref();
-        let inner = &*self.inner;
-        if is_blank(bytes) {
-            return Err(empty(inner));
-        }
-        let mut tmp = TmpFile::create(inner, Some(id))?;
-        tmp.write(bytes)?;
+        let mut tmp = self.written(bytes.as_ref(), Some(id))?;
         tmp.fix_id(id);
         tmp.publish(Destination::Incoming).map(drop)
     }

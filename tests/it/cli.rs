@@ -21,19 +21,7 @@ fn push_take_round_trip_with_separators() {
     let ids = run_ok(&["push", q, s(&file), s(&file)]);
     assert_eq!(ids.lines().count(), 2);
 
-    let mut child = dirq()
-        .args(["push", q])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"from stdin")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::util::run_with_input(&["push", q], b"from stdin");
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
 

@@ -1,7 +1,7 @@
 //! The operator's commands on fixture queues: status, ls, ages, requeue, hold,
 //! release, delete, purge, check, metrics, completions.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -187,19 +187,10 @@ fn hold_release_and_delete_take_ids_all_or_stdin() {
         "1700000000.000000001.fixture.100.0000abcd.msg",
     ]);
     assert!(out.contains("released 1 of 1"), "{out}");
-    let mut child = dirq()
-        .args(["release", s(&q), "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"1700000000.000000002.fixture.100.0000abcd.msg\n1700000000.000000004.fixture.100.0000abcd.msg\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::util::run_with_input(
+        &["release", s(&q), "-"],
+        b"1700000000.000000002.fixture.100.0000abcd.msg\n1700000000.000000004.fixture.100.0000abcd.msg\n",
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("released 2 of 2"));
     assert_eq!(names_in(&q.join("incoming")).len(), 3);
     let out = run_ok(&["delete", s(&q), "--all"]);

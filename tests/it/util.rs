@@ -90,6 +90,25 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run dirq")
 }
 
+/// Runs `dirq` with `input` on its standard input, to completion.
+pub fn run_with_input(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = dirq()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dirq");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write to dirq");
+    child.wait_with_output().expect("wait for dirq")
+}
+
 /// Runs `dirq` and asserts it succeeded; returns standard output.
 pub fn run_ok(args: &[&str]) -> String {
     let out = run(args);
