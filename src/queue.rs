@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::builder::{Config, QueueBuilder};
 use crate::claim::Snapshot;
-use crate::durability::Syncer;
+use crate::durability::{Durability, Syncer};
 use crate::error::{Error, Operation, Result};
 use crate::sys::{Dir, EntryKind, FsFamily};
 use crate::wake::Wake;
-use crate::{Durability, MessageId, State};
+use crate::{MessageId, State};
 
 /// A message queue kept as a directory, shared by any number of processes.
 ///
@@ -170,19 +170,26 @@ impl DirectoryQueue {
     }
 
     pub(crate) fn open_with(root: &Path, config: Config) -> Result<DirectoryQueue> {
-        let root_dir = open_root(root, &config)?;
+        let (root_dir, created_root) = open_root(root, &config)?;
         let root_stat = root_dir
             .stat()
             .map_err(|e| Error::io(Operation::Open, root, e))?;
         let mut dirs: [Option<Arc<StateDir>>; 6] = Default::default();
+        let mut created_state_dir = false;
         for state in State::ALL {
             let required = State::MENTAT.contains(&state);
             match open_state_dir(&root_dir, root, state, &config, root_stat.dev) {
-                Ok(dir) => dirs[state.index()] = Some(Arc::new(dir)),
+                Ok((dir, created)) => {
+                    dirs[state.index()] = Some(Arc::new(dir));
+                    created_state_dir |= created;
+                }
                 // dirq's own states may be missing from a Mentat queue opened read-only.
                 Err(Error::Layout { .. }) if !required && !config.create => {}
                 Err(e) => return Err(e),
             }
+        }
+        if config.durability != Durability::None {
+            sync_created(root, &root_dir, created_state_dir, created_root.as_deref())?;
         }
         let family = root_dir.fs_family();
         tracing::debug!(root = %root.display(), ?family, durability = ?config.durability, "opened queue");
@@ -285,10 +292,11 @@ impl fmt::Debug for DirectoryQueue {
     }
 }
 
-/// Opens (and if allowed creates) the root directory.
-fn open_root(root: &Path, config: &Config) -> Result<Dir> {
+/// Opens (and if allowed creates) the root directory. When it had to be created, also
+/// returns the deepest ancestor that existed before (whose entries changed).
+fn open_root(root: &Path, config: &Config) -> Result<(Dir, Option<PathBuf>)> {
     match Dir::open(root) {
-        Ok(dir) => return Ok(dir),
+        Ok(dir) => return Ok((dir, None)),
         Err(e) if e.kind() == io::ErrorKind::NotFound && config.create => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(Error::Layout {
@@ -304,8 +312,53 @@ fn open_root(root: &Path, config: &Config) -> Result<Dir> {
         }
         Err(e) => return Err(Error::io(Operation::Open, root, e)),
     }
+    let existing = root
+        .ancestors()
+        .skip(1)
+        .map(or_dot)
+        .find(|a| std::fs::symlink_metadata(a).is_ok())
+        .map(Path::to_path_buf);
     create_dir_all(root, config.dir_mode)?;
-    Dir::open(root).map_err(|e| Error::io(Operation::Open, root, e))
+    let dir = Dir::open(root).map_err(|e| Error::io(Operation::Open, root, e))?;
+    Ok((dir, existing))
+}
+
+/// Makes a newly created layout durable: a queue whose directories a crash could take
+/// back would lose the messages acknowledged in them. Syncs the root (the state
+/// directories' entries) and, when the root itself was created, every directory from
+/// its parent up to `existing`, the deepest ancestor that was already there.
+fn sync_created(
+    root: &Path,
+    root_dir: &Dir,
+    created_state_dir: bool,
+    existing: Option<&Path>,
+) -> Result<()> {
+    if created_state_dir || existing.is_some() {
+        root_dir
+            .sync()
+            .map_err(|e| Error::io(Operation::Sync, root, e))?;
+    }
+    let Some(existing) = existing else {
+        return Ok(());
+    };
+    for dir in root.ancestors().skip(1).map(or_dot) {
+        Dir::open(dir)
+            .and_then(|d| d.sync())
+            .map_err(|e| Error::io(Operation::Sync, dir, e))?;
+        if dir == existing {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The parent of a relative one-component path is `""`: the current directory.
+fn or_dot(path: &Path) -> &Path {
+    if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    }
 }
 
 /// `mkdir -p` with an exact mode for every directory it creates.
@@ -326,20 +379,22 @@ fn create_dir_all(path: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Opens one state directory, refusing symlinks, non-directories and mount points.
+/// Opens one state directory, refusing symlinks, non-directories and mount points;
+/// says whether it had to be created.
 fn open_state_dir(
     root_dir: &Dir,
     root: &Path,
     state: State,
     config: &Config,
     root_dev: u64,
-) -> Result<StateDir> {
+) -> Result<(StateDir, bool)> {
     let name = OsStr::new(state.as_str());
     let path = root.join(name);
     let layout = |reason: String| Error::Layout {
         path: path.clone(),
         reason,
     };
+    let mut created = false;
     match root_dir.stat_at(name) {
         Ok(st) if st.kind == EntryKind::Dir => {}
         Ok(st) => {
@@ -356,7 +411,7 @@ fn open_state_dir(
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound && config.create => {
             match root_dir.mkdir(name, config.dir_mode) {
-                Ok(()) => {}
+                Ok(()) => created = true,
                 // Another process created it first.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Error::io(Operation::CreateDir, &path, e)),
@@ -387,7 +442,7 @@ fn open_state_dir(
              renames between state directories would not be atomic"
         )));
     }
-    Ok(StateDir { dir, path })
+    Ok((StateDir { dir, path }, created))
 }
 
 #[cfg(test)]
