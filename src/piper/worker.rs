@@ -28,6 +28,10 @@ enum Exit {
 enum Processed {
     /// Handled; go on with the next.
     Done,
+    /// The outcome could not be carried out (a storage error, most likely): back off
+    /// before the next message, since the same error (and often the same message,
+    /// released again) would follow at once.
+    Troubled,
     /// The supervisor took it over after a timeout; this worker was replaced.
     TakenOver,
 }
@@ -64,7 +68,8 @@ fn run(shared: &Arc<Shared>) {
 struct Worker<'a> {
     shared: &'a Shared,
     stage: Box<dyn Stage>,
-    /// Consecutive errors from the inputs, for backing off instead of spinning.
+    /// Consecutive errors (claims or outcomes that failed), for backing off instead of
+    /// spinning.
     errors: u32,
     /// While paused by backpressure: when an output asked to be counted again.
     ask_again: Option<Instant>,
@@ -89,7 +94,6 @@ impl<'a> Worker<'a> {
             }
             match self.claim() {
                 Ok(Some((input, message))) => {
-                    self.errors = 0;
                     if !self.shared.intake_open() {
                         // Shutdown raced with the claim: it has not started, so put it back.
                         if let Err(e) = message.release() {
@@ -97,26 +101,33 @@ impl<'a> Worker<'a> {
                         }
                         break;
                     }
-                    if self.process(input, message) == Processed::TakenOver {
-                        return Exit::Replaced;
+                    match self.process(input, message) {
+                        Processed::Done => self.errors = 0,
+                        Processed::Troubled => self.back_off(seen),
+                        Processed::TakenOver => return Exit::Replaced,
                     }
                 }
                 Ok(None) => {
+                    self.errors = 0;
                     lock(&self.shared.breaker).cancel_probe();
                     self.wait_for_input(seen);
                 }
                 Err(e) => {
                     lock(&self.shared.breaker).cancel_probe();
-                    self.errors += 1;
                     tracing::warn!(stage = %self.shared.name, error = %error_chain(&e), "cannot claim");
-                    // Back off exponentially (10 ms to 5 s) instead of spinning on an error.
-                    let backoff =
-                        Duration::from_millis(10 << self.errors.min(9)).min(Duration::from_secs(5));
-                    wake::wait_any(&[], seen, Instant::now() + backoff);
+                    self.back_off(seen);
                 }
             }
         }
         Exit::Stopped
+    }
+
+    /// Waits after an error, exponentially longer (10 ms to 5 s) the more errors came
+    /// in a row, instead of spinning on it. Shutdown cuts the wait short.
+    fn back_off(&mut self, seen: u64) {
+        self.errors += 1;
+        let backoff = Duration::from_millis(10 << self.errors.min(9)).min(Duration::from_secs(5));
+        wake::wait_any(&[], seen, Instant::now() + backoff);
     }
 
     /// Whether intake may go on: the failure breaker and every output's backpressure.
@@ -223,9 +234,9 @@ impl<'a> Worker<'a> {
                 .last_retry_reason()
                 .unwrap_or_else(|| "the process handling it died".to_owned());
             let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
-            self.apply_outcome(message, Outcome::Fail(reason), true);
+            let processed = self.apply_outcome(message, Outcome::Fail(reason), true);
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return Processed::Done;
+            return processed;
         }
         let job = Arc::new(Job {
             id: message.id().clone(),
@@ -252,13 +263,14 @@ impl<'a> Worker<'a> {
                 Outcome::Retry(format!("stage panicked: {}", panic_message(panic.as_ref())))
             }
         };
-        self.apply_outcome(message, outcome, false);
+        let processed = self.apply_outcome(message, outcome, false);
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        Processed::Done
+        processed
     }
 
-    /// Carries out an outcome, counts it, and tells the breaker.
-    fn apply_outcome(&self, message: Message, outcome: Outcome, dead_letter: bool) {
+    /// Carries out an outcome, counts it, and tells the breaker. `Troubled` when the
+    /// outcome could not be carried out.
+    fn apply_outcome(&self, message: Message, outcome: Outcome, dead_letter: bool) -> Processed {
         let shared = self.shared;
         let counters = &shared.counters;
         let id = message.id().clone();
@@ -302,6 +314,11 @@ impl<'a> Worker<'a> {
                 }
             }
         };
+        let processed = if applied.is_ok() {
+            Processed::Done
+        } else {
+            Processed::Troubled
+        };
         if let Err(e) = applied {
             let (error, message) = e.into_parts();
             failed = true;
@@ -313,6 +330,7 @@ impl<'a> Worker<'a> {
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
             log_transition(&shared.name, transition);
         }
+        processed
     }
 
     fn fail(
