@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Operation, Result};
 use crate::piper::stats::{PiperRates, PiperStats};
-use crate::sys::Dir;
+use crate::sys::{self, Dir};
 use crate::{lock, DirectoryQueue, MessageId};
 
 /// The directory under a queue root where Pipers advertise themselves.
@@ -60,9 +60,22 @@ pub struct PiperInfo {
 }
 
 /// The advertisement files of one Piper, removed when it stops.
+///
+/// Each is held open read-only (for its lock) and opened for writing only while a
+/// heartbeat rewrites it: a file kept open for writing would stop the filesystem from
+/// being remounted read-only while the Piper runs.
 #[derive(Debug)]
 pub(crate) struct Advert {
-    files: Vec<(PathBuf, File)>,
+    files: Vec<AdvertFile>,
+}
+
+#[derive(Debug)]
+struct AdvertFile {
+    dir: Dir,
+    name: OsString,
+    path: PathBuf,
+    /// Open read-only, locked for as long as the Piper runs.
+    lock: File,
 }
 
 impl Advert {
@@ -81,14 +94,22 @@ impl Advert {
             let dir = open_dir(&dir_path, queue.inner.config.dir_mode)?;
             remove_stale(&dir, &dir_path)?;
             let path = dir_path.join(&name);
-            let file = dir
-                .create_new(&unlocked, queue.inner.config.file_mode)
-                .map_err(|e| Error::io(Operation::Create, dir_path.join(&unlocked), e))?;
-            lock::try_lock(&file).map_err(|e| Error::io(Operation::Create, &path, e))?;
+            let create = |e| Error::io(Operation::Create, dir_path.join(&unlocked), e);
+            drop(
+                dir.create_new(&unlocked, queue.inner.config.file_mode)
+                    .map_err(create)?,
+            );
+            let lock = dir.open_read(&unlocked).map_err(create)?;
+            lock::try_lock(&lock).map_err(|e| Error::io(Operation::Create, &path, e))?;
             dir.rename_noreplace(&unlocked, &dir, &name).map_err(|e| {
                 Error::moving(Operation::Create, dir_path.join(&unlocked), &path, e)
             })?;
-            files.push((path, file));
+            files.push(AdvertFile {
+                dir,
+                name: name.clone(),
+                path,
+                lock,
+            });
         }
         Ok(Advert { files })
     }
@@ -98,23 +119,31 @@ impl Advert {
         let Ok(json) = serde_json::to_vec_pretty(info) else {
             return;
         };
-        for (path, file) in &mut self.files {
-            let written = file
-                .set_len(0)
-                .and_then(|()| std::io::Seek::rewind(file))
-                .and_then(|()| file.write_all(&json));
-            if let Err(e) = written {
-                tracing::warn!(path = %path.display(), error = %e, "cannot update liveness file");
+        for advert in &self.files {
+            if let Err(e) = advert.rewrite(&json) {
+                tracing::warn!(path = %advert.path.display(), error = %e, "cannot update liveness file");
             }
         }
     }
 }
 
+impl AdvertFile {
+    /// Replaces the file's contents, unless someone replaced the file itself.
+    fn rewrite(&self, json: &[u8]) -> std::io::Result<()> {
+        let mut file = self.dir.open_write(&self.name)?;
+        if !sys::stat_file(&file)?.same_file(&sys::stat_file(&self.lock)?) {
+            return Err(std::io::Error::other("the file was replaced"));
+        }
+        file.set_len(0)?;
+        file.write_all(json)
+    }
+}
+
 impl Drop for Advert {
     fn drop(&mut self) {
-        for (path, _) in &self.files {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove liveness file");
+        for advert in &self.files {
+            if let Err(e) = advert.dir.unlink(&advert.name) {
+                tracing::warn!(path = %advert.path.display(), error = %e, "cannot remove liveness file");
             }
         }
     }

@@ -79,6 +79,18 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Opens the existing file `name` for writing, as [`open_read`](Dir::open_read) does
+    /// for reading.
+    pub(crate) fn open_write(&self, name: &OsStr) -> io::Result<File> {
+        let fd = rfs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+
     /// Creates `name`, failing if it exists (`O_CREAT|O_EXCL`, which never follows a symlink).
     pub(crate) fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
         let fd = rfs::openat(
