@@ -297,6 +297,10 @@ impl DirectoryQueue {
         let name = candidate.id.as_os_str();
         let path = || incoming.join(name);
 
+        if let Err(reason) = crate::id::check(name.as_encoded_bytes()) {
+            // A name no message may have (too long to defer or fail, or a sidecar's).
+            return self.quarantine_incoming(name, &format!("not a message name: {reason}"));
+        }
         let mut kind = candidate.kind;
         if kind == EntryKind::Unknown {
             match incoming.dir.stat_at(name) {

@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 
-/// Longest file name most filesystems accept.
-const MAX_LEN: usize = 255;
+/// Longest id. File names may be 255 bytes, but a message also needs room for the
+/// names derived from its id: `deferred/<not-before>@<id>` (21 bytes more) and
+/// `errors/<id>~N.meta` (up to 9 more).
+pub(crate) const MAX_LEN: usize = 200;
 
 /// Suffix of the failure sidecar `errors/<id>.meta`; reserved, so no id may end with it.
 pub(crate) const META_SUFFIX: &str = ".meta";
@@ -46,7 +48,7 @@ impl MessageId {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidId`] when `id` is empty, longer than 255 bytes, contains `/` or
+    /// [`Error::InvalidId`] when `id` is empty, longer than 200 bytes, contains `/` or
     /// NUL, starts with `.` (which also rules out `.` and `..`), or ends with `.meta`
     /// (reserved for failure sidecars).
     pub fn new(id: impl AsRef<OsStr>) -> Result<MessageId, Error> {
@@ -119,7 +121,7 @@ pub(crate) fn check(name: &[u8]) -> Result<(), &'static str> {
     if name.is_empty() {
         Err("message id must not be empty")
     } else if name.len() > MAX_LEN {
-        Err("message id must be at most 255 bytes long")
+        Err("message id must be at most 200 bytes long (deferred and failed messages add to the name)")
     } else if name.contains(&b'/') {
         Err("message id must not contain '/'")
     } else if name.contains(&0) {
@@ -345,8 +347,9 @@ mod tests {
                 other => panic!("{bad:?} gave {other:?}"),
             }
         }
-        assert!(MessageId::new("x".repeat(256)).is_err());
-        assert!(MessageId::new("x".repeat(255)).is_ok());
+        // Room is left for `deferred/<time>@<id>` and `errors/<id>~N.meta`.
+        assert!(MessageId::new("x".repeat(201)).is_err());
+        assert!(MessageId::new("x".repeat(200)).is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use crate::error::{Error, Operation, Result};
 use crate::meta::{self, FailureInfo};
 use crate::queue::Inner;
-use crate::State;
+use crate::{id, MessageId, State};
 
 /// Moves the entry `name` of `from` to `errors/` with `reason` in its sidecar, for an
 /// entry that is not a claimable message.
@@ -104,14 +104,17 @@ pub(crate) fn move_to_errors(
     ))
 }
 
-/// `name`, or `name~N` when `errors/` already holds an entry of that name.
+/// The name for `name` in `errors/`, or `<name>~N` when `errors/` already holds an
+/// entry of that name. A name that is not a valid id (see [`errors_name`]) is changed
+/// into one first.
 pub(crate) fn free_name(inner: &Inner, name: &OsStr, start: u32) -> Result<OsString> {
     let errors = inner.dir(State::Errors);
+    let base = errors_name(name);
     for n in start..start + 1000 {
         let candidate = if n == 0 {
-            name.to_os_string()
+            base.clone()
         } else {
-            let mut c = name.to_os_string();
+            let mut c = base.clone();
             c.push(format!("~{n}"));
             c
         };
@@ -126,6 +129,38 @@ pub(crate) fn free_name(inner: &Inner, name: &OsStr, start: u32) -> Result<OsStr
         errors.join(name),
         io::Error::new(io::ErrorKind::AlreadyExists, "no free name in errors/"),
     ))
+}
+
+/// A valid id for an entry quarantined under `name`, so that it shows in `dirq ls` and
+/// can be requeued: a hidden name gets the prefix `hidden~`, a name ending in `.meta`
+/// (which would pass for a sidecar) gets a `~`, and a name longer than an id may be is
+/// cut to fit, ending in `~cut`.
+fn errors_name(name: &OsStr) -> OsString {
+    let bytes = name.as_encoded_bytes();
+    if id::check(bytes).is_ok() {
+        return name.to_os_string();
+    }
+    let mut fixed = Vec::with_capacity(id::MAX_LEN);
+    if MessageId::is_hidden(bytes) {
+        fixed.extend_from_slice(b"hidden~");
+    }
+    fixed.extend_from_slice(bytes);
+    if fixed.len() > id::MAX_LEN {
+        const CUT: &[u8] = b"~cut";
+        // Cut on a character boundary when the name is UTF-8 (it stays printable).
+        let mut keep = id::MAX_LEN - CUT.len();
+        if let Ok(text) = std::str::from_utf8(&fixed) {
+            while !text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+        }
+        fixed.truncate(keep);
+        fixed.extend_from_slice(CUT);
+    }
+    if fixed.ends_with(id::META_SUFFIX.as_bytes()) {
+        fixed.push(b'~');
+    }
+    crate::sys::os_string(fixed)
 }
 
 /// Removes a sidecar written for an entry that did not arrive, unless another process

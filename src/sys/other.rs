@@ -170,3 +170,8 @@ pub(crate) fn wait_child_timeout(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// A file name from its bytes (lossy where names are not bytes).
+pub(crate) fn os_string(bytes: Vec<u8>) -> std::ffi::OsString {
+    String::from_utf8_lossy(&bytes).into_owned().into()
+}

@@ -532,6 +532,11 @@ pub(crate) fn hostname() -> String {
 }
 
 /// The id of the calling process.
+/// A file name from its bytes.
+pub(crate) fn os_string(bytes: Vec<u8>) -> std::ffi::OsString {
+    std::os::unix::ffi::OsStringExt::from_vec(bytes)
+}
+
 pub(crate) fn pid() -> u32 {
     std::process::id()
 }
