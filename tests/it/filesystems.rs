@@ -1,63 +1,10 @@
-//! Full disks, state directories on other filesystems, forwards across filesystems.
-//! Tests that mount a tmpfs need root and are skipped otherwise.
+//! State directories on other filesystems, forwards across filesystems. Tests that
+//! mount a tmpfs need root and are skipped otherwise. Full disks are in the torture
+//! suite (`tests/torture/full_disk.rs`).
 
-use std::io;
-
-use dirq::{DirectoryQueue, Error, Operation, State};
+use dirq::{DirectoryQueue, Error, State};
 
 use crate::util::{names_in, skip, tempdir, TestQueue, Tmpfs};
-
-#[test]
-fn disk_full_is_a_typed_error_and_consumers_keep_draining() {
-    let Some(fs) = Tmpfs::mount("size=1m") else {
-        skip(
-            "disk_full_is_a_typed_error_and_consumers_keep_draining",
-            "needs root to mount a tmpfs",
-        );
-        return;
-    };
-    let queue = DirectoryQueue::open(fs.path().join("q")).unwrap();
-    let body = vec![b'x'; 8 * 1024];
-    let mut accepted = Vec::new();
-    let err = loop {
-        match queue.enqueue(&body) {
-            Ok(id) => accepted.push(id),
-            Err(e) => break e,
-        }
-        assert!(accepted.len() < 1000, "a 1 MiB filesystem never filled up");
-    };
-    assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err:?}");
-    assert!(
-        matches!(err.operation(), Some(Operation::Write | Operation::Create)),
-        "{err:?}"
-    );
-    let path = err.path().expect("the error names a path");
-    assert!(
-        path.starts_with(queue.path(State::Tmp)),
-        "{}",
-        path.display()
-    );
-    // Nothing partial was published and the temporary file is gone.
-    assert!(names_in(queue.path(State::Tmp)).is_empty());
-    let incoming = names_in(queue.path(State::Incoming));
-    assert_eq!(incoming.len(), accepted.len());
-    for name in &incoming {
-        assert_eq!(
-            std::fs::read(queue.path(State::Incoming).join(name)).unwrap(),
-            body
-        );
-    }
-    // Consumers drain the full queue...
-    let mut drained = 0;
-    while let Some(message) = queue.try_claim().unwrap() {
-        assert_eq!(message.bytes().unwrap(), body);
-        message.commit().unwrap();
-        drained += 1;
-    }
-    assert_eq!(drained, accepted.len());
-    // ...and producers work again once there is space.
-    queue.enqueue(&body).unwrap();
-}
 
 #[test]
 fn state_directory_on_another_filesystem_is_refused() {

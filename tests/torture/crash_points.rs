@@ -1,0 +1,338 @@
+//! Crash-point enumeration: each operation is run once under `strace` to list its
+//! system calls, then once more per call, killed with SIGKILL as it enters that call.
+//! After recovery, the queue must hold what the protocol promises for a crash there.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dirq::{DirectoryQueue, Durability, MessageId, RetryPolicy};
+
+use crate::inventory::{payload, Inventory};
+use crate::support::{self, Figures, Outcome};
+use crate::Case;
+
+pub const CASE: Case = Case {
+    name: "crash points",
+    injects: "SIGKILL at each system call k of enqueue, batch enqueue, claim, commit, forward, \
+              fail, release, retry, hold and requeue (strace inject, full durability)",
+    invariant: "after recover: acknowledged operations took effect, an interrupted one took \
+                effect wholly or not at all (the message exactly once, intact), other messages \
+                untouched, nothing in pending/ or tmp/, a second recover changes nothing",
+    run,
+};
+
+const OPS: &[&str] = &[
+    "enqueue", "batch", "claim", "commit", "forward", "fail", "release", "retry", "hold", "requeue",
+];
+
+/// The payload the operation works on, and the ones beside it.
+const SUBJECT: u64 = 1;
+const BYSTANDERS: [u64; 2] = [2, 3];
+/// The payloads a (batch) enqueue adds.
+const NEW: [u64; 3] = [10, 11, 12];
+const SIZE: usize = 5000;
+
+/// The system call the child makes just before and just after the operation, so that
+/// the parent can find the operation in the trace. Nothing else in the child makes it.
+fn marker() {
+    let _ = rustix::process::getppid();
+}
+const MARKER: &str = "getppid";
+
+fn run(figures: &mut Figures) -> Outcome {
+    if let Err(reason) = support::need_tools(&["strace"]) {
+        return Outcome::Skipped(reason);
+    }
+    let mut total = 0;
+    for op in OPS {
+        let points = enumerate(op);
+        assert!(
+            points.len() >= 2,
+            "{op}: the trace between the markers has too few system calls: {points:?}"
+        );
+        let mut missed = 0;
+        for (k, (call, occurrence)) in points.iter().enumerate() {
+            let scratch = support::tempdir();
+            let setup = Setup::new(scratch.path());
+            let out = support::output(
+                support::role_under_strace(&[
+                    "-o",
+                    "/dev/null",
+                    "-e",
+                    &format!("inject={call}:signal=KILL:when={occurrence}"),
+                ])
+                .args(["crashpoint", op])
+                .arg(scratch.path())
+                .arg(setup.subject_id.to_string()),
+            );
+            let acked = String::from_utf8_lossy(&out.stdout).contains("ack");
+            if acked {
+                // The calls of this run did not line up with the first one's (the
+                // kill came later or never); the outcome must still be an acknowledged
+                // one.
+                missed += 1;
+            }
+            let context = format!("{op}: killed entering system call {k} ({call} #{occurrence})");
+            setup.check_after_recovery(op, acked, &context);
+        }
+        println!(
+            "{op}: {} crash points checked ({missed} did not line up with the first trace)",
+            points.len()
+        );
+        figures.set(&format!("{op} points"), points.len());
+        total += points.len();
+        assert!(
+            missed * 4 <= points.len(),
+            "{op}: {missed} of {} runs did not crash where the first trace said",
+            points.len()
+        );
+    }
+    figures.set("crash points", total);
+    Outcome::Passed
+}
+
+/// Runs `op` once, traced, checks its acknowledged outcome, and lists the system calls
+/// between the markers as (name, occurrence of that name since the process started),
+/// the end marker included: a kill there is a finished but unacknowledged operation.
+fn enumerate(op: &str) -> Vec<(String, usize)> {
+    let scratch = support::tempdir();
+    let setup = Setup::new(scratch.path());
+    let trace = scratch.path().join("trace");
+    let out = support::output(
+        support::role_under_strace(&["-o", support::path_str(&trace)])
+            .args(["crashpoint", op])
+            .arg(scratch.path())
+            .arg(setup.subject_id.to_string()),
+    );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ack"),
+        "{op} did not run cleanly under strace ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    setup.check_after_recovery(op, true, &format!("{op}, not interrupted"));
+
+    let text = std::fs::read_to_string(&trace).expect("read the trace");
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut between = Vec::new();
+    let mut markers = 0;
+    for line in text.lines() {
+        let Some((name, _)) = line.split_once('(') else {
+            continue;
+        };
+        if name.starts_with("---") || name.starts_with("+++") || name.contains(' ') {
+            continue;
+        }
+        let occurrence = {
+            let n = seen.entry(name.to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        if markers == 1 {
+            between.push((name.to_owned(), occurrence));
+        }
+        if name == MARKER {
+            markers += 1;
+            if markers == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(markers, 2, "{op}: the trace does not hold both markers");
+    between
+}
+
+/// A fresh pair of queues `a` and `b`: the subject (the oldest message) and two
+/// bystanders in `a/incoming/`.
+struct Setup {
+    a: PathBuf,
+    b: PathBuf,
+    subject_id: MessageId,
+}
+
+impl Setup {
+    fn new(dir: &Path) -> Setup {
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let qa = open(&a).expect("create a");
+        open(&b).expect("create b");
+        let id = qa
+            .enqueue(payload(SUBJECT, SIZE))
+            .expect("enqueue the subject");
+        for seq in BYSTANDERS {
+            qa.enqueue(payload(seq, SIZE)).expect("enqueue a bystander");
+        }
+        Setup {
+            a,
+            b,
+            subject_id: id,
+        }
+    }
+
+    /// Recovers twice and checks the queues: the second recovery must change nothing.
+    fn check_after_recovery(&self, op: &str, acked: bool, context: &str) {
+        let recover = |q: &Path| {
+            DirectoryQueue::builder(q)
+                .tmp_max_age(Duration::ZERO)
+                .open()
+                .and_then(|q| q.recover())
+                .unwrap_or_else(|e| panic!("{context}: recover {}: {e}", q.display()))
+        };
+        recover(&self.a);
+        recover(&self.b);
+        let inventory = Inventory::take(&[&self.a, &self.b]);
+        let first = inventory.listing();
+        recover(&self.a);
+        recover(&self.b);
+        let second = Inventory::take(&[&self.a, &self.b]).listing();
+        assert_eq!(
+            first, second,
+            "{context}: a second recover changed the queues"
+        );
+
+        inventory.assert_intact(context);
+        for state in ["pending", "tmp"] {
+            let left = inventory.in_state(state);
+            assert!(
+                left.is_empty(),
+                "{context}: {state}/ after recovery: {left:#?}"
+            );
+        }
+        let untouched: &[u64] = match op {
+            "enqueue" | "batch" => &[SUBJECT, BYSTANDERS[0], BYSTANDERS[1]],
+            _ => &BYSTANDERS,
+        };
+        for &seq in untouched {
+            assert_eq!(
+                self.places(&inventory, seq),
+                ["a/incoming"],
+                "{context}: bystander {seq} moved"
+            );
+        }
+        let (subjects, allowed, done): (&[u64], &[&[&str]], &[&str]) = match op {
+            "enqueue" => (&NEW[..1], &[&[], &["a/incoming"]], &["a/incoming"]),
+            "batch" => (&NEW, &[&[], &["a/incoming"]], &["a/incoming"]),
+            "claim" | "release" => (&[SUBJECT], &[&["a/incoming"]], &["a/incoming"]),
+            "commit" => (&[SUBJECT], &[&["a/incoming"], &[]], &[]),
+            "forward" => (
+                &[SUBJECT],
+                &[&["a/incoming"], &["b/incoming"]],
+                &["b/incoming"],
+            ),
+            "fail" => (&[SUBJECT], &[&["a/incoming"], &["a/errors"]], &["a/errors"]),
+            "retry" => (
+                &[SUBJECT],
+                &[&["a/incoming"], &["a/deferred"]],
+                &["a/deferred"],
+            ),
+            "hold" => (&[SUBJECT], &[&["a/incoming"], &["a/hold"]], &["a/hold"]),
+            "requeue" => (
+                &[SUBJECT],
+                &[&["a/errors"], &["a/incoming"]],
+                &["a/incoming"],
+            ),
+            _ => panic!("unknown operation {op}"),
+        };
+        let mut batch_outcomes = Vec::new();
+        for &seq in subjects {
+            let places = self.places(&inventory, seq);
+            if acked {
+                assert_eq!(
+                    places, done,
+                    "{context}: acknowledged, but payload {seq} is not where it should be"
+                );
+            } else {
+                assert!(
+                    allowed.iter().any(|a| places == *a),
+                    "{context}: payload {seq} is in {places:?}; allowed: {allowed:?}"
+                );
+            }
+            batch_outcomes.push(places.is_empty());
+        }
+        if op == "batch" && !acked {
+            // A batch is published message by message: a crash may leave a prefix
+            // of it published, never a gap.
+            let published = batch_outcomes.iter().take_while(|gone| !**gone).count();
+            assert!(
+                batch_outcomes[published..].iter().all(|gone| *gone),
+                "{context}: the batch was published with a gap: {batch_outcomes:?}"
+            );
+        }
+        if let Some(failed) = inventory
+            .places(SUBJECT)
+            .into_iter()
+            .find(|f| f.state == "errors")
+        {
+            let mut sidecar = failed.name.clone();
+            sidecar.push(".meta");
+            let text = std::fs::read_to_string(self.a.join("errors").join(&sidecar))
+                .unwrap_or_else(|e| panic!("{context}: a failed message without its sidecar: {e}"));
+            let meta: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{context}: sidecar is not JSON ({e}): {text:?}"));
+            assert!(
+                meta["reason"].is_string(),
+                "{context}: sidecar without a reason: {meta}"
+            );
+        }
+    }
+
+    /// Where payload `seq` is, as `queue/state` names.
+    fn places(&self, inventory: &Inventory, seq: u64) -> Vec<String> {
+        inventory
+            .places(seq)
+            .iter()
+            .map(|f| {
+                let queue = if f.queue == self.a { "a" } else { "b" };
+                format!("{queue}/{}", f.state)
+            })
+            .collect()
+    }
+}
+
+fn open(path: &Path) -> dirq::Result<DirectoryQueue> {
+    DirectoryQueue::builder(path)
+        .durability(Durability::Full)
+        .retry_policy(RetryPolicy::default().max_attempts(100))
+        .open()
+}
+
+/// The child: `crashpoint OP DIR REQUEUE_ID`. Prepares what `OP` needs, then runs it
+/// between two markers and prints `ack` once it has returned.
+pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
+    let [op, dir, subject_id] = args else {
+        return Err(format!("crashpoint OP DIR REQUEUE_ID, not {args:?}").into());
+    };
+    let dir = Path::new(dir);
+    let (a, b) = (open(&dir.join("a"))?, open(&dir.join("b"))?);
+    let subject_id: MessageId = subject_id.parse()?;
+    if *op == "requeue" {
+        // Not part of the operation: put the subject in errors/ first.
+        a.try_claim()?
+            .ok_or("nothing to claim")?
+            .fail("set up for requeue")
+            .map_err(|e| e.into_error())?;
+    }
+    let claimed = match *op {
+        "commit" | "forward" | "fail" | "release" | "retry" => {
+            Some(a.try_claim()?.ok_or("nothing to claim")?)
+        }
+        _ => None,
+    };
+    marker();
+    match (*op, claimed) {
+        ("enqueue", _) => drop(a.enqueue(payload(NEW[0], SIZE))?),
+        ("batch", _) => drop(a.enqueue_batch(NEW.iter().map(|seq| payload(*seq, SIZE)))?),
+        // Kept claimed until the process ends.
+        ("claim", _) => std::mem::forget(a.try_claim()?.ok_or("nothing to claim")?),
+        ("hold", _) => drop(a.hold(&subject_id)?),
+        ("requeue", _) => a.requeue(&subject_id, false)?,
+        ("commit", Some(m)) => m.commit()?,
+        ("forward", Some(m)) => m.forward(&b)?,
+        ("fail", Some(m)) => m.fail("crash-point test")?,
+        ("release", Some(m)) => m.release()?,
+        ("retry", Some(m)) => drop(m.retry("crash-point test")?),
+        _ => return Err(format!("unknown operation {op}").into()),
+    }
+    marker();
+    println!("ack");
+    Ok(())
+}
