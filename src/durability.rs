@@ -46,6 +46,9 @@ pub(crate) struct Syncer {
     /// One directory fsync commits every earlier metadata change (jbd2, xfs log), or
     /// fsync costs nothing (tmpfs).
     journal_wide: bool,
+    /// A journal commit flushes the device cache and orders data written back before
+    /// it (jbd2, xfs): see [`Syncer::file`].
+    journal_orders_data: bool,
     /// Directories changed since the last [`Syncer::flush`] (batch mode).
     dirty: Mutex<Vec<Arc<StateDir>>>,
 }
@@ -55,6 +58,7 @@ impl Syncer {
         Syncer {
             mode,
             journal_wide: matches!(family, FsFamily::Journaled | FsFamily::Memory),
+            journal_orders_data: family == FsFamily::Journaled,
             dirty: Mutex::new(Vec::new()),
         }
     }
@@ -66,12 +70,23 @@ impl Syncer {
     /// Makes the bytes of a message file durable before it is published, unless the
     /// mode is [`Durability::None`]. Without this a crash can publish a 0-byte message
     /// (DESIGN §3).
+    ///
+    /// The caller publishes the file by a rename and then syncs (or, in batch mode,
+    /// later flushes) the directory before it acknowledges anything. On a journaled
+    /// filesystem (ext4 with jbd2, xfs) that directory sync is a journal commit, and a
+    /// commit flushes the device's write cache before its commit record: so here the
+    /// bytes are only written back and waited for (`sync_file_range`), and the commit
+    /// that makes the rename durable makes them durable too. Any other commit that could
+    /// carry the rename (a periodic one) comes after the wait as well, so the rename can
+    /// never be durable without the bytes. This saves a journal commit and a cache
+    /// flush per message: 64 of them in a batch of 64. Elsewhere, `fdatasync`.
     pub(crate) fn file(&self, file: &File, path: &Path) -> Result<()> {
-        if self.mode == Durability::None {
-            return Ok(());
-        }
-        file.sync_data()
-            .map_err(|e| Error::io(Operation::Sync, path, e))
+        let synced = match self.mode {
+            Durability::None => return Ok(()),
+            _ if self.journal_orders_data => crate::sys::write_back_and_wait(file),
+            _ => file.sync_data(),
+        };
+        synced.map_err(|e| Error::io(Operation::Sync, path, e))
     }
 
     /// Makes the bytes of many message files durable (group commit). Writeback of all

@@ -102,6 +102,10 @@ pub(crate) fn set_xattr(_file: &File, _name: &str, _value: &[u8]) -> io::Result<
 
 pub(crate) fn start_writeback(_file: &File) {}
 
+pub(crate) fn write_back_and_wait(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
 pub(crate) fn remove_xattr(_file: &File, _name: &str) -> io::Result<()> {
     Ok(())
 }

@@ -518,6 +518,36 @@ pub(crate) fn start_writeback(file: &File) {
     let _ = rfs::fadvise(file.as_fd(), 0, None, rfs::Advice::DontNeed);
 }
 
+/// Writes the file's dirty pages to the device and waits until they are written
+/// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`), without a journal
+/// commit or a cache flush of its own. The data is durable once a later journal commit
+/// has completed: see [`Syncer::file`](crate::durability::Syncer) for when that is
+/// enough. Elsewhere than Linux, a plain `fdatasync`.
+#[cfg(target_os = "linux")]
+#[allow(
+    unsafe_code,
+    reason = "sync_file_range has no safe wrapper in rustix or std"
+)]
+pub(crate) fn write_back_and_wait(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: the descriptor is open for the duration of the call; the call reads no
+    // memory of ours.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn write_back_and_wait(file: &File) -> io::Result<()> {
+    file.sync_data()
+}
+
 /// `fstat` of an open file.
 pub(crate) fn stat_file(file: &File) -> io::Result<FileStat> {
     Ok(convert_stat(&rfs::fstat(file)?))

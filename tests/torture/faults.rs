@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use dirq::DirectoryQueue;
 
 use crate::inventory::{payload, Inventory};
-use crate::support::{self, Figures, Outcome, Proc};
+use crate::support::{self, Figures, Mount, Outcome, Proc};
 use crate::Case;
 
 pub const CASE: Case = Case {
     name: "fsync EIO and ENOSPC",
     injects: "EIO or ENOSPC from fdatasync (the message), fsync (the directory, after the \
-              rename), write and renameat2, into `dirq push`",
+              rename), write and renameat2, into `dirq push`; on ext4, from sync_file_range \
+              (the message, made durable by the journal commit) and the directory fsync",
     invariant: "a typed error naming the operation and path, exit 1, no id printed, nothing in \
                 incoming/ or tmp/, and the queue works once the fault is gone",
     run,
@@ -40,12 +41,26 @@ const INJECTIONS: &[(&str, &str, u32, &str)] = &[
     ("renameat2", "EIO", 1, "Input/output error"),
 ];
 
+/// The same on a journaled filesystem (ext4), where a message file is written back with
+/// `sync_file_range` and made durable by the directory's journal commit.
+const JOURNALED_INJECTIONS: &[(&str, &str, u32, &str)] = &[
+    ("sync_file_range", "EIO", 0, "Input/output error"),
+    ("sync_file_range", "ENOSPC", 0, "No space left on device"),
+    ("fsync", "EIO", 1, "Input/output error"),
+];
+
 fn run(figures: &mut Figures) -> Outcome {
-    if let Err(reason) = support::need_tools(&["strace"]) {
+    if let Err(reason) = support::need_root_and(&["strace", "mkfs.ext4"]) {
         return Outcome::Skipped(reason);
     }
+    let scratch = support::tempdir();
     for &(call, errno, when, text) in INJECTIONS {
-        push_fails_cleanly(call, errno, when, text);
+        push_fails_cleanly(scratch.path(), call, errno, when, text);
+        figures.add("injections", 1);
+    }
+    let ext4 = Mount::image("ext4", 64);
+    for &(call, errno, when, text) in JOURNALED_INJECTIONS {
+        push_fails_cleanly(ext4.path(), call, errno, when, text);
         figures.add("injections", 1);
     }
     figures.set("acknowledged", 0);
@@ -65,12 +80,12 @@ fn backs_off(figures: &mut Figures) -> Outcome {
     Outcome::Passed
 }
 
-/// `dirq push` with `call` failing with `errno` (at occurrence `when`, or always).
-fn push_fails_cleanly(call: &str, errno: &str, when: u32, text: &str) {
-    let dir = support::tempdir();
-    let root = dir.path().join("q");
+/// `dirq push` into a new queue under `base`, with `call` failing with `errno` (at
+/// occurrence `when`, or always).
+fn push_fails_cleanly(base: &Path, call: &str, errno: &str, when: u32, text: &str) {
+    let root = base.join(format!("q-{call}-{errno}-{when}"));
     DirectoryQueue::open(&root).expect("create the queue");
-    let input = dir.path().join("message");
+    let input = base.join("message");
     std::fs::write(&input, payload(1, 4000)).expect("write the input file");
     let inject = match when {
         0 => format!("inject={call}:error={errno}"),

@@ -89,8 +89,20 @@ const FREEZE_AT: &[(&str, u64, u64)] = &[
     ("unlinkat", 1, 30),
     ("write", 2, 300),
     ("openat", 20, 300),
-    ("fdatasync", 1, 5),
+    // The message file's own sync: `sync_file_range` where the journal commit makes it
+    // durable (ext4, xfs), `fdatasync` elsewhere (see `file_sync`).
+    (FILE_SYNC, 1, 120),
 ];
+
+const FILE_SYNC: &str = "file sync";
+
+/// The system call that syncs a message file on `kind`.
+fn file_sync(kind: &str) -> &'static str {
+    match kind {
+        "ext4" | "xfs" => "sync_file_range",
+        _ => "fdatasync",
+    }
+}
 
 fn run(figures: &mut Figures) -> Outcome {
     if let Err(reason) =
@@ -107,6 +119,11 @@ fn run(figures: &mut Figures) -> Outcome {
         let mount = Mount::image(kind, 512);
         for trial in 0..trials {
             let (call, low, high) = FREEZE_AT[rng.below(FREEZE_AT.len() as u64) as usize];
+            let call = if call == FILE_SYNC {
+                file_sync(kind)
+            } else {
+                call
+            };
             let occurrence = rng.between(low, high);
             let context = format!("{kind} trial {trial}: cut at {call} #{occurrence}");
             let stats = cut(&mount, &format!("t{trial}"), call, occurrence, &context);
