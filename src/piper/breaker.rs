@@ -89,11 +89,52 @@ pub(crate) enum Transition {
     Closed,
 }
 
+/// How many slices the window is counted in: outcomes are counted per slice, so the
+/// breaker costs the same per message at any rate and holds at most this many counts.
+/// An outcome leaves the window up to one slice (1/64 of it) late.
+const SLICES: u32 = 64;
+
+/// Outcomes and failures within the window, counted per slice of time.
+#[derive(Debug, Default)]
+struct Window {
+    /// (start of the slice, outcomes, failures), oldest first.
+    slices: VecDeque<(Instant, usize, usize)>,
+    outcomes: usize,
+    failures: usize,
+}
+
+impl Window {
+    fn record(&mut self, failed: bool, now: Instant, window: Duration) {
+        while let Some(&(start, outcomes, failures)) = self.slices.front() {
+            if now.saturating_duration_since(start) <= window {
+                break;
+            }
+            self.slices.pop_front();
+            self.outcomes -= outcomes;
+            self.failures -= failures;
+        }
+        let slice = window / SLICES;
+        match self.slices.back_mut() {
+            Some((start, outcomes, failures)) if now.saturating_duration_since(*start) < slice => {
+                *outcomes += 1;
+                *failures += usize::from(failed);
+            }
+            _ => self.slices.push_back((now, 1, usize::from(failed))),
+        }
+        self.outcomes += 1;
+        self.failures += usize::from(failed);
+    }
+
+    fn clear(&mut self) {
+        *self = Window::default();
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Breaker {
     policy: BreakerPolicy,
-    /// Recent outcomes: when, and whether it failed.
-    outcomes: VecDeque<(Instant, bool)>,
+    /// Recent outcomes.
+    outcomes: Window,
     state: State,
 }
 
@@ -101,7 +142,7 @@ impl Breaker {
     pub(crate) fn new(policy: BreakerPolicy) -> Breaker {
         Breaker {
             policy,
-            outcomes: VecDeque::new(),
+            outcomes: Window::default(),
             state: State::Closed,
         }
     }
@@ -168,16 +209,8 @@ impl Breaker {
             State::Open { .. } => return None,
             State::Closed => {}
         }
-        self.outcomes.push_back((now, failed));
-        while self
-            .outcomes
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > self.policy.window)
-        {
-            self.outcomes.pop_front();
-        }
-        let failures = self.outcomes.iter().filter(|(_, f)| *f).count();
-        let outcomes = self.outcomes.len();
+        self.outcomes.record(failed, now, self.policy.window);
+        let (failures, outcomes) = (self.outcomes.failures, self.outcomes.outcomes);
         let by_count = self
             .policy
             .max_failures
@@ -263,6 +296,39 @@ mod tests {
         assert!(b.admit(t0));
         b.cancel_probe();
         assert!(b.admit(t0), "the slot is free again");
+    }
+
+    #[test]
+    fn outcomes_leave_the_window_and_counting_stays_bounded() {
+        let window = Duration::from_secs(60);
+        let policy = BreakerPolicy::disabled()
+            .max_failures(Some(10))
+            .window(window);
+        let mut b = Breaker::new(policy);
+        let t0 = Instant::now();
+        // 9 failures, then a million successes over two minutes: the failures age out.
+        for _ in 0..9 {
+            assert_eq!(b.record(true, t0), None);
+        }
+        for i in 0..1_000_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 120);
+            assert_eq!(b.record(false, now), None);
+        }
+        assert!(
+            b.outcomes.slices.len() <= SLICES as usize + 1,
+            "{} slices",
+            b.outcomes.slices.len()
+        );
+        assert_eq!(b.outcomes.failures, 0, "the early failures left the window");
+        // Within one window, the 10th failure still opens it.
+        let late = t0 + Duration::from_secs(200);
+        for _ in 0..9 {
+            assert_eq!(b.record(true, late), None);
+        }
+        assert!(matches!(
+            b.record(true, late + window / 2),
+            Some(Transition::Opened { failures: 10, .. })
+        ));
     }
 
     #[test]
