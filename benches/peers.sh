@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# dirq beside its peers, in one run: the harness in ../shared/peers (raw-syscall floor,
-# mentat.dirq, dirq through examples/peerbench; add --all for every peer), then dirq's
-# own end-to-end figures measured right after on the same kind of filesystem: the
-# three-stage Piper pipeline (examples/pipeline) and the wake-up latency and idle cost
-# of a Piper (examples/wakeup). Prints the harness's tables and a summary table with
-# ratios to the floor.
+# dirq beside its peers, in one run, and issue 6's performance targets checked against
+# the floor measured in the same session:
 #
-#   benches/peers.sh            # --only-dirq harness run (about 4 minutes) + pipeline + wake-up
-#   benches/peers.sh --quick    # harness smoke test (under a minute)
-#   benches/peers.sh --all      # every peer (about 9 minutes)
+# 1. the harness in ../shared/peers (raw-syscall floor, mentat.dirq, dirq through
+#    examples/peerbench with batch=1 and batch=64; --all adds python-dirq,
+#    persist-queue and litequeue), with its own tables;
+# 2. on a fresh journaled ext4 loop filesystem like the harness's: a 3-hop forwarding
+#    pipeline of Pipers (examples/hops, one process per hop) interleaved with the
+#    floor's move pipeline; the demo pipeline (examples/pipeline); wake-up latency and
+#    idle cost (examples/wakeup) on a new queue and on one whose incoming/ once held
+#    1,000,000 messages;
+# 3. a table of the targets with ratios and verdicts (benches/peers_report.py).
+#
+#   benches/peers.sh            # --only-dirq harness run (about 4 minutes) + the rest (about 4)
+#   benches/peers.sh --quick    # harness smoke test (under a minute) + the rest
+#   benches/peers.sh --all      # every peer (about 9 minutes) + the rest
 #
 # Needs root for the loop filesystems (like the harness). Writes under /tmp only; the
 # harness's raw results stay in /tmp/peers-results/, this script's in /tmp/dirq-peers/.
@@ -30,7 +36,7 @@ done
 log() { printf '== %s\n' "$*" >&2; }
 
 log "building the examples (release)"
-cargo build --release --quiet --example peerbench --example pipeline --example wakeup
+cargo build --release --quiet --example peerbench --example pipeline --example wakeup --example hops
 
 log "peers harness: ${harness_args[*]:-all peers}"
 "$peers/run-peers.sh" --dirq-bin "$here/target/release/examples/peerbench" "${harness_args[@]}"
@@ -52,6 +58,25 @@ mkdir -p "$mnt"
 loop=$(losetup --direct-io=on -f --show "$img")
 mount -o noatime "$loop" "$mnt"
 
+limit=/tmp/peers-limit-target/release/limit
+rm -f "$out/pipeline.jsonl" "$out/hops.jsonl" "$out/floor-move.jsonl"
+
+log "3-hop forwarding pipeline (examples/hops, one process per hop) beside the floor's move"
+for durability in none full; do
+  if [ "$durability" = none ]; then n=20000 durable=0; else n=2000 durable=1; fi
+  for run in 1 2 3; do
+    sync
+    target/release/examples/hops --dir "$mnt/hops" --messages "$n" --processes \
+      --durability "$durability" 2>/dev/null | tail -n 1 >>"$out/hops.jsonl"
+    "$limit" fill q="$mnt/floor-a" n="$n" >/dev/null
+    sync
+    "$limit" pipeline src="$mnt/floor-a" dst="$mnt/floor-b" durable="$durable" |
+      tail -n 1 >>"$out/floor-move.jsonl"
+    rm -rf "$mnt/floor-a" "$mnt/floor-b"
+  done
+done
+
+log "demo pipeline (parse, enrich, sink; 2 processes x 2 workers per stage)"
 for durability in none full; do
   for run in 1 2 3; do
     sync
@@ -61,37 +86,18 @@ for durability in none full; do
     rm -rf "$mnt/pipeline-$durability-$run"
   done
 done
+
+log "wake-up latency and idle cost, on a new queue"
 target/release/examples/wakeup --dir "$mnt" --samples 1000 --idle-secs 10 2>/dev/null |
   tail -n 1 >"$out/wakeup.json"
 
-python3 - "$out" <<'EOF'
-import json, statistics, sys
-out = sys.argv[1]
-peers = [json.loads(l) for l in open(f"{out}/peers.jsonl")]
-pipeline = [json.loads(l) for l in open(f"{out}/pipeline.jsonl")]
-wakeup = json.load(open(f"{out}/wakeup.json"))
+log "idle cost on a queue whose incoming/ once held 1,000,000 messages (ext4 never shrinks it)"
+mkdir -p "$mnt/bloated"
+"$limit" fill q="$mnt/bloated/wakeup-q" n=1000000 >/dev/null
+find "$mnt/bloated/wakeup-q/incoming" -type f -delete
+sync
+du -sh "$mnt/bloated/wakeup-q/incoming" >&2
+target/release/examples/wakeup --dir "$mnt/bloated" --samples 200 --idle-secs 10 2>/dev/null |
+  tail -n 1 >"$out/wakeup-bloated.json"
 
-def median(values):
-    return statistics.median(values) if values else float("nan")
-
-def peer_rate(peer, op, n, durable, mode=None):
-    rates = [r["rate"] for r in peers if r.get("peer") == peer and r.get("op") == op
-             and r.get("n") == n and r.get("durable") == durable and r.get("status", "ok") == "ok"
-             and (mode is None or r.get("mode") == mode)]
-    return median(rates)
-
-print("\n### dirq end to end (same session as the tables above)\n")
-print("| measure | dirq | floor | dirq / floor |")
-print("|---|---|---|---|")
-for durable, label in ((False, "none"), (True, "full")):
-    runs = [p["rate"] for p in pipeline if p["durability"] == label]
-    floor_move = peer_rate("limit", "pipeline", 10000, durable, "move")
-    floor = floor_move / 3
-    rate = median(runs)
-    print(f"| 3-stage pipeline (2 processes x 2 workers per stage), durability {label}, events/s "
-          f"| {rate:.0f} | {floor:.0f} (floor's move pipeline {floor_move:.0f}/s / 3 hops) | x{rate / floor:.2f} |")
-print(f"| idle worker wake-up, enqueue acknowledged -> stage starts | p50 {wakeup['p50_us']} µs, "
-      f"p99 {wakeup['p99_us']} µs, max {wakeup['max_us']} µs ({wakeup['samples']} samples) | | |")
-print(f"| idle Piper on an empty queue, CPU | {wakeup['idle_cpu_percent']:.2f} % of a core "
-      f"over {wakeup['idle_secs']:.0f} s | | |")
-EOF
+python3 benches/peers_report.py "$out"
