@@ -190,13 +190,7 @@ impl Setup {
         );
 
         inventory.assert_intact(context);
-        for state in ["pending", "tmp"] {
-            let left = inventory.in_state(state);
-            assert!(
-                left.is_empty(),
-                "{context}: {state}/ after recovery: {left:#?}"
-            );
-        }
+        inventory.assert_empty(&["pending", "tmp"], context);
         let untouched: &[u64] = match op {
             "enqueue" | "batch" => &[SUBJECT, BYSTANDERS[0], BYSTANDERS[1]],
             _ => &BYSTANDERS,

@@ -128,6 +128,18 @@ impl Inventory {
         self.found.iter().filter(|f| f.state == state).collect()
     }
 
+    /// Panics, naming `context` and what is left, unless every state in `states` is
+    /// empty in every queue.
+    pub fn assert_empty(&self, states: &[&str], context: &str) {
+        for state in states {
+            let left = self.in_state(state);
+            assert!(
+                left.is_empty(),
+                "{context}: {state}/ is not empty: {left:#?}"
+            );
+        }
+    }
+
     /// A listing to compare two inventories: queue, state, name and size of each file.
     pub fn listing(&self) -> Vec<String> {
         self.found

@@ -169,10 +169,7 @@ fn run(figures: &mut Figures) -> Outcome {
     let paths: Vec<&Path> = queues.iter().map(PathBuf::as_path).collect();
     let inventory = Inventory::take(&paths);
     inventory.assert_intact("after the storm");
-    for state in ["pending", "tmp", "errors", "deferred"] {
-        let left = inventory.in_state(state);
-        assert!(left.is_empty(), "{state}/ is not empty: {left:#?}");
-    }
+    inventory.assert_empty(&["pending", "tmp", "errors", "deferred"], "after the storm");
     let sink = &queues[STAGES];
     let lost: Vec<u64> = acknowledged
         .iter()

@@ -313,13 +313,7 @@ fn check(dir: &Path, lines: &[String], context: &str) -> u64 {
     let [enqueued, forwarded, committed] = &acked;
     let inventory = Inventory::take(&[&a, &b]);
     inventory.assert_intact(context);
-    for state in ["pending", "tmp"] {
-        let left = inventory.in_state(state);
-        assert!(
-            left.is_empty(),
-            "{context}: {state}/ after recovery: {left:#?}"
-        );
-    }
+    inventory.assert_empty(&["pending", "tmp"], context);
     // At most one operation was in flight when the power went: the next enqueue, the
     // forward of the oldest message not yet forwarded, or the commit of the oldest
     // forwarded one not yet committed.

@@ -132,7 +132,7 @@ fn run(figures: &mut Figures) -> Outcome {
         .filter(|seq| inventory.places(*seq).is_empty())
         .collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
-    assert!(inventory.in_state("pending").is_empty() && inventory.in_state("tmp").is_empty());
+    inventory.assert_empty(&["pending", "tmp"], "after remount,rw");
     // Writing works again.
     DirectoryQueue::open(&a)
         .and_then(|q| q.enqueue(payload(9_999_999, 300)))
