@@ -16,8 +16,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirq::{DirectoryQueue, Durability, Message, Outcome, Piper, StageResult};
@@ -73,9 +71,8 @@ fn open(dir: &Path, index: usize, durability: &str) -> Fallible<DirectoryQueue> 
         .open()?)
 }
 
-/// The Piper of hop `index` (from `q{index}` to `q{index+1}`); `moved` counts the
-/// messages it has read and is about to forward.
-fn hop(options: &Options, index: usize, moved: Arc<AtomicU64>) -> Fallible<Piper> {
+/// The Piper of hop `index`, from `q{index}` to `q{index+1}`.
+fn hop(options: &Options, index: usize) -> Fallible<Piper> {
     let from = open(&options.dir, index, &options.durability)?;
     let to = open(&options.dir, index + 1, &options.durability)?;
     Ok(Piper::builder(format!("hop{index}"))
@@ -89,7 +86,6 @@ fn hop(options: &Options, index: usize, moved: Arc<AtomicU64>) -> Fallible<Piper
             // Read the message, as the floor does.
             let bytes = m.bytes()?;
             std::hint::black_box(bytes);
-            moved.fetch_add(1, Ordering::Relaxed);
             Ok(Outcome::Forward)
         })
         .build()?)
@@ -136,9 +132,8 @@ fn run(options: &Options) -> Fallible<serde_json::Value> {
         }
         return Ok(summary(options, secs, last.counts()?.incoming as u64));
     }
-    let counters: Vec<Arc<AtomicU64>> = (0..options.hops).map(|_| Arc::default()).collect();
     let pipers: Vec<Piper> = (0..options.hops)
-        .map(|i| hop(options, i, Arc::clone(&counters[i])))
+        .map(|i| hop(options, i))
         .collect::<Fallible<_>>()?;
     let handles: Vec<_> = pipers.iter().map(Piper::handle).collect();
     let start = Instant::now();
@@ -172,7 +167,7 @@ fn summary(options: &Options, secs: f64, arrived: u64) -> serde_json::Value {
 /// One hop as a process of its own: `hops hop I --dir DIR ...`. Prints a line once it
 /// has forwarded `--messages` messages, and runs until killed.
 fn run_hop(index: usize, options: &Options) -> Fallible<()> {
-    let piper = hop(options, index, Arc::default())?;
+    let piper = hop(options, index)?;
     let handle = piper.handle();
     let messages = options.messages;
     std::thread::spawn(move || {
