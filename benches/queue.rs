@@ -18,23 +18,11 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dirq::{DirectoryQueue, Durability};
 
+mod common;
+
+use common::{queue, scratch};
+
 const PAYLOAD: &[u8; 200] = &[b'x'; 200];
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("bench")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("bench directory");
-    dir
-}
-
-fn queue(dir: &Path, durability: Durability) -> DirectoryQueue {
-    DirectoryQueue::builder(dir)
-        .durability(durability)
-        .open()
-        .expect("open queue")
-}
 
 /// The raw baseline: tmp/ and incoming/ made by hand, std::fs calls only.
 struct Raw {

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,20 +20,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dirq::{DirectoryQueue, Durability, Message, Outcome, Piper, StageResult};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("bench-scaling")
-        .join(name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("bench directory");
-    dir
-}
+mod common;
+
+use common::scratch;
 
 fn queue(dir: &Path) -> DirectoryQueue {
-    DirectoryQueue::builder(dir)
-        .durability(Durability::None)
-        .open()
-        .expect("open queue")
+    common::queue(dir, Durability::None)
 }
 
 fn fill(queue: &DirectoryQueue, n: u64, size: usize) {
@@ -86,7 +78,7 @@ fn message_size(c: &mut Criterion) {
                 .measurement_time(Duration::from_secs(10));
         }
         let payload = vec![b'x'; size];
-        let dir = scratch(&format!("raw-{size}"));
+        let dir = scratch(&format!("size-raw-{size}"));
         for sub in ["tmp", "incoming", "pending"] {
             fs::create_dir_all(dir.join(sub)).expect("raw layout");
         }
@@ -94,7 +86,7 @@ fn message_size(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("raw std::fs", &label), |b| {
             b.iter(|| raw_round_trip(&dir, &mut seq, &payload, &mut buf));
         });
-        let q = queue(&scratch(&format!("dirq-{size}")));
+        let q = queue(&scratch(&format!("size-dirq-{size}")));
         group.bench_function(BenchmarkId::new("dirq", &label), |b| {
             b.iter(|| {
                 q.enqueue(&payload).expect("enqueue");
@@ -163,7 +155,7 @@ fn pipeline(c: &mut Criterion) {
         .throughput(Throughput::Elements(1))
         .sample_size(10)
         .measurement_time(Duration::from_secs(15));
-    let root = scratch("pipeline");
+    let root = scratch("hops");
     let queues: Vec<DirectoryQueue> = (0..=HOPS)
         .map(|i| queue(&root.join(format!("q{i}"))))
         .collect();
