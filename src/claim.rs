@@ -37,6 +37,10 @@ const RECHECK_LOCKED: Duration = Duration::from_millis(2);
 /// A claim call that has lost this many races gives up and reports nothing to claim.
 const MAX_LOSSES_PER_CALL: usize = 64;
 
+/// A claimer that trusts its watch spends at most 1/`VERIFY_SHARE` of its time reading
+/// `incoming/` to check it (see [`Snapshot::verify_every`]).
+const VERIFY_SHARE: u32 = 1000;
+
 /// Largest jump ahead in the snapshot after losing a race (see [`Snapshot::lost`]).
 const MAX_JUMP: usize = 256;
 
@@ -47,6 +51,14 @@ pub(crate) struct Snapshot {
     /// Directory stamp of the last scan that found nothing; while `incoming/` keeps this
     /// stamp, it is still empty and need not be read again.
     idle: Option<DirStamp>,
+    /// When a read of `incoming/` last found it empty with the watch [armed](Wake::arm)
+    /// and recording arrivals ever since: until the rescan interval has passed, the
+    /// names the watch reports are all there is to claim, and `names` holds only those.
+    ///
+    /// [Wake::arm]: crate::wake::Wake::arm
+    trusted: Option<Instant>,
+    /// How long the last read of `incoming/` took.
+    scan_cost: Duration,
     buf: Vec<MaybeUninit<u8>>,
     misses: u32,
     /// Names this handle's threads are claiming right now. They are still in
@@ -67,29 +79,96 @@ impl Snapshot {
     /// caller spin on them). Returns `false` when there is nothing else to claim.
     fn refill(&mut self, inner: &Inner, lost: &[MessageId]) -> Result<bool> {
         defer::promote_due(inner, &mut self.deferred, &mut self.buf)?;
+        if let Some(arrived) = self.trusted_arrivals(inner) {
+            self.names = self.unclaimed(arrived, lost).collect();
+            self.names
+                .make_contiguous()
+                .sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            return Ok(!self.names.is_empty());
+        }
         let incoming = inner.dir(State::Incoming);
+        // Armed before the directory is looked at, so that whatever arrives after the
+        // look is recorded.
+        let armed = inner.wake.arm();
         let stamp = if inner.family.is_local() {
             incoming.dir.stat().ok().map(|st| DirStamp::of(&st))
         } else {
             None
         };
         if stamp.is_some() && stamp == self.idle {
+            self.trust(armed);
             return Ok(false);
         }
         self.idle = None;
         inner.counters.scans.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let found = scan::oldest(incoming, SNAPSHOT_LIMIT, &mut self.buf)
             .map_err(|e| Error::io(Operation::Scan, &incoming.path, e))?;
-        let claiming = &self.claiming;
-        self.names = found
-            .candidates
-            .into_iter()
-            .filter(|c| !claiming.contains(&c.id) && !lost.contains(&c.id))
-            .collect();
-        if self.names.is_empty() && claiming.is_empty() {
+        self.scan_cost = started.elapsed();
+        // Empty only if nothing was left out either: a name lost to a claimer that
+        // holds it locked may stay, and nothing else would bring it back.
+        let empty = found.candidates.is_empty();
+        self.names = self.unclaimed(found.candidates, lost).collect();
+        if empty && self.claiming.is_empty() {
             self.idle = stamp.filter(DirStamp::settled);
+            self.trust(armed);
         }
         Ok(!self.names.is_empty())
+    }
+
+    /// `incoming/` was just found empty: trust the watch's arrivals from now on, if
+    /// it was `armed` before the look and no sibling thread is between scan and claim.
+    fn trust(&mut self, armed: bool) {
+        self.trusted = (armed && self.claiming.is_empty()).then(Instant::now);
+    }
+
+    /// The names that arrived since `incoming/` was last found empty, when the watch is
+    /// trusted to have reported all of them; `None` means the directory must be read.
+    fn trusted_arrivals(&mut self, inner: &Inner) -> Option<Vec<Candidate>> {
+        let since = self.trusted.take()?;
+        let names = inner.wake.arrivals()?;
+        if names.is_empty() && since.elapsed() >= self.verify_every(inner) {
+            // Events are hints: now and then, when idle, the directory decides.
+            return None;
+        }
+        self.trusted = Some(since);
+        let candidates = names
+            .into_iter()
+            .filter(|name| !MessageId::is_hidden(name.as_encoded_bytes()))
+            .map(|name| Candidate {
+                id: MessageId::from_name(&name),
+                kind: EntryKind::Unknown,
+            });
+        Some(candidates.collect())
+    }
+
+    /// How often a trusting claimer reads `incoming/` anyway: every rescan interval,
+    /// but on a directory so long that reading it takes a while (ext4 never shrinks one
+    /// that once held a million names) rarely enough that the reads take at most
+    /// 1/[`VERIFY_SHARE`] of the time.
+    fn verify_every(&self, inner: &Inner) -> Duration {
+        inner
+            .config
+            .rescan_interval
+            .max(self.scan_cost.saturating_mul(VERIFY_SHARE))
+    }
+
+    /// `candidates` without those this handle is claiming or this call `lost`.
+    fn unclaimed<'a>(
+        &'a self,
+        candidates: Vec<Candidate>,
+        lost: &'a [MessageId],
+    ) -> impl Iterator<Item = Candidate> + 'a {
+        candidates
+            .into_iter()
+            .filter(move |c| !self.claiming.contains(&c.id) && !lost.contains(&c.id))
+    }
+
+    /// A message was left in `incoming/` (someone else holds its lock, or it is being
+    /// published) and no arrival event will say when it can be claimed: read the
+    /// directory next time.
+    fn distrust(&mut self) {
+        self.trusted = None;
     }
 
     /// A claim was lost to another claimer, which is probably working through the
@@ -98,6 +177,10 @@ impl Snapshot {
     /// Many misses in a row mean the snapshot is stale.
     fn lost(&mut self) {
         self.misses += 1;
+        if self.trusted.is_some() {
+            // The names came from the watch: each is worth trying, none is stale.
+            return;
+        }
         let stale_after = if self.names.len() <= CHEAP_RESCAN {
             2
         } else {
@@ -187,9 +270,14 @@ impl DirectoryQueue {
                     return Ok(Some(message));
                 }
                 Attempt::Lost | Attempt::Locked => {
-                    locked |= matches!(outcome, Attempt::Locked);
+                    let mut snapshot = lock_snapshot(inner);
+                    if matches!(outcome, Attempt::Locked) {
+                        locked = true;
+                        snapshot.distrust();
+                    }
                     inner.counters.collisions.fetch_add(1, Ordering::Relaxed);
-                    lock_snapshot(inner).lost();
+                    snapshot.lost();
+                    drop(snapshot);
                     lost.push(id);
                 }
                 Attempt::Skipped => {}
@@ -265,27 +353,26 @@ impl DirectoryQueue {
                 // The watch is new: anything that arrived before it sent no event.
                 continue;
             }
-            let rescan = now + inner.config.rescan_interval;
-            let due = lock_snapshot(inner).deferred.next_due().map(|t| {
-                now + t
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO)
-            });
-            let until = deadline.min(rescan).min(due.unwrap_or(rescan));
+            let until = deadline.min(self.next_wake(now));
             crate::wake::wait_any(&[&inner.wake], seen, until);
         }
     }
 
     /// When a claimer with nothing to do should look again: after the rescan interval,
-    /// or when the next deferred message falls due, whichever is first.
+    /// when the next deferred message falls due, or soon if the last claim found a
+    /// message locked by someone else, whichever is first.
     pub(crate) fn next_wake(&self, now: Instant) -> Instant {
         let rescan = now + self.inner.config.rescan_interval;
-        let due = lock_snapshot(&self.inner).deferred.next_due().map(|t| {
+        let snapshot = lock_snapshot(&self.inner);
+        let due = snapshot.deferred.next_due().map(|t| {
             now + t
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
         });
-        due.map_or(rescan, |due| due.min(rescan))
+        [due, snapshot.recheck]
+            .into_iter()
+            .flatten()
+            .fold(rescan, Instant::min)
     }
 
     /// One attempt at claiming `candidate`, following DESIGN §4: open without following
@@ -326,7 +413,9 @@ impl DirectoryQueue {
         if st.nlink > 1 && !self.drop_publish_leftover(name, &st)? {
             if !inner.supports_noreplace() {
                 // Publishing here is link + unlink: a second link may be an enqueue
-                // in progress. recover() deals with links that persist.
+                // in progress. recover() deals with links that persist. No event will
+                // say when it is done: read the directory next time.
+                lock_snapshot(inner).distrust();
                 return Ok(Attempt::Skipped);
             }
             return self.quarantine_incoming(

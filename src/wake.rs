@@ -9,11 +9,16 @@
 //! at once (a Piper's inputs, and its outputs while backpressure holds it), and lets
 //! a shutdown wake everyone; a spurious wake-up costs a directory `stat`.
 //!
+//! While a claimer trusts the watch, it also records the names that arrive (see
+//! [`Wake::arm`]), so that a claimer woken on a long directory (ext4 never shrinks
+//! one that once held a million entries) claims the new names without reading it.
+//!
 //! The watch is active only while some claimer of this handle has recently waited:
 //! notify subscribes to opens and modifications as well, so a watch on a busy queue
 //! would wake notify's thread for every claim. It is added when a claimer is about to
 //! sleep and dropped after [`IDLE_UNWATCH`] without waiters.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -49,6 +54,55 @@ fn matters(event: &notify::Result<notify::Event>, wanted: u8) -> bool {
     }
 }
 
+/// Whether `event` says the watch may have missed something: the kernel's event queue
+/// overflowed, or notify reported an error or an event it could not classify.
+fn incomplete(event: &notify::Result<notify::Event>) -> bool {
+    match event {
+        Err(_) => true,
+        Ok(event) => event.need_rescan() || matches!(event.kind, EventKind::Any | EventKind::Other),
+    }
+}
+
+/// The name of the entry that `event` says arrived in the watched directory, if any.
+/// A rename within the directory is reported twice (`To`, then `Both`); only `To` counts.
+fn arrival(event: &notify::Event) -> Option<OsString> {
+    match event.kind {
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            event.paths.first()?.file_name().map(OsString::from)
+        }
+        _ => None,
+    }
+}
+
+/// Most names [`Arrivals`] keeps; past this, reading the directory is cheaper anyway.
+const MAX_ARRIVALS: usize = 64 * 1024;
+
+/// Names the watch reported arriving since it was [armed](Wake::arm).
+#[derive(Debug, Default)]
+struct Arrivals {
+    names: Vec<OsString>,
+    /// Recording, since the last [`Wake::arm`], with the watch active throughout.
+    armed: bool,
+    /// Some arrival since then may be missing from `names`.
+    incomplete: bool,
+}
+
+impl Arrivals {
+    fn record(&mut self, event: &notify::Result<notify::Event>) {
+        if !self.armed {
+            return;
+        }
+        if incomplete(event) || self.names.len() >= MAX_ARRIVALS {
+            self.incomplete = true;
+            self.names = Vec::new();
+            return;
+        }
+        if let Some(name) = event.as_ref().ok().and_then(arrival) {
+            self.names.push(name);
+        }
+    }
+}
+
 /// How long the watch stays after the last waiter, so that a worker alternating
 /// between busy and idle does not add and remove it for every message.
 const IDLE_UNWATCH: Duration = Duration::from_secs(5);
@@ -61,6 +115,7 @@ pub(crate) struct Wake {
     /// Departure events seen by this handle's watch (for backpressure: nothing left
     /// the directory, so counting it again would find the same).
     departures: Arc<AtomicU64>,
+    arrivals: Arc<Mutex<Arrivals>>,
 }
 
 /// Bumped by the watcher threads on every relevant event, and by [`wake_all`].
@@ -136,6 +191,7 @@ impl Wake {
         Wake {
             interests: Arc::new(AtomicU8::new(0)),
             departures: Arc::new(AtomicU64::new(0)),
+            arrivals: Arc::new(Mutex::new(Arrivals::default())),
             watch: Mutex::new(WatchState {
                 watcher: None,
                 watching: None,
@@ -163,7 +219,9 @@ impl Wake {
         if state.watcher.is_none() {
             let interests = Arc::clone(&self.interests);
             let departures = Arc::clone(&self.departures);
+            let arrivals = Arc::clone(&self.arrivals);
             let handler = move |event: notify::Result<notify::Event>| {
+                lock(&arrivals).record(&event);
                 if matters(&event, Interest::Departures as u8) {
                     departures.fetch_add(1, Ordering::AcqRel);
                 }
@@ -196,6 +254,32 @@ impl Wake {
         }
     }
 
+    /// Starts recording the names that arrive, forgetting those recorded so far.
+    /// Returns `false` when no watch for arrivals is active, so nothing is recorded.
+    ///
+    /// A claimer arms the watch before it reads the directory; if the read finds the
+    /// directory empty, every entry that arrives afterwards is in [`Wake::arrivals`].
+    pub(crate) fn arm(&self) -> bool {
+        let state = lock(&self.watch);
+        let watching = state.watching.is_some()
+            && self.interests.load(Ordering::Acquire) & Interest::Arrivals as u8 != 0;
+        *lock(&self.arrivals) = Arrivals {
+            armed: watching,
+            ..Arrivals::default()
+        };
+        watching
+    }
+
+    /// Takes the names recorded since [`Wake::arm`], or `None` when some arrival may be
+    /// missing from them (the watch was dropped or overflowed since, or never armed).
+    pub(crate) fn arrivals(&self) -> Option<Vec<OsString>> {
+        let mut arrivals = lock(&self.arrivals);
+        if !arrivals.armed || arrivals.incomplete {
+            return None;
+        }
+        Some(std::mem::take(&mut arrivals.names))
+    }
+
     /// How many departure events the watch has seen (see [`Interest::Departures`]).
     /// Always 0 where events are not available.
     pub(crate) fn departures(&self) -> u64 {
@@ -214,6 +298,7 @@ impl Wake {
             return;
         }
         let dir = state.watching.take();
+        lock(&self.arrivals).armed = false;
         if let (Some(watcher), Some(dir)) = (state.watcher.as_mut(), dir) {
             if let Err(e) = watcher.unwatch(&dir) {
                 tracing::debug!(dir = %dir.display(), error = %e, "cannot unwatch");
@@ -290,6 +375,68 @@ mod tests {
             &event(EventKind::Access(notify::event::AccessKind::Any)),
             arrivals | departures
         ));
+    }
+
+    #[test]
+    fn arrivals_record_names_until_something_may_be_missed() {
+        use notify::event::{CreateKind, Flag};
+        let event = |kind, paths: &[&str]| {
+            let mut event = notify::Event::new(kind);
+            for path in paths {
+                event = event.add_path(PathBuf::from(path));
+            }
+            Ok(event)
+        };
+        let created = event(EventKind::Create(CreateKind::File), &["/q/incoming/a"]);
+        let moved_in = event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            &["/q/incoming/b"],
+        );
+        let moved_within = event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            &["/q/incoming/x", "/q/incoming/b"],
+        );
+        let moved_out = event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            &["/q/incoming/c"],
+        );
+
+        let mut arrivals = Arrivals::default();
+        arrivals.record(&created);
+        assert!(arrivals.names.is_empty(), "not armed: nothing recorded");
+
+        arrivals.armed = true;
+        for e in [&created, &moved_in, &moved_within, &moved_out] {
+            arrivals.record(e);
+        }
+        assert_eq!(arrivals.names, ["a", "b"]);
+        assert!(!arrivals.incomplete);
+
+        let overflow = Ok(notify::Event::new(EventKind::Other).set_flag(Flag::Rescan));
+        arrivals.record(&overflow);
+        assert!(arrivals.incomplete && arrivals.names.is_empty());
+
+        let mut arrivals = Arrivals {
+            armed: true,
+            ..Arrivals::default()
+        };
+        for _ in 0..=MAX_ARRIVALS {
+            arrivals.record(&created);
+        }
+        assert!(arrivals.incomplete, "more than {MAX_ARRIVALS} names");
+    }
+
+    #[test]
+    fn arming_needs_a_watch_for_arrivals() {
+        let dir = tempfile::tempdir().unwrap();
+        let wake = Wake::new(true);
+        assert!(!wake.arm(), "no watch yet");
+        assert_eq!(wake.arrivals(), None);
+        wake.prepare(dir.path(), Interest::Departures);
+        assert!(!wake.arm(), "watching for departures only");
+        wake.prepare(dir.path(), Interest::Arrivals);
+        assert!(wake.arm());
+        assert_eq!(wake.arrivals(), Some(Vec::new()));
     }
 
     #[test]

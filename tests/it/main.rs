@@ -13,3 +13,4 @@ mod operator;
 mod piper;
 mod queue;
 mod util;
+mod wakeup;
