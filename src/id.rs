@@ -101,12 +101,19 @@ impl MessageId {
         (self.time_ns != 0).then(|| UNIX_EPOCH + Duration::from_nanos(self.time_ns))
     }
 
-    /// Compares a name found in a directory with an id, without allocating an id for it.
-    pub(crate) fn cmp_name(name: &OsStr, other: &MessageId) -> Ordering {
-        let bytes = name.as_encoded_bytes();
-        parse_time_ns(bytes)
-            .cmp(&other.time_ns)
-            .then_with(|| bytes.cmp(other.name.as_encoded_bytes()))
+    /// The first part of an id's sort key: the creation time its name encodes
+    /// (nanoseconds since the epoch), or 0 for names without a recognisable time.
+    pub(crate) fn time_of(name: &[u8]) -> u64 {
+        parse_time_ns(name)
+    }
+
+    /// Wraps a name found in a queue directory whose [`MessageId::time_of`] is known.
+    pub(crate) fn with_time(name: OsString, time_ns: u64) -> MessageId {
+        debug_assert_eq!(time_ns, parse_time_ns(name.as_encoded_bytes()));
+        MessageId {
+            time_ns,
+            name: name.into_boxed_os_str(),
+        }
     }
 
     /// Whether a name found in a queue directory is a message at all: names starting

@@ -7,7 +7,6 @@
 //! a name that is not older than the newest kept one is skipped without allocating.
 //! The total cost is linear in the directory size.
 
-use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 
 use crate::id::MessageId;
@@ -37,31 +36,117 @@ pub(crate) fn oldest(
     limit: usize,
     buf: &mut Vec<MaybeUninit<u8>>,
 ) -> std::io::Result<Oldest> {
-    let limit = limit.max(1);
-    let mut kept: Vec<Candidate> = Vec::new();
-    let mut threshold: Option<MessageId> = None;
+    let mut selection = Selection::new(limit.max(1));
     dir.dir.scan(buf, |entry| {
-        if MessageId::is_hidden(entry.name.as_encoded_bytes()) {
-            return;
+        let name = entry.name.as_encoded_bytes();
+        if !MessageId::is_hidden(name) {
+            selection.offer(name, entry.kind);
         }
-        if let Some(threshold) = &threshold {
-            if !precedes(entry.name, threshold) {
+    })?;
+    Ok(Oldest {
+        candidates: selection.into_oldest(),
+    })
+}
+
+/// The oldest names offered so far, kept without an allocation per name: the names
+/// live in one buffer (`arena`) and `kept` holds their sort keys and places in it.
+/// Reading a directory of a million names offers every one of them; this is the part
+/// of the cost of a first claim that is ours rather than the kernel's.
+struct Selection {
+    limit: usize,
+    kept: Vec<Kept>,
+    arena: Vec<u8>,
+    /// Once `kept` has been cut to `limit`: the newest kept name. Names that do not
+    /// precede it cannot be among the oldest and are not kept.
+    threshold: Option<(u64, Vec<u8>)>,
+}
+
+/// A kept name: its creation time (the first part of FIFO order, see [`MessageId`])
+/// and its bytes `arena[start..start + len]`.
+#[derive(Clone, Copy)]
+struct Kept {
+    time_ns: u64,
+    start: usize,
+    len: usize,
+    kind: EntryKind,
+}
+
+impl Selection {
+    fn new(limit: usize) -> Selection {
+        Selection {
+            limit,
+            kept: Vec::new(),
+            arena: Vec::new(),
+            threshold: None,
+        }
+    }
+
+    fn offer(&mut self, name: &[u8], kind: EntryKind) {
+        let time_ns = MessageId::time_of(name);
+        if let Some((threshold_ns, threshold)) = &self.threshold {
+            if (time_ns, name) >= (*threshold_ns, threshold.as_slice()) {
                 return;
             }
         }
-        kept.push(Candidate {
-            id: MessageId::from_name(entry.name),
-            kind: entry.kind,
+        self.kept.push(Kept {
+            time_ns,
+            start: self.arena.len(),
+            len: name.len(),
+            kind,
         });
-        if kept.len() == 2 * limit {
-            kept.select_nth_unstable_by(limit - 1, |a, b| a.id.cmp(&b.id));
-            kept.truncate(limit);
-            threshold = kept.iter().map(|c| &c.id).max().cloned();
+        self.arena.extend_from_slice(name);
+        if self.kept.len() == 2 * self.limit {
+            self.cut();
         }
-    })?;
-    kept.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    kept.truncate(limit);
-    Ok(Oldest { candidates: kept })
+    }
+
+    /// Keeps the `limit` oldest, in linear time, and forgets the others' bytes.
+    fn cut(&mut self) {
+        let arena = &self.arena;
+        self.kept
+            .select_nth_unstable_by(self.limit - 1, |a, b| fifo(arena, a, b));
+        self.kept.truncate(self.limit);
+        let mut compacted = Vec::with_capacity(self.arena.len() / 2);
+        for kept in &mut self.kept {
+            let start = compacted.len();
+            compacted.extend_from_slice(&self.arena[kept.start..kept.start + kept.len]);
+            kept.start = start;
+        }
+        self.arena = compacted;
+        self.threshold = self
+            .kept
+            .iter()
+            .max_by(|a, b| fifo(&self.arena, a, b))
+            .map(|newest| (newest.time_ns, self.bytes(newest).to_vec()));
+    }
+
+    fn bytes(&self, kept: &Kept) -> &[u8] {
+        &self.arena[kept.start..kept.start + kept.len]
+    }
+
+    /// The `limit` oldest names offered, oldest first.
+    fn into_oldest(mut self) -> Vec<Candidate> {
+        let arena = &self.arena;
+        self.kept.sort_unstable_by(|a, b| fifo(arena, a, b));
+        self.kept.truncate(self.limit);
+        self.kept
+            .iter()
+            .map(|kept| Candidate {
+                id: MessageId::with_time(
+                    crate::sys::os_string(self.bytes(kept).to_vec()),
+                    kept.time_ns,
+                ),
+                kind: kept.kind,
+            })
+            .collect()
+    }
+}
+
+/// FIFO order of two kept names, as [`MessageId`]'s `Ord`.
+fn fifo(arena: &[u8], a: &Kept, b: &Kept) -> std::cmp::Ordering {
+    a.time_ns
+        .cmp(&b.time_ns)
+        .then_with(|| arena[a.start..a.start + a.len].cmp(&arena[b.start..b.start + b.len]))
 }
 
 /// What changes when a directory's entries change.
@@ -88,11 +173,6 @@ impl DirStamp {
         let horizon = SystemTime::now() - Duration::from_secs(1);
         self.mtime < horizon && self.ctime < horizon
     }
-}
-
-/// Whether `name` sorts before `threshold`, without allocating an id for it.
-fn precedes(name: &OsStr, threshold: &MessageId) -> bool {
-    MessageId::cmp_name(name, threshold).is_lt()
 }
 
 #[cfg(test)]
@@ -129,6 +209,35 @@ mod tests {
                 .map(|c| c.id.to_str().unwrap().to_owned())
                 .collect();
             assert_eq!(got_names, expect, "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn orders_as_message_ids_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Timed names (dirq's format) whose byte order is not their time order, and
+        // untimed names, which sort before all timed ones.
+        let mut names: Vec<String> = (0..300u64)
+            .map(|i| {
+                let ns = (i * 7919) % 1000;
+                format!("1700000000.{ns:09}.host.{}.0000abcd.msg", 1000 - i)
+            })
+            .chain((0..50).map(|i| format!("foreign-{i}")))
+            .collect();
+        for n in &names {
+            std::fs::write(tmp.path().join(n), b"x").unwrap();
+        }
+        let mut ids: Vec<MessageId> = names
+            .drain(..)
+            .map(|n| MessageId::new(n).unwrap())
+            .collect();
+        ids.sort();
+        let dir = state_dir(tmp.path().to_path_buf());
+        for limit in [1, 40, 120, 350] {
+            let got = oldest(&dir, limit, &mut Vec::new()).unwrap();
+            let got: Vec<&MessageId> = got.candidates.iter().map(|c| &c.id).collect();
+            let expect: Vec<&MessageId> = ids.iter().take(limit).collect();
+            assert_eq!(got, expect, "limit {limit}");
         }
     }
 }

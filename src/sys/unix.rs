@@ -561,12 +561,12 @@ pub(crate) fn hostname() -> String {
         .into_owned()
 }
 
-/// The id of the calling process.
 /// A file name from its bytes.
 pub(crate) fn os_string(bytes: Vec<u8>) -> std::ffi::OsString {
     std::os::unix::ffi::OsStringExt::from_vec(bytes)
 }
 
+/// The id of the calling process.
 pub(crate) fn pid() -> u32 {
     std::process::id()
 }
