@@ -1,6 +1,6 @@
 //! Claiming: `incoming/X` → `pending/X`, owned through an `flock` on the file.
 
-use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,7 @@ use crate::error::{Error, Operation, Result};
 use crate::owner::{lock_entry, Entry};
 use crate::quarantine::quarantine;
 use crate::queue::Inner;
-use crate::scan::{self, Candidate, DirStamp};
+use crate::scan::{self, Candidate, DirStamp, Oldest};
 use crate::sys::{EntryKind, FileStat};
 use crate::{DirectoryQueue, Message, MessageId, State};
 
@@ -47,7 +47,7 @@ const MAX_JUMP: usize = 256;
 /// The names a handle is working through, oldest first, shared by its clones.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
-    names: VecDeque<Candidate>,
+    names: Oldest,
     /// Directory stamp of the last scan that found nothing; while `incoming/` keeps this
     /// stamp, it is still empty and need not be read again.
     idle: Option<DirStamp>,
@@ -80,10 +80,8 @@ impl Snapshot {
     fn refill(&mut self, inner: &Inner, lost: &[MessageId]) -> Result<bool> {
         defer::promote_due(inner, &mut self.deferred, &mut self.buf)?;
         if let Some(arrived) = self.trusted_arrivals(inner) {
-            self.names = self.unclaimed(arrived, lost).collect();
-            self.names
-                .make_contiguous()
-                .sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            self.names = arrived;
+            self.leave_out(lost);
             return Ok(!self.names.is_empty());
         }
         let incoming = inner.dir(State::Incoming);
@@ -107,8 +105,9 @@ impl Snapshot {
         self.scan_cost = started.elapsed();
         // Empty only if nothing was left out either: a name lost to a claimer that
         // holds it locked may stay, and nothing else would bring it back.
-        let empty = found.candidates.is_empty();
-        self.names = self.unclaimed(found.candidates, lost).collect();
+        let empty = found.is_empty();
+        self.names = found;
+        self.leave_out(lost);
         if empty && self.claiming.is_empty() {
             self.idle = stamp.filter(DirStamp::settled);
             self.trust(armed);
@@ -124,7 +123,7 @@ impl Snapshot {
 
     /// The names that arrived since `incoming/` was last found empty, when the watch is
     /// trusted to have reported all of them; `None` means the directory must be read.
-    fn trusted_arrivals(&mut self, inner: &Inner) -> Option<Vec<Candidate>> {
+    fn trusted_arrivals(&mut self, inner: &Inner) -> Option<Oldest> {
         let since = self.trusted.take()?;
         let names = inner.wake.arrivals()?;
         if names.is_empty() && since.elapsed() >= self.verify_every(inner) {
@@ -132,14 +131,7 @@ impl Snapshot {
             return None;
         }
         self.trusted = Some(since);
-        let candidates = names
-            .into_iter()
-            .filter(|name| !MessageId::is_hidden(name.as_encoded_bytes()))
-            .map(|name| Candidate {
-                id: MessageId::from_name(&name),
-                kind: EntryKind::Unknown,
-            });
-        Some(candidates.collect())
+        Some(Oldest::of_names(names.iter().map(OsString::as_os_str)))
     }
 
     /// How often a trusting claimer reads `incoming/` anyway: every rescan interval,
@@ -153,15 +145,10 @@ impl Snapshot {
             .max(self.scan_cost.saturating_mul(VERIFY_SHARE))
     }
 
-    /// `candidates` without those this handle is claiming or this call `lost`.
-    fn unclaimed<'a>(
-        &'a self,
-        candidates: Vec<Candidate>,
-        lost: &'a [MessageId],
-    ) -> impl Iterator<Item = Candidate> + 'a {
-        candidates
-            .into_iter()
-            .filter(move |c| !self.claiming.contains(&c.id) && !lost.contains(&c.id))
+    /// Leaves out of `names` those this handle is claiming or this call `lost`.
+    fn leave_out(&mut self, lost: &[MessageId]) {
+        let ids: Vec<&MessageId> = self.claiming.iter().chain(lost).collect();
+        self.names.remove(&ids);
     }
 
     /// A message was left in `incoming/` (someone else holds its lock, or it is being
@@ -193,7 +180,7 @@ impl Snapshot {
         }
         let span = self.names.len().min(MAX_JUMP) as u64;
         let jump = crate::random::below(span) as usize;
-        self.names.drain(..jump);
+        self.names.skip(jump);
     }
 }
 
