@@ -99,6 +99,8 @@ impl Snapshot {
         }
         self.idle = None;
         inner.counters.scans.fetch_add(1, Ordering::Relaxed);
+        // The drained snapshot's buffers go before the scan builds the next one.
+        self.names.clear();
         let started = Instant::now();
         let found = scan::oldest(incoming, SNAPSHOT_LIMIT, &mut self.buf)
             .map_err(|e| Error::io(Operation::Scan, &incoming.path, e))?;
