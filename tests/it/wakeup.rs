@@ -31,6 +31,15 @@ fn claimer(t: &TestQueue) -> (DirectoryQueue, mpsc::Receiver<MessageId>, JoinHan
     (queue, rx, thread)
 }
 
+/// A [`claimer`] that has claimed one message after waiting for it, so that it found
+/// `incoming/` empty with its watch recording: from now on it trusts its events.
+fn trusting_claimer(t: &TestQueue) -> (DirectoryQueue, mpsc::Receiver<MessageId>, JoinHandle<()>) {
+    let (queue, rx, thread) = claimer(t);
+    let first = t.queue.enqueue(b"first").unwrap();
+    assert_eq!(received(&rx), first);
+    (queue, rx, thread)
+}
+
 fn received(rx: &mpsc::Receiver<MessageId>) -> MessageId {
     rx.recv_timeout(Duration::from_secs(30))
         .expect("the claimer claimed the message")
@@ -39,9 +48,7 @@ fn received(rx: &mpsc::Receiver<MessageId>) -> MessageId {
 #[test]
 fn a_woken_claimer_claims_what_the_events_name_without_reading_incoming() {
     let t = TestQueue::new();
-    let (claimer, rx, thread) = claimer(&t);
-    let first = t.queue.enqueue(b"first").unwrap();
-    assert_eq!(received(&rx), first);
+    let (claimer, rx, thread) = trusting_claimer(&t);
     let scans = claimer.claim_stats().scans;
     // Each message arrives while the claimer waits, or is about to: either way, it
     // finds the new name among the events it recorded.
@@ -60,9 +67,7 @@ fn a_woken_claimer_claims_what_the_events_name_without_reading_incoming() {
 #[test]
 fn names_from_events_get_the_checks_of_scanned_names() {
     let t = TestQueue::new();
-    let (_claimer, rx, _thread) = claimer(&t);
-    let first = t.queue.enqueue(b"first").unwrap();
-    assert_eq!(received(&rx), first);
+    let (_claimer, rx, _thread) = trusting_claimer(&t);
 
     // Planted while the claimer trusts its events; they sort before the message.
     let incoming = t.path(State::Incoming);
@@ -85,9 +90,7 @@ fn names_from_events_get_the_checks_of_scanned_names() {
 #[test]
 fn a_message_that_arrived_locked_is_claimed_once_unlocked() {
     let t = TestQueue::new();
-    let (claimer, rx, _thread) = claimer(&t);
-    let first = t.queue.enqueue(b"first").unwrap();
-    assert_eq!(received(&rx), first);
+    let (claimer, rx, _thread) = trusting_claimer(&t);
 
     // Arrives with its lock held, as a message being released does: the claimer's
     // attempt finds it locked, and no event will say when the lock goes.
