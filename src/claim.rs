@@ -1,6 +1,5 @@
 //! Claiming: `incoming/X` → `pending/X`, owned through an `flock` on the file.
 
-use std::ffi::OsString;
 use std::io;
 use std::mem::MaybeUninit;
 use std::sync::atomic::Ordering;
@@ -113,6 +112,8 @@ impl Snapshot {
         if empty && self.claiming.is_empty() {
             self.idle = stamp.filter(DirStamp::settled);
             self.trust(armed);
+        } else if armed {
+            inner.wake.disarm();
         }
         Ok(!self.names.is_empty())
     }
@@ -133,7 +134,7 @@ impl Snapshot {
             return None;
         }
         self.trusted = Some(since);
-        Some(Oldest::of_names(names.iter().map(OsString::as_os_str)))
+        Some(Oldest::of_names(&names))
     }
 
     /// How often a trusting claimer reads `incoming/` anyway: every rescan interval,
@@ -255,6 +256,7 @@ impl DirectoryQueue {
             match outcome {
                 Attempt::Claimed(message) => {
                     lock_snapshot(inner).misses = 0;
+                    inner.wake.busy();
                     inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(message));
                 }
@@ -328,7 +330,6 @@ impl DirectoryQueue {
         loop {
             let seen = crate::wake::generation();
             if let Some(message) = self.try_claim()? {
-                inner.wake.busy();
                 return Ok(Some(message));
             }
             let now = Instant::now();

@@ -7,7 +7,7 @@
 //! a name that is not older than the newest kept one is skipped without allocating.
 //! The total cost is linear in the directory size.
 
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::mem::MaybeUninit;
 
 use crate::id::MessageId;
@@ -43,8 +43,8 @@ const FIRST_CHUNK: usize = 1024;
 
 impl Oldest {
     /// `names` (unordered; hidden ones left out) as a set to take oldest first.
-    pub(crate) fn of_names<'a>(names: impl IntoIterator<Item = &'a OsStr>) -> Oldest {
-        let mut selection = Selection::new(usize::MAX / 2);
+    pub(crate) fn of_names(names: &[OsString]) -> Oldest {
+        let mut selection = Selection::new(names.len().max(1));
         for name in names {
             let name = name.as_encoded_bytes();
             if !MessageId::is_hidden(name) {
@@ -316,8 +316,8 @@ mod tests {
     #[test]
     fn taking_skipping_and_removing_across_sorted_chunks() {
         // More names than the first sorted chunk, offered newest first.
-        let names: Vec<String> = (0..5000).rev().map(|i| format!("m{i:05}")).collect();
-        let oldest = || Oldest::of_names(names.iter().map(|n| OsStr::new(n.as_str())));
+        let names: Vec<OsString> = (0..5000).rev().map(|i| format!("m{i:05}").into()).collect();
+        let oldest = || Oldest::of_names(&names);
         let all = ids((0..5000).map(|i| format!("m{i:05}")));
         assert_eq!(taken(oldest()), all);
 
@@ -331,7 +331,7 @@ mod tests {
         some.remove(&left_out);
         assert_eq!(taken(some), all[3003..4999]);
 
-        let mut with_hidden = Oldest::of_names([OsStr::new(".partial"), OsStr::new("b")]);
+        let mut with_hidden = Oldest::of_names(&[".partial".into(), "b".into()]);
         with_hidden.skip(10);
         assert!(with_hidden.is_empty());
         assert!(taken(Oldest::default()).is_empty());

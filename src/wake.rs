@@ -270,6 +270,12 @@ impl Wake {
         watching
     }
 
+    /// Stops recording arrivals: the look that followed [`Wake::arm`] found messages,
+    /// so the names would not be used, and a busy queue would pile them up.
+    pub(crate) fn disarm(&self) {
+        *lock(&self.arrivals) = Arrivals::default();
+    }
+
     /// Takes the names recorded since [`Wake::arm`], or `None` when some arrival may be
     /// missing from them (the watch was dropped or overflowed since, or never armed).
     pub(crate) fn arrivals(&self) -> Option<Vec<OsString>> {
