@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dirq::State;
 
-use crate::util::{dirq, run, run_ok, tempdir, wait_until, TestQueue};
+use crate::util::{assert_succeeded, dirq, run, run_ok, tempdir, wait_until, TestQueue};
 
 fn s(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
@@ -280,11 +280,7 @@ fn a_one_gib_message_streams_through_push_and_take_in_bounded_memory() {
     let push_peak = peak_rss_kib(push.id()).expect("push is running");
     drop(stdin);
     let out = push.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "dirq push");
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(
         std::fs::metadata(t.path(State::Incoming).join(&id))

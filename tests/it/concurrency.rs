@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dirq::{DirectoryQueue, Durability};
 
-use crate::util::{dirq, TestQueue};
+use crate::util::{assert_succeeded, dirq, TestQueue};
 
 const MESSAGES: usize = 20_000;
 const CONSUMERS: usize = 4;
@@ -51,11 +51,7 @@ fn four_processes_take_each_message_exactly_once_while_a_producer_adds() {
                             .stdin(Stdio::null())
                             .output()
                             .unwrap();
-                        assert!(
-                            out.status.success(),
-                            "{}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
+                        assert_succeeded(&out, "dirq take");
                         let before = taken.len();
                         taken.extend(
                             out.stdout

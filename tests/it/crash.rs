@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use dirq::State;
 
-use crate::util::{dirq, names_in, run_ok, tempdir};
+use crate::util::{assert_succeeded, dirq, names_in, run_ok, tempdir};
 
 const KILLS: usize = 60;
 const FILES_PER_PRODUCER: usize = 40;
@@ -85,11 +85,7 @@ fn sigkill_storm_loses_and_duplicates_nothing() {
     let mut collect = |running: Running, killed: bool| {
         let out = running.child.wait_with_output().unwrap();
         if !killed {
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_succeeded(&out, "dirq push or take");
         }
         if running.role == Role::Producer {
             let text = String::from_utf8(out.stdout).unwrap();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use dirq::{DirectoryQueue, MessageId, State};
 
-use crate::util::{dirq, names_in, signal, tempdir, wait_until, TestQueue};
+use crate::util::{assert_succeeded, dirq, names_in, signal, tempdir, wait_until, TestQueue};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -24,11 +24,7 @@ fn exec(queue: &Path, extra: &[&str], script: &str) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "exec failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "dirq exec");
     out
 }
 
@@ -268,11 +264,7 @@ fn sigterm_drains_running_commands_and_exits_0() {
     });
     signal(child.id(), "TERM");
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "dirq exec");
     assert_eq!(t.queue.counts().unwrap().pending, 0);
     let done = names_in(&next.join("incoming")).len();
     assert_eq!(
@@ -368,11 +360,7 @@ workers = 2
     signal(supervisor.id(), "TERM");
     let start = Instant::now();
     let out = supervisor.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "dirq run");
     assert!(start.elapsed() < Duration::from_secs(30));
     wait_until(LONG, "every worker to be gone", || {
         upper.pipers().unwrap().iter().all(|p| !p.live)

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use dirq::{DirectoryQueue, State};
 
-use crate::util::{run_ok, skip, TestQueue};
+use crate::util::{assert_succeeded, run_ok, skip, TestQueue};
 
 const MENTAT_VERSION: &str = "2.15.4";
 
@@ -70,11 +70,7 @@ fn python(script: &str, args: &[&Path]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "python");
     String::from_utf8(out.stdout).unwrap()
 }
 

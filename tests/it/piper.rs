@@ -13,7 +13,7 @@ use dirq::{
     PiperStats, RetryPolicy, StageResult, State, TimeoutAction,
 };
 
-use crate::util::{example, names_in, signal, tempdir, wait_until, TestQueue};
+use crate::util::{assert_succeeded, example, names_in, signal, tempdir, wait_until, TestQueue};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -692,11 +692,7 @@ fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
     signal(child.id(), "TERM");
     signal(child.id(), "TERM");
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, "the stage");
     assert_eq!(input.counts().unwrap().pending, 0);
     let total = parsed.counts().unwrap().incoming + input.counts().unwrap().incoming;
     assert_eq!(total, 300, "nothing lost after a forced stop");

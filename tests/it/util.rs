@@ -109,15 +109,20 @@ pub fn run_with_input(args: &[&str], input: &[u8]) -> Output {
     child.wait_with_output().expect("wait for dirq")
 }
 
-/// Runs `dirq` and asserts it succeeded; returns standard output.
-pub fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
+/// Asserts that the process `what` exited successfully, showing its standard error if not.
+pub fn assert_succeeded(out: &Output, what: &str) {
     assert!(
         out.status.success(),
-        "dirq {args:?} failed ({}): {}",
+        "{what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `dirq` and asserts it succeeded; returns standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert_succeeded(&out, &format!("dirq {args:?}"));
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
