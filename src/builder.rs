@@ -166,27 +166,23 @@ impl QueueBuilder {
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::Config {
-                path: self.root.clone(),
-                reason,
-            })
-        };
+        let target = format!("queue {}", self.root.display());
+        let bad = |field: &'static str, reason: String| Err(Error::config(&target, field, reason));
         let c = &self.config;
         if c.dir_mode & !0o7777 != 0 || c.dir_mode & 0o700 != 0o700 {
-            return bad(format!(
+            return bad("dir_mode", format!(
                 "directory mode {:#o} must be at most 0o7777 and include 0o700",
                 c.dir_mode
             ));
         }
         if c.file_mode & !0o7777 != 0 || c.file_mode & 0o600 != 0o600 {
-            return bad(format!(
+            return bad("file_mode", format!(
                 "file mode {:#o} must be at most 0o7777 and include 0o600",
                 c.file_mode
             ));
         }
         if c.rescan_interval.is_zero() {
-            return bad("rescan interval must not be zero".to_owned());
+            return bad("rescan_interval", "must not be zero".to_owned());
         }
         Ok(())
     }

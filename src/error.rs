@@ -129,12 +129,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// A builder setting is out of range.
-    #[error("failed to open queue {}: {reason}", path.display())]
+    /// A setting is missing or out of range: of a queue's builder, a retry policy, a
+    /// Piper or a command stage. Nothing was opened, started or changed.
+    #[error("invalid {field} of {target}: {reason}")]
     Config {
-        /// The queue root.
-        path: PathBuf,
-        /// Which setting, and what it must be.
+        /// What was being configured: `queue /var/spool/q`, `Piper "parse"`, ...
+        target: String,
+        /// The setting, named as its setter is (`workers`, `max_attempts`, ...).
+        field: &'static str,
+        /// What the value must be, e.g. "must be at least 1".
         reason: String,
     },
     /// A message could not be encoded or decoded as JSON.
@@ -165,14 +168,6 @@ pub enum Error {
         path: PathBuf,
         /// The message id.
         id: MessageId,
-    },
-    /// A [`Piper`](crate::Piper) was configured wrongly.
-    #[error("invalid configuration of Piper {stage:?}: {reason}")]
-    PiperConfig {
-        /// The stage name.
-        stage: String,
-        /// What is wrong.
-        reason: String,
     },
     /// A batch enqueue failed after some of its messages were already published.
     ///
@@ -230,6 +225,19 @@ impl Error {
         }
     }
 
+    /// A setting rejected before anything was opened or started.
+    pub(crate) fn config(
+        target: impl fmt::Display,
+        field: &'static str,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::Config {
+            target: target.to_string(),
+            field,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn moving(
         op: Operation,
         from: impl Into<PathBuf>,
@@ -261,13 +269,12 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Layout { path, .. }
-            | Error::Config { path, .. }
-            | Error::Json { path, .. }
+                        | Error::Json { path, .. }
             | Error::EmptyMessage { path, .. }
             | Error::Duplicate { path, .. }
             | Error::PartialBatch { path, .. } => Some(path),
             Error::Move { from, .. } => Some(from),
-            Error::InvalidId { .. } | Error::PiperConfig { .. } => None,
+            Error::InvalidId { .. } | Error::Config { .. } => None,
         }
     }
 
@@ -282,8 +289,7 @@ impl Error {
             Error::PartialBatch { .. } => Some(Operation::Publish),
             Error::InvalidId { .. }
             | Error::Layout { .. }
-            | Error::Config { .. }
-            | Error::PiperConfig { .. } => None,
+            | Error::Config { .. } => None,
         }
     }
 
@@ -303,7 +309,7 @@ impl Error {
         match self {
             Error::Io { source, .. } | Error::Move { source, .. } => source.kind(),
             Error::PartialBatch { source, .. } => source.kind(),
-            Error::InvalidId { .. } | Error::Config { .. } | Error::PiperConfig { .. } => {
+            Error::InvalidId { .. } | Error::Config { .. } => {
                 io::ErrorKind::InvalidInput
             }
             Error::Layout { .. } | Error::Json { .. } | Error::EmptyMessage { .. } => {

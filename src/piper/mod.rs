@@ -297,32 +297,28 @@ impl PiperBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::PiperConfig`] when there is no input or stage, no worker, two outputs
+    /// [`Error::Config`] when there is no input or stage, no worker, two outputs
     /// share a name, or the low watermark is above the high one.
     pub fn build(&self) -> Result<Piper> {
-        let bad = |reason: &str| {
-            Err(Error::PiperConfig {
-                stage: self.name.clone(),
-                reason: reason.to_owned(),
-            })
-        };
+        let target = format!("Piper {:?}", self.name);
+        let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
         let Some(factory) = self.factory.clone() else {
-            return bad("no stage was given");
+            return bad("stage", "no stage was given");
         };
         if self.inputs.is_empty() {
-            return bad("no input queue was given");
+            return bad("input", "no input queue was given");
         }
         if self.workers == 0 {
-            return bad("at least one worker is needed");
+            return bad("workers", "at least one worker is needed");
         }
         let mut names = HashSet::new();
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {
-            return bad("two outputs have the same name");
+            return bad("output", "two outputs have the same name");
         }
         let high = self.limit.max(1);
         let low = self.low.unwrap_or(high / 5 * 4 + high % 5 * 4 / 5);
         if low > high {
-            return bad("the low watermark is above the high one");
+            return bad("out_resume", "the low watermark is above the high one");
         }
         let limits = Limits {
             high,

@@ -26,10 +26,11 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return Err(Error::PiperConfig {
-            stage: shared.name.clone(),
-            reason: "a Piper runs only once".to_owned(),
-        });
+        return Err(Error::config(
+            format_args!("Piper {:?}", shared.name),
+            "run",
+            "a Piper runs only once",
+        ));
     }
     *lock(&shared.supervisor) = Some(std::thread::current());
     for input in &shared.inputs {

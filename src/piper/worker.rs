@@ -480,11 +480,9 @@ fn fall_back(message: Message, error: &Error, counters: &Counters) {
     }
 }
 
+/// A stage named an output its Piper does not have.
 fn stage_error(stage: &str, reason: String) -> Error {
-    Error::PiperConfig {
-        stage: stage.to_owned(),
-        reason,
-    }
+    Error::config(format_args!("Piper {stage:?}"), "output", reason)
 }
 
 fn log_change(stage: &str, output: &str, change: Option<Change>) {
