@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirq::{DirectoryQueue, Durability, Message, Outcome, Piper, StageResult};
+use dirq::piper::{Outcome, Piper, StageResult};
+use dirq::{DirectoryQueue, Durability, Message};
 
 mod common;
 

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Emit, Message, Outcome, Piper, RetryPolicy, StageResult, State};
+use dirq::piper::{Emit, Outcome, Piper, StageResult};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Message, State};
 
 const EVENTS: usize = 5_000;
 const MALFORMED_EVERY: usize = 97;
@@ -45,9 +47,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dirq demo: a 3-stage pipeline of Pipers in {}\n",
         root.display()
     );
-    let retries = RetryPolicy::default()
+    let retries = RetryPolicy::builder()
         .initial(Duration::from_millis(100))
-        .max_attempts(5);
+        .max_attempts(5)
+        .build()?;
     let open = |name: &str| {
         DirectoryQueue::builder(root.join(name))
             .retry_policy(retries)
@@ -176,7 +179,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.claimed, s.forwarded, s.emitted, s.failed, s.retried, s.panics, s.paused_ms as f64 / 1000.0
         );
     }
-    if let Some(info) = input.list(State::Errors)?.first() {
+    if let Some(info) = dirq::admin::list(&input, State::Errors)?.first() {
         let reason = info
             .failure
             .as_ref()

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Durability, Message, Outcome, Piper, StageResult};
+use dirq::piper::{Outcome, Piper, StageResult};
+use dirq::{DirectoryQueue, Durability, Message};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Durability, Emit, Message, Outcome, Piper, StageResult, State};
+use dirq::piper::{Emit, Outcome, Piper, StageResult};
+use dirq::{DirectoryQueue, Durability, Message, State};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -295,7 +296,7 @@ fn verify(
     let archive = &queues["archive"];
     let mut seen = HashMap::new();
     for id in archive.ids(State::Incoming)? {
-        let (_, bytes) = archive.peek(&id?)?;
+        let (_, bytes) = dirq::admin::peek(archive, &id?)?;
         let event: serde_json::Value = serde_json::from_slice(&bytes)?;
         let key = event["ID"].as_str().unwrap_or_default().to_owned();
         *seen.entry(key).or_insert(0usize) += 1;

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Message, Outcome, Piper, RetryPolicy, StageResult, State};
+use dirq::piper::{Outcome, Piper, StageResult};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Message, State};
 
 const EVENTS: usize = 60;
 
@@ -34,10 +36,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let events = DirectoryQueue::builder(dir.path().join("events"))
         .retry_policy(
-            RetryPolicy::default()
+            RetryPolicy::builder()
                 .initial(Duration::from_millis(50))
                 .factor(2.0)
-                .max_attempts(4),
+                .max_attempts(4)
+                .build()?,
         )
         .open()?;
     for i in 0..EVENTS {
@@ -50,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let piper = Piper::builder("deliver")
         .input(&events)
         .workers(4)
-        .breaker(dirq::BreakerPolicy::disabled())
+        .breaker(dirq::piper::BreakerPolicy::disabled())
         .stage(move |message: &Message| -> StageResult {
             let event = String::from_utf8_lossy(&message.bytes()?).into_owned();
             let attempt = message.attempts()?;
@@ -82,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.retried,
         stats.dead_lettered
     );
-    for info in events.list(State::Errors)? {
+    for info in dirq::admin::list(&events, State::Errors)? {
         let failure = info.failure.unwrap_or_default();
         println!(
             "  errors/{}  after {} attempts: {}",

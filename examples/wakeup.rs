@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dirq::{DirectoryQueue, Durability, Message, MessageId, Outcome, Piper, StageResult};
+use dirq::piper::{Outcome, Piper, StageResult};
+use dirq::{DirectoryQueue, Durability, Message, MessageId};
 
 fn option<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
     args.iter()

@@ -4,7 +4,9 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::MessageId;
+pub use crate::format::id::InvalidId;
+use crate::format::id::MessageId;
+pub use crate::format::state::ParseStateError;
 
 /// What the queue was doing when an error happened; part of every [`Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -216,6 +218,15 @@ impl JsonError {
     }
 }
 
+impl From<InvalidId> for Error {
+    fn from(e: InvalidId) -> Error {
+        Error::InvalidId {
+            id: e.id().to_owned(),
+            reason: e.reason(),
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn io(op: Operation, path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io {
@@ -269,7 +280,7 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Layout { path, .. }
-                        | Error::Json { path, .. }
+            | Error::Json { path, .. }
             | Error::EmptyMessage { path, .. }
             | Error::Duplicate { path, .. }
             | Error::PartialBatch { path, .. } => Some(path),
@@ -287,9 +298,7 @@ impl Error {
             | Error::EmptyMessage { op, .. }
             | Error::Duplicate { op, .. } => Some(*op),
             Error::PartialBatch { .. } => Some(Operation::Publish),
-            Error::InvalidId { .. }
-            | Error::Layout { .. }
-            | Error::Config { .. } => None,
+            Error::InvalidId { .. } | Error::Layout { .. } | Error::Config { .. } => None,
         }
     }
 
@@ -309,9 +318,7 @@ impl Error {
         match self {
             Error::Io { source, .. } | Error::Move { source, .. } => source.kind(),
             Error::PartialBatch { source, .. } => source.kind(),
-            Error::InvalidId { .. } | Error::Config { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::InvalidId { .. } | Error::Config { .. } => io::ErrorKind::InvalidInput,
             Error::Layout { .. } | Error::Json { .. } | Error::EmptyMessage { .. } => {
                 io::ErrorKind::InvalidData
             }

@@ -38,11 +38,25 @@
 //!   abandoned temporary files.
 //! - [`Message::retry`] defers a message with backoff into `deferred/` (a dead letter in
 //!   `errors/` after the last attempt); [`DirectoryQueue::enqueue_at`] delays delivery;
-//!   [`DirectoryQueue::hold`] keeps a message in `hold/` until released.
+//!   [`admin::hold`] keeps a message in `hold/` until [`admin::unhold`].
 //!
-//! A [`Piper`] runs a [`Stage`] over input queues and feeds output queues, with
-//! backpressure, retries, timeouts, a failure breaker, graceful shutdown on SIGTERM,
-//! statistics and liveness: the building block of multi-process pipelines.
+//! A [`Piper`](piper::Piper) runs a [`Stage`](piper::Stage) over input queues and feeds
+//! output queues, with backpressure, retries, timeouts, a failure breaker, graceful
+//! shutdown on SIGTERM, statistics and liveness: the building block of multi-process
+//! pipelines.
+//!
+//! # Modules
+//!
+//! The root holds what a first program needs: [`DirectoryQueue`], [`QueueBuilder`],
+//! [`Message`], [`MessageId`], [`State`], [`Durability`], [`Error`] and [`Result`].
+//! The rest lives in public modules:
+//!
+//! - [`queue`]: the secondary types of the queue API (counts, statistics, the retry
+//!   policy, failure details, a message's reader and terminal errors);
+//! - [`piper`]: stages over queues, with backpressure, retries and liveness;
+//! - [`admin`]: the operator's tools (listing, hold, requeue, delete, purge, check and
+//!   repair);
+//! - [`error`]: the error type and what it carries.
 //!
 //! The full specification, with every system call, fsync and crash case, is in
 //! `docs/protocol.md`.
@@ -138,49 +152,21 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-mod admin;
-mod attempts;
-mod builder;
-mod check;
-mod claim;
-mod defer;
-mod durability;
-mod enqueue;
-mod error;
-mod hold;
-mod id;
-mod inspect;
-mod lock;
-mod message;
-mod meta;
-mod owner;
-mod piper;
-mod quarantine;
-mod queue;
-mod random;
-mod recover;
-mod scan;
-mod state;
+// The layers, bottom up; each imports only the ones above it in this list
+// (docs/architecture.md).
+pub mod admin;
+mod engine;
+pub mod error;
+mod format;
+pub mod piper;
+pub mod queue;
 mod sys;
-mod wake;
 
-pub use admin::PurgeReport;
-pub use builder::QueueBuilder;
-pub use check::{Problem, ProblemKind, RepairReport};
-pub use defer::RetryPolicy;
-pub use durability::Durability;
-pub use error::{Error, JsonError, Operation, Result};
-pub use id::MessageId;
-pub use inspect::{Counts, Ids, MessageInfo};
-pub use message::{Message, MessageReader, Retried, TerminalError};
-pub use meta::{FailureDetails, FailureInfo};
-pub use piper::{
-    BreakerPolicy, CommandStage, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperInfo,
-    PiperRates, PiperStats, Stage, StageError, StageResult, TimeoutAction, EX_TEMPFAIL,
-};
-pub use queue::{ClaimStats, DirectoryQueue};
-pub use recover::RecoverReport;
-pub use state::{ParseStateError, State};
+pub use engine::durability::Durability;
+pub use error::{Error, Result};
+pub use format::id::MessageId;
+pub use format::state::State;
+pub use queue::{DirectoryQueue, Message, QueueBuilder};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -86,7 +86,7 @@ impl Gauge {
     /// too recently to count it again).
     pub(crate) fn admit(&self) -> Result<Admission> {
         let mut st = self.lock();
-        let departures = self.queue.inner.wake.departures();
+        let departures = self.queue.waker().departures();
         let age = st.measured.map(|t| t.elapsed());
         let near = st.count + 1 >= self.limits.high
             || self.limits.high_bytes.is_some_and(|high| st.bytes >= high);
@@ -105,7 +105,7 @@ impl Gauge {
         if due {
             st.count = self.queue.count(State::Incoming)?;
             if self.limits.high_bytes.is_some() {
-                st.bytes = self.queue.bytes(State::Incoming)?;
+                st.bytes = self.queue.size(State::Incoming)?;
             }
             st.measured = Some(Instant::now());
             st.departures = departures;

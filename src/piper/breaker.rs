@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// When the failure breaker of a [`Piper`](crate::Piper) opens.
+/// When the failure breaker of a [`Piper`](crate::piper::Piper) opens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerPolicy {
     max_failures: Option<u32>,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::stage::{Emit, Outcome, Stage, StageResult};
-use crate::meta::FailureDetails;
+use crate::format::meta::FailureDetails;
 use crate::{sys, Message};
 
 /// Exit status that asks for a retry (`EX_TEMPFAIL` of `sysexits.h`).

@@ -17,19 +17,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Operation, Result};
 use crate::piper::stats::{PiperRates, PiperStats};
-use crate::sys::{self, Dir};
-use crate::{lock, DirectoryQueue, MessageId};
+use crate::sys::{self, lock, Dir};
+use crate::{DirectoryQueue, MessageId};
 
 /// The directory under a queue root where Pipers advertise themselves.
 pub(crate) const PIPERS_DIR: &str = "pipers";
 
-/// What a running Piper says about itself; see [`DirectoryQueue::pipers`]. Read
+/// What a running Piper says about itself; see [`admin::pipers`](crate::admin::pipers). Read
 /// leniently: missing fields are left at their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct PiperInfo {
-    /// The stage name given to [`Piper::builder`](crate::Piper::builder).
+    /// The stage name given to [`Piper::builder`](crate::piper::Piper::builder).
     pub stage: String,
     /// Host of the process.
     pub host: String,
@@ -91,12 +91,12 @@ impl Advert {
         let mut files = Vec::new();
         for queue in inputs {
             let dir_path = queue.root().join(PIPERS_DIR);
-            let dir = open_dir(&dir_path, queue.inner.config.dir_mode)?;
+            let dir = open_dir(&dir_path, queue.engine().config().dir_mode)?;
             remove_stale(&dir, &dir_path)?;
             let path = dir_path.join(&name);
             let create = |e| Error::io(Operation::Create, dir_path.join(&unlocked), e);
             drop(
-                dir.create_new(&unlocked, queue.inner.config.file_mode)
+                dir.create_new(&unlocked, queue.engine().config().file_mode)
                     .map_err(create)?,
             );
             let lock = dir.open_read(&unlocked).map_err(create)?;
@@ -193,33 +193,27 @@ fn entries(dir: &Dir, path: &Path) -> Result<Vec<(OsString, File)>> {
         .collect())
 }
 
-impl DirectoryQueue {
-    /// The Pipers that advertise themselves under this queue (see [`Piper`](crate::Piper)),
-    /// live ones and the stale files of dead ones ([`PiperInfo::live`]).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Io`] when the directory exists but cannot be read.
-    pub fn pipers(&self) -> Result<Vec<PiperInfo>> {
-        let path = self.root().join(PIPERS_DIR);
-        let dir = match Dir::open(&path) {
-            Ok(dir) => dir,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(Operation::Open, &path, e)),
-        };
-        let mut found = Vec::new();
-        for (_, file) in entries(&dir, &path)? {
-            let live = !lock::try_lock(&file).unwrap_or(true);
-            // A heartbeat may be rewriting the file: one more read.
-            let info = read_info(&file).or_else(|| read_info(&file));
-            found.push(PiperInfo {
-                live,
-                ..info.unwrap_or_default()
-            });
-        }
-        found.sort_by(|a, b| (&a.stage, a.pid).cmp(&(&b.stage, b.pid)));
-        Ok(found)
+/// The Pipers that advertise themselves under the queue at `root`, live ones and
+/// the stale files of dead ones ([`PiperInfo::live`]).
+pub(crate) fn read_adverts(root: &Path) -> Result<Vec<PiperInfo>> {
+    let path = root.join(PIPERS_DIR);
+    let dir = match Dir::open(&path) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(Operation::Open, &path, e)),
+    };
+    let mut found = Vec::new();
+    for (_, file) in entries(&dir, &path)? {
+        let live = !lock::try_lock(&file).unwrap_or(true);
+        // A heartbeat may be rewriting the file: one more read.
+        let info = read_info(&file).or_else(|| read_info(&file));
+        found.push(PiperInfo {
+            live,
+            ..info.unwrap_or_default()
+        });
     }
+    found.sort_by(|a, b| (&a.stage, a.pid).cmp(&(&b.stage, b.pid)));
+    Ok(found)
 }
 
 fn read_info(mut file: &File) -> Option<PiperInfo> {

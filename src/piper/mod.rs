@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub use breaker::BreakerPolicy;
 pub use command::{CommandStage, EX_TEMPFAIL};
 pub use liveness::PiperInfo;
-pub(crate) use liveness::PIPERS_DIR;
+pub(crate) use liveness::{read_adverts, PIPERS_DIR};
 pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 
@@ -67,11 +67,12 @@ pub enum TimeoutAction {
 ///   messages finish within the drain timeout, releases the rest, and returns from
 ///   [`run`](Piper::run). A second signal releases in-flight messages at once.
 /// - **Liveness**: each running Piper advertises itself in `<input>/pipers/`, with its
-///   counters, refreshed every 2 s ([`DirectoryQueue::pipers`]).
+///   counters, refreshed every 2 s ([`admin::pipers`](crate::admin::pipers)).
 /// - **Recovery**: the inputs are recovered at start and every minute.
 ///
 /// ```
-/// use dirq::{DirectoryQueue, Outcome, Piper, StageResult, Message};
+/// use dirq::{DirectoryQueue, Message};
+/// use dirq::piper::{Outcome, Piper, StageResult};
 ///
 /// let dir = tempfile::tempdir().expect("a temporary directory");
 /// let input = DirectoryQueue::open(dir.path().join("input"))?;
@@ -85,7 +86,7 @@ pub enum TimeoutAction {
 ///     .stage(|message: &Message| -> StageResult {
 ///         let value: serde_json::Value = message.json()?;
 ///         let doubled = serde_json::json!({"n": value["n"].as_i64().unwrap_or(0) * 2});
-///         Ok(Outcome::Emit(vec![dirq::Emit::json(&doubled)?]))
+///         Ok(Outcome::Emit(vec![dirq::piper::Emit::json(&doubled)?]))
 ///     })
 ///     .build()?;
 /// let handle = piper.handle();
@@ -489,7 +490,7 @@ impl Shared {
     /// Moves to a later run state (never back) and wakes everyone to notice.
     fn request(&self, state: u8) {
         self.run_state.fetch_max(state, Ordering::AcqRel);
-        crate::wake::wake_all();
+        crate::engine::wake::wake_all();
         if let Some(thread) = lock(&self.supervisor).as_ref() {
             thread.unpark();
         }

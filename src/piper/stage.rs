@@ -15,12 +15,12 @@ pub type StageError = Box<dyn std::error::Error + Send + Sync>;
 /// What [`Stage::process`] returns.
 pub type StageResult = Result<Outcome, StageError>;
 
-/// One processing step of a pipeline, run by a [`Piper`](crate::Piper) on each
+/// One processing step of a pipeline, run by a [`Piper`](crate::piper::Piper) on each
 /// message it claims.
 ///
 /// Each worker thread has its own instance (see
-/// [`PiperBuilder::stage`](crate::PiperBuilder::stage) and
-/// [`stage_factory`](crate::PiperBuilder::stage_factory)), so a stage may keep state
+/// [`PiperBuilder::stage`](crate::piper::PiperBuilder::stage) and
+/// [`stage_factory`](crate::piper::PiperBuilder::stage_factory)), so a stage may keep state
 /// such as a database connection without locking. Closures
 /// `FnMut(&Message) -> StageResult` are stages.
 ///
@@ -65,7 +65,7 @@ pub enum Outcome {
     /// Move the message to `errors/` with this reason.
     Fail(String),
     /// Move the message to `errors/` with this reason and more details in its sidecar.
-    FailWith(String, crate::FailureDetails),
+    FailWith(String, crate::queue::FailureDetails),
     /// Try again later, with the input queue's backoff; after the last attempt the
     /// message goes to `errors/` with this reason.
     Retry(String),

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct PiperStats {
     /// Messages claimed.
     pub claimed: u64,
-    /// Messages deleted after processing ([`Outcome::Commit`](crate::Outcome::Commit),
-    /// and originals of [`Outcome::Emit`](crate::Outcome::Emit)).
+    /// Messages deleted after processing ([`Outcome::Commit`](crate::piper::Outcome::Commit),
+    /// and originals of [`Outcome::Emit`](crate::piper::Outcome::Emit)).
     pub committed: u64,
     /// Messages passed on unchanged.
     pub forwarded: u64,

@@ -12,7 +12,7 @@ use super::takeover::{take_over, Action};
 use super::worker::{self, error_chain};
 use super::{lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
 use crate::error::{Error, Result};
-use crate::meta::rfc3339;
+use crate::format::meta::rfc3339;
 use crate::sys::{self, ProcessSignal};
 
 /// How often the supervisor looks around.
@@ -47,7 +47,7 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         };
         let mut received = 0;
         let watch = sys::watch_signals(move |signal| on_signal(&handle, signal, &mut received))
-            .map_err(|e| Error::io(crate::Operation::Watch, "process signals", e))?;
+            .map_err(|e| Error::io(crate::error::Operation::Watch, "process signals", e))?;
         Some(watch)
     } else {
         None

@@ -6,10 +6,12 @@
 use std::io;
 use std::time::SystemTime;
 
+use crate::engine::quarantine::{move_to_errors, Moved};
 use crate::error::{Error, Operation, Result};
-use crate::meta::FailureInfo;
-use crate::quarantine::{move_to_errors, Moved};
-use crate::{attempts, defer, DirectoryQueue, MessageId, State};
+use crate::format::attempts;
+use crate::format::deferred::deferred_name;
+use crate::format::meta::FailureInfo;
+use crate::{DirectoryQueue, MessageId, State};
 
 /// What to do with the stuck worker's message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub(super) enum Action {
 
 /// Carries out `action` on the message `id` in `queue`'s `pending/`.
 pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) -> Result<()> {
-    let inner = &*queue.inner;
+    let inner = queue.engine();
     let pending = inner.dir(State::Pending);
     let name = id.as_os_str();
     let path = pending.join(name);
@@ -33,20 +35,20 @@ pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) 
         .dir
         .open_read(name)
         .map_err(|e| Error::io(Operation::Recover, &path, e))?;
-    let attempts = attempts::read(&file, inner.identity).unwrap_or(0) + 1;
-    let _ = attempts::write(&file, inner.identity, attempts);
-    let allowed = inner.config.retry.attempts_allowed();
+    let attempts = attempts::read(&file, inner.identity()).unwrap_or(0) + 1;
+    let _ = attempts::write(&file, inner.identity(), attempts);
+    let allowed = inner.config().retry.max_attempts();
     let (target, destination) = match action {
         Action::Fail(reason) => return fail(queue, id, reason, attempts),
         Action::Retry(reason) if attempts >= allowed => return fail(queue, id, reason, attempts),
         Action::Retry(reason) => {
             let _ = attempts::write_reason(&file, reason);
-            let delay = inner.config.retry.jittered(attempts, crate::random::unit());
+            let delay = inner
+                .config()
+                .retry
+                .jittered(attempts, crate::sys::random::unit());
             let deferred = inner.require(State::Deferred)?;
-            (
-                deferred,
-                defer::deferred_name(id, SystemTime::now() + delay),
-            )
+            (deferred, deferred_name(id, SystemTime::now() + delay))
         }
         Action::Release => (inner.dir(State::Incoming), name.to_os_string()),
     };
@@ -54,11 +56,11 @@ pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) 
         .dir
         .rename_noreplace(name, &target.dir, &destination)
         .map_err(|e| Error::moving(Operation::Release, &path, target.join(&destination), e))?;
-    inner.syncer.changed(&[pending, target])
+    inner.syncer().changed(&[pending, target])
 }
 
 fn fail(queue: &DirectoryQueue, id: &MessageId, reason: &str, attempts: u32) -> Result<()> {
-    let inner = &*queue.inner;
+    let inner = queue.engine();
     let info = FailureInfo::now(reason.to_owned(), attempts, State::Pending);
     match move_to_errors(
         inner,

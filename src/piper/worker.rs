@@ -9,10 +9,10 @@ use super::backpressure::Change;
 use super::breaker::Transition;
 use super::stats::Counters;
 use super::{lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
-use crate::enqueue::publish_copy;
+use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
-use crate::wake::{self, Interest};
-use crate::{DirectoryQueue, FailureDetails, Message, MessageId, Retried, State, TerminalError};
+use crate::queue::{FailureDetails, Retried, TerminalError};
+use crate::{DirectoryQueue, Message, MessageId};
 
 /// Why a worker's loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -173,10 +173,7 @@ impl<'a> Worker<'a> {
         let inputs = &self.shared.inputs;
         let mut fresh_watch = false;
         for input in inputs {
-            fresh_watch |= input
-                .inner
-                .wake
-                .prepare(input.path(State::Incoming), Interest::Arrivals);
+            fresh_watch |= input.watch(Interest::Arrivals);
         }
         if fresh_watch {
             return; // events before the watch were missed: scan again first
@@ -187,7 +184,7 @@ impl<'a> Worker<'a> {
             .map(|q| q.next_wake(now))
             .min()
             .unwrap_or(now + Duration::from_secs(1));
-        let wakes: Vec<_> = inputs.iter().map(|q| &q.inner.wake).collect();
+        let wakes: Vec<_> = inputs.iter().map(DirectoryQueue::waker).collect();
         wake::wait_any(&wakes, seen, until);
     }
 
@@ -198,18 +195,12 @@ impl<'a> Worker<'a> {
         let mut fresh_watch = false;
         for output in outputs {
             let queue = output.gauge.queue();
-            fresh_watch |= queue
-                .inner
-                .wake
-                .prepare(queue.path(State::Incoming), Interest::Departures);
+            fresh_watch |= queue.watch(Interest::Departures);
         }
         if fresh_watch {
             return;
         }
-        let wakes: Vec<_> = outputs
-            .iter()
-            .map(|o| &o.gauge.queue().inner.wake)
-            .collect();
+        let wakes: Vec<_> = outputs.iter().map(|o| o.gauge.queue().waker()).collect();
         let fallback = Instant::now() + self.shared.config.resume_wait;
         wake::wait_any(
             &wakes,
@@ -226,7 +217,7 @@ impl<'a> Worker<'a> {
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let queue = &shared.inputs[input];
         let attempts = message.attempts().unwrap_or(1);
-        let allowed = queue.inner.config.retry.attempts_allowed();
+        let allowed = queue.retry_policy().max_attempts();
         if attempts > allowed {
             // Earlier attempts ended without an outcome: the process died on it (a
             // poison message that crashes the worker). Dead-letter, do not crash again.
@@ -301,7 +292,7 @@ impl<'a> Worker<'a> {
             Outcome::RetryAfter(delay, reason) => {
                 failed = true;
                 let last = message.attempts().unwrap_or(1)
-                    >= message.queue().inner.config.retry.attempts_allowed();
+                    >= message.queue().retry_policy().max_attempts();
                 if last {
                     message
                         .fail(reason)
@@ -383,12 +374,7 @@ impl<'a> Worker<'a> {
         };
         for output in others {
             let queue = output.gauge.queue();
-            match publish_copy(
-                &queue.inner.syncer,
-                &queue.inner,
-                message.id(),
-                message.reader(),
-            ) {
+            match queue.publish_copy(message.id(), message.reader()) {
                 // Already there: a copy made by an attempt that crashed after it.
                 Ok(()) | Err(Error::Duplicate { .. }) => output.gauge.added(size),
                 Err(e) => return Err(TerminalError::new(e, Some(message))),

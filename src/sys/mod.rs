@@ -6,6 +6,9 @@
 //! `statfs`. On Unix they come from `rustix`; elsewhere every call returns
 //! [`std::io::ErrorKind::Unsupported`] at run time, so the crate still builds.
 
+pub(crate) mod lock;
+pub(crate) mod random;
+
 #[cfg(unix)]
 mod unix;
 #[cfg(unix)]

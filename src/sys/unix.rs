@@ -521,7 +521,7 @@ pub(crate) fn start_writeback(file: &File) {
 /// Writes the file's dirty pages to the device and waits until they are written
 /// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`), without a journal
 /// commit or a cache flush of its own. The data is durable once a later journal commit
-/// has completed: see [`Syncer::file`](crate::durability::Syncer) for when that is
+/// has completed: see [`Syncer::file`](crate::engine::durability::Syncer) for when that is
 /// enough. Elsewhere than Linux, a plain `fdatasync`.
 #[cfg(target_os = "linux")]
 #[allow(

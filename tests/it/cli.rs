@@ -318,5 +318,5 @@ fn a_one_gib_message_streams_through_push_and_take_in_bounded_memory() {
         take_peak > 0 && take_peak < LIMIT_KIB,
         "take used {take_peak} KiB for a 1 GiB message"
     );
-    assert_eq!(t.queue.counts().unwrap(), dirq::Counts::default());
+    assert_eq!(t.queue.counts().unwrap(), dirq::queue::Counts::default());
 }

@@ -131,5 +131,5 @@ fn recover_never_robs_a_stopped_owner() {
         .unwrap();
     assert!(owner.wait().unwrap().success());
     assert_eq!(printed.len(), body.len() + 1);
-    assert_eq!(t.queue.counts().unwrap(), dirq::Counts::default());
+    assert_eq!(t.queue.counts().unwrap(), dirq::queue::Counts::default());
 }

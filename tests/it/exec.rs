@@ -50,7 +50,7 @@ fn success_commits_and_failure_keeps_exit_code_and_stderr() {
     );
     let counts = t.queue.counts().unwrap();
     assert_eq!((counts.incoming, counts.pending, counts.errors), (0, 0, 1));
-    let failure = t.queue.failure(&bad).unwrap().unwrap();
+    let failure = dirq::admin::failure(&t.queue, &bad).unwrap().unwrap();
     assert_eq!(failure.reason.as_deref(), Some("exit 3"));
     assert_eq!(failure.exit_code, Some(3));
     assert!(failure.stderr.unwrap().contains("cannot parse: bad input"));
@@ -83,12 +83,12 @@ fn with_to_the_output_is_passed_on_or_the_message_when_there_is_none() {
     );
     let next = DirectoryQueue::open(&next).unwrap();
     assert_eq!(
-        next.peek(&upper).unwrap().1,
+        dirq::admin::peek(&next, &upper).unwrap().1,
         b"SHOUT\n",
         "stdout became the next message"
     );
     assert_eq!(
-        next.peek(&quiet).unwrap().1,
+        dirq::admin::peek(&next, &quiet).unwrap().1,
         b"quiet please",
         "empty stdout: the message itself"
     );
@@ -115,7 +115,7 @@ fn exit_75_retries_later() {
         "the retry waited for its backoff"
     );
     assert_eq!(t.queue.counts().unwrap().unfinished(), 0);
-    assert!(t.queue.failure(&id).unwrap().is_none());
+    assert!(dirq::admin::failure(&t.queue, &id).unwrap().is_none());
 }
 
 #[test]
@@ -131,7 +131,11 @@ fn a_timeout_kills_the_whole_process_group() {
     );
     assert!(start.elapsed() < Duration::from_secs(30));
     assert_eq!(
-        t.queue.failure(&id).unwrap().unwrap().reason.as_deref(),
+        dirq::admin::failure(&t.queue, &id)
+            .unwrap()
+            .unwrap()
+            .reason
+            .as_deref(),
         Some("timeout")
     );
     let child = std::fs::read_to_string(&pidfile).unwrap();
@@ -154,7 +158,11 @@ fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
         ),
     );
     assert_eq!(
-        t.queue.failure(&id).unwrap().unwrap().reason.as_deref(),
+        dirq::admin::failure(&t.queue, &id)
+            .unwrap()
+            .unwrap()
+            .reason
+            .as_deref(),
         Some("timeout")
     );
     let child = std::fs::read_to_string(&pidfile).unwrap();
@@ -325,24 +333,28 @@ workers = 2
         done.count(State::Incoming).unwrap() == 50
     });
     for id in &ids {
-        let body = String::from_utf8(done.peek(id).unwrap().1).unwrap();
+        let body = String::from_utf8(dirq::admin::peek(&done, id).unwrap().1).unwrap();
         assert!(body.starts_with("tagged: EVENT "), "{body}");
     }
     // dirq status shows the stages; a worker killed with SIGKILL comes back.
     let upper = DirectoryQueue::open(spool.join("input")).unwrap();
     wait_until(LONG, "both upper workers to advertise", || {
-        upper
-            .pipers()
+        dirq::admin::pipers(&upper)
             .unwrap()
             .iter()
             .filter(|p| p.live && p.stage == "upper")
             .count()
             == 2
     });
-    let victim = upper.pipers().unwrap().iter().find(|p| p.live).unwrap().pid;
+    let victim = dirq::admin::pipers(&upper)
+        .unwrap()
+        .iter()
+        .find(|p| p.live)
+        .unwrap()
+        .pid;
     signal(victim, "KILL");
     wait_until(LONG, "the killed worker to be restarted", || {
-        let pipers = upper.pipers().unwrap();
+        let pipers = dirq::admin::pipers(&upper).unwrap();
         pipers
             .iter()
             .filter(|p| p.live && p.stage == "upper")
@@ -363,7 +375,7 @@ workers = 2
     assert_succeeded(&out, "dirq run");
     assert!(start.elapsed() < Duration::from_secs(30));
     wait_until(LONG, "every worker to be gone", || {
-        upper.pipers().unwrap().iter().all(|p| !p.live)
+        dirq::admin::pipers(&upper).unwrap().iter().all(|p| !p.live)
     });
 }
 

@@ -3,18 +3,21 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use dirq::{DirectoryQueue, Error, Retried, RetryPolicy, State};
+use dirq::queue::{Retried, RetryPolicy};
+use dirq::{DirectoryQueue, Error, State};
 
 use crate::util::{names_in, wait_until, TestQueue};
 
 fn quick_retries(t: &TestQueue, attempts: u32) -> DirectoryQueue {
     DirectoryQueue::builder(t.root())
         .retry_policy(
-            RetryPolicy::default()
+            RetryPolicy::builder()
                 .initial(Duration::from_millis(50))
                 .factor(2.0)
                 .jitter(0.0)
-                .max_attempts(attempts),
+                .max_attempts(attempts)
+                .build()
+                .unwrap(),
         )
         .open()
         .unwrap()
@@ -53,8 +56,7 @@ fn retry_backs_off_then_dead_letters_with_the_last_reason() {
         delays[1] >= Duration::from_millis(95) && delays[1] < Duration::from_millis(200),
         "{delays:?}"
     );
-    let failure = queue
-        .failure(&id)
+    let failure = dirq::admin::failure(&queue, &id)
         .unwrap()
         .expect("a dead letter has a sidecar");
     assert_eq!(failure.reason.as_deref(), Some("backend busy (3)"));
@@ -88,7 +90,7 @@ fn delayed_delivery_waits_for_its_time() {
     let due = SystemTime::now() + Duration::from_millis(300);
     let id = t.queue.enqueue_at(b"later", due).unwrap();
     assert!(t.queue.try_claim().unwrap().is_none());
-    let listed = t.queue.list(State::Deferred).unwrap();
+    let listed = dirq::admin::list(&t.queue, State::Deferred).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, id);
     assert!(listed[0].not_before.is_some());
@@ -100,7 +102,7 @@ fn delayed_delivery_waits_for_its_time() {
         .collect();
     assert_eq!(ids, vec![id.clone()]);
     assert_eq!(
-        t.queue.peek(&id).unwrap(),
+        dirq::admin::peek(&t.queue, &id).unwrap(),
         (State::Deferred, b"later".to_vec())
     );
 
@@ -128,22 +130,22 @@ fn held_messages_are_never_claimed_until_released() {
     let t = TestQueue::new();
     let held = t.queue.enqueue(b"held").unwrap();
     let other = t.queue.enqueue(b"other").unwrap();
-    assert_eq!(t.queue.hold(&held).unwrap(), State::Incoming);
+    assert_eq!(dirq::admin::hold(&t.queue, &held).unwrap(), State::Incoming);
     let message = t.queue.try_claim().unwrap().unwrap();
     assert_eq!(message.id(), &other);
 
     // A claimed message cannot be held.
-    let err = t.queue.hold(&other).unwrap_err();
+    let err = dirq::admin::hold(&t.queue, &other).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy, "{err}");
     message.commit().unwrap();
     assert!(t.queue.try_claim().unwrap().is_none());
     assert_eq!(t.queue.counts().unwrap().hold, 1);
     assert_eq!(
-        t.queue.hold(&other).unwrap_err().kind(),
+        dirq::admin::hold(&t.queue, &other).unwrap_err().kind(),
         std::io::ErrorKind::NotFound
     );
 
-    t.queue.unhold(&held).unwrap();
+    dirq::admin::unhold(&t.queue, &held).unwrap();
     let message = t.queue.try_claim().unwrap().unwrap();
     assert_eq!(message.id(), &held);
     message.commit().unwrap();
@@ -153,8 +155,11 @@ fn held_messages_are_never_claimed_until_released() {
         .queue
         .enqueue_at(b"later", SystemTime::now() + Duration::from_secs(3600))
         .unwrap();
-    assert_eq!(t.queue.hold(&later).unwrap(), State::Deferred);
-    t.queue.unhold(&later).unwrap();
+    assert_eq!(
+        dirq::admin::hold(&t.queue, &later).unwrap(),
+        State::Deferred
+    );
+    dirq::admin::unhold(&t.queue, &later).unwrap();
     assert_eq!(t.queue.try_claim().unwrap().unwrap().id(), &later);
 }
 
@@ -163,7 +168,7 @@ fn expired_messages_go_to_errors_instead_of_being_processed() {
     let t = TestQueue::new();
     let old = t.queue.enqueue(b"stale").unwrap();
     let strict = DirectoryQueue::builder(t.root())
-        .max_age(Some(Duration::from_millis(100)))
+        .max_age(Duration::from_millis(100))
         .open()
         .unwrap();
     wait_until(Duration::from_secs(10), "the message to age", || {
@@ -177,7 +182,7 @@ fn expired_messages_go_to_errors_instead_of_being_processed() {
     assert_eq!(message.id(), &fresh);
     message.commit().unwrap();
     assert_eq!(strict.claim_stats().expired, 1);
-    let failure = strict.failure(&old).unwrap().unwrap();
+    let failure = dirq::admin::failure(&strict, &old).unwrap().unwrap();
     assert_eq!(failure.reason.as_deref(), Some("expired"));
 }
 
@@ -188,10 +193,10 @@ fn attempts_show_in_listings() {
     for _ in 0..2 {
         t.queue.try_claim().unwrap().unwrap().release().unwrap();
     }
-    let listed = t.queue.list(State::Incoming).unwrap();
+    let listed = dirq::admin::list(&t.queue, State::Incoming).unwrap();
     assert_eq!((&listed[0].id, listed[0].attempts), (&id, Some(2)));
     let message = t.queue.try_claim().unwrap().unwrap();
-    let listed = t.queue.list(State::Pending).unwrap();
+    let listed = dirq::admin::list(&t.queue, State::Pending).unwrap();
     assert_eq!(
         listed[0].attempts,
         Some(3),
@@ -199,7 +204,7 @@ fn attempts_show_in_listings() {
     );
     assert_eq!(message.attempts().unwrap(), 3);
     message.fail("enough").unwrap();
-    let listed = t.queue.list(State::Errors).unwrap();
+    let listed = dirq::admin::list(&t.queue, State::Errors).unwrap();
     assert_eq!(listed[0].attempts, Some(3));
 }
 
@@ -224,9 +229,14 @@ fn lifecycle_directories_are_optional_for_read_only_openers() {
         std::fs::create_dir_all(root.join(state)).unwrap();
     }
     let queue = DirectoryQueue::builder(&root).create(false).open().unwrap();
-    assert_eq!(queue.counts().unwrap(), dirq::Counts::default());
-    assert!(queue.list(State::Deferred).unwrap().is_empty());
+    assert_eq!(queue.counts().unwrap(), dirq::queue::Counts::default());
+    assert!(dirq::admin::list(&queue, State::Deferred)
+        .unwrap()
+        .is_empty());
     assert!(!root.join("deferred").exists() && !root.join("hold").exists());
     let id = dirq::MessageId::new("m.msg").unwrap();
-    assert!(matches!(queue.hold(&id), Err(Error::Layout { .. })));
+    assert!(matches!(
+        dirq::admin::hold(&queue, &id),
+        Err(Error::Layout { .. })
+    ));
 }

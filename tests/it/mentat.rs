@@ -152,7 +152,7 @@ fn dirq_pushes_mentat_reads_each_once() {
         assert!(data.starts_with("{\"n\": "), "{data}");
     }
     assert_eq!(read, pushed);
-    assert_eq!(t.queue.counts().unwrap(), dirq::Counts::default());
+    assert_eq!(t.queue.counts().unwrap(), dirq::queue::Counts::default());
 }
 
 #[test]

@@ -149,7 +149,7 @@ fn requeue_moves_failures_back_and_resets_attempts_unless_kept() {
     let out = run_ok(&["requeue", s(&q), &id.to_string(), "--keep-attempts"]);
     assert!(out.contains("requeued 1 of 1"), "{out}");
     assert_eq!(
-        queue.list(State::Incoming).unwrap()[0].attempts,
+        dirq::admin::list(&queue, State::Incoming).unwrap()[0].attempts,
         Some(2),
         "attempts kept"
     );
@@ -160,14 +160,14 @@ fn requeue_moves_failures_back_and_resets_attempts_unless_kept() {
         Vec::<String>::new(),
         "sidecars removed too"
     );
-    let requeued = queue
-        .info(
-            State::Incoming,
-            &"1700000000.000000005.fixture.100.0000abcd.msg"
-                .parse()
-                .unwrap(),
-        )
-        .unwrap();
+    let requeued = dirq::admin::info(
+        &queue,
+        State::Incoming,
+        &"1700000000.000000005.fixture.100.0000abcd.msg"
+            .parse()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(requeued.attempts, Some(0), "attempts start over");
     // Asking for an id that is not in errors/ fails, and says which.
     let out = run(&["requeue", s(&q), "no-such-id.msg"]);
@@ -196,7 +196,7 @@ fn hold_release_and_delete_take_ids_all_or_stdin() {
     let out = run_ok(&["delete", s(&q), "--all"]);
     assert!(out.contains("deleted 6 of 6"), "{out}"); // 3 incoming, 2 held, 1 failed
     let queue = DirectoryQueue::open(&q).unwrap();
-    assert_eq!(queue.counts().unwrap(), dirq::Counts::default());
+    assert_eq!(queue.counts().unwrap(), dirq::queue::Counts::default());
 }
 
 #[test]
@@ -335,9 +335,9 @@ fn metrics_parse_as_prometheus_text() {
     let (_dir, q) = fixture("healthy");
     // A live Piper advertises under the queue too.
     let queue = DirectoryQueue::open(&q).unwrap();
-    let piper = dirq::Piper::builder("metered")
+    let piper = dirq::piper::Piper::builder("metered")
         .input(&queue)
-        .stage(|_: &dirq::Message| -> dirq::StageResult { Ok(dirq::Outcome::Commit) })
+        .stage(|_: &dirq::Message| -> dirq::piper::StageResult { Ok(dirq::piper::Outcome::Commit) })
         .build()
         .unwrap();
     let handle = piper.handle();
@@ -345,7 +345,7 @@ fn metrics_parse_as_prometheus_text() {
     wait_until(
         Duration::from_secs(30),
         "the Piper to advertise itself",
-        || !queue.pipers().unwrap().is_empty(),
+        || !dirq::admin::pipers(&queue).unwrap().is_empty(),
     );
     let text = run_ok(&["metrics", s(&q)]);
     handle.shutdown();

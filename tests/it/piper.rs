@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use dirq::{
-    BreakerPolicy, DirectoryQueue, Emit, Message, Outcome, Piper, PiperBuilder, PiperHandle,
-    PiperStats, RetryPolicy, StageResult, State, TimeoutAction,
+use dirq::piper::{
+    BreakerPolicy, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperStats, StageResult,
+    TimeoutAction,
 };
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Message, State};
 
 use crate::util::{assert_succeeded, example, names_in, signal, tempdir, wait_until, TestQueue};
 
@@ -60,10 +62,12 @@ fn body(m: &Message) -> String {
 fn quick_retry(root: &std::path::Path, attempts: u32) -> DirectoryQueue {
     DirectoryQueue::builder(root)
         .retry_policy(
-            RetryPolicy::default()
+            RetryPolicy::builder()
                 .initial(Duration::from_millis(20))
                 .jitter(0.0)
-                .max_attempts(attempts),
+                .max_attempts(attempts)
+                .build()
+                .unwrap(),
         )
         .open()
         .unwrap()
@@ -122,7 +126,7 @@ fn outcomes_forward_fan_out_route_emit_and_commit() {
     want_b.sort();
     assert_eq!(names_in(b.path(State::Incoming)), want_b);
     assert_eq!(
-        b.peek(&all).unwrap().1,
+        dirq::admin::peek(&b, &all).unwrap().1,
         b"all",
         "fan-out copies the message"
     );
@@ -160,14 +164,17 @@ fn retry_backs_off_and_dead_letters_after_the_last_attempt() {
         (3, 1, 1),
         "{stats:?} {log:?}"
     );
-    let failure = queue.failure(&hopeless).unwrap().unwrap();
+    let failure = dirq::admin::failure(&queue, &hopeless).unwrap().unwrap();
     assert_eq!(
         failure.reason.as_deref(),
         Some("backend down (attempt 3)"),
         "{log:?}"
     );
     assert_eq!(failure.attempts, Some(3), "{log:?}");
-    assert!(queue.failure(&flaky).unwrap().is_none(), "{log:?}");
+    assert!(
+        dirq::admin::failure(&queue, &flaky).unwrap().is_none(),
+        "{log:?}"
+    );
     // Backoff: the attempts of the hopeless message are at least 20 ms, then 40 ms apart.
     let times: Vec<Instant> = seen
         .iter()
@@ -186,7 +193,7 @@ fn retry_backs_off_and_dead_letters_after_the_last_attempt() {
 fn held_and_delayed_messages_wait_for_release_and_their_time() {
     let t = TestQueue::new();
     let held = t.queue.enqueue(b"held").unwrap();
-    t.queue.hold(&held).unwrap();
+    dirq::admin::hold(&t.queue, &held).unwrap();
     let due = SystemTime::now() + Duration::from_millis(300);
     t.queue.enqueue_at(b"delayed", due).unwrap();
     t.queue.enqueue(b"now").unwrap();
@@ -210,7 +217,7 @@ fn held_and_delayed_messages_wait_for_release_and_their_time() {
         rx.recv_timeout(Duration::from_millis(200)).is_err(),
         "the held message was processed"
     );
-    t.queue.unhold(&held).unwrap();
+    dirq::admin::unhold(&t.queue, &held).unwrap();
     assert_eq!(rx.recv_timeout(LONG).unwrap().0, "held");
     running.stop();
 }
@@ -227,7 +234,7 @@ fn expired_messages_go_to_errors_unprocessed() {
     });
     t.queue.enqueue(b"fresh").unwrap();
     let strict = DirectoryQueue::builder(t.root())
-        .max_age(Some(Duration::from_millis(150)))
+        .max_age(Duration::from_millis(150))
         .open()
         .unwrap();
     let processed = Arc::new(Mutex::new(Vec::new()));
@@ -245,7 +252,11 @@ fn expired_messages_go_to_errors_unprocessed() {
     assert_eq!(*processed.lock().unwrap(), vec!["fresh".to_owned()]);
     assert_eq!(stats.expired, 1);
     assert_eq!(
-        t.queue.failure(&old).unwrap().unwrap().reason.as_deref(),
+        dirq::admin::failure(&t.queue, &old)
+            .unwrap()
+            .unwrap()
+            .reason
+            .as_deref(),
         Some("expired")
     );
 }
@@ -291,7 +302,7 @@ fn a_hung_stage_is_timed_out_and_its_worker_replaced() {
             t.queue.ids(state).unwrap().any(|id| id.unwrap() == hung)
         });
         if action == TimeoutAction::Fail {
-            let failure = t.queue.failure(&hung).unwrap().unwrap();
+            let failure = dirq::admin::failure(&t.queue, &hung).unwrap().unwrap();
             assert_eq!(failure.reason.as_deref(), Some("timeout"));
         }
         // Let the stuck stage return: its Commit must be discarded.
@@ -378,7 +389,7 @@ fn a_panicking_stage_dead_letters_the_poison_message_and_survives() {
         (stats.panics, stats.committed, stats.dead_lettered),
         (3, 10, 1)
     );
-    let failure = queue.failure(&poison).unwrap().unwrap();
+    let failure = dirq::admin::failure(&queue, &poison).unwrap().unwrap();
     let reason = failure.reason.unwrap();
     assert!(reason.contains("panicked: cannot digest this"), "{reason}");
     // Still alive and working.
@@ -514,7 +525,10 @@ fn a_drain_that_runs_out_of_time_releases_the_message() {
     });
     running.stop();
     assert_eq!(names_in(&t.path(State::Incoming)), vec![id.to_string()]);
-    assert_eq!(t.queue.list(State::Incoming).unwrap()[0].attempts, Some(1));
+    assert_eq!(
+        dirq::admin::list(&t.queue, State::Incoming).unwrap()[0].attempts,
+        Some(1)
+    );
 }
 
 #[test]
@@ -555,7 +569,7 @@ fn a_running_piper_advertises_itself_and_dead_ones_are_stale() {
     let pipers = t.root().join("pipers");
     std::fs::create_dir_all(&pipers).unwrap();
     std::fs::write(pipers.join("dead.json"), br#"{"stage": "ghost", "pid": 1}"#).unwrap();
-    let stale = t.queue.pipers().unwrap();
+    let stale = dirq::admin::pipers(&t.queue).unwrap();
     assert_eq!(stale.len(), 1);
     assert!(!stale[0].live && stale[0].stage == "ghost");
 
@@ -566,13 +580,12 @@ fn a_running_piper_advertises_itself_and_dead_ones_are_stale() {
             .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
     );
     wait_until(LONG, "the Piper to advertise itself", || {
-        t.queue
-            .pipers()
+        dirq::admin::pipers(&t.queue)
             .unwrap()
             .iter()
             .any(|p| p.stage == "visible")
     });
-    let infos = t.queue.pipers().unwrap();
+    let infos = dirq::admin::pipers(&t.queue).unwrap();
     assert_eq!(infos.len(), 1, "the dead Piper's file was removed at start");
     let me = &infos[0];
     assert!(me.live);
@@ -582,7 +595,7 @@ fn a_running_piper_advertises_itself_and_dead_ones_are_stale() {
     );
     running.stop();
     assert!(
-        t.queue.pipers().unwrap().is_empty(),
+        dirq::admin::pipers(&t.queue).unwrap().is_empty(),
         "removed when it stops"
     );
 }
@@ -709,7 +722,7 @@ fn dirq_status_shows_live_pipers_and_marks_dead_ones_stale() {
             .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
     );
     wait_until(LONG, "the Piper to advertise itself", || {
-        !t.queue.pipers().unwrap().is_empty()
+        !dirq::admin::pipers(&t.queue).unwrap().is_empty()
     });
     // Left behind by a Piper that died (nobody holds its lock).
     std::fs::write(
@@ -763,11 +776,11 @@ fn a_byte_limit_pauses_intake_too() {
     wait_until(LONG, "intake to pause on bytes", || {
         running.handle.is_paused()
     });
-    let held = next.bytes(State::Incoming).unwrap();
+    let held = next.size(State::Incoming).unwrap();
     assert!((2_000..=2_200).contains(&held), "next holds {held} bytes");
     // Drain below the low byte watermark: intake resumes (and may well pause again
     // before anyone looks, so what is watched is new messages arriving).
-    while next.bytes(State::Incoming).unwrap() >= 1_000 {
+    while next.size(State::Incoming).unwrap() >= 1_000 {
         next.try_claim().unwrap().unwrap().commit().unwrap();
     }
     let drained_to = next.count(State::Incoming).unwrap();

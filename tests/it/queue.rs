@@ -3,7 +3,8 @@
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime};
 
-use dirq::{DirectoryQueue, Durability, Error, MessageId, Operation, State};
+use dirq::error::Operation;
+use dirq::{DirectoryQueue, Durability, Error, MessageId, State};
 
 use crate::util::{names_in, wait_until, TestQueue};
 
@@ -197,7 +198,7 @@ fn fail_writes_the_sidecar_first_with_reason_and_attempts() {
     assert!(meta["host"].as_str().is_some_and(|h| !h.is_empty()));
     assert!(meta["time"].as_str().is_some_and(|t| t.ends_with('Z')));
 
-    let failure = t.queue.failure(&id).unwrap().unwrap();
+    let failure = dirq::admin::failure(&t.queue, &id).unwrap().unwrap();
     assert_eq!(failure.reason.as_deref(), Some("cannot parse"));
     assert_eq!(t.queue.counts().unwrap().errors, 1);
 }
@@ -303,7 +304,10 @@ fn recover_is_idempotent() {
         drop(t.queue.try_claim().unwrap().unwrap());
     }
     assert_eq!(t.queue.recover().unwrap().requeued, 5);
-    assert_eq!(t.queue.recover().unwrap(), dirq::RecoverReport::default());
+    assert_eq!(
+        t.queue.recover().unwrap(),
+        dirq::queue::RecoverReport::default()
+    );
     assert_eq!(t.queue.counts().unwrap().incoming, 5);
 }
 
@@ -394,7 +398,7 @@ fn counts_ages_and_ids() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(errors, ids[..1], "sidecars are not listed");
-    let listed = t.queue.list(State::Errors).unwrap();
+    let listed = dirq::admin::list(&t.queue, State::Errors).unwrap();
     assert_eq!(
         listed[0].failure.as_ref().unwrap().reason.as_deref(),
         Some("x")
@@ -405,12 +409,12 @@ fn counts_ages_and_ids() {
 fn bad_ids_are_typed_errors() {
     let t = TestQueue::new();
     for bad in ["", "a/b", "..", "../escape", "nul\0byte", ".hidden"] {
-        let err = MessageId::new(bad).unwrap_err();
+        let err = Error::from(MessageId::new(bad).unwrap_err());
         assert!(matches!(err, Error::InvalidId { .. }), "{bad:?}: {err:?}");
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
     let missing = MessageId::new("no-such-message").unwrap();
-    let err = t.queue.peek(&missing).unwrap_err();
+    let err = dirq::admin::peek(&t.queue, &missing).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
 }
 

@@ -106,8 +106,7 @@ fn run(figures: &mut Figures) -> Outcome {
         inventory.assert_intact(&format!("round {round}"));
         assert_eq!(inventory.in_state("incoming").len() as u64, ORPHANS);
         assert!(inventory.in_state("pending").is_empty());
-        let attempts: BTreeSet<Option<u32>> = queue
-            .list(State::Incoming)
+        let attempts: BTreeSet<Option<u32>> = dirq::admin::list(&queue, State::Incoming)
             .expect("list")
             .into_iter()
             .map(|info| info.attempts)

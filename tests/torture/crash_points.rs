@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dirq::{DirectoryQueue, Durability, MessageId, RetryPolicy};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Durability, MessageId};
 
 use crate::inventory::{payload, Inventory};
 use crate::support::{self, Figures, Outcome};
@@ -285,7 +286,12 @@ impl Setup {
 fn open(path: &Path) -> dirq::Result<DirectoryQueue> {
     DirectoryQueue::builder(path)
         .durability(Durability::Full)
-        .retry_policy(RetryPolicy::default().max_attempts(100))
+        .retry_policy(
+            RetryPolicy::builder()
+                .max_attempts(100)
+                .build()
+                .expect("a valid policy"),
+        )
         .open()
 }
 
@@ -317,8 +323,8 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         ("batch", _) => drop(a.enqueue_batch(NEW.iter().map(|seq| payload(*seq, SIZE)))?),
         // Kept claimed until the process ends.
         ("claim", _) => std::mem::forget(a.try_claim()?.ok_or("nothing to claim")?),
-        ("hold", _) => drop(a.hold(&subject_id)?),
-        ("requeue", _) => a.requeue(&subject_id, false)?,
+        ("hold", _) => drop(dirq::admin::hold(&a, &subject_id)?),
+        ("requeue", _) => dirq::admin::requeue(&a, &subject_id, false)?,
         ("commit", Some(m)) => m.commit()?,
         ("forward", Some(m)) => m.forward(&b)?,
         ("fail", Some(m)) => m.fail("crash-point test")?,

@@ -65,7 +65,7 @@ fn long_name(figures: &mut Figures) -> Outcome {
     );
     support::send(piper.id(), rustix::process::Signal::TERM);
     assert!(piper.0.wait().expect("wait").success());
-    let failed = queue.list(State::Errors).expect("list errors/");
+    let failed = dirq::admin::list(&queue, State::Errors).expect("list errors/");
     let reason = failed[0]
         .failure
         .as_ref()
@@ -277,7 +277,7 @@ fn odd_names_through_the_lifecycle(dir: &Path, figures: &mut Figures) {
             .retry_at(SystemTime::now() - Duration::from_secs(1), "odd")
             .expect("retry");
         claim().fail("odd").expect("fail");
-        queue.requeue(&id, false).expect("requeue");
+        dirq::admin::requeue(&queue, &id, false).expect("requeue");
         claim().forward(&next).expect("forward");
         let found = Inventory::take(&[&d]);
         assert_eq!(found.places(seq).len(), 1);
@@ -303,7 +303,7 @@ fn swapped_incoming(dir: &Path, figures: &mut Figures) {
     );
     support::wait_until(Duration::from_secs(30), "the Piper to start", || {
         DirectoryQueue::open(&e)
-            .and_then(|q| q.pipers())
+            .and_then(|q| dirq::admin::pipers(&q))
             .is_ok_and(|p| !p.is_empty())
     });
     let elsewhere = dir.join("elsewhere");

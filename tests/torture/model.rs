@@ -92,7 +92,12 @@ impl World {
         let open = |p: &Path| {
             DirectoryQueue::builder(p)
                 .durability(Durability::None)
-                .retry_policy(dirq::RetryPolicy::default().max_attempts(1000))
+                .retry_policy(
+                    dirq::queue::RetryPolicy::builder()
+                        .max_attempts(1000)
+                        .build()
+                        .expect("a valid policy"),
+                )
                 .open()
                 .expect("open")
         };

@@ -84,10 +84,10 @@ fn run(figures: &mut Figures) -> Outcome {
         "the worker did not stop cleanly: {status}"
     );
 
-    let failed = queue.list(State::Errors).expect("list errors/");
+    let failed = dirq::admin::list(&queue, State::Errors).expect("list errors/");
     let mut reasons = Vec::new();
     for info in &failed {
-        let (_, bytes) = queue.peek(&info.id).expect("read a failed message");
+        let (_, bytes) = dirq::admin::peek(&queue, &info.id).expect("read a failed message");
         let failure = info.failure.clone().expect("a failure sidecar");
         let reason = failure.reason.unwrap_or_default();
         println!(

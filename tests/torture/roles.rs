@@ -6,7 +6,9 @@
 use std::io::Write;
 use std::time::Duration;
 
-use dirq::{BreakerPolicy, DirectoryQueue, Durability, Emit, Message, Outcome, Piper, RetryPolicy};
+use dirq::piper::{BreakerPolicy, Emit, Outcome, Piper};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Durability, Message};
 
 use crate::inventory::payload;
 
@@ -55,10 +57,11 @@ pub fn open(path: &str, max_attempts: u32) -> dirq::Result<DirectoryQueue> {
     DirectoryQueue::builder(path)
         .durability(Durability::Full)
         .retry_policy(
-            RetryPolicy::default()
+            RetryPolicy::builder()
                 .initial(Duration::from_millis(20))
                 .max_delay(Duration::from_millis(200))
-                .max_attempts(max_attempts),
+                .max_attempts(max_attempts)
+                .build()?,
         )
         .open()
 }
@@ -100,7 +103,7 @@ fn stage(input: &str, output: &str, workers: usize, max_attempts: u32, emit: boo
     if forward {
         builder.output("next", &open(output, max_attempts)?);
     }
-    builder.stage(move |message: &Message| -> dirq::StageResult {
+    builder.stage(move |message: &Message| -> dirq::piper::StageResult {
         let bytes = message.bytes()?;
         if bytes.starts_with(b"poison-error") {
             return Err("poison: the stage rejects this message".into());

@@ -95,7 +95,10 @@ fn run(figures: &mut Figures) -> Outcome {
     }
     let (claimed, scans, peak_kib) = done.expect("the worker's summary");
     assert_eq!(claimed, MESSAGES, "claimed");
-    assert_eq!(queue.counts().expect("counts"), dirq::Counts::default());
+    assert_eq!(
+        queue.counts().expect("counts"),
+        dirq::queue::Counts::default()
+    );
     // One scan reads the whole directory and keeps the 128Ki oldest names; so a million
     // messages need about 8 of them (plus a few after the queue ran dry), not one per
     // claim.

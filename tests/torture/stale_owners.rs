@@ -160,9 +160,12 @@ fn run(figures: &mut Figures) -> Outcome {
     seen.extend(&stopped.claimed);
     seen.sort_unstable();
     assert_eq!(seen, (0..MESSAGES).collect::<Vec<_>>(), "each message once");
-    let left = queue.list(State::Incoming).expect("list");
+    let left = dirq::admin::list(&queue, State::Incoming).expect("list");
     assert_eq!(left.len(), 1);
-    assert_eq!(queue.peek(&left[0].id).expect("peek").1, payload(100, 4000));
+    assert_eq!(
+        dirq::admin::peek(&queue, &left[0].id).expect("peek").1,
+        payload(100, 4000)
+    );
     drop(impostor);
     figures.set("requeued", dead.claimed.len());
     figures.set("robbed", 0);

@@ -79,29 +79,30 @@ pub(crate) fn requeue(
     if let Some(age) = older_than {
         let now = SystemTime::now();
         let failed_long_ago = |id: &MessageId| {
-            queue
-                .info(State::Errors, id)
+            dirq::admin::info(queue, State::Errors, id)
                 .ok()
                 .and_then(|info| info.failed_at)
                 .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= age)
         };
         ids.retain(failed_long_ago);
     }
-    let result = for_each(&ids, "requeued", |id| queue.requeue(id, keep_attempts));
+    let result = for_each(&ids, "requeued", |id| {
+        dirq::admin::requeue(queue, id, keep_attempts)
+    });
     queue.sync()?;
     result
 }
 
 pub(crate) fn hold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     let ids = selected(queue, select, &[State::Incoming, State::Deferred])?;
-    let result = for_each(&ids, "held", |id| queue.hold(id).map(drop));
+    let result = for_each(&ids, "held", |id| dirq::admin::hold(queue, id).map(drop));
     queue.sync()?;
     result
 }
 
 pub(crate) fn release(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     let ids = selected(queue, select, &[State::Hold])?;
-    let result = for_each(&ids, "released", |id| queue.unhold(id));
+    let result = for_each(&ids, "released", |id| dirq::admin::unhold(queue, id));
     queue.sync()?;
     result
 }
@@ -112,7 +113,9 @@ pub(crate) fn delete(queue: &DirectoryQueue, select: &Selection) -> CliResult {
         select,
         &[State::Incoming, State::Deferred, State::Hold, State::Errors],
     )?;
-    let result = for_each(&ids, "deleted", |id| queue.delete(id).map(drop));
+    let result = for_each(&ids, "deleted", |id| {
+        dirq::admin::delete(queue, id).map(drop)
+    });
     queue.sync()?;
     result
 }
@@ -125,7 +128,7 @@ pub(crate) fn purge(
     let total = queue.count(State::Tmp)?
         + errors_older_than.map_or(Ok(0), |_| queue.count(State::Errors))?;
     let bar = progress(total as u64, "purging");
-    let report = queue.purge(tmp_older_than, errors_older_than, &mut |n| {
+    let report = dirq::admin::purge(queue, tmp_older_than, errors_older_than, &mut |n| {
         bar.set_position(n)
     })?;
     bar.finish_and_clear();
@@ -146,7 +149,7 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
         .map(|&s| queue.count(s).unwrap_or(0))
         .sum();
     let bar = progress(total as u64, "checking");
-    let problems = queue.check(&mut |n| bar.set_position(n))?;
+    let problems = dirq::admin::check(queue, &mut |n| bar.set_position(n))?;
     bar.finish_and_clear();
     let mut out = io::stdout().lock();
     for problem in &problems {
@@ -165,7 +168,7 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
     .map_err(stdout_error)?;
     if repair {
         let bar = progress(problems.len() as u64, "repairing");
-        let report = queue.repair(&problems, &mut |n| bar.set_position(n))?;
+        let report = dirq::admin::repair(queue, &problems, &mut |n| bar.set_position(n))?;
         bar.finish_and_clear();
         queue.sync()?;
         writeln!(

@@ -4,7 +4,9 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use dirq::{CommandStage, DirectoryQueue, Piper, RetryPolicy, State};
+use dirq::piper::{CommandStage, Piper};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, State};
 
 use super::Opener;
 use crate::args::ExecArgs;
@@ -14,7 +16,7 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let input = DirectoryQueue::builder(&args.queue)
         .create(false)
         .durability(opener.durability)
-        .retry_policy(RetryPolicy::default().max_attempts(args.retries))
+        .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?)
         .open()?;
     let (program, rest) = args.command.split_first().ok_or("no command was given")?;
     if args.dry_run {
@@ -85,7 +87,7 @@ fn dry_run(
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let infos = input.list(State::Incoming)?;
+    let infos = dirq::admin::list(input, State::Incoming)?;
     for info in &infos {
         writeln!(
             out,

@@ -35,7 +35,7 @@ pub(crate) fn metrics(queues: &[DirectoryQueue]) -> CliResult {
                 "gauge",
                 "Bytes of the messages in a state of a queue.",
                 &labels,
-                queue.bytes(state)? as f64,
+                queue.size(state)? as f64,
             );
         }
         let oldest = queue.oldest_age()?.map_or(0.0, |d| d.as_secs_f64());
@@ -46,7 +46,7 @@ pub(crate) fn metrics(queues: &[DirectoryQueue]) -> CliResult {
             &format!("queue=\"{q}\""),
             oldest,
         );
-        for piper in queue.pipers()? {
+        for piper in dirq::admin::pipers(queue)? {
             let labels = format!(
                 "queue=\"{q}\",stage=\"{}\",pid=\"{}\",host=\"{}\"",
                 label_value(&piper.stage),

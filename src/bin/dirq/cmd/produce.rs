@@ -91,7 +91,7 @@ fn print_then_commit(message: Message, out: &mut impl Write, separator: u8) -> C
 
 pub(crate) fn cat(queue: &DirectoryQueue, id: &OsStr) -> CliResult {
     let id = MessageId::new(id)?;
-    let (_, bytes) = queue.peek(&id)?;
+    let (_, bytes) = dirq::admin::peek(queue, &id)?;
     let mut out = io::stdout().lock();
     quiet_broken_pipe(out.write_all(&bytes).and_then(|()| out.flush())).map_err(stdout_error)?;
     Ok(())

@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dirq::{Counts, DirectoryQueue, MessageInfo, PiperInfo, State};
+use dirq::admin::MessageInfo;
+use dirq::piper::PiperInfo;
+use dirq::queue::Counts;
+use dirq::{DirectoryQueue, State};
 use serde_json::json;
 
 use crate::args::StateArg;
@@ -65,14 +68,14 @@ struct Row<'q> {
 fn gather(queue: &DirectoryQueue) -> Result<Row<'_>, dirq::Error> {
     let mut bytes = Vec::new();
     for state in MESSAGE_STATES {
-        bytes.push((state, queue.bytes(state)?));
+        bytes.push((state, queue.size(state)?));
     }
     Ok(Row {
         queue,
         counts: queue.counts()?,
         bytes,
         oldest: queue.oldest_age()?,
-        pipers: queue.pipers()?,
+        pipers: dirq::admin::pipers(queue)?,
     })
 }
 
@@ -180,7 +183,7 @@ pub(crate) fn ls(queue: &DirectoryQueue, state: Option<StateArg>, json: bool) ->
     };
     let mut lines = Vec::new();
     for state in states {
-        for info in queue.list(state)? {
+        for info in dirq::admin::list(queue, state)? {
             lines.push(if json {
                 ls_json(&info)
             } else {
@@ -271,7 +274,7 @@ pub(crate) fn ages(queues: &[DirectoryQueue]) -> CliResult {
     for queue in queues {
         let _ = writeln!(text, "{}", queue.root().display());
         for state in MESSAGE_STATES {
-            let histogram = histogram(&queue.ages(state)?);
+            let histogram = histogram(&dirq::admin::ages(queue, state)?);
             let _ = write!(
                 text,
                 "  {:<22} {:>7}",

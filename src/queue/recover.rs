@@ -4,11 +4,14 @@ use std::ffi::OsStr;
 use std::io;
 use std::time::{Duration, SystemTime};
 
+use super::DirectoryQueue;
+use crate::engine::owner::{lock_entry, Entry};
+use crate::engine::quarantine::quarantine;
 use crate::error::{Error, Operation, Result};
-use crate::owner::{lock_entry, Entry};
-use crate::quarantine::quarantine;
+use crate::format::attempts;
+use crate::format::id::MessageId;
+use crate::format::state::State;
 use crate::sys::EntryKind;
-use crate::{attempts, DirectoryQueue, MessageId, State};
 
 /// What one [`recover`](DirectoryQueue::recover) pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,27 +66,27 @@ impl DirectoryQueue {
         let result = self
             .recover_pending(&mut report)
             .and_then(|()| {
-                report.tmp_removed = self.purge_tmp(self.inner.config.tmp_max_age)?;
+                report.tmp_removed = self.purge_tmp(self.engine().config().tmp_max_age)?;
                 Ok(())
             })
             .and_then(|()| self.recover_incoming(&mut report));
-        let inner = &*self.inner;
+        let inner = self.engine();
         let synced = if report.requeued + report.duplicates_removed > 0 {
             inner
-                .syncer
+                .syncer()
                 .changed(&[inner.dir(State::Pending), inner.dir(State::Incoming)])
         } else {
             Ok(())
         };
         result.and(synced)?;
         if report != RecoverReport::default() {
-            tracing::info!(root = %inner.root.display(), ?report, "recovered");
+            tracing::info!(root = %inner.root().display(), ?report, "recovered");
         }
         Ok(report)
     }
 
     fn recover_pending(&self, report: &mut RecoverReport) -> Result<()> {
-        for (name, kind) in self.inner.dir(State::Pending).entries()? {
+        for (name, kind) in self.engine().dir(State::Pending).entries()? {
             self.recover_entry(&name, kind, report)?;
         }
         Ok(())
@@ -97,7 +100,7 @@ impl DirectoryQueue {
         kind: EntryKind,
         report: &mut RecoverReport,
     ) -> Result<()> {
-        let inner = &*self.inner;
+        let inner = self.engine();
         let pending = inner.dir(State::Pending);
         let incoming = inner.dir(State::Incoming);
         let path = || pending.join(name);
@@ -129,12 +132,12 @@ impl DirectoryQueue {
         let age = SystemTime::now()
             .duration_since(st.ctime)
             .unwrap_or(Duration::ZERO);
-        if age < inner.config.orphan_grace {
+        if age < inner.config().orphan_grace {
             report.within_grace += 1;
             return Ok(());
         }
-        let previous = attempts::read(&file, inner.identity).unwrap_or(0);
-        if let Err(e) = attempts::write(&file, inner.identity, previous + 1) {
+        let previous = attempts::read(&file, inner.identity()).unwrap_or(0);
+        if let Err(e) = attempts::write(&file, inner.identity(), previous + 1) {
             tracing::debug!(path = %path().display(), error = %e, "cannot store attempt count");
         }
         match pending.dir.rename_noreplace(name, &incoming.dir, name) {
@@ -173,7 +176,7 @@ impl DirectoryQueue {
     /// twin) whose writer is gone; returns how many.
     pub(crate) fn purge_tmp(&self, max_age: Duration) -> Result<usize> {
         let mut removed = 0;
-        for (name, _) in self.inner.dir(State::Tmp).entries()? {
+        for (name, _) in self.engine().dir(State::Tmp).entries()? {
             removed += self.purge_tmp_entry(&name, max_age)?;
         }
         Ok(removed)
@@ -182,7 +185,7 @@ impl DirectoryQueue {
     /// Removes `tmp/name` if it is older than `max_age` (or left beside a published
     /// twin) and its writer is gone; 1 if it was removed.
     pub(crate) fn purge_tmp_entry(&self, name: &OsStr, max_age: Duration) -> Result<usize> {
-        let tmp = self.inner.dir(State::Tmp);
+        let tmp = self.engine().dir(State::Tmp);
         let now = SystemTime::now();
         let path = || tmp.join(name);
         let st = match tmp.dir.stat_at(name) {
@@ -212,7 +215,7 @@ impl DirectoryQueue {
     }
 
     fn recover_incoming(&self, report: &mut RecoverReport) -> Result<()> {
-        let inner = &*self.inner;
+        let inner = self.engine();
         let incoming = inner.dir(State::Incoming);
         let now = SystemTime::now();
         for (name, _) in incoming.entries()? {
@@ -222,7 +225,8 @@ impl DirectoryQueue {
             let Ok(st) = incoming.dir.stat_at(&name) else {
                 continue;
             };
-            if now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= inner.config.tmp_max_age {
+            if now.duration_since(st.mtime).unwrap_or(Duration::ZERO) >= inner.config().tmp_max_age
+            {
                 let reason = "hidden file in incoming/ that nobody finished (not a message)";
                 report.quarantined +=
                     usize::from(self.set_aside(State::Incoming, &name, reason)?);
@@ -232,12 +236,12 @@ impl DirectoryQueue {
     }
 
     fn set_aside(&self, from: State, name: &OsStr, reason: &str) -> Result<bool> {
-        quarantine(&self.inner, from, name, reason)
+        quarantine(self.engine(), from, name, reason)
     }
 }
 
 /// Unlinks `name` from `tmp/`; 1 if it was removed, 0 if it had gone.
-fn remove(tmp: &crate::queue::StateDir, name: &OsStr) -> Result<usize> {
+fn remove(tmp: &crate::engine::StateDir, name: &OsStr) -> Result<usize> {
     match tmp.dir.unlink(name) {
         Ok(()) => Ok(1),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),

@@ -4,8 +4,8 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::StateDir;
 use crate::error::{Error, Operation, Result};
-use crate::queue::StateDir;
 use crate::sys::FsFamily;
 
 /// How much a mutating operation syncs before it returns.

@@ -5,9 +5,8 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 
-use crate::lock;
-use crate::queue::StateDir;
-use crate::sys::{self, EntryKind, FileStat};
+use super::StateDir;
+use crate::sys::{self, lock, EntryKind, FileStat};
 
 /// The outcome of [`lock_entry`].
 pub(crate) enum Entry {

@@ -8,16 +8,18 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::sync::atomic::Ordering;
 
+use super::sidecar;
+use super::Shared;
 use crate::error::{Error, Operation, Result};
-use crate::meta::{self, FailureInfo};
-use crate::queue::Inner;
-use crate::{id, MessageId, State};
+use crate::format::id::{self, MessageId};
+use crate::format::meta::FailureInfo;
+use crate::format::state::State;
 
 /// Moves the entry `name` of `from` to `errors/` with `reason` in its sidecar, for an
 /// entry that is not a claimable message.
 ///
 /// Returns `Ok(false)` when the entry had already gone (another claimer moved it).
-pub(crate) fn quarantine(inner: &Inner, from: State, name: &OsStr, reason: &str) -> Result<bool> {
+pub(crate) fn quarantine(inner: &Shared, from: State, name: &OsStr, reason: &str) -> Result<bool> {
     let info = FailureInfo::now(reason.to_owned(), 0, from);
     let Moved::To {
         name: target,
@@ -57,7 +59,7 @@ pub(crate) enum Moved {
 /// synced as the queue's durability mode says, together with `incoming/` (a claim's
 /// rename is made durable by the terminal that follows it).
 pub(crate) fn move_to_errors(
-    inner: &Inner,
+    inner: &Shared,
     from: State,
     name: &OsStr,
     info: &FailureInfo,
@@ -68,7 +70,7 @@ pub(crate) fn move_to_errors(
     let mut start = 0;
     for _ in 0..8 {
         let target = free_name(inner, name, start)?;
-        meta::write_sidecar(inner, &target, info)?;
+        sidecar::write_sidecar(inner, &target, info)?;
         inner.syncer.order_before_next(errors)?;
         match source.dir.rename_noreplace(name, &errors.dir, &target) {
             Ok(()) => {
@@ -107,7 +109,7 @@ pub(crate) fn move_to_errors(
 /// The name for `name` in `errors/`, or `<name>~N` when `errors/` already holds an
 /// entry of that name. A name that is not a valid id (see [`errors_name`]) is changed
 /// into one first.
-pub(crate) fn free_name(inner: &Inner, name: &OsStr, start: u32) -> Result<OsString> {
+pub(crate) fn free_name(inner: &Shared, name: &OsStr, start: u32) -> Result<OsString> {
     let errors = inner.dir(State::Errors);
     let base = errors_name(name);
     for n in start..start + 1000 {
@@ -165,12 +167,12 @@ fn errors_name(name: &OsStr) -> OsString {
 
 /// Removes a sidecar written for an entry that did not arrive, unless another process
 /// moved an entry of that name into `errors/` meanwhile.
-fn remove_orphan_sidecar(inner: &Inner, target: &OsStr) {
+fn remove_orphan_sidecar(inner: &Shared, target: &OsStr) {
     let errors = inner.dir(State::Errors);
     if errors.dir.stat_at(target).is_ok() {
         return;
     }
-    let sidecar = meta::sidecar_name(target);
+    let sidecar = crate::format::meta::sidecar_name(target);
     if let Err(e) = errors.dir.unlink(&sidecar) {
         if e.kind() != io::ErrorKind::NotFound {
             tracing::warn!(path = %errors.join(&sidecar).display(), error = %e, "cannot remove unused sidecar");

@@ -1,7 +1,11 @@
 //! The state directories of a queue: the on-disk protocol's vocabulary, written once.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::str::FromStr;
+use std::time::SystemTime;
+
+use super::id::{MessageId, META_SUFFIX};
 
 /// A state directory of a queue. A message's state is the directory it is in.
 ///
@@ -104,6 +108,28 @@ impl FromStr for State {
             .into_iter()
             .find(|state| state.as_str() == s)
             .ok_or_else(|| ParseStateError(s.to_owned()))
+    }
+}
+
+/// The message id (and, in `deferred/`, the due time) of a listed name in `state`.
+pub(crate) fn entry_id(state: State, name: &OsStr) -> Option<(MessageId, Option<SystemTime>)> {
+    if !is_listed(state, name) {
+        return None;
+    }
+    if state == State::Deferred {
+        let (when, id) = super::deferred::parse_deferred_name(name)?;
+        return Some((id, Some(when)));
+    }
+    Some((MessageId::from_name(name), None))
+}
+
+/// Whether `name` is listed and counted in `state`.
+pub(crate) fn is_listed(state: State, name: &OsStr) -> bool {
+    let bytes = name.as_encoded_bytes();
+    match state {
+        State::Tmp => true,
+        State::Errors => !MessageId::is_hidden(bytes) && !bytes.ends_with(META_SUFFIX.as_bytes()),
+        _ => !MessageId::is_hidden(bytes),
     }
 }
 

@@ -6,14 +6,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::defer::{self, DeferredClock};
+use super::deferred::{self, DeferredClock};
+use super::owner::{lock_entry, Entry};
+use super::quarantine::quarantine;
+use super::scan::{self, Candidate, DirStamp, Oldest};
+use super::Shared;
 use crate::error::{Error, Operation, Result};
-use crate::owner::{lock_entry, Entry};
-use crate::quarantine::quarantine;
-use crate::queue::Inner;
-use crate::scan::{self, Candidate, DirStamp, Oldest};
+use crate::format::id::{self, MessageId};
+use crate::format::state::State;
 use crate::sys::{EntryKind, FileStat};
-use crate::{DirectoryQueue, Message, MessageId, State};
 
 /// How many of the oldest names one scan keeps. Bigger means fewer full scans of a
 /// long queue (each costs a read of the whole directory) but more memory (about
@@ -54,7 +55,7 @@ pub(crate) struct Snapshot {
     /// and recording arrivals ever since: until the rescan interval has passed, the
     /// names the watch reports are all there is to claim, and `names` holds only those.
     ///
-    /// [Wake::arm]: crate::wake::Wake::arm
+    /// [Wake::arm]: super::wake::Wake::arm
     trusted: Option<Instant>,
     /// How long the last read of `incoming/` took.
     scan_cost: Duration,
@@ -76,8 +77,8 @@ impl Snapshot {
     /// leaving out `lost`: names this call already lost to another claimer (still in
     /// `incoming/` while their claimer renames them; offering them again would make the
     /// caller spin on them). Returns `false` when there is nothing else to claim.
-    fn refill(&mut self, inner: &Inner, lost: &[MessageId]) -> Result<bool> {
-        defer::promote_due(inner, &mut self.deferred, &mut self.buf)?;
+    fn refill(&mut self, inner: &Shared, lost: &[MessageId]) -> Result<bool> {
+        deferred::promote_due(inner, &mut self.deferred, &mut self.buf)?;
         if let Some(arrived) = self.trusted_arrivals(inner) {
             self.names = arrived;
             self.leave_out(lost);
@@ -126,7 +127,7 @@ impl Snapshot {
 
     /// The names that arrived since `incoming/` was last found empty, when the watch is
     /// trusted to have reported all of them; `None` means the directory must be read.
-    fn trusted_arrivals(&mut self, inner: &Inner) -> Option<Oldest> {
+    fn trusted_arrivals(&mut self, inner: &Shared) -> Option<Oldest> {
         let since = self.trusted.take()?;
         let names = inner.wake.arrivals()?;
         if names.is_empty() && since.elapsed() >= self.verify_every(inner) {
@@ -141,7 +142,7 @@ impl Snapshot {
     /// but on a directory so long that reading it takes a while (ext4 never shrinks one
     /// that once held a million names) rarely enough that the reads take at most
     /// 1/[`VERIFY_SHARE`] of the time.
-    fn verify_every(&self, inner: &Inner) -> Duration {
+    fn verify_every(&self, inner: &Shared) -> Duration {
         inner
             .config
             .rescan_interval
@@ -182,14 +183,25 @@ impl Snapshot {
             return;
         }
         let span = self.names.len().min(MAX_JUMP) as u64;
-        let jump = crate::random::below(span) as usize;
+        let jump = crate::sys::random::below(span) as usize;
         self.names.skip(jump);
     }
 }
 
+/// A message just moved to `pending/` and locked by this process.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) id: MessageId,
+    /// The message file, open, holding the lock that says this process owns it.
+    pub(crate) file: std::fs::File,
+    pub(crate) size: u64,
+    /// Older than the queue's maximum age: to be failed as `expired`, not processed.
+    pub(crate) expired: bool,
+}
+
 /// How one claim attempt ended.
 enum Attempt {
-    Claimed(Message),
+    Claimed(Claimed),
     /// Another claimer got there first.
     Lost,
     /// Someone holds the message's lock: lost too, but it may come free any moment.
@@ -198,31 +210,12 @@ enum Attempt {
     Skipped,
 }
 
-impl DirectoryQueue {
-    /// Claims the oldest message in `incoming/`, if there is one, without blocking.
-    ///
-    /// The message moves to `pending/` and belongs to the returned [`Message`] until
-    /// one of its terminals (commit, forward, fail, release) is called. Entries that
-    /// are not regular files (symlinks, FIFOs, sockets, devices, directories), files
-    /// with more than one hard link and empty files are moved to `errors/` with a
-    /// reason on the way; they are never followed, read or blocked on. Names starting
-    /// with `.` are skipped (files in progress).
-    ///
-    /// Losing a race with another claimer is not an error: the next message is tried.
-    ///
-    /// # Errors
-    ///
-    /// An [`Error`] naming the path, when `incoming/` cannot be read or a message
-    /// cannot be opened or moved (for example `EACCES`). The next call moves on to the
-    /// following message.
-    ///
-    /// # Durability
-    ///
-    /// A claim syncs nothing: whether a crash leaves the message in `incoming/` or in
-    /// `pending/`, it is processed again (recovery requeues it), and the terminal that
-    /// ends the claim syncs every directory it depends on.
-    pub fn try_claim(&self) -> Result<Option<Message>> {
-        let inner = &*self.inner;
+impl Shared {
+    /// Claims the oldest claimable message in `incoming/`, if there is one, without
+    /// blocking: `incoming/X` is locked and renamed to `pending/X`. Quarantines what
+    /// is not claimable on the way; see `DirectoryQueue::try_claim`.
+    pub(crate) fn try_claim(&self) -> Result<Option<Claimed>> {
+        let inner = self;
         // Names lost to other claimers during this call.
         let mut lost = Vec::new();
         let mut locked = false;
@@ -254,11 +247,15 @@ impl DirectoryQueue {
             lock_snapshot(inner).claiming.retain(|c| c != &id);
             let outcome = attempt?;
             match outcome {
-                Attempt::Claimed(message) => {
+                Attempt::Claimed(claimed) => {
                     lock_snapshot(inner).misses = 0;
                     inner.wake.busy();
-                    inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some(message));
+                    if claimed.expired {
+                        inner.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        inner.counters.claimed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(Some(claimed));
                 }
                 Attempt::Lost | Attempt::Locked => {
                     let mut snapshot = lock_snapshot(inner);
@@ -276,84 +273,12 @@ impl DirectoryQueue {
         }
     }
 
-    /// Claims the oldest message, waiting as long as it takes for one to arrive.
-    ///
-    /// An idle claimer is woken by a filesystem event within milliseconds of a message
-    /// arriving, and rescans every [rescan interval](crate::QueueBuilder::rescan_interval)
-    /// in case an event was missed.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    ///
-    /// # Durability
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    pub fn claim(&self) -> Result<Message> {
-        loop {
-            if let Some(message) =
-                self.claim_deadline(Instant::now() + Duration::from_secs(3600))?
-            {
-                return Ok(message);
-            }
-        }
-    }
-
-    /// Claims the oldest message, waiting at most `timeout` for one to arrive.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    ///
-    /// # Durability
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    pub fn claim_timeout(&self, timeout: Duration) -> Result<Option<Message>> {
-        match Instant::now().checked_add(timeout) {
-            Some(deadline) => self.claim_deadline(deadline),
-            None => self.claim().map(Some),
-        }
-    }
-
-    /// Claims the oldest message, waiting until `deadline` for one to arrive.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    ///
-    /// # Durability
-    ///
-    /// As [`try_claim`](DirectoryQueue::try_claim).
-    pub fn claim_deadline(&self, deadline: Instant) -> Result<Option<Message>> {
-        let inner = &*self.inner;
-        let incoming = &inner.dir(State::Incoming).path;
-        loop {
-            let seen = crate::wake::generation();
-            if let Some(message) = self.try_claim()? {
-                return Ok(Some(message));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            if inner
-                .wake
-                .prepare(incoming, crate::wake::Interest::Arrivals)
-            {
-                // The watch is new: anything that arrived before it sent no event.
-                continue;
-            }
-            let until = deadline.min(self.next_wake(now));
-            crate::wake::wait_any(&[&inner.wake], seen, until);
-        }
-    }
-
     /// When a claimer with nothing to do should look again: after the rescan interval,
     /// when the next deferred message falls due, or soon if the last claim found a
     /// message locked by someone else, whichever is first.
     pub(crate) fn next_wake(&self, now: Instant) -> Instant {
-        let rescan = now + self.inner.config.rescan_interval;
-        let snapshot = lock_snapshot(&self.inner);
+        let rescan = now + self.config().rescan_interval;
+        let snapshot = lock_snapshot(self);
         let due = snapshot.deferred.next_due().map(|t| {
             now + t
                 .duration_since(SystemTime::now())
@@ -365,16 +290,16 @@ impl DirectoryQueue {
             .fold(rescan, Instant::min)
     }
 
-    /// One attempt at claiming `candidate`, following DESIGN §4: open without following
+    /// One attempt at claiming `candidate`, following the protocol (docs/protocol.md): open without following
     /// or blocking, lock, check that the name still names the locked inode, rename.
     fn attempt(&self, candidate: Candidate) -> Result<Attempt> {
-        let inner = &*self.inner;
+        let inner = self;
         let incoming = inner.dir(State::Incoming);
         let pending = inner.dir(State::Pending);
         let name = candidate.id.as_os_str();
         let path = || incoming.join(name);
 
-        if let Err(reason) = crate::id::check(name.as_encoded_bytes()) {
+        if let Err(reason) = id::check(name.as_encoded_bytes()) {
             // A name no message may have (too long to defer or fail, or a sidecar's).
             return self.quarantine_incoming(name, &format!("not a message name: {reason}"));
         }
@@ -450,24 +375,23 @@ impl DirectoryQueue {
         }
         tracing::trace!(id = %candidate.id, "claimed");
         let born = candidate.id.timestamp().unwrap_or(st.mtime);
-        let message = Message::claimed(self.clone(), candidate.id, file, st.size);
-        if let Some(max_age) = inner.config.max_age {
-            if SystemTime::now()
+        let expired = inner.config.max_age.is_some_and(|max_age| {
+            SystemTime::now()
                 .duration_since(born)
                 .unwrap_or(Duration::ZERO)
                 > max_age
-            {
-                message.fail("expired").map_err(|e| e.into_error())?;
-                inner.counters.expired.fetch_add(1, Ordering::Relaxed);
-                return Ok(Attempt::Skipped);
-            }
-        }
-        Ok(Attempt::Claimed(message))
+        });
+        Ok(Attempt::Claimed(Claimed {
+            id: candidate.id,
+            file,
+            size: st.size,
+            expired,
+        }))
     }
 
     /// Quarantines an unclaimable entry of `incoming/`.
     fn quarantine_incoming(&self, name: &std::ffi::OsStr, reason: &str) -> Result<Attempt> {
-        quarantine(&self.inner, State::Incoming, name, reason)?;
+        quarantine(self, State::Incoming, name, reason)?;
         Ok(Attempt::Skipped)
     }
 
@@ -476,7 +400,7 @@ impl DirectoryQueue {
     /// publisher finds the name gone and is fine with it). Removes the `tmp/` name.
     /// Returns whether that accounted for the extra link.
     fn drop_publish_leftover(&self, name: &std::ffi::OsStr, st: &FileStat) -> Result<bool> {
-        let tmp = self.inner.dir(State::Tmp);
+        let tmp = self.dir(State::Tmp);
         match tmp.dir.stat_at(name) {
             Ok(other) if other.same_file(st) && st.nlink == 2 => match tmp.dir.unlink(name) {
                 Ok(()) => Ok(true),
@@ -488,7 +412,7 @@ impl DirectoryQueue {
     }
 }
 
-fn lock_snapshot(inner: &Inner) -> MutexGuard<'_, Snapshot> {
+fn lock_snapshot(inner: &Shared) -> MutexGuard<'_, Snapshot> {
     inner
         .snapshot
         .lock()

@@ -3,38 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::engine::config::Config;
+use crate::engine::durability::Durability;
+use crate::engine::retry::RetryPolicy;
 use crate::error::{Error, Result};
-use crate::{DirectoryQueue, Durability, RetryPolicy};
-
-/// Settings of an open queue handle.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) create: bool,
-    pub(crate) dir_mode: u32,
-    pub(crate) file_mode: u32,
-    pub(crate) durability: Durability,
-    pub(crate) rescan_interval: Duration,
-    pub(crate) orphan_grace: Duration,
-    pub(crate) tmp_max_age: Duration,
-    pub(crate) max_age: Option<Duration>,
-    pub(crate) retry: RetryPolicy,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            create: true,
-            dir_mode: 0o775,
-            file_mode: 0o664,
-            durability: Durability::Full,
-            rescan_interval: Duration::from_secs(1),
-            orphan_grace: Duration::ZERO,
-            tmp_max_age: Duration::from_secs(3600),
-            max_age: None,
-            retry: RetryPolicy::default(),
-        }
-    }
-}
+use crate::DirectoryQueue;
 
 /// Opens a [`DirectoryQueue`] with non-default settings.
 ///
@@ -136,9 +109,16 @@ impl QueueBuilder {
     /// in its id, or else its modification time) is moved to `errors/` with reason
     /// `expired` instead of being returned (a batch server's admissible delay).
     ///
-    /// Default: none (messages never expire).
-    pub fn max_age(&mut self, age: Option<Duration>) -> &mut Self {
-        self.config.max_age = age;
+    /// Default: none (messages never expire; see [`no_max_age`](Self::no_max_age)).
+    /// Must not be zero.
+    pub fn max_age(&mut self, age: Duration) -> &mut Self {
+        self.config.max_age = Some(age);
+        self
+    }
+
+    /// Messages never expire: undoes [`max_age`](Self::max_age). The default.
+    pub fn no_max_age(&mut self) -> &mut Self {
+        self.config.max_age = None;
         self
     }
 
@@ -170,19 +150,31 @@ impl QueueBuilder {
         let bad = |field: &'static str, reason: String| Err(Error::config(&target, field, reason));
         let c = &self.config;
         if c.dir_mode & !0o7777 != 0 || c.dir_mode & 0o700 != 0o700 {
-            return bad("dir_mode", format!(
-                "directory mode {:#o} must be at most 0o7777 and include 0o700",
-                c.dir_mode
-            ));
+            return bad(
+                "dir_mode",
+                format!(
+                    "directory mode {:#o} must be at most 0o7777 and include 0o700",
+                    c.dir_mode
+                ),
+            );
         }
         if c.file_mode & !0o7777 != 0 || c.file_mode & 0o600 != 0o600 {
-            return bad("file_mode", format!(
-                "file mode {:#o} must be at most 0o7777 and include 0o600",
-                c.file_mode
-            ));
+            return bad(
+                "file_mode",
+                format!(
+                    "file mode {:#o} must be at most 0o7777 and include 0o600",
+                    c.file_mode
+                ),
+            );
         }
         if c.rescan_interval.is_zero() {
             return bad("rescan_interval", "must not be zero".to_owned());
+        }
+        if c.max_age.is_some_and(|age| age.is_zero()) {
+            return bad(
+                "max_age",
+                "must not be zero (every message would expire)".to_owned(),
+            );
         }
         Ok(())
     }

@@ -10,10 +10,10 @@
 use std::ffi::OsString;
 use std::mem::MaybeUninit;
 
-use crate::id::MessageId;
-use crate::queue::StateDir;
 use std::time::{Duration, SystemTime};
 
+use super::StateDir;
+use crate::format::id::MessageId;
 use crate::sys::{EntryKind, FileStat};
 
 /// A name found by a scan.

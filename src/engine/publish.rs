@@ -1,4 +1,5 @@
-//! Enqueue: write `tmp/X`, sync it, rename it to `incoming/X`, sync `incoming/`.
+//! Publishing: write `tmp/X`, sync it, rename it to `incoming/X` (or `deferred/`),
+//! sync the directory; and taking it back out when that sync fails.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -7,188 +8,72 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
-
-use crate::durability::Syncer;
+use super::durability::Syncer;
+use super::{Shared, StateDir};
 use crate::error::{Error, Operation, Result};
-use crate::queue::{Inner, StateDir};
-use crate::{defer, lock, DirectoryQueue, MessageId, State};
+use crate::format::deferred::deferred_name;
+use crate::format::id::MessageId;
+use crate::format::state::State;
+use crate::sys::lock;
 
 /// Size of the buffer a streamed enqueue copies through.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
-impl DirectoryQueue {
-    /// Enqueues `bytes` as a new message and returns its id.
-    ///
-    /// The message is written to `tmp/` under its id (exclusive create), synced, and
-    /// published by an atomic rename into `incoming/`, where consumers see it complete
-    /// or not at all.
-    ///
-    /// # Errors
-    ///
-    /// - [`Error::EmptyMessage`] for empty or whitespace-only bytes (Mentat treats
-    ///   those as errors); nothing is written.
-    /// - [`Error::Io`] naming the path for any system error (`ENOSPC`, `EDQUOT`,
-    ///   `EIO`, ...). The file in `tmp/` is removed and nothing appears in `incoming/`;
-    ///   if the final directory sync fails, the just-published message is taken back
-    ///   out of `incoming/` unless a consumer already claimed it.
-    ///
-    /// # Durability
-    ///
-    /// `Full`: the file and `incoming/` are synced before this returns. `Batch`: the
-    /// file is synced, `incoming/` at the next [`sync`](DirectoryQueue::sync).
-    /// `None`: nothing is synced.
-    pub fn enqueue(&self, bytes: impl AsRef<[u8]>) -> Result<MessageId> {
-        self.written(bytes.as_ref(), None)?
-            .publish(Destination::Incoming)
+/// A file in `tmp/` holding `bytes`, unless they are blank; named after `id` when
+/// given.
+pub(crate) fn write_new<'q>(
+    inner: &'q Shared,
+    bytes: &[u8],
+    id: Option<&MessageId>,
+) -> Result<TmpFile<'q>> {
+    if is_blank(bytes) {
+        return Err(empty(inner));
     }
+    let mut tmp = TmpFile::create(inner, id)?;
+    tmp.write(bytes)?;
+    Ok(tmp)
+}
 
-    /// A file in `tmp/` holding `bytes`, unless they are blank.
-    fn written(&self, bytes: &[u8], id: Option<&MessageId>) -> Result<TmpFile<'_>> {
+/// Writes every item to `tmp/`, syncs the files, publishes them and syncs `incoming/`
+/// once (group commit); see `DirectoryQueue::enqueue_batch`.
+pub(crate) fn publish_batch<I>(inner: &Shared, items: I) -> Result<Vec<MessageId>>
+where
+    I: IntoIterator,
+    I::Item: AsRef<[u8]>,
+{
+    let mut files = Vec::new();
+    for item in items {
+        let bytes = item.as_ref();
         if is_blank(bytes) {
-            return Err(empty(&self.inner));
-        }
-        let mut tmp = TmpFile::create(&self.inner, id)?;
-        tmp.write(bytes)?;
-        Ok(tmp)
-    }
-
-    /// Enqueues `bytes` for delivery at `not_before`: the message waits in `deferred/`
-    /// and moves to `incoming/` when a claimer of the queue finds it due. A time not in
-    /// the future delivers at once.
-    ///
-    /// # Errors
-    ///
-    /// As [`enqueue`](DirectoryQueue::enqueue); [`Error::Layout`] when the queue has no
-    /// `deferred/` (opened without permission to create it).
-    ///
-    /// # Durability
-    ///
-    /// As [`enqueue`](DirectoryQueue::enqueue), with `deferred/` in place of `incoming/`.
-    pub fn enqueue_at(&self, bytes: impl AsRef<[u8]>, not_before: SystemTime) -> Result<MessageId> {
-        let tmp = self.written(bytes.as_ref(), None)?;
-        if not_before <= SystemTime::now() {
-            return tmp.publish(Destination::Incoming);
-        }
-        tmp.publish(Destination::Deferred(not_before))
-    }
-
-    /// Enqueues `bytes` under a given id, so that a producer that may repeat itself
-    /// (after a crash, say) cannot make a duplicate while the first copy is waiting.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Duplicate`] when `incoming/` already holds a message with this id (a
-    /// message with this id in another state is not detected); otherwise as
-    /// [`enqueue`](DirectoryQueue::enqueue).
-    ///
-    /// # Durability
-    ///
-    /// As [`enqueue`](DirectoryQueue::enqueue).
-    pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<()> {
-        let mut tmp = self.written(bytes.as_ref(), Some(id))?;
-        tmp.fix_id(id);
-        tmp.publish(Destination::Incoming).map(drop)
-    }
-
-    /// Enqueues `value` serialised as JSON.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Json`] with [`Operation::Encode`] when `value` cannot be serialised;
-    /// otherwise as [`enqueue`](DirectoryQueue::enqueue).
-    ///
-    /// # Durability
-    ///
-    /// As [`enqueue`](DirectoryQueue::enqueue).
-    pub fn enqueue_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<MessageId> {
-        let bytes = serde_json::to_vec(value).map_err(|e| {
-            Error::json(Operation::Encode, &self.inner.dir(State::Incoming).path, e)
-        })?;
-        self.enqueue(bytes)
-    }
-
-    /// Enqueues everything `reader` yields, streamed through a 64 KiB buffer: a message
-    /// of any size needs no more memory than that.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Io`] with [`Operation::Read`] naming the queue's `tmp/` file when the
-    /// reader fails; otherwise as [`enqueue`](DirectoryQueue::enqueue). The partial file
-    /// is removed in every case.
-    ///
-    /// # Durability
-    ///
-    /// As [`enqueue`](DirectoryQueue::enqueue).
-    pub fn enqueue_reader(&self, mut reader: impl Read) -> Result<MessageId> {
-        let inner = &*self.inner;
-        let mut tmp = TmpFile::create(inner, None)?;
-        tmp.copy_from(&mut reader)?;
-        if !tmp.nonblank {
             return Err(empty(inner));
         }
-        tmp.publish(Destination::Incoming)
+        let mut tmp = TmpFile::create(inner, None)?;
+        tmp.write(bytes)?;
+        files.push(tmp);
     }
-
-    /// Enqueues many messages behind one durability barrier (group commit) and returns
-    /// their ids in order.
-    ///
-    /// All files are written first, then synced, then published, then `incoming/` is
-    /// synced once. Throughput with full durability is therefore many times that of
-    /// single enqueues.
-    ///
-    /// # Errors
-    ///
-    /// - [`Error::EmptyMessage`] or an I/O error before publishing: nothing is
-    ///   published and every `tmp/` file is removed.
-    /// - [`Error::PartialBatch`] when publishing stopped part-way: it lists the ids
-    ///   that were published (and remain, synced as far as possible); the rest are
-    ///   removed.
-    ///
-    /// # Durability
-    ///
-    /// `Full` and `Batch`: every file and `incoming/` are synced before this returns.
-    /// `None`: nothing is synced.
-    pub fn enqueue_batch<I>(&self, items: I) -> Result<Vec<MessageId>>
-    where
-        I: IntoIterator,
-        I::Item: AsRef<[u8]>,
-    {
-        let inner = &*self.inner;
-        let mut files = Vec::new();
-        for item in items {
-            let bytes = item.as_ref();
-            if is_blank(bytes) {
-                return Err(empty(inner));
-            }
-            let mut tmp = TmpFile::create(inner, None)?;
-            tmp.write(bytes)?;
-            files.push(tmp);
-        }
-        let total = files.len();
-        inner
-            .syncer
-            .files(files.iter().map(|tmp| (&tmp.file, tmp.path.as_path())))?;
-        let mut published = Vec::with_capacity(total);
-        for tmp in files {
-            match tmp.rename_into(Destination::Incoming) {
-                Ok((id, name, _)) => published.push((id, name)),
-                Err(error) if published.is_empty() => return Err(error),
-                Err(error) => {
-                    // Make what is visible durable before reporting it as published.
-                    let _ = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
-                    return Err(Error::PartialBatch {
-                        path: inner.dir(State::Incoming).path.clone(),
-                        published: published.into_iter().map(|(id, _)| id).collect(),
-                        total,
-                        source: Box::new(error),
-                    });
-                }
+    let total = files.len();
+    inner
+        .syncer
+        .files(files.iter().map(|tmp| (&tmp.file, tmp.path.as_path())))?;
+    let mut published = Vec::with_capacity(total);
+    for tmp in files {
+        match tmp.rename_into(Destination::Incoming) {
+            Ok((id, name, _)) => published.push((id, name)),
+            Err(error) if published.is_empty() => return Err(error),
+            Err(error) => {
+                // Make what is visible durable before reporting it as published.
+                let _ = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
+                return Err(Error::PartialBatch {
+                    path: inner.dir(State::Incoming).path.clone(),
+                    published: published.into_iter().map(|(id, _)| id).collect(),
+                    total,
+                    source: Box::new(error),
+                });
             }
         }
-        let synced = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
-        settle(inner.dir(State::Incoming), published, synced)
     }
+    let synced = inner.syncer.changed_now(&[inner.dir(State::Incoming)]);
+    settle(inner.dir(State::Incoming), published, synced)
 }
 
 /// Reports the outcome of publishing `ids`: when the sync that was to make them durable
@@ -227,7 +112,7 @@ fn settle(
 /// [`crate::Durability::None`] (the copy must be durable before the original goes).
 pub(crate) fn publish_copy(
     syncer: &Syncer,
-    next: &Inner,
+    next: &Shared,
     id: &MessageId,
     mut reader: impl Read,
 ) -> Result<()> {
@@ -243,7 +128,7 @@ fn is_blank(bytes: &[u8]) -> bool {
     bytes.iter().all(u8::is_ascii_whitespace)
 }
 
-fn empty(inner: &Inner) -> Error {
+pub(crate) fn empty(inner: &Shared) -> Error {
     Error::EmptyMessage {
         op: Operation::Publish,
         path: inner.dir(State::Incoming).path.clone(),
@@ -252,17 +137,17 @@ fn empty(inner: &Inner) -> Error {
 
 /// Where a finished message file goes.
 #[derive(Clone, Copy)]
-enum Destination {
+pub(crate) enum Destination {
     Incoming,
     /// `deferred/`, due at this time.
     Deferred(SystemTime),
 }
 
 /// A message file being written in `tmp/`. It is locked while it exists, so that
-/// [`recover`](DirectoryQueue::recover) never removes a file whose writer is alive,
+/// recovery never removes a file whose writer is alive,
 /// and removed on drop unless it was published.
-struct TmpFile<'q> {
-    queue: &'q Inner,
+pub(crate) struct TmpFile<'q> {
+    queue: &'q Shared,
     /// Its name in `tmp/`.
     name: OsString,
     path: PathBuf,
@@ -278,12 +163,12 @@ struct TmpFile<'q> {
 
 impl<'q> TmpFile<'q> {
     /// Creates a file in `tmp/` named after `id`, or after a new id.
-    fn create(queue: &'q Inner, id: Option<&MessageId>) -> Result<TmpFile<'q>> {
+    pub(crate) fn create(queue: &'q Shared, id: Option<&MessageId>) -> Result<TmpFile<'q>> {
         let tmp = queue.dir(State::Tmp);
         let mut preferred = id.cloned();
         for _ in 0..16 {
             // A generated id names the tmp file too, so that a crash leftover in tmp/
-            // can be matched with its published twin (see claim.rs).
+            // can be matched with its published twin (see `claim`).
             let id = preferred.take().unwrap_or_else(MessageId::generate);
             let name = id.as_os_str().to_os_string();
             match tmp.dir.create_new(&name, queue.config.file_mode) {
@@ -314,8 +199,13 @@ impl<'q> TmpFile<'q> {
         ))
     }
 
+    /// Whether everything written so far is whitespace (or nothing).
+    pub(crate) fn is_blank(&self) -> bool {
+        !self.nonblank
+    }
+
     /// Publishes under exactly `id`, or not at all.
-    fn fix_id(&mut self, id: &MessageId) {
+    pub(crate) fn fix_id(&mut self, id: &MessageId) {
         self.id = Some(id.clone());
         self.fixed_id = true;
     }
@@ -327,7 +217,7 @@ impl<'q> TmpFile<'q> {
             .map_err(|e| Error::io(Operation::Write, &self.path, e))
     }
 
-    fn copy_from(&mut self, reader: &mut impl Read) -> Result<()> {
+    pub(crate) fn copy_from(&mut self, reader: &mut impl Read) -> Result<()> {
         let mut buf = vec![0u8; COPY_BUFFER_BYTES];
         loop {
             let n = match reader.read(&mut buf) {
@@ -342,7 +232,7 @@ impl<'q> TmpFile<'q> {
 
     /// The single-message publish: sync the file, rename it into place, sync the
     /// directory as the mode says (taking it back out if that fails).
-    fn publish(self, destination: Destination) -> Result<MessageId> {
+    pub(crate) fn publish(self, destination: Destination) -> Result<MessageId> {
         let queue = self.queue;
         queue.syncer.file(&self.file, &self.path)?;
         let (id, name, dir) = self.rename_into(destination)?;
@@ -372,7 +262,7 @@ impl<'q> TmpFile<'q> {
         for _ in 0..16 {
             let name = match destination {
                 Destination::Incoming => id.as_os_str().to_os_string(),
-                Destination::Deferred(when) => defer::deferred_name(&id, when),
+                Destination::Deferred(when) => deferred_name(&id, when),
             };
             match tmp.dir.rename_noreplace(&self.name, &dir.dir, &name) {
                 Ok(()) => {

@@ -9,10 +9,16 @@ use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
+use super::DirectoryQueue;
+use crate::engine::publish::publish_copy;
+use crate::engine::quarantine::{move_to_errors, Moved};
 use crate::error::{Error, Operation, Result};
-use crate::meta::{FailureDetails, FailureInfo};
-use crate::quarantine::{move_to_errors, Moved};
-use crate::{attempts, defer, enqueue, sys, DirectoryQueue, MessageId, State};
+use crate::format::attempts;
+use crate::format::deferred::deferred_name;
+use crate::format::id::MessageId;
+use crate::format::meta::{FailureDetails, FailureInfo};
+use crate::format::state::State;
+use crate::sys;
 
 /// A message claimed from a queue: it is in `pending/`, and this process owns it.
 ///
@@ -51,7 +57,7 @@ pub struct Message {
 
 impl Message {
     pub(crate) fn claimed(queue: DirectoryQueue, id: MessageId, file: File, size: u64) -> Message {
-        let path = queue.inner.dir(State::Pending).join(id.as_os_str());
+        let path = queue.engine().dir(State::Pending).join(id.as_os_str());
         Message {
             queue,
             id,
@@ -94,7 +100,7 @@ impl Message {
         if let Some(previous) = self.previous_attempts.get() {
             return Ok(previous + 1);
         }
-        let previous = attempts::read(&self.file, self.queue.inner.identity)
+        let previous = attempts::read(&self.file, self.queue.engine().identity())
             .map_err(|e| Error::io(Operation::Metadata, &self.path, e))?;
         Ok(*self.previous_attempts.get_or_init(|| previous) + 1)
     }
@@ -163,13 +169,16 @@ impl Message {
     /// cannot come back after a crash. `Batch`: at the next
     /// [`sync`](DirectoryQueue::sync). `None`: never.
     pub fn commit(self) -> Result<(), TerminalError> {
-        let inner = self.queue.inner.clone();
+        let queue = self.queue.clone();
+        let inner = queue.engine();
         let pending = inner.dir(State::Pending);
         if let Err(e) = pending.dir.unlink(self.id.as_os_str()) {
             let error = Error::io(Operation::Commit, &self.path, e);
             return Err(self.kept(error));
         }
-        let synced = inner.syncer.changed(&[inner.dir(State::Incoming), pending]);
+        let synced = inner
+            .syncer()
+            .changed(&[inner.dir(State::Incoming), pending]);
         self.finish(synced)
     }
 
@@ -194,14 +203,15 @@ impl Message {
     /// journal). `Batch`: at this queue's next [`sync`](DirectoryQueue::sync), except that
     /// a cross-filesystem copy is always synced before the original is deleted.
     pub fn forward(self, next: &DirectoryQueue) -> Result<(), TerminalError> {
-        let inner = self.queue.inner.clone();
+        let queue = self.queue.clone();
+        let inner = queue.engine();
         let pending = inner.dir(State::Pending);
-        let target = next.inner.dir(State::Incoming);
+        let target = next.engine().dir(State::Incoming);
         let name = self.id.as_os_str();
         match pending.dir.rename_noreplace(name, &target.dir, name) {
             Ok(()) => {
                 let synced = inner
-                    .syncer
+                    .syncer()
                     .changed(&[inner.dir(State::Incoming), pending, target]);
                 self.finish(synced)
             }
@@ -223,8 +233,9 @@ impl Message {
 
     /// The cross-filesystem forward: copy, sync, publish, then delete the original.
     fn copy_forward(self, next: &DirectoryQueue) -> Result<(), TerminalError> {
-        let inner = self.queue.inner.clone();
-        let copied = enqueue::publish_copy(&inner.syncer, &next.inner, &self.id, self.reader());
+        let queue = self.queue.clone();
+        let inner = queue.engine();
+        let copied = publish_copy(inner.syncer(), next.engine(), &self.id, self.reader());
         if let Err(error) = copied {
             return Err(self.kept(error));
         }
@@ -235,7 +246,9 @@ impl Message {
             let error = Error::io(Operation::Forward, &self.path, e);
             return Err(self.kept(error));
         }
-        let synced = inner.syncer.changed(&[inner.dir(State::Incoming), pending]);
+        let synced = inner
+            .syncer()
+            .changed(&[inner.dir(State::Incoming), pending]);
         self.finish(synced)
     }
 
@@ -276,9 +289,10 @@ impl Message {
     ) -> Result<(), TerminalError> {
         let attempts = self.record_attempt();
         let info = FailureInfo::now(reason.into(), attempts, State::Pending).with(details);
-        let inner = self.queue.inner.clone();
+        let queue = self.queue.clone();
+        let inner = queue.engine();
         match move_to_errors(
-            &inner,
+            inner,
             State::Pending,
             self.id.as_os_str(),
             &info,
@@ -311,13 +325,14 @@ impl Message {
     /// Like [`commit`](Message::commit), for `incoming/`.
     pub fn release(self) -> Result<(), TerminalError> {
         self.record_attempt();
-        let inner = self.queue.inner.clone();
+        let queue = self.queue.clone();
+        let inner = queue.engine();
         let pending = inner.dir(State::Pending);
         let incoming = inner.dir(State::Incoming);
         let name = self.id.as_os_str();
         match pending.dir.rename_noreplace(name, &incoming.dir, name) {
             Ok(()) => {
-                let synced = inner.syncer.changed(&[pending, incoming]);
+                let synced = inner.syncer().changed(&[pending, incoming]);
                 self.finish(synced)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -336,7 +351,7 @@ impl Message {
     }
 
     /// Asks for another attempt later: the message waits in `deferred/` for a backoff
-    /// delay (see [`RetryPolicy`](crate::RetryPolicy), set with
+    /// delay (see [`RetryPolicy`](crate::queue::RetryPolicy), set with
     /// [`QueueBuilder::retry_policy`](crate::QueueBuilder::retry_policy)) and then
     /// returns to `incoming/`. If this was the last attempt allowed, the message goes to
     /// `errors/` with `reason` instead (a dead letter).
@@ -351,11 +366,11 @@ impl Message {
     pub fn retry(self, reason: impl Into<String>) -> Result<Retried, TerminalError> {
         let reason = reason.into();
         let attempts = self.attempts().unwrap_or(1);
-        let policy = self.queue.inner.config.retry;
-        if attempts >= policy.attempts_allowed() {
+        let policy = self.queue.engine().config().retry;
+        if attempts >= policy.max_attempts() {
             return self.fail(reason).map(|()| Retried::DeadLettered);
         }
-        let when = SystemTime::now() + policy.jittered(attempts, crate::random::unit());
+        let when = SystemTime::now() + policy.jittered(attempts, crate::sys::random::unit());
         self.retry_at(when, reason)
             .map(|()| Retried::Deferred(when))
     }
@@ -382,21 +397,23 @@ impl Message {
         if let Err(e) = attempts::write_reason(&self.file, &reason.into()) {
             tracing::debug!(id = %self.id, error = %e, "cannot store the retry reason");
         }
-        let inner = self.queue.inner.clone();
+        let queue = self.queue.clone();
+        let inner = queue.engine();
         let deferred = match inner.require(State::Deferred) {
             Ok(deferred) => deferred,
             Err(error) => return Err(self.kept(error)),
         };
         let pending = inner.dir(State::Pending);
-        let name = defer::deferred_name(&self.id, not_before);
+        let name = deferred_name(&self.id, not_before);
         match pending
             .dir
             .rename_noreplace(self.id.as_os_str(), &deferred.dir, &name)
         {
             Ok(()) => {
-                let synced = inner
-                    .syncer
-                    .changed(&[inner.dir(State::Incoming), pending, deferred]);
+                let synced =
+                    inner
+                        .syncer()
+                        .changed(&[inner.dir(State::Incoming), pending, deferred]);
                 self.finish(synced)
             }
             Err(e) => {
@@ -426,7 +443,7 @@ impl Message {
             tracing::debug!(id = %self.id, error = %e, "cannot read attempt count");
             1
         });
-        if let Err(e) = attempts::write(&self.file, self.queue.inner.identity, attempts) {
+        if let Err(e) = attempts::write(&self.file, self.queue.engine().identity(), attempts) {
             tracing::debug!(id = %self.id, error = %e, "cannot store attempt count");
         }
         attempts

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::error::Error;
-
 /// Longest id. File names may be 255 bytes, but a message also needs room for the
 /// names derived from its id: `deferred/<not-before>@<id>` (21 bytes more) and
 /// `errors/<id>~N.meta` (up to 9 more).
@@ -48,13 +46,13 @@ impl MessageId {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidId`] when `id` is empty, longer than 200 bytes, contains `/` or
+    /// [`InvalidId`] when `id` is empty, longer than 200 bytes, contains `/` or
     /// NUL, starts with `.` (which also rules out `.` and `..`), or ends with `.meta`
     /// (reserved for failure sidecars).
-    pub fn new(id: impl AsRef<OsStr>) -> Result<MessageId, Error> {
+    pub fn new(id: impl AsRef<OsStr>) -> Result<MessageId, InvalidId> {
         let id = id.as_ref();
         if let Err(reason) = check(id.as_encoded_bytes()) {
-            return Err(Error::InvalidId {
+            return Err(InvalidId {
                 id: id.to_string_lossy().into_owned(),
                 reason,
             });
@@ -178,6 +176,36 @@ impl fmt::Display for MessageId {
     }
 }
 
+/// A string that cannot be a message id; see [`MessageId::new`].
+///
+/// Ids are checked before any path exists, so the id itself stands in for the path.
+/// Converts into [`Error::InvalidId`](crate::Error::InvalidId) with `?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidId {
+    id: String,
+    reason: &'static str,
+}
+
+impl InvalidId {
+    /// The rejected id, lossily converted to UTF-8.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What was expected, e.g. "message id must not contain '/'".
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for InvalidId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid message id {:?}: {}", self.id, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidId {}
+
 impl fmt::Debug for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MessageId(\"{self}\")")
@@ -185,33 +213,33 @@ impl fmt::Debug for MessageId {
 }
 
 impl FromStr for MessageId {
-    type Err = Error;
+    type Err = InvalidId;
 
-    fn from_str(s: &str) -> Result<MessageId, Error> {
+    fn from_str(s: &str) -> Result<MessageId, InvalidId> {
         MessageId::new(s)
     }
 }
 
 impl TryFrom<&str> for MessageId {
-    type Error = Error;
+    type Error = InvalidId;
 
-    fn try_from(s: &str) -> Result<MessageId, Error> {
+    fn try_from(s: &str) -> Result<MessageId, InvalidId> {
         MessageId::new(s)
     }
 }
 
 impl TryFrom<&OsStr> for MessageId {
-    type Error = Error;
+    type Error = InvalidId;
 
-    fn try_from(s: &OsStr) -> Result<MessageId, Error> {
+    fn try_from(s: &OsStr) -> Result<MessageId, InvalidId> {
         MessageId::new(s)
     }
 }
 
 impl TryFrom<String> for MessageId {
-    type Error = Error;
+    type Error = InvalidId;
 
-    fn try_from(s: String) -> Result<MessageId, Error> {
+    fn try_from(s: String) -> Result<MessageId, InvalidId> {
         MessageId::new(s)
     }
 }
@@ -316,7 +344,7 @@ fn host_label() -> &'static str {
 /// while the clock has been stepped back.
 fn process_tag() -> u32 {
     static TAG: OnceLock<u32> = OnceLock::new();
-    *TAG.get_or_init(|| crate::random::next() as u32)
+    *TAG.get_or_init(|| crate::sys::random::next() as u32)
 }
 
 #[cfg(test)]
@@ -350,7 +378,7 @@ mod tests {
             ("x.meta", ".meta"),
         ] {
             match MessageId::new(bad) {
-                Err(Error::InvalidId { reason: r, .. }) => assert!(r.contains(reason), "{r}"),
+                Err(e) => assert!(e.reason().contains(reason), "{e}"),
                 other => panic!("{bad:?} gave {other:?}"),
             }
         }

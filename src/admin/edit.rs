@@ -1,0 +1,193 @@
+//! Operator actions on single messages and whole states: requeue, delete, purge.
+
+use std::ffi::OsStr;
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use crate::engine::StateDir;
+use crate::error::{Error, Operation, Result};
+use crate::format::attempts;
+use crate::format::meta::sidecar_name;
+use crate::{DirectoryQueue, MessageId, State};
+
+/// What one [`purge`](crate::admin::purge) removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PurgeReport {
+    /// Files removed from `tmp/` (their writers were gone).
+    pub tmp_removed: usize,
+    /// Failed messages removed from `errors/`, with their sidecars.
+    pub errors_removed: usize,
+}
+
+/// Moves the failed message `id` from `errors/` back to `incoming/` and removes its
+/// sidecar. Its attempt count starts over unless `keep_attempts`.
+///
+/// # Errors
+///
+/// [`Error::Io`] with kind `NotFound` when `errors/` has no such message;
+/// [`Error::Duplicate`] when `incoming/` already holds a message with this id.
+///
+/// # Durability
+///
+/// `Full`: `errors/` and `incoming/` are synced. `Batch`: at the next
+/// [`sync`](DirectoryQueue::sync). `None`: never.
+pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> Result<()> {
+    let inner = queue.engine();
+    let errors = inner.dir(State::Errors);
+    let incoming = inner.dir(State::Incoming);
+    let name = id.as_os_str();
+    if !keep_attempts {
+        if let Ok(file) = errors.dir.open_read(name) {
+            if let Err(e) = attempts::reset(&file) {
+                tracing::debug!(%id, error = %e, "cannot reset the attempt count");
+            }
+        }
+    }
+    match errors.dir.rename_noreplace(name, &incoming.dir, name) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(Error::Duplicate {
+                op: Operation::Release,
+                path: incoming.join(name),
+                id: id.clone(),
+            })
+        }
+        Err(e) => {
+            return Err(Error::moving(
+                Operation::Release,
+                errors.join(name),
+                incoming.join(name),
+                e,
+            ))
+        }
+    }
+    remove_sidecar(errors, name)?;
+    inner.syncer().changed(&[errors, incoming])
+}
+
+/// Deletes the message `id` from `incoming/`, `deferred/`, `hold/` or `errors/`
+/// (with its sidecar) and returns the state it was in. A claimed message is never
+/// deleted from under its worker.
+///
+/// # Errors
+///
+/// [`Error::Io`] with kind `ResourceBusy` when the message is in `pending/`, kind
+/// `NotFound` when no state holds it.
+///
+/// # Durability
+///
+/// `Full`: the directory is synced. `Batch`: at the next
+/// [`sync`](DirectoryQueue::sync). `None`: never.
+pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
+    let inner = queue.engine();
+    for state in [State::Incoming, State::Deferred, State::Hold, State::Errors] {
+        let (Some(dir), Some(name)) = (inner.state_dir(state), queue.engine().find(state, id)?)
+        else {
+            continue;
+        };
+        match dir.dir.unlink(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(Operation::Commit, dir.join(&name), e)),
+        }
+        if state == State::Errors {
+            remove_sidecar(dir, &name)?;
+        }
+        inner.syncer().changed(&[dir])?;
+        return Ok(state);
+    }
+    let pending = inner.dir(State::Pending);
+    let (kind, why) = if pending.dir.stat_at(id.as_os_str()).is_ok() {
+        (
+            io::ErrorKind::ResourceBusy,
+            "the message is claimed by a worker",
+        )
+    } else {
+        (io::ErrorKind::NotFound, "no message with this id")
+    };
+    Err(Error::io(
+        Operation::Commit,
+        inner.root().join(id.as_os_str()),
+        io::Error::new(kind, why),
+    ))
+}
+
+/// Removes abandoned files from `tmp/` older than `tmp_older_than` (whose writers
+/// are gone; see [`recover`](DirectoryQueue::recover)) and, if `errors_older_than`
+/// is given, failed messages that failed longer ago than that, with their sidecars.
+///
+/// # Errors
+///
+/// [`Error::Io`] naming the directory or file that could not be read or removed.
+///
+/// # Durability
+///
+/// `Full`: `errors/` is synced once at the end. `tmp/` is never synced.
+///
+/// `progress` is called with the number of failed messages examined so far, for
+/// progress bars.
+pub fn purge(
+    queue: &DirectoryQueue,
+    tmp_older_than: Duration,
+    errors_older_than: Option<Duration>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<PurgeReport> {
+    let inner = queue.engine();
+    let mut report = PurgeReport {
+        tmp_removed: queue.purge_tmp(tmp_older_than)?,
+        errors_removed: 0,
+    };
+    let Some(age) = errors_older_than else {
+        return Ok(report);
+    };
+    let errors = inner.dir(State::Errors);
+    let now = SystemTime::now();
+    for (examined, id) in queue.ids(State::Errors)?.enumerate() {
+        if examined % 1024 == 0 {
+            progress(examined as u64);
+        }
+        let id = id?;
+        let name = id.as_os_str();
+        let Some(failed_at) = failure_time(errors, name) else {
+            continue;
+        };
+        if now.duration_since(failed_at).unwrap_or(Duration::ZERO) < age {
+            continue;
+        }
+        match errors.dir.unlink(name) {
+            Ok(()) => report.errors_removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // A quarantined directory: left for the operator.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory || e.raw_os_error() == Some(21) => {
+                continue
+            }
+            Err(e) => return Err(Error::io(Operation::Commit, errors.join(name), e)),
+        }
+        remove_sidecar(errors, name)?;
+    }
+    if report.errors_removed > 0 {
+        inner.syncer().changed(&[errors])?;
+    }
+    Ok(report)
+}
+/// When the message `name` in `errors/` failed: its sidecar is written when it fails;
+/// without one, the file's change time (set by the rename into `errors/`) says when.
+pub(crate) fn failure_time(errors: &StateDir, name: &OsStr) -> Option<SystemTime> {
+    errors
+        .dir
+        .stat_at(&sidecar_name(name))
+        .or_else(|_| errors.dir.stat_at(name))
+        .map(|st| st.ctime)
+        .ok()
+}
+
+/// Removes `errors/<name>.meta` if it exists.
+pub(crate) fn remove_sidecar(errors: &StateDir, name: &OsStr) -> Result<()> {
+    let sidecar = sidecar_name(name);
+    match errors.dir.unlink(&sidecar) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(Operation::Metadata, errors.join(&sidecar), e)),
+    }
+}

@@ -1,0 +1,146 @@
+//! Enqueueing: new messages into `incoming/` (or `deferred/`), one at a time or in a
+//! batch behind one barrier.
+
+use std::io::Read;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::DirectoryQueue;
+use crate::engine::publish::{empty, publish_batch, write_new, Destination, TmpFile};
+use crate::error::{Error, Operation, Result};
+use crate::format::id::MessageId;
+use crate::format::state::State;
+
+impl DirectoryQueue {
+    /// Enqueues `bytes` as a new message and returns its id.
+    ///
+    /// The message is written to `tmp/` under its id (exclusive create), synced, and
+    /// published by an atomic rename into `incoming/`, where consumers see it complete
+    /// or not at all.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::EmptyMessage`] for empty or whitespace-only bytes (Mentat treats
+    ///   those as errors); nothing is written.
+    /// - [`Error::Io`] naming the path for any system error (`ENOSPC`, `EDQUOT`,
+    ///   `EIO`, ...). The file in `tmp/` is removed and nothing appears in `incoming/`;
+    ///   if the final directory sync fails, the just-published message is taken back
+    ///   out of `incoming/` unless a consumer already claimed it.
+    ///
+    /// # Durability
+    ///
+    /// `Full`: the file and `incoming/` are synced before this returns. `Batch`: the
+    /// file is synced, `incoming/` at the next [`sync`](DirectoryQueue::sync).
+    /// `None`: nothing is synced.
+    pub fn enqueue(&self, bytes: impl AsRef<[u8]>) -> Result<MessageId> {
+        write_new(self.engine(), bytes.as_ref(), None)?.publish(Destination::Incoming)
+    }
+
+    /// Enqueues `bytes` for delivery at `not_before`: the message waits in `deferred/`
+    /// and moves to `incoming/` when a claimer of the queue finds it due. A time not in
+    /// the future delivers at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue); [`Error::Layout`] when the queue has no
+    /// `deferred/` (opened without permission to create it).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue), with `deferred/` in place of `incoming/`.
+    pub fn enqueue_at(&self, bytes: impl AsRef<[u8]>, not_before: SystemTime) -> Result<MessageId> {
+        let tmp = write_new(self.engine(), bytes.as_ref(), None)?;
+        if not_before <= SystemTime::now() {
+            return tmp.publish(Destination::Incoming);
+        }
+        tmp.publish(Destination::Deferred(not_before))
+    }
+
+    /// Enqueues `bytes` under a given id, so that a producer that may repeat itself
+    /// (after a crash, say) cannot make a duplicate while the first copy is waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Duplicate`] when `incoming/` already holds a message with this id (a
+    /// message with this id in another state is not detected); otherwise as
+    /// [`enqueue`](DirectoryQueue::enqueue).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue).
+    pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<()> {
+        let mut tmp = write_new(self.engine(), bytes.as_ref(), Some(id))?;
+        tmp.fix_id(id);
+        tmp.publish(Destination::Incoming).map(drop)
+    }
+
+    /// Enqueues `value` serialised as JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] with [`Operation::Encode`] when `value` cannot be serialised;
+    /// otherwise as [`enqueue`](DirectoryQueue::enqueue).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue).
+    pub fn enqueue_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<MessageId> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            Error::json(
+                Operation::Encode,
+                &self.engine().dir(State::Incoming).path,
+                e,
+            )
+        })?;
+        self.enqueue(bytes)
+    }
+
+    /// Enqueues everything `reader` yields, streamed through a 64 KiB buffer: a message
+    /// of any size needs no more memory than that.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with [`Operation::Read`] naming the queue's `tmp/` file when the
+    /// reader fails; otherwise as [`enqueue`](DirectoryQueue::enqueue). The partial file
+    /// is removed in every case.
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue).
+    pub fn enqueue_reader(&self, mut reader: impl Read) -> Result<MessageId> {
+        let mut tmp = TmpFile::create(self.engine(), None)?;
+        tmp.copy_from(&mut reader)?;
+        if tmp.is_blank() {
+            return Err(empty(self.engine()));
+        }
+        tmp.publish(Destination::Incoming)
+    }
+
+    /// Enqueues many messages behind one durability barrier (group commit) and returns
+    /// their ids in order.
+    ///
+    /// All files are written first, then synced, then published, then `incoming/` is
+    /// synced once. Throughput with full durability is therefore many times that of
+    /// single enqueues.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::EmptyMessage`] or an I/O error before publishing: nothing is
+    ///   published and every `tmp/` file is removed.
+    /// - [`Error::PartialBatch`] when publishing stopped part-way: it lists the ids
+    ///   that were published (and remain, synced as far as possible); the rest are
+    ///   removed.
+    ///
+    /// # Durability
+    ///
+    /// `Full` and `Batch`: every file and `incoming/` are synced before this returns.
+    /// `None`: nothing is synced.
+    pub fn enqueue_batch<I>(&self, items: I) -> Result<Vec<MessageId>>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        publish_batch(self.engine(), items)
+    }
+}
