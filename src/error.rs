@@ -42,6 +42,22 @@ pub enum Operation {
     Fail,
     /// Returning a claimed message to `incoming/`.
     Release,
+    /// Deferring a claimed message into `deferred/` for a retry.
+    Defer,
+    /// Moving a deferred message that fell due into `incoming/`.
+    Deliver,
+    /// Moving a message into `hold/`.
+    Hold,
+    /// Moving a held message back to `incoming/`.
+    Unhold,
+    /// Moving a failed message from `errors/` back to `incoming/`.
+    Requeue,
+    /// Deleting a message (and its sidecar) on an operator's request.
+    Delete,
+    /// Removing old failed messages and temporary files.
+    Purge,
+    /// Taking a timed-out message back from a worker that overran its time.
+    TakeOver,
     /// Requeuing an orphaned message or removing a stale temporary file.
     Recover,
     /// Moving a hostile or unreadable entry out of the way.
@@ -72,6 +88,14 @@ impl fmt::Display for Operation {
             Operation::Forward => "forward",
             Operation::Fail => "fail",
             Operation::Release => "release",
+            Operation::Defer => "defer",
+            Operation::Deliver => "deliver deferred",
+            Operation::Hold => "hold",
+            Operation::Unhold => "unhold",
+            Operation::Requeue => "requeue",
+            Operation::Delete => "delete",
+            Operation::Purge => "purge",
+            Operation::TakeOver => "take over",
             Operation::Recover => "recover",
             Operation::Quarantine => "quarantine",
             Operation::Stat => "stat",

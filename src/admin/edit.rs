@@ -48,14 +48,14 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(Error::Duplicate {
-                op: Operation::Release,
+                op: Operation::Requeue,
                 path: incoming.join(name),
                 id: id.clone(),
             })
         }
         Err(e) => {
             return Err(Error::moving(
-                Operation::Release,
+                Operation::Requeue,
                 errors.join(name),
                 incoming.join(name),
                 e,
@@ -89,7 +89,7 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         match dir.dir.unlink(&name) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(Operation::Commit, dir.join(&name), e)),
+            Err(e) => return Err(Error::io(Operation::Delete, dir.join(&name), e)),
         }
         if state == State::Errors {
             remove_sidecar(dir, &name)?;
@@ -107,7 +107,7 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         (io::ErrorKind::NotFound, "no message with this id")
     };
     Err(Error::io(
-        Operation::Commit,
+        Operation::Delete,
         inner.root().join(id.as_os_str()),
         io::Error::new(kind, why),
     ))
@@ -159,10 +159,8 @@ pub fn purge(
             Ok(()) => report.errors_removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             // A quarantined directory: left for the operator.
-            Err(e) if e.kind() == io::ErrorKind::IsADirectory || e.raw_os_error() == Some(21) => {
-                continue
-            }
-            Err(e) => return Err(Error::io(Operation::Commit, errors.join(name), e)),
+            Err(e) if crate::sys::is_a_directory(&e) => continue,
+            Err(e) => return Err(Error::io(Operation::Purge, errors.join(name), e)),
         }
         remove_sidecar(errors, name)?;
     }

@@ -39,14 +39,14 @@ pub fn hold(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(Error::Duplicate {
-                    op: Operation::Release,
+                    op: Operation::Hold,
                     path: hold.join(id.as_os_str()),
                     id: id.clone(),
                 })
             }
             Err(e) => {
                 return Err(Error::moving(
-                    Operation::Release,
+                    Operation::Hold,
                     dir.join(&name),
                     hold.join(id.as_os_str()),
                     e,
@@ -67,7 +67,7 @@ pub fn hold(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         )
     };
     Err(Error::io(
-        Operation::Release,
+        Operation::Hold,
         inner.dir(State::Incoming).join(id.as_os_str()),
         io::Error::new(kind, why),
     ))
@@ -91,12 +91,12 @@ pub fn unhold(queue: &DirectoryQueue, id: &MessageId) -> Result<()> {
     match hold.dir.rename_noreplace(name, &incoming.dir, name) {
         Ok(()) => inner.syncer().changed(&[hold, incoming]),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Error::Duplicate {
-            op: Operation::Release,
+            op: Operation::Unhold,
             path: incoming.join(name),
             id: id.clone(),
         }),
         Err(e) => Err(Error::moving(
-            Operation::Release,
+            Operation::Unhold,
             hold.join(name),
             incoming.join(name),
             e,

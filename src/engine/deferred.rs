@@ -78,7 +78,7 @@ pub(crate) fn promote_due(
             }
             Err(e) => {
                 return Err(Error::moving(
-                    Operation::Release,
+                    Operation::Deliver,
                     deferred.join(&name),
                     incoming.join(id.as_os_str()),
                     e,

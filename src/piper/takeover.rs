@@ -55,7 +55,7 @@ pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) 
     pending
         .dir
         .rename_noreplace(name, &target.dir, &destination)
-        .map_err(|e| Error::moving(Operation::Release, &path, target.join(&destination), e))?;
+        .map_err(|e| Error::moving(Operation::TakeOver, &path, target.join(&destination), e))?;
     inner.syncer().changed(&[pending, target])
 }
 

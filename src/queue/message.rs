@@ -417,7 +417,7 @@ impl Message {
                 self.finish(synced)
             }
             Err(e) => {
-                let error = Error::moving(Operation::Release, &self.path, deferred.join(&name), e);
+                let error = Error::moving(Operation::Defer, &self.path, deferred.join(&name), e);
                 Err(self.kept(error))
             }
         }

@@ -204,7 +204,7 @@ fn help_shows_examples_for_each_command() {
         "cat",
         "requeue",
         "hold",
-        "release",
+        "unhold",
         "delete",
         "purge",
         "check",

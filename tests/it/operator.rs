@@ -186,12 +186,12 @@ fn hold_release_and_delete_take_ids_all_or_stdin() {
         s(&q),
         "1700000000.000000001.fixture.100.0000abcd.msg",
     ]);
-    assert!(out.contains("released 1 of 1"), "{out}");
+    assert!(out.contains("unheld 1 of 1"), "{out}");
     let out = crate::util::run_with_input(
-        &["release", s(&q), "-"],
+        &["unhold", s(&q), "-"],
         b"1700000000.000000002.fixture.100.0000abcd.msg\n1700000000.000000004.fixture.100.0000abcd.msg\n",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("released 2 of 2"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unheld 2 of 2"));
     assert_eq!(names_in(&q.join("incoming")).len(), 3);
     let out = run_ok(&["delete", s(&q), "--all"]);
     assert!(out.contains("deleted 6 of 6"), "{out}"); // 3 incoming, 2 held, 1 failed

@@ -184,7 +184,7 @@ dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
         keep_attempts: bool,
     },
 
-    /// Put waiting messages on hold: they are not claimed until released.
+    /// Put waiting messages on hold: they are not claimed until unheld.
     #[command(
         after_help = "Examples:\n  dirq hold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
 dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq hold q --all"
@@ -197,11 +197,15 @@ dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq
         select: Selection,
     },
 
-    /// Release held messages back to incoming/.
+    /// Move held messages back to incoming/ (the opposite of hold).
+    ///
+    /// Called `release` before 0.2; that name still works but is hidden, because a
+    /// claimed message's release (back to incoming/) is another thing.
     #[command(
-        after_help = "Examples:\n  dirq release q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  dirq release q --all"
+        alias = "release",
+        after_help = "Examples:\n  dirq unhold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  dirq unhold q --all"
     )]
-    Release {
+    Unhold {
         /// The queue.
         #[arg(value_name = "QUEUE")]
         queue: PathBuf,

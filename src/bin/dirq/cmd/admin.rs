@@ -100,9 +100,9 @@ pub(crate) fn hold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     result
 }
 
-pub(crate) fn release(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+pub(crate) fn unhold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     let ids = selected(queue, select, &[State::Hold])?;
-    let result = for_each(&ids, "released", |id| dirq::admin::unhold(queue, id));
+    let result = for_each(&ids, "unheld", |id| dirq::admin::unhold(queue, id));
     queue.sync()?;
     result
 }

@@ -64,7 +64,7 @@ pub(crate) fn run(cli: Cli) -> CliResult {
             keep_attempts,
         ),
         Command::Hold { queue, select } => admin::hold(&opener.existing(&queue)?, &select),
-        Command::Release { queue, select } => admin::release(&opener.existing(&queue)?, &select),
+        Command::Unhold { queue, select } => admin::unhold(&opener.existing(&queue)?, &select),
         Command::Delete { queue, select } => admin::delete(&opener.existing(&queue)?, &select),
         Command::Purge {
             queue,
