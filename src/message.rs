@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Operation, Result};
+use crate::lock::Locked;
 use crate::meta::{FailureDetails, FailureInfo};
 use crate::quarantine::{move_to_errors, Moved};
 use crate::{attempts, defer, enqueue, sys, DirectoryQueue, MessageId, State};
@@ -41,8 +42,10 @@ pub struct Message {
     id: MessageId,
     path: PathBuf,
     size: u64,
-    /// The open message file; its lock is the claim. Closed when the message drops.
-    file: File,
+    /// The open message file; its lock is the claim. Unlocked and closed when the
+    /// message drops, so the claim ends with the terminal, not when the last process
+    /// forked meanwhile execs (see [`Locked`]).
+    file: Locked,
     /// Claims completed before this one, read lazily.
     previous_attempts: OnceLock<u32>,
     /// A terminal took effect; `Drop` has nothing to report.
@@ -50,7 +53,12 @@ pub struct Message {
 }
 
 impl Message {
-    pub(crate) fn claimed(queue: DirectoryQueue, id: MessageId, file: File, size: u64) -> Message {
+    pub(crate) fn claimed(
+        queue: DirectoryQueue,
+        id: MessageId,
+        file: Locked,
+        size: u64,
+    ) -> Message {
         let path = queue.inner.dir(State::Pending).join(id.as_os_str());
         Message {
             queue,
