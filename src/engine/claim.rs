@@ -193,7 +193,7 @@ impl Snapshot {
 pub(crate) struct Claimed {
     pub(crate) id: MessageId,
     /// The message file, open, holding the lock that says this process owns it.
-    pub(crate) file: std::fs::File,
+    pub(crate) file: crate::sys::lock::Locked,
     pub(crate) size: u64,
     /// Older than the queue's maximum age: to be failed as `expired`, not processed.
     pub(crate) expired: bool,

@@ -2,16 +2,16 @@
 //! of `tmp/` share (docs/protocol.md, section 3).
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io;
 
 use super::StateDir;
-use crate::sys::{self, lock, EntryKind, FileStat};
+use crate::sys::lock::{self, Locked};
+use crate::sys::{self, EntryKind, FileStat};
 
 /// The outcome of [`lock_entry`].
 pub(crate) enum Entry {
     /// The file is ours: locked, and still under its name.
-    Locked(File, FileStat),
+    Locked(Locked, FileStat),
     /// Someone else holds its lock: a live owner or another claimer.
     Held,
     /// The name is gone, or names another file now: someone moved it on.
@@ -40,6 +40,8 @@ pub(crate) fn lock_entry(dir: &StateDir, name: &OsStr) -> io::Result<Entry> {
     if !lock::try_lock(&file)? {
         return Ok(Entry::Held);
     }
+    // From here on, every way out unlocks (see Locked).
+    let file = Locked::new(file);
     match dir.dir.stat_at(name) {
         Ok(now) if now.same_file(&st) => Ok(Entry::Locked(file, st)),
         Ok(_) => Ok(Entry::Gone),

@@ -205,6 +205,11 @@ pub(crate) fn read_adverts(root: &Path) -> Result<Vec<PiperInfo>> {
     let mut found = Vec::new();
     for (_, file) in entries(&dir, &path)? {
         let live = !lock::try_lock(&file).unwrap_or(true);
+        if !live {
+            // Unlocked at once, not at close: a process forked meanwhile would keep
+            // the probe's lock and make the dead Piper look alive (see lock::Locked).
+            let _ = lock::unlock(&file);
+        }
         // A heartbeat may be rewriting the file: one more read.
         let info = read_info(&file).or_else(|| read_info(&file));
         found.push(PiperInfo {

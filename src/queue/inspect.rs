@@ -8,7 +8,8 @@ use crate::error::{Error, Operation, Result};
 use crate::format::id::MessageId;
 use crate::format::state::{entry_id, is_listed, State};
 
-/// How many messages each state holds, at one moment.
+/// How many messages each state held, each state counted at its own moment (see
+/// [`DirectoryQueue::counts`] for what that does and does not guarantee).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Counts {
@@ -40,6 +41,10 @@ impl Counts {
     }
 
     /// Messages not yet done with: incoming, pending, deferred and held.
+    ///
+    /// From [`DirectoryQueue::counts`], 0 does not prove that the queue is drained
+    /// while anything works on it: a message on its way back to `incoming/` can be
+    /// missed.
     pub fn unfinished(&self) -> usize {
         self.incoming + self.pending + self.deferred + self.hold
     }
@@ -50,6 +55,30 @@ impl DirectoryQueue {
     ///
     /// Names starting with `.` are not messages and are not counted, except in `tmp/`;
     /// `.meta` sidecars in `errors/` are not counted.
+    ///
+    /// # Consistency
+    ///
+    /// The counts are not one atomic snapshot: the directories are read one after
+    /// another (`tmp/`, `incoming/`, `pending/`, `errors/`, `deferred/`, `hold/`) while
+    /// messages keep moving.
+    ///
+    /// - Guaranteed: each count is what its directory held at some moment during the
+    ///   call, and a message that stays in one state for the whole call is counted
+    ///   exactly once. On a queue at rest (nothing claims, releases or promotes) the
+    ///   counts are exact.
+    /// - Not guaranteed: a message that moves during the call may be counted twice
+    ///   (moved to a directory read later, as a claim from `incoming/` to `pending/`)
+    ///   or not at all (moved to a directory read earlier: a retry falling due in
+    ///   `deferred/`, a release or recovery from `pending/`, an unhold, all of which
+    ///   go to `incoming/`). So [`Counts::unfinished`] can be 0 for a moment while a
+    ///   message is still going round.
+    ///
+    /// To learn that work has finished, wait for what finishing means (a Piper's
+    /// [`stats`](crate::piper::PiperHandle::stats), a message in the next queue, a failure in
+    /// [`admin::failure`](crate::admin::failure)), or stop the workers and then count. A
+    /// poller with nothing better can require two idle counts in a row, some time
+    /// apart: a message missed by both moved back to `incoming/` during each of them,
+    /// which a retry cannot do again before its next delay has passed.
     ///
     /// # Errors
     ///

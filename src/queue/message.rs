@@ -19,6 +19,7 @@ use crate::format::id::MessageId;
 use crate::format::meta::{FailureDetails, FailureInfo};
 use crate::format::state::State;
 use crate::sys;
+use crate::sys::lock::Locked;
 
 /// A message claimed from a queue: it is in `pending/`, and this process owns it.
 ///
@@ -47,8 +48,10 @@ pub struct Message {
     id: MessageId,
     path: PathBuf,
     size: u64,
-    /// The open message file; its lock is the claim. Closed when the message drops.
-    file: File,
+    /// The open message file; its lock is the claim. Unlocked and closed when the
+    /// message drops, so the claim ends with the terminal, not when the last process
+    /// forked meanwhile execs (see [`Locked`]).
+    file: Locked,
     /// Claims completed before this one, read lazily.
     previous_attempts: OnceLock<u32>,
     /// A terminal took effect; `Drop` has nothing to report.
@@ -56,7 +59,12 @@ pub struct Message {
 }
 
 impl Message {
-    pub(crate) fn claimed(queue: DirectoryQueue, id: MessageId, file: File, size: u64) -> Message {
+    pub(crate) fn claimed(
+        queue: DirectoryQueue,
+        id: MessageId,
+        file: Locked,
+        size: u64,
+    ) -> Message {
         let path = queue.engine().dir(State::Pending).join(id.as_os_str());
         Message {
             queue,

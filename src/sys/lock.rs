@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Deref;
 
 /// Tries to take the exclusive lock on `file` without blocking.
 ///
@@ -25,6 +26,44 @@ pub(crate) fn unlock(file: &File) -> io::Result<()> {
     fs2::FileExt::unlock(file)
 }
 
+/// A file whose lock this process took with [`try_lock`]; dropping it unlocks the file
+/// before closing it.
+///
+/// IMPORTANT: closing is not enough to end an `flock`. The lock belongs to the open file
+/// description, which lives on while any descriptor refers to it, and every `fork` (a
+/// `Command::spawn` on any thread of the process) copies all descriptors into the child,
+/// where the `O_CLOEXEC` copy stays until the child's `exec`. Under load that lasts
+/// milliseconds, and a message released, promoted or requeued in that window still
+/// looks owned: `try_claim` passed over the only message in `incoming/` right after
+/// the same thread released it. `flock(LOCK_UN)` acts on the open file description,
+/// so it ends the lock for the child's copy too.
+#[derive(Debug)]
+pub(crate) struct Locked(File);
+
+impl Locked {
+    /// Takes charge of `file`, whose lock [`try_lock`] has just taken.
+    pub(crate) fn new(file: File) -> Locked {
+        Locked(file)
+    }
+}
+
+impl Deref for Locked {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        &self.0
+    }
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        if let Err(e) = unlock(&self.0) {
+            // Closing still ends the lock, once no child holds a copy of the descriptor.
+            tracing::debug!(error = %e, "cannot unlock before closing");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +77,18 @@ mod tests {
         assert!(!try_lock(&b).unwrap());
         drop(a);
         assert!(try_lock(&b).unwrap());
+    }
+
+    #[test]
+    fn dropping_a_locked_file_unlocks_copies_of_its_descriptor() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let a = File::open(tmp.path()).unwrap();
+        assert!(try_lock(&a).unwrap());
+        // What a child forked at this moment holds until its exec.
+        let inherited = a.try_clone().unwrap();
+        drop(Locked::new(a));
+        let b = File::open(tmp.path()).unwrap();
+        assert!(try_lock(&b).unwrap(), "the lock outlived its Locked");
+        drop(inherited);
     }
 }

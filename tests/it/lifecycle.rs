@@ -240,3 +240,56 @@ fn lifecycle_directories_are_optional_for_read_only_openers() {
         Err(Error::Layout { .. })
     ));
 }
+
+/// Regression: `try_claim` returned `None` right after the same thread released the only
+/// message, when another thread was spawning a process at that moment. The child's copy
+/// of the descriptor table kept the released message's `flock` until its `exec`, so the
+/// message looked owned. Spawning is what the test harness's other tests (and any
+/// Piper running commands) do all the time.
+#[test]
+fn a_released_message_is_claimable_while_another_thread_spawns_processes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"again").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawner = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut spawned = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let status = std::process::Command::new("true")
+                    .status()
+                    .expect("run true");
+                assert!(status.success());
+                spawned += 1;
+            }
+            spawned
+        })
+    };
+    let mut missed = 0;
+    let rounds = 500;
+    for _ in 0..rounds {
+        match t.queue.try_claim().unwrap() {
+            Some(message) => message.release().unwrap(),
+            None => {
+                missed += 1;
+                // Still there, and claimable once the child has exec'd.
+                wait_for_claim(&t.queue).release().unwrap();
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let spawned = spawner.join().unwrap();
+    assert!(spawned > 0, "no process was spawned during the claims");
+    assert_eq!(
+        missed, 0,
+        "try_claim missed the released message {missed} times in {rounds} \
+         while {spawned} processes were spawned"
+    );
+    let message = t.queue.try_claim().unwrap().unwrap();
+    assert_eq!(message.id(), &id);
+    assert_eq!(message.attempts().unwrap(), rounds + 1);
+    message.commit().unwrap();
+}

@@ -350,22 +350,137 @@ fn idle_claimer_is_woken_by_an_event_not_the_rescan() {
     message.commit().unwrap();
 }
 
+/// Batch mode syncs no directory until `sync()`, which syncs each changed one once.
+/// Counted with strace: the child process below does the work, and this test reads
+/// which directories it fsynced between its markers.
 #[test]
 fn batch_durability_defers_to_sync() {
-    let t = TestQueue::new();
-    let queue = DirectoryQueue::builder(t.root())
+    let dir = crate::util::tempdir();
+    let (root, next_root) = (dir.path().join("q"), dir.path().join("next"));
+    // Made here, so that the child only opens them.
+    DirectoryQueue::open(&root).unwrap();
+    DirectoryQueue::open(&next_root).unwrap();
+    if let Err(why) = strace_works() {
+        return crate::util::skip("batch_durability_defers_to_sync", &why);
+    }
+    let log = dir.path().join("strace.log");
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,%%stat", "-o"])
+        .arg(&log)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "queue::batch_durability_child", "--ignored"])
+        .args(["--test-threads", "1", "--nocapture"])
+        .env(BATCH_CHILD_DIR, dir.path())
+        .output()
+        .unwrap();
+    crate::util::assert_succeeded(&out, "the traced child");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let synced = |step: &str| -> Vec<String> {
+        let begin = format!("\"{BATCH_MARKER}/{step}\"");
+        let mut dirs: Vec<String> = trace
+            .lines()
+            .skip_while(|l| !l.contains(&begin))
+            .skip(1)
+            .take_while(|l| !l.contains(BATCH_MARKER))
+            .filter_map(|l| {
+                let fd = l.split_once("fsync(")?.1;
+                let path = fd.split_once('<')?.1.split_once('>')?.0;
+                Some(path.to_owned())
+            })
+            .collect();
+        dirs.sort();
+        dirs
+    };
+    // strace -y shows the kernel's path of each descriptor: no symlinks.
+    let path = |p: std::path::PathBuf| {
+        let p = std::fs::canonicalize(p).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    assert!(
+        trace.contains(BATCH_MARKER),
+        "no markers in the trace:\n{trace}"
+    );
+    assert_eq!(
+        synced("work"),
+        Vec::<String>::new(),
+        "batch mode synced before sync()"
+    );
+    let mut changed = vec![
+        path(root.join("incoming")),
+        path(root.join("pending")),
+        path(next_root.join("incoming")),
+    ];
+    changed.sort();
+    assert_eq!(
+        synced("sync"),
+        changed,
+        "sync() syncs each changed directory once"
+    );
+    assert_eq!(
+        synced("again"),
+        Vec::<String>::new(),
+        "nothing changed since"
+    );
+    assert_eq!(
+        DirectoryQueue::open(&next_root)
+            .unwrap()
+            .counts()
+            .unwrap()
+            .incoming,
+        10
+    );
+}
+
+/// Whether strace can trace a child here (it is installed, and ptrace is allowed).
+fn strace_works() -> Result<(), String> {
+    let out = std::process::Command::new("strace")
+        .args(["-qq", "-e", "trace=none", "true"])
+        .output()
+        .map_err(|e| format!("cannot run strace: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "strace cannot trace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Where [`batch_durability_child`] finds its queues.
+const BATCH_CHILD_DIR: &str = "DIRQ_TEST_BATCH_CHILD_DIR";
+
+/// Markers in the child's trace: failed `stat`s of `<BATCH_MARKER>/<step>`.
+const BATCH_MARKER: &str = "/dirq-test-marker";
+
+/// The work that `batch_durability_defers_to_sync` traces; does nothing elsewhere.
+#[test]
+#[ignore = "run under strace by batch_durability_defers_to_sync"]
+fn batch_durability_child() {
+    let Some(dir) = std::env::var_os(BATCH_CHILD_DIR) else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    let marker = |step: &str| {
+        let _ = std::fs::symlink_metadata(format!("{BATCH_MARKER}/{step}"));
+    };
+    let queue = DirectoryQueue::builder(dir.join("q"))
         .durability(Durability::Batch)
         .open()
         .unwrap();
-    let next = t.sibling("next");
+    let next = DirectoryQueue::open(dir.join("next")).unwrap();
+    marker("work");
     for i in 0..10 {
         queue.enqueue(format!("m{i}")).unwrap();
     }
     while let Some(message) = queue.try_claim().unwrap() {
         message.forward(&next).unwrap();
     }
+    marker("sync");
     queue.sync().unwrap();
-    assert_eq!(next.counts().unwrap().incoming, 10);
+    marker("again");
+    queue.sync().unwrap();
+    marker("end");
 }
 
 #[test]

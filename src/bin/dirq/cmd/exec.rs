@@ -51,17 +51,21 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         let (input, handle) = (input.clone(), handle.clone());
         std::thread::spawn(move || {
             // Empty means nothing waiting, claimed or due to be retried; held messages
-            // wait for an operator and do not count.
+            // wait for an operator and do not count. Two idle looks in a row: one count
+            // misses a retry moving from deferred/ to incoming/ while it reads (see
+            // DirectoryQueue::counts), and shutting down then would leave it unprocessed.
+            let mut idle_before = false;
             loop {
                 std::thread::sleep(Duration::from_millis(50));
                 let idle = input
                     .counts()
                     .is_ok_and(|c| c.incoming + c.pending + c.deferred == 0)
                     && handle.stats().in_flight == 0;
-                if idle {
+                if idle && idle_before {
                     handle.shutdown();
                     return;
                 }
+                idle_before = idle;
             }
         })
     });
