@@ -160,6 +160,7 @@ mod queue;
 mod random;
 mod recover;
 mod scan;
+pub mod spool;
 mod state;
 mod sys;
 mod wake;
