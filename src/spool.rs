@@ -32,8 +32,9 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Operation, Result};
 use crate::piper::PIPERS_DIR;
-use crate::{Error, Operation, Result, State};
+use crate::State;
 
 /// How deep [`queues`] looks by default: a queue may be at most this many directories
 /// below the root. Mentat's spool is one level deep; four leaves room for
