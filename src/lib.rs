@@ -152,14 +152,15 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-// The layers, bottom up; each imports only the ones above it in this list
-// (docs/architecture.md).
+// The layers, bottom up: sys, format, error, engine, queue; on top admin, piper
+// and spool. Each imports only from the layers below it (docs/architecture.md).
 pub mod admin;
 mod engine;
 pub mod error;
 mod format;
 pub mod piper;
 pub mod queue;
+pub mod spool;
 mod sys;
 
 pub use engine::durability::Durability;

@@ -103,6 +103,76 @@ fn status_json_has_the_documented_keys() {
 }
 
 #[test]
+fn status_spool_reports_every_queue_under_a_root() {
+    let dir = tempdir();
+    let spool = dir.path().join("spool");
+    let (parse, enrich) = (spool.join("parse"), spool.join("site/enrich"));
+    let solo = dir.path().join("solo");
+    run_ok(&[
+        "init",
+        s(&parse),
+        s(&enrich),
+        s(&spool.join(".old")),
+        s(&solo),
+    ]);
+    let pushed = crate::util::run_with_input(&["push", s(&parse)], b"waiting");
+    assert_succeeded(&pushed, "dirq push");
+    // Not queues: a directory with one state directory, a symlink to a queue.
+    std::fs::create_dir_all(spool.join("plain/incoming")).unwrap();
+    std::os::unix::fs::symlink(&solo, spool.join("alias")).unwrap();
+
+    let counts = |out: &str| -> Vec<(String, u64)> {
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| {
+                (
+                    v["queue"].as_str().unwrap().to_owned(),
+                    v["incoming"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let out = run_ok(&["status", "--json", "--spool", s(&spool)]);
+    assert_eq!(
+        counts(&out),
+        [(s(&parse).to_owned(), 1), (s(&enrich).to_owned(), 0)]
+    );
+    let out = run_ok(&["status", "--json", "--spool", s(&spool), "--depth", "1"]);
+    assert_eq!(counts(&out), [(s(&parse).to_owned(), 1)]);
+
+    // The queues named come first, then the spool's.
+    let human = run_ok(&["status", s(&solo), "--spool", s(&spool)]);
+    let shown: Vec<&str> = human
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(shown, [s(&solo), s(&parse), s(&enrich)], "{human}");
+
+    // A root that cannot be scanned is reported; the rest is shown; exit status 1.
+    let missing = dir.path().join("missing");
+    let out = run(&[
+        "status",
+        "--json",
+        "--spool",
+        s(&spool),
+        "--spool",
+        s(&missing),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(counts(&String::from_utf8(out.stdout).unwrap()).len(), 2);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with(&format!("dirq: error: failed to scan {}\n", s(&missing))),
+        "{stderr}"
+    );
+    assert!(stderr.contains("caused by: No such file"), "{stderr}");
+
+    // Neither queues nor a spool is bad usage.
+    assert_eq!(run(&["status"]).status.code(), Some(2));
+}
+
+#[test]
 fn ls_json_lines_carry_state_size_age_and_reason() {
     let t = TestQueue::new();
     let failed = t.queue.enqueue(b"failed!").unwrap();

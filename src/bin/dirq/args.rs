@@ -106,13 +106,24 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
 
     /// Counts and bytes per state, the oldest waiting message, and the Pipers at work.
     #[command(
-        after_help = "Examples:\n  dirq status q1 q2\n  dirq status --watch 2 /var/spool/dirq/*\n  \
+        after_help = "The queues named come first, then those found under each --spool ROOT, sorted by \
+name; give either or both. A directory that cannot be read under ROOT is reported on standard \
+error, the rest is shown, and the exit status is 1.\n\nExamples:\n  dirq status q1 q2\n  \
+dirq status --spool /var/mentat/spool\n  dirq status --watch 2 --spool /var/spool/dirq\n  \
 dirq status --json q1 | jq .incoming"
     )]
     Status {
         /// Queues to report on.
-        #[arg(required = true, value_name = "QUEUE")]
+        #[arg(required_unless_present = "spool", value_name = "QUEUE")]
         queues: Vec<PathBuf>,
+        /// Also report every queue under ROOT: each directory with incoming/, pending/,
+        /// errors/ and tmp/, not following symlinks, not entering hidden directories or
+        /// queues. Found again at each --watch refresh. Repeatable.
+        #[arg(long, value_name = "ROOT")]
+        spool: Vec<PathBuf>,
+        /// How many directories below a --spool ROOT a queue may be [default: 4].
+        #[arg(long, value_name = "N", requires = "spool")]
+        depth: Option<usize>,
         /// One JSON object per queue per line: queue, incoming, pending, errors, tmp,
         /// deferred, hold, bytes, oldest_age_s, and the Pipers that advertise under it.
         #[arg(long)]

@@ -46,9 +46,19 @@ pub(crate) fn run(cli: Cli) -> CliResult {
         Command::Cat { queue, id } => produce::cat(&opener.existing(&queue)?, &id),
         Command::Status {
             queues,
+            spool,
+            depth,
             json,
             watch,
-        } => report::status(&opener.all(&queues)?, json, watch),
+        } => {
+            let targets = report::Targets {
+                opener: &opener,
+                named: opener.all(&queues)?,
+                spools: &spool,
+                depth,
+            };
+            report::status(&targets, json, watch)
+        }
         Command::Ls { queue, state, json } => report::ls(&opener.existing(&queue)?, state, json),
         Command::Ages { queues } => report::ages(&opener.all(&queues)?),
         Command::Metrics { queues } => metrics::metrics(&opener.all(&queues)?),

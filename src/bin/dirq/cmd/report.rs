@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dirq::admin::MessageInfo;
@@ -12,7 +13,9 @@ use serde_json::json;
 
 use crate::args::StateArg;
 use crate::human;
-use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
+use crate::output::{quiet_broken_pipe, stdout_error, CliResult, ExitStatus};
+
+use super::Opener;
 
 /// States that hold messages (not `tmp/`), in the order they are shown.
 const MESSAGE_STATES: [State; 5] = [
@@ -23,14 +26,54 @@ const MESSAGE_STATES: [State; 5] = [
     State::Errors,
 ];
 
-pub(crate) fn status(queues: &[DirectoryQueue], json: bool, watch: Option<Duration>) -> CliResult {
+/// The queues `dirq status` reports on: those named, then every queue under each
+/// spool root, found again at each refresh so that new queues show up.
+pub(crate) struct Targets<'a> {
+    pub(crate) opener: &'a Opener,
+    pub(crate) named: Vec<DirectoryQueue>,
+    pub(crate) spools: &'a [PathBuf],
+    /// The library's default when `None`.
+    pub(crate) depth: Option<usize>,
+}
+
+impl Targets<'_> {
+    /// The queues, and the errors of finding or opening some of them.
+    fn resolve(&self) -> (Vec<DirectoryQueue>, Vec<dirq::Error>) {
+        let mut queues = self.named.clone();
+        let mut problems = Vec::new();
+        for root in self.spools {
+            let mut found = dirq::spool::queues(root);
+            if let Some(depth) = self.depth {
+                found = found.max_depth(depth);
+            }
+            for item in found {
+                match item.and_then(|found| self.opener.existing(found.path())) {
+                    Ok(queue) => queues.push(queue),
+                    Err(e) => problems.push(e),
+                }
+            }
+        }
+        (queues, problems)
+    }
+}
+
+/// Shows every queue it can; a queue that cannot be found, opened or read is reported
+/// on standard error (in the frame, with `--watch`) and makes the exit status 1.
+pub(crate) fn status(targets: &Targets<'_>, json: bool, watch: Option<Duration>) -> CliResult {
     let Some(every) = watch else {
-        let text = render_status(queues, json)?;
-        return write_out_text(&text);
+        let (text, problems) = render_status(targets, json);
+        write_out_text(&text)?;
+        if problems.is_empty() {
+            return Ok(());
+        }
+        for problem in &problems {
+            crate::print_error_chain(problem);
+        }
+        return Err(Box::new(ExitStatus(1)));
     };
     let clear = io::stdout().is_terminal();
     loop {
-        let text = render_status(queues, json)?;
+        let (text, problems) = render_status(targets, json);
         let mut frame = String::new();
         if clear {
             frame.push_str("\x1b[H\x1b[2J"); // cursor home, clear screen
@@ -42,12 +85,27 @@ pub(crate) fn status(queues: &[DirectoryQueue], json: bool, watch: Option<Durati
             crate::human::clock(SystemTime::now())
         );
         frame.push_str(&text);
+        // In the frame, not on standard error: the next refresh would clear it away.
+        for problem in &problems {
+            let _ = writeln!(frame, "error: {}", one_line(problem));
+        }
         if !clear {
             frame.push('\n');
         }
         write_out_text(&frame)?;
         std::thread::sleep(every);
     }
+}
+
+/// An error and its causes on one line, `: `-separated.
+fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(line, ": {cause}");
+        source = cause.source();
+    }
+    line
 }
 
 pub(crate) fn write_out_text(text: &str) -> CliResult {
@@ -79,8 +137,15 @@ fn gather(queue: &DirectoryQueue) -> Result<Row<'_>, dirq::Error> {
     })
 }
 
-fn render_status(queues: &[DirectoryQueue], json: bool) -> Result<String, dirq::Error> {
-    let rows = queues.iter().map(gather).collect::<Result<Vec<_>, _>>()?;
+fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>) {
+    let (queues, mut problems) = targets.resolve();
+    let mut rows = Vec::new();
+    for queue in &queues {
+        match gather(queue) {
+            Ok(row) => rows.push(row),
+            Err(e) => problems.push(e),
+        }
+    }
     let mut text = String::new();
     if json {
         for row in &rows {
@@ -95,7 +160,7 @@ fn render_status(queues: &[DirectoryQueue], json: bool) -> Result<String, dirq::
             });
             let _ = writeln!(text, "{line}");
         }
-        return Ok(text);
+        return (text, problems);
     }
     let _ = writeln!(
         text,
@@ -127,7 +192,7 @@ fn render_status(queues: &[DirectoryQueue], json: bool) -> Result<String, dirq::
             let _ = writeln!(text, "  {}", piper_line(piper));
         }
     }
-    Ok(text)
+    (text, problems)
 }
 
 pub(crate) fn piper_json(piper: &PiperInfo) -> serde_json::Value {
