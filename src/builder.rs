@@ -170,16 +170,22 @@ impl QueueBuilder {
         let bad = |field: &'static str, reason: String| Err(Error::config(&target, field, reason));
         let c = &self.config;
         if c.dir_mode & !0o7777 != 0 || c.dir_mode & 0o700 != 0o700 {
-            return bad("dir_mode", format!(
-                "directory mode {:#o} must be at most 0o7777 and include 0o700",
-                c.dir_mode
-            ));
+            return bad(
+                "dir_mode",
+                format!(
+                    "directory mode {:#o} must be at most 0o7777 and include 0o700",
+                    c.dir_mode
+                ),
+            );
         }
         if c.file_mode & !0o7777 != 0 || c.file_mode & 0o600 != 0o600 {
-            return bad("file_mode", format!(
-                "file mode {:#o} must be at most 0o7777 and include 0o600",
-                c.file_mode
-            ));
+            return bad(
+                "file_mode",
+                format!(
+                    "file mode {:#o} must be at most 0o7777 and include 0o600",
+                    c.file_mode
+                ),
+            );
         }
         if c.rescan_interval.is_zero() {
             return bad("rescan_interval", "must not be zero".to_owned());

@@ -269,7 +269,7 @@ impl Error {
         match self {
             Error::Io { path, .. }
             | Error::Layout { path, .. }
-                        | Error::Json { path, .. }
+            | Error::Json { path, .. }
             | Error::EmptyMessage { path, .. }
             | Error::Duplicate { path, .. }
             | Error::PartialBatch { path, .. } => Some(path),
@@ -287,9 +287,7 @@ impl Error {
             | Error::EmptyMessage { op, .. }
             | Error::Duplicate { op, .. } => Some(*op),
             Error::PartialBatch { .. } => Some(Operation::Publish),
-            Error::InvalidId { .. }
-            | Error::Layout { .. }
-            | Error::Config { .. } => None,
+            Error::InvalidId { .. } | Error::Layout { .. } | Error::Config { .. } => None,
         }
     }
 
@@ -309,9 +307,7 @@ impl Error {
         match self {
             Error::Io { source, .. } | Error::Move { source, .. } => source.kind(),
             Error::PartialBatch { source, .. } => source.kind(),
-            Error::InvalidId { .. } | Error::Config { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::InvalidId { .. } | Error::Config { .. } => io::ErrorKind::InvalidInput,
             Error::Layout { .. } | Error::Json { .. } | Error::EmptyMessage { .. } => {
                 io::ErrorKind::InvalidData
             }
