@@ -175,8 +175,9 @@ pub use inspect::{Counts, Ids, MessageInfo};
 pub use message::{Message, MessageReader, Retried, TerminalError};
 pub use meta::{FailureDetails, FailureInfo};
 pub use piper::{
-    BreakerPolicy, CommandStage, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperInfo,
-    PiperRates, PiperStats, Stage, StageError, StageResult, TimeoutAction, EX_TEMPFAIL,
+    BreakerPolicy, CommandStage, CommandStageBuilder, Emit, Outcome, Piper, PiperBuilder,
+    PiperHandle, PiperInfo, PiperRates, PiperStats, Stage, StageError, StageResult, TimeoutAction,
+    EX_TEMPFAIL,
 };
 pub use queue::{ClaimStats, DirectoryQueue};
 pub use recover::RecoverReport;

@@ -19,7 +19,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use breaker::BreakerPolicy;
-pub use command::{CommandStage, EX_TEMPFAIL};
+pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL};
 pub use liveness::PiperInfo;
 pub(crate) use liveness::PIPERS_DIR;
 pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
