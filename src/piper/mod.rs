@@ -252,9 +252,11 @@ impl PiperBuilder {
         self
     }
 
-    /// When the failure breaker opens. Default: [`BreakerPolicy::default`].
-    pub fn breaker(&mut self, policy: BreakerPolicy) -> &mut Self {
-        self.breaker = policy;
+    /// When the failure breaker opens; checked by [`build`](Self::build). Default:
+    /// [`BreakerPolicy::default`] (half of at least 20 outcomes within a minute failed;
+    /// cooldown 30 s).
+    pub fn breaker(&mut self, policy: &BreakerPolicy) -> &mut Self {
+        self.breaker = *policy;
         self
     }
 
@@ -298,7 +300,8 @@ impl PiperBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] when there is no input or stage, no worker, two outputs
-    /// share a name, or the low watermark is above the high one.
+    /// share a name, the low watermark is above the high one, or a setting of the
+    /// [breaker](Self::breaker) is out of range (field `breaker.<setter>`).
     pub fn build(&self) -> Result<Piper> {
         let target = format!("Piper {:?}", self.name);
         let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
@@ -310,6 +313,9 @@ impl PiperBuilder {
         }
         if self.workers == 0 {
             return bad("workers", "at least one worker is needed");
+        }
+        if let Err((field, reason)) = self.breaker.check() {
+            return bad(field, reason);
         }
         let mut names = HashSet::new();
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {

@@ -355,7 +355,7 @@ fn the_breaker_pauses_intake_and_a_probe_resumes_it() {
             .workers(1)
             .breaker(
                 BreakerPolicy::disabled()
-                    .max_failures(Some(3))
+                    .max_failures(3)
                     .cooldown(Duration::from_millis(300)),
             )
             .stage(move |_: &Message| -> StageResult {
