@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let piper = Piper::builder("deliver")
         .input(&events)
         .workers(4)
-        .breaker(dirq::piper::BreakerPolicy::disabled())
+        .breaker(&dirq::piper::BreakerPolicy::disabled())
         .stage(move |message: &Message| -> StageResult {
             let event = String::from_utf8_lossy(&message.bytes()?).into_owned();
             let attempt = message.attempts()?;

@@ -8,7 +8,35 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// When the failure breaker of a [`Piper`](crate::piper::Piper) opens.
+/// When the failure breaker of a [`Piper`](crate::piper::Piper) opens: a plain value, set
+/// with `&mut self` setters and given to
+/// [`PiperBuilder::breaker`](crate::piper::PiperBuilder::breaker), whose
+/// [`build`](crate::piper::PiperBuilder::build) checks it.
+///
+/// ```
+/// use std::time::Duration;
+/// use dirq::{DirectoryQueue, Message};
+/// use dirq::piper::{BreakerPolicy, Outcome, Piper, StageResult};
+///
+/// let dir = tempfile::tempdir().expect("a temporary directory");
+/// let input = DirectoryQueue::open(dir.path().join("input"))?;
+/// // Pause intake for 10 s after 3 failures within a minute, whatever the rate.
+/// let piper = Piper::builder("careful")
+///     .input(&input)
+///     .breaker(BreakerPolicy::disabled().max_failures(3).cooldown(Duration::from_secs(10)))
+///     .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) })
+///     .build()?;
+///
+/// // Bad values are refused when the Piper is built, naming the setting.
+/// let error = Piper::builder("careless")
+///     .input(&input)
+///     .breaker(BreakerPolicy::default().max_failure_rate(1.5))
+///     .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) })
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(error, dirq::Error::Config { field: "breaker.max_failure_rate", .. }));
+/// # Ok::<(), dirq::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerPolicy {
     max_failures: Option<u32>,
@@ -33,7 +61,8 @@ impl Default for BreakerPolicy {
 }
 
 impl BreakerPolicy {
-    /// A breaker that never opens.
+    /// A breaker that never opens, unless a limit is set on it afterwards
+    /// ([`max_failures`](Self::max_failures), [`max_failure_rate`](Self::max_failure_rate)).
     pub fn disabled() -> BreakerPolicy {
         BreakerPolicy {
             max_failures: None,
@@ -42,30 +71,70 @@ impl BreakerPolicy {
         }
     }
 
-    /// Opens when this many failures happen within the window. Default: no count limit.
-    pub fn max_failures(mut self, failures: Option<u32>) -> BreakerPolicy {
-        self.max_failures = failures.map(|n| n.max(1));
+    /// Opens when this many failures (at least 1) happen within the window, whatever
+    /// the rate. Default: no count limit.
+    pub fn max_failures(&mut self, failures: u32) -> &mut Self {
+        self.max_failures = Some(failures);
         self
     }
 
-    /// Opens when this fraction of the outcomes within the window are failures, once
-    /// there are at least `min_samples` of them. Default: 0.5 of at least 20.
-    pub fn max_failure_rate(mut self, rate: Option<f64>, min_samples: u32) -> BreakerPolicy {
-        self.max_failure_rate = rate.filter(|r| r.is_finite()).map(|r| r.clamp(0.0, 1.0));
-        self.min_samples = min_samples.max(1);
+    /// Opens when this fraction (more than 0, at most 1) of the outcomes within the
+    /// window are failures, once there are at least
+    /// [`min_samples`](Self::min_samples) of them. Default: 0.5; none for
+    /// [`disabled`](Self::disabled).
+    pub fn max_failure_rate(&mut self, rate: f64) -> &mut Self {
+        self.max_failure_rate = Some(rate);
         self
     }
 
-    /// The window failures are counted over. Default: 60 s.
-    pub fn window(mut self, window: Duration) -> BreakerPolicy {
+    /// How many outcomes (at least 1) the window must hold before the failure rate
+    /// counts. Default: 20.
+    pub fn min_samples(&mut self, samples: u32) -> &mut Self {
+        self.min_samples = samples;
+        self
+    }
+
+    /// The window failures are counted over; more than zero. Default: 60 s.
+    pub fn window(&mut self, window: Duration) -> &mut Self {
         self.window = window;
         self
     }
 
-    /// How long intake stays paused before a probe. Default: 30 s.
-    pub fn cooldown(mut self, cooldown: Duration) -> BreakerPolicy {
+    /// How long intake stays paused before a probe; more than zero. A probe that fails
+    /// doubles it, up to 10 minutes. Default: 30 s.
+    pub fn cooldown(&mut self, cooldown: Duration) -> &mut Self {
         self.cooldown = cooldown;
         self
+    }
+
+    /// The first setting out of range: its name, as [`Error::Config`](crate::Error)
+    /// gives it, and why.
+    pub(crate) fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.max_failures == Some(0) {
+            return Err(("breaker.max_failures", "must be at least 1"));
+        }
+        if self
+            .max_failure_rate
+            .is_some_and(|rate| !(rate > 0.0 && rate <= 1.0))
+        {
+            return Err((
+                "breaker.max_failure_rate",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if self.min_samples == 0 {
+            return Err(("breaker.min_samples", "must be at least 1"));
+        }
+        if self.window.is_zero() {
+            return Err(("breaker.window", "must be more than zero"));
+        }
+        if self.cooldown.is_zero() {
+            return Err((
+                "breaker.cooldown",
+                "must be more than zero (a zero cooldown never pauses intake)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -241,8 +310,8 @@ mod tests {
 
     #[test]
     fn opens_on_count_probes_after_cooldown_and_closes_on_success() {
-        let policy = BreakerPolicy::disabled()
-            .max_failures(Some(3))
+        let policy = *BreakerPolicy::disabled()
+            .max_failures(3)
             .cooldown(Duration::from_secs(10));
         let mut b = Breaker::new(policy);
         let t0 = Instant::now();
@@ -267,8 +336,8 @@ mod tests {
     #[test]
     fn a_failed_probe_doubles_the_cooldown() {
         let mut b = Breaker::new(
-            BreakerPolicy::disabled()
-                .max_failures(Some(1))
+            *BreakerPolicy::disabled()
+                .max_failures(1)
                 .cooldown(Duration::from_secs(10)),
         );
         let t0 = Instant::now();
@@ -284,7 +353,8 @@ mod tests {
 
     #[test]
     fn rate_needs_enough_samples_and_a_cancelled_probe_frees_the_slot() {
-        let mut b = Breaker::new(BreakerPolicy::default().cooldown(Duration::ZERO));
+        // A zero cooldown (refused by PiperBuilder::build) probes at once.
+        let mut b = Breaker::new(*BreakerPolicy::default().cooldown(Duration::ZERO));
         let t0 = Instant::now();
         for _ in 0..10 {
             assert_eq!(b.record(true, t0), None, "fewer than 20 outcomes");
@@ -301,9 +371,7 @@ mod tests {
     #[test]
     fn outcomes_leave_the_window_and_counting_stays_bounded() {
         let window = Duration::from_secs(60);
-        let policy = BreakerPolicy::disabled()
-            .max_failures(Some(10))
-            .window(window);
+        let policy = *BreakerPolicy::disabled().max_failures(10).window(window);
         let mut b = Breaker::new(policy);
         let t0 = Instant::now();
         // 9 failures, then a million successes over two minutes: the failures age out.
@@ -329,6 +397,34 @@ mod tests {
             b.record(true, late + window / 2),
             Some(Transition::Opened { failures: 10, .. })
         ));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let field = |policy: &BreakerPolicy| policy.check().err().map(|(field, _)| field);
+        assert_eq!(field(&BreakerPolicy::default()), None);
+        assert_eq!(field(&BreakerPolicy::disabled()), None);
+        type Set = fn(&mut BreakerPolicy) -> &mut BreakerPolicy;
+        let cases: [(&str, Set); 7] = [
+            ("breaker.max_failures", |p| p.max_failures(0)),
+            ("breaker.max_failure_rate", |p| p.max_failure_rate(0.0)),
+            ("breaker.max_failure_rate", |p| p.max_failure_rate(1.01)),
+            ("breaker.max_failure_rate", |p| p.max_failure_rate(f64::NAN)),
+            ("breaker.min_samples", |p| p.min_samples(0)),
+            ("breaker.window", |p| p.window(Duration::ZERO)),
+            ("breaker.cooldown", |p| p.cooldown(Duration::ZERO)),
+        ];
+        for (want, set) in cases {
+            assert_eq!(field(set(&mut BreakerPolicy::default())), Some(want));
+        }
+        assert_eq!(
+            field(
+                BreakerPolicy::disabled()
+                    .max_failures(1)
+                    .max_failure_rate(1.0)
+            ),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::stage::{Emit, Outcome, Stage, StageResult};
+use crate::error::{Error, Result};
 use crate::format::meta::FailureDetails;
 use crate::{sys, Message};
 
@@ -20,26 +21,56 @@ const STDERR_TAIL_BYTES: usize = 4096;
 
 /// Runs a command for each message.
 ///
-/// - The message bytes are the command's standard input; `DIRQ_ID`, `DIRQ_QUEUE`,
-///   `DIRQ_ATTEMPT` and `DIRQ_PATH` are in its environment. It runs in a process group
-///   of its own.
-/// - Exit 0 commits the message; with [`forward`](CommandStage::forward), it passes on
-///   the command's standard output as a new message (same id), or the original message
-///   when the output is empty.
+/// - The message bytes are the command's standard input; `DIRQ_ID`, `DIRQ_QUEUE` (the
+///   root of the message's queue), `DIRQ_ATTEMPT` and `DIRQ_PATH` are in its
+///   environment. It runs in a process group of its own.
+/// - Exit 0 commits the message; with [`forward`](CommandStageBuilder::forward), it
+///   passes on the command's standard output as a new message (same id), or the
+///   original message when the output is empty.
 /// - Exit 75 (`EX_TEMPFAIL`) retries it with backoff.
 /// - Any other exit, or death by a signal, fails it, with the exit code and the end of
 ///   the command's standard error in the sidecar.
-/// - A command that runs longer than the [timeout](CommandStage::timeout) gets SIGTERM
-///   for its whole process group, then SIGKILL after a grace period, and the message
-///   fails with reason `timeout`.
+/// - A command that runs longer than the [timeout](CommandStageBuilder::timeout) gets
+///   SIGTERM for its whole process group, then SIGKILL after a grace period, and the
+///   message fails with reason `timeout`.
 ///
 /// Standard error is passed through to the Piper's standard error as well. With
 /// `forward`, standard output is collected in memory; without, it is passed through.
+///
+/// ```
+/// use std::time::Duration;
+/// use dirq::DirectoryQueue;
+/// use dirq::piper::{CommandStage, Piper};
+///
+/// let dir = tempfile::tempdir().expect("a temporary directory");
+/// let input = DirectoryQueue::open(dir.path().join("input"))?;
+/// let upper = DirectoryQueue::open(dir.path().join("upper"))?;
+/// input.enqueue(b"hello")?;
+///
+/// let stage = CommandStage::builder("tr", ["a-z", "A-Z"])
+///     .forward(true)
+///     .timeout(Duration::from_secs(30))
+///     .build()?;
+/// let piper = Piper::builder("upper")
+///     .input(&input)
+///     .output("next", &upper)
+///     .stage(stage)
+///     .build()?;
+/// let handle = piper.handle();
+/// let runner = std::thread::spawn(move || piper.run());
+/// while upper.counts()?.incoming == 0 {
+///     std::thread::sleep(Duration::from_millis(10));
+/// }
+/// handle.shutdown();
+/// runner.join().expect("the piper thread")?;
+/// let message = upper.try_claim()?.expect("the command's output");
+/// assert_eq!(message.bytes()?, b"HELLO");
+/// # Ok::<(), dirq::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct CommandStage {
     program: OsString,
     args: Vec<OsString>,
-    queue: String,
     forward: bool,
     timeout: Option<Duration>,
     kill_grace: Duration,
@@ -48,55 +79,32 @@ pub struct CommandStage {
     running: Arc<Mutex<HashSet<u32>>>,
 }
 
+/// Configures a [`CommandStage`]; see [`CommandStage::builder`].
+#[derive(Debug, Clone)]
+pub struct CommandStageBuilder {
+    program: OsString,
+    args: Vec<OsString>,
+    forward: bool,
+    timeout: Option<Duration>,
+    kill_grace: Duration,
+    on_fail: Option<OsString>,
+}
+
 impl CommandStage {
-    /// Runs `program` with `args` for each message of the queue named `queue` (the
-    /// value of `DIRQ_QUEUE`).
-    pub fn new<I, A>(
-        program: impl Into<OsString>,
-        args: I,
-        queue: impl Into<String>,
-    ) -> CommandStage
+    /// Starts configuring a stage that runs `program` with `args` for each message.
+    pub fn builder<I, A>(program: impl Into<OsString>, args: I) -> CommandStageBuilder
     where
         I: IntoIterator<Item = A>,
         A: Into<OsString>,
     {
-        CommandStage {
+        CommandStageBuilder {
             program: program.into(),
             args: args.into_iter().map(Into::into).collect(),
-            queue: queue.into(),
             forward: false,
             timeout: None,
             kill_grace: Duration::from_secs(5),
             on_fail: None,
-            running: Arc::default(),
         }
-    }
-
-    /// Whether a successful command passes its output (or the message) on. Default:
-    /// `false` (the message is committed).
-    pub fn forward(mut self, forward: bool) -> CommandStage {
-        self.forward = forward;
-        self
-    }
-
-    /// Longest a command may run. Default: none.
-    pub fn timeout(mut self, timeout: Option<Duration>) -> CommandStage {
-        self.timeout = timeout;
-        self
-    }
-
-    /// How long a timed-out command has between SIGTERM and SIGKILL. Default: 5 s.
-    pub fn kill_grace(mut self, grace: Duration) -> CommandStage {
-        self.kill_grace = grace;
-        self
-    }
-
-    /// A shell command (`sh -c`) run when a message fails, for alerting, with
-    /// `DIRQ_REASON`, `DIRQ_ID`, `DIRQ_QUEUE`, `DIRQ_ATTEMPT` and `DIRQ_EXIT_CODE` (if
-    /// any) in its environment. Default: none.
-    pub fn on_fail(mut self, hook: Option<OsString>) -> CommandStage {
-        self.on_fail = hook;
-        self
     }
 
     /// Kills (SIGKILL) the process groups of all commands still running: for a Piper
@@ -113,7 +121,7 @@ impl CommandStage {
         command
             .args(&self.args)
             .env("DIRQ_ID", message.id().as_os_str())
-            .env("DIRQ_QUEUE", &self.queue)
+            .env("DIRQ_QUEUE", message.queue().root())
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .env("DIRQ_PATH", message.path())
             .stdin(Stdio::piped())
@@ -200,7 +208,7 @@ impl CommandStage {
             .arg(hook)
             .env("DIRQ_REASON", reason)
             .env("DIRQ_ID", message.id().as_os_str())
-            .env("DIRQ_QUEUE", &self.queue)
+            .env("DIRQ_QUEUE", message.queue().root())
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .stdin(Stdio::null());
         if let Some(code) = exit_code {
@@ -211,6 +219,65 @@ impl CommandStage {
             Ok(status) => tracing::warn!(id = %message.id(), %status, "the on-fail hook failed"),
             Err(e) => tracing::warn!(id = %message.id(), error = %e, "cannot run the on-fail hook"),
         }
+    }
+}
+
+impl CommandStageBuilder {
+    /// Whether a successful command passes its output (or the message) on. Default:
+    /// `false` (the message is committed).
+    pub fn forward(&mut self, forward: bool) -> &mut Self {
+        self.forward = forward;
+        self
+    }
+
+    /// Longest a command may run; more than zero. Default: no limit.
+    pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// How long a timed-out command has between SIGTERM and SIGKILL; zero sends
+    /// SIGKILL at once. Default: 5 s.
+    pub fn kill_grace(&mut self, grace: Duration) -> &mut Self {
+        self.kill_grace = grace;
+        self
+    }
+
+    /// A shell command (`sh -c`) run when a message fails, for alerting, with
+    /// `DIRQ_REASON`, `DIRQ_ID`, `DIRQ_QUEUE`, `DIRQ_ATTEMPT` and `DIRQ_EXIT_CODE` (if
+    /// any) in its environment; not empty. Default: none.
+    pub fn on_fail(&mut self, hook: impl Into<OsString>) -> &mut Self {
+        self.on_fail = Some(hook.into());
+        self
+    }
+
+    /// Checks the settings and makes the stage.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the program is empty, the timeout is zero or the
+    /// on-fail hook is empty.
+    pub fn build(&self) -> Result<CommandStage> {
+        let target = format!("command stage {:?}", self.program);
+        let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
+        if self.program.is_empty() {
+            return bad("program", "must not be empty");
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return bad("timeout", "must be more than zero");
+        }
+        if self.on_fail.as_ref().is_some_and(|hook| hook.is_empty()) {
+            return bad("on_fail", "must not be empty");
+        }
+        Ok(CommandStage {
+            program: self.program.clone(),
+            args: self.args.clone(),
+            forward: self.forward,
+            timeout: self.timeout,
+            kill_grace: self.kill_grace,
+            on_fail: self.on_fail.clone(),
+            running: Arc::default(),
+        })
     }
 }
 
@@ -281,4 +348,38 @@ fn tee_tail(mut stderr: impl Read) -> String {
 /// Waits at most `timeout` for `child`; `Ok(None)` when it is still running.
 fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
     sys::wait_child_timeout(child, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(builder: &CommandStageBuilder) -> &'static str {
+        match builder.build() {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_config_errors_naming_the_setting() {
+        let no_args: [&str; 0] = [];
+        assert_eq!(rejected(&CommandStage::builder("", no_args)), "program");
+        assert_eq!(
+            rejected(CommandStage::builder("true", no_args).timeout(Duration::ZERO)),
+            "timeout"
+        );
+        assert_eq!(
+            rejected(CommandStage::builder("true", no_args).on_fail("")),
+            "on_fail"
+        );
+        let mut fine = CommandStage::builder("true", ["-x"]);
+        fine.timeout(Duration::from_secs(1))
+            .kill_grace(Duration::ZERO)
+            .on_fail("logger failed")
+            .forward(true);
+        let stage = fine.build().expect("valid settings");
+        assert_eq!(stage.kill_grace, Duration::ZERO);
+        assert_eq!(stage.args, vec![OsString::from("-x")]);
+    }
 }

@@ -19,7 +19,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use breaker::BreakerPolicy;
-pub use command::{CommandStage, EX_TEMPFAIL};
+pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL};
 pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
 pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
@@ -253,9 +253,11 @@ impl PiperBuilder {
         self
     }
 
-    /// When the failure breaker opens. Default: [`BreakerPolicy::default`].
-    pub fn breaker(&mut self, policy: BreakerPolicy) -> &mut Self {
-        self.breaker = policy;
+    /// When the failure breaker opens; checked by [`build`](Self::build). Default:
+    /// [`BreakerPolicy::default`] (half of at least 20 outcomes within a minute failed;
+    /// cooldown 30 s).
+    pub fn breaker(&mut self, policy: &BreakerPolicy) -> &mut Self {
+        self.breaker = *policy;
         self
     }
 
@@ -299,7 +301,8 @@ impl PiperBuilder {
     /// # Errors
     ///
     /// [`Error::Config`] when there is no input or stage, no worker, two outputs
-    /// share a name, or the low watermark is above the high one.
+    /// share a name, the low watermark is above the high one, or a setting of the
+    /// [breaker](Self::breaker) is out of range (field `breaker.<setter>`).
     pub fn build(&self) -> Result<Piper> {
         let target = format!("Piper {:?}", self.name);
         let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
@@ -311,6 +314,9 @@ impl PiperBuilder {
         }
         if self.workers == 0 {
             return bad("workers", "at least one worker is needed");
+        }
+        if let Err((field, reason)) = self.breaker.check() {
+            return bad(field, reason);
         }
         let mut names = HashSet::new();
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {

@@ -47,6 +47,9 @@ where
 }
 
 /// What to do with a processed message.
+///
+/// A variant that takes a reason takes it first: `Fail(reason)`,
+/// `FailWith(reason, details)`, `Retry(reason)`, `RetryAfter(reason, delay)`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Outcome {
@@ -69,8 +72,9 @@ pub enum Outcome {
     /// Try again later, with the input queue's backoff; after the last attempt the
     /// message goes to `errors/` with this reason.
     Retry(String),
-    /// Try again after this delay (the attempt limit still applies).
-    RetryAfter(Duration, String),
+    /// Try again after this delay instead of the backoff's; after the last attempt
+    /// the message goes to `errors/` with this reason.
+    RetryAfter(String, Duration),
 }
 
 /// A new message emitted by a stage; see [`Outcome::Emit`].

@@ -289,7 +289,7 @@ impl<'a> Worker<'a> {
                 failed = true;
                 message.retry(reason).map(|r| self.count_retry(r))
             }
-            Outcome::RetryAfter(delay, reason) => {
+            Outcome::RetryAfter(reason, delay) => {
                 failed = true;
                 let last = message.attempts().unwrap_or(1)
                     >= message.queue().retry_policy().max_attempts();

@@ -380,6 +380,20 @@ workers = 2
 }
 
 #[test]
+fn a_zero_timeout_is_refused_before_anything_runs() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"untouched").unwrap();
+    let out = crate::util::run(&["exec", s(t.root()), "--timeout", "0", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("invalid timeout of command stage") && stderr.contains("more than zero"),
+        "{stderr}"
+    );
+    assert_eq!(t.queue.counts().unwrap().incoming, 1, "nothing was claimed");
+}
+
+#[test]
 fn a_bad_pipeline_file_is_a_clear_error() {
     let dir = tempdir();
     let file = dir.path().join("bad.toml");

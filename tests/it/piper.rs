@@ -195,6 +195,41 @@ fn retry_backs_off_and_dead_letters_after_the_last_attempt() {
 }
 
 #[test]
+fn retry_after_waits_its_own_delay_and_dead_letters_with_its_reason() {
+    let t = TestQueue::new();
+    // The queue's backoff (20 ms) is far shorter than the stage's own delay.
+    let queue = quick_retry(t.root(), 2);
+    let id = queue.enqueue(b"later").unwrap();
+    let delay = Duration::from_millis(300);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let running = Running::start(Piper::builder("later").input(&queue).stage(
+        move |m: &Message| -> StageResult {
+            let attempts = m.attempts()?;
+            log.lock().unwrap().push(Instant::now());
+            Ok(Outcome::RetryAfter(
+                format!("busy (attempt {attempts})"),
+                delay,
+            ))
+        },
+    ));
+    wait_until(LONG, "the message to be dead-lettered", || {
+        queue.counts().unwrap().unfinished() == 0
+    });
+    let stats = running.stop();
+    assert_eq!((stats.retried, stats.dead_lettered), (1, 1), "{stats:?}");
+    let times = seen.lock().unwrap();
+    assert_eq!(times.len(), 2);
+    assert!(
+        times[1] - times[0] >= delay,
+        "retried after {:?}",
+        times[1] - times[0]
+    );
+    let failure = dirq::admin::failure(&queue, &id).unwrap().unwrap();
+    assert_eq!(failure.reason.as_deref(), Some("busy (attempt 2)"));
+}
+
+#[test]
 fn held_and_delayed_messages_wait_for_release_and_their_time() {
     let t = TestQueue::new();
     let held = t.queue.enqueue(b"held").unwrap();
@@ -336,7 +371,7 @@ fn the_breaker_pauses_intake_and_a_probe_resumes_it() {
             .workers(1)
             .breaker(
                 BreakerPolicy::disabled()
-                    .max_failures(Some(3))
+                    .max_failures(3)
                     .cooldown(Duration::from_millis(300)),
             )
             .stage(move |_: &Message| -> StageResult {

@@ -93,7 +93,7 @@ fn stage(input: &str, output: &str, workers: usize, max_attempts: u32, emit: boo
         .input(&input)
         .workers(workers)
         .handle_signals(true)
-        .breaker(BreakerPolicy::disabled())
+        .breaker(&BreakerPolicy::disabled())
         .recover_interval(Duration::from_millis(500))
         // Cases that want backpressure say so; the sink of a test pipeline is not
         // drained.

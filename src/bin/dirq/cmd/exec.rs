@@ -28,11 +28,15 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
             .file_name()
             .map_or_else(|| "exec".to_owned(), |n| n.to_string_lossy().into_owned())
     });
-    let stage = CommandStage::new(program, rest, input.root().to_string_lossy())
-        .forward(next.is_some())
-        .timeout(args.timeout)
-        .kill_grace(args.kill_grace)
-        .on_fail(args.on_fail.clone());
+    let mut stage = CommandStage::builder(program, rest);
+    stage.forward(next.is_some()).kill_grace(args.kill_grace);
+    if let Some(timeout) = args.timeout {
+        stage.timeout(timeout);
+    }
+    if let Some(hook) = &args.on_fail {
+        stage.on_fail(hook);
+    }
+    let stage = stage.build()?;
     let mut builder = Piper::builder(&name);
     builder
         .input(&input)
