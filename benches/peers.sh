@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dirq beside its peers, in one run, and issue 6's performance targets checked against
+# dirq beside its peers, in one run, and the performance targets checked against
 # the floor measured in the same session:
 #
 # 1. the harness in ../shared/peers (raw-syscall floor, mentat.dirq, dirq through

@@ -1,4 +1,4 @@
-"""The tables benches/peers.sh prints after the harness's own: issue 6's targets, each
+"""The tables benches/peers.sh prints after the harness's own: the performance targets, each
 measured in this session, as ratios of medians against the floor run beside it.
 
     python3 benches/peers_report.py /tmp/dirq-peers

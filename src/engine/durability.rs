@@ -69,7 +69,7 @@ impl Syncer {
 
     /// Makes the bytes of a message file durable before it is published, unless the
     /// mode is [`Durability::None`]. Without this a crash can publish a 0-byte message
-    /// (DESIGN §3).
+    /// (docs/protocol.md §4).
     ///
     /// The caller publishes the file by a rename and then syncs (or, in batch mode,
     /// later flushes) the directory before it acknowledges anything. On a journaled
