@@ -91,10 +91,12 @@ pub enum TimeoutAction {
 ///     .build()?;
 /// let handle = piper.handle();
 /// let runner = std::thread::spawn(move || piper.run());
-/// // ... later, when the work is done:
-/// while output.counts()?.incoming == 0 {
-///     std::thread::sleep(std::time::Duration::from_millis(10));
-/// }
+/// // The next stage (here, this thread) gets the doubled message, waiting for it.
+/// let doubled = output
+///     .claim_timeout(std::time::Duration::from_secs(60))?
+///     .expect("the doubled message within a minute");
+/// assert_eq!(doubled.json::<serde_json::Value>()?["n"], 2);
+/// doubled.commit()?;
 /// handle.shutdown();
 /// let stats = runner.join().expect("the piper thread")?;
 /// assert_eq!(stats.emitted, 1);

@@ -1,12 +1,12 @@
 //! Message lifecycle beyond claim and commit: attempts, retry with backoff and dead
 //! letters, delayed delivery, hold, expiry.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use dirq::queue::{Retried, RetryPolicy};
-use dirq::{DirectoryQueue, Error, State};
+use dirq::{DirectoryQueue, Error, MessageId, State};
 
-use crate::util::{names_in, wait_until, TestQueue};
+use crate::util::{names_in, TestQueue};
 
 fn quick_retries(t: &TestQueue, attempts: u32) -> DirectoryQueue {
     DirectoryQueue::builder(t.root())
@@ -28,34 +28,44 @@ fn retry_backs_off_then_dead_letters_with_the_last_reason() {
     let t = TestQueue::new();
     let queue = quick_retries(&t, 3);
     let id = queue.enqueue(b"flaky").unwrap();
-    let mut delays = Vec::new();
+    // 50 ms, then 100 ms (no jitter).
+    let delays = [Duration::from_millis(50), Duration::from_millis(100)];
+    // A message the check below claimed, when this thread was slower than the backoff.
+    let mut early = None;
     for attempt in 1..=3u32 {
-        let message = wait_for_claim(&queue);
+        let message = early.take().unwrap_or_else(|| wait_for_claim(&queue));
         assert_eq!(message.id(), &id);
         assert_eq!(message.attempts().unwrap(), attempt);
-        let asked = SystemTime::now();
-        match message.retry(format!("backend busy ({attempt})")).unwrap() {
+        let before = SystemTime::now();
+        let retried = message.retry(format!("backend busy ({attempt})")).unwrap();
+        let after = SystemTime::now();
+        match retried {
             Retried::Deferred(when) => {
                 assert!(attempt < 3);
-                delays.push(when.duration_since(asked).unwrap());
-                // Not claimable while deferred, and incoming/ stays clean.
-                assert!(queue.try_claim().unwrap().is_none());
+                // `when` is the delay after some moment between `before` and `after`.
+                let delay = delays[attempt as usize - 1];
+                let slack = Duration::from_millis(1);
+                assert!(
+                    when + slack >= before + delay && when <= after + delay + slack,
+                    "attempt {attempt}: due {:?} after the retry began, {:?} after it ended",
+                    when.duration_since(before),
+                    when.duration_since(after)
+                );
+                // It waits in deferred/; incoming/ stays clean.
                 assert!(names_in(&t.path(State::Incoming)).is_empty());
-                assert_eq!(queue.counts().unwrap().deferred, 1);
+                // Not claimable before its time (a slow thread may find it due already).
+                match queue.try_claim().unwrap() {
+                    None => assert_eq!(queue.counts().unwrap().deferred, 1),
+                    Some(message) => {
+                        assert!(SystemTime::now() >= when, "claimed before its time");
+                        early = Some(message);
+                    }
+                }
             }
             Retried::DeadLettered => assert_eq!(attempt, 3),
             other => panic!("unexpected {other:?}"),
         }
     }
-    // 50 ms, then 100 ms (no jitter).
-    assert!(
-        delays[0] >= Duration::from_millis(45) && delays[0] < Duration::from_millis(100),
-        "{delays:?}"
-    );
-    assert!(
-        delays[1] >= Duration::from_millis(95) && delays[1] < Duration::from_millis(200),
-        "{delays:?}"
-    );
     let failure = dirq::admin::failure(&queue, &id)
         .unwrap()
         .expect("a dead letter has a sidecar");
@@ -87,42 +97,54 @@ fn the_retry_reason_survives_until_the_next_attempt() {
 #[test]
 fn delayed_delivery_waits_for_its_time() {
     let t = TestQueue::new();
-    let due = SystemTime::now() + Duration::from_millis(300);
-    let id = t.queue.enqueue_at(b"later", due).unwrap();
-    assert!(t.queue.try_claim().unwrap().is_none());
-    let listed = dirq::admin::list(&t.queue, State::Deferred).unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].id, id);
-    assert!(listed[0].not_before.is_some());
-    let ids: Vec<_> = t
-        .queue
-        .ids(State::Deferred)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(ids, vec![id.clone()]);
-    assert_eq!(
-        dirq::admin::peek(&t.queue, &id).unwrap(),
-        (State::Deferred, b"later".to_vec())
-    );
+    // What is proven needs the claimer to block before the due time; on a machine too
+    // slow for that, the same again with a longer delay.
+    for delay in [300, 1_000, 3_000, 10_000].map(Duration::from_millis) {
+        let due = SystemTime::now() + delay;
+        let id = t.queue.enqueue_at(b"later", due).unwrap();
+        // Only claimers move it out of deferred/, whatever the time.
+        let listed = dirq::admin::list(&t.queue, State::Deferred).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+        assert!(listed[0].not_before.is_some());
+        let ids: Vec<_> = t
+            .queue
+            .ids(State::Deferred)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, vec![id.clone()]);
+        assert_eq!(
+            dirq::admin::peek(&t.queue, &id).unwrap(),
+            (State::Deferred, b"later".to_vec())
+        );
 
-    // A blocked claimer wakes by itself when the message falls due: no event marks it.
-    let start = Instant::now();
-    let message = t
-        .queue
-        .claim_timeout(Duration::from_secs(30))
-        .unwrap()
-        .unwrap();
-    assert!(SystemTime::now() >= due);
-    assert_eq!(message.id(), &id);
-    eprintln!(
-        "delayed message claimed {:?} after the claim began",
-        start.elapsed()
-    );
-    message.commit().unwrap();
-    // A time in the past delivers at once.
-    t.queue.enqueue_at(b"now", SystemTime::UNIX_EPOCH).unwrap();
-    assert_eq!(t.queue.counts().unwrap().incoming, 1);
+        // Never claimable before its time.
+        let early = t.queue.try_claim().unwrap();
+        let blocked = SystemTime::now();
+        let message = match early {
+            Some(message) => message,
+            // A blocked claimer wakes by itself when the message falls due: no event
+            // marks it.
+            None => t
+                .queue
+                .claim_timeout(Duration::from_secs(30))
+                .unwrap()
+                .expect("the delayed message in time"),
+        };
+        assert!(SystemTime::now() >= due, "claimed before its time");
+        assert_eq!(message.id(), &id);
+        message.commit().unwrap();
+        if blocked < due {
+            eprintln!("delayed message claimed {delay:?} after it was enqueued");
+            // A time in the past delivers at once.
+            t.queue.enqueue_at(b"now", SystemTime::UNIX_EPOCH).unwrap();
+            assert_eq!(t.queue.counts().unwrap().incoming, 1);
+            return;
+        }
+        eprintln!("the claimer began after the due time; again with a longer delay");
+    }
+    panic!("the claimer never began before the due time");
 }
 
 #[test]
@@ -166,17 +188,14 @@ fn held_messages_are_never_claimed_until_released() {
 #[test]
 fn expired_messages_go_to_errors_instead_of_being_processed() {
     let t = TestQueue::new();
-    let old = t.queue.enqueue(b"stale").unwrap();
+    // Its id says it was born in 2023: older than the maximum age, however fast or slow
+    // the test runs.
+    let old = MessageId::new("1700000000.000000001.test.1.00000001.msg").unwrap();
+    t.queue.enqueue_with_id(&old, b"stale").unwrap();
     let strict = DirectoryQueue::builder(t.root())
-        .max_age(Duration::from_millis(100))
+        .max_age(Duration::from_secs(3600))
         .open()
         .unwrap();
-    wait_until(Duration::from_secs(10), "the message to age", || {
-        t.queue
-            .oldest_age()
-            .unwrap()
-            .is_some_and(|a| a > Duration::from_millis(150))
-    });
     let fresh = t.queue.enqueue(b"fresh").unwrap();
     let message = strict.try_claim().unwrap().expect("the fresh message");
     assert_eq!(message.id(), &fresh);
