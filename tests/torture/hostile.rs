@@ -329,7 +329,11 @@ fn swapped_incoming(dir: &Path, figures: &mut Figures) {
     }
     // The running Piper keeps serving the directory it opened (now incoming.moved):
     // a message dropped there reaches f, and the bait is never touched.
-    std::fs::write(moved.join("late.msg"), payload(51, 300)).expect("write");
+    // Dropped as a producer must (complete, by rename): a file written in place could
+    // be claimed while still empty, and an empty message is quarantined by design.
+    let staged = e.join("tmp").join("late.msg");
+    std::fs::write(&staged, payload(51, 300)).expect("write");
+    std::fs::rename(&staged, moved.join("late.msg")).expect("publish late.msg");
     support::wait_until(
         Duration::from_secs(30),
         "the Piper to forward late.msg",
