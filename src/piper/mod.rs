@@ -176,6 +176,11 @@ impl Piper {
 }
 
 impl PiperBuilder {
+    /// The most [`workers`](Self::workers) a Piper may have: threads beyond it would
+    /// only contend for the same directories (run more processes instead), and a
+    /// mistyped count must not exhaust the host's threads.
+    pub const MAX_WORKERS: usize = 1024;
+
     /// Adds an input queue; inputs are read in the order they were added (strict
     /// priority). The Piper opens its own handle to the same directory, with the same
     /// settings (retry policy, maximum age, durability).
@@ -207,45 +212,52 @@ impl PiperBuilder {
         self
     }
 
-    /// Worker threads. Default: 1.
+    /// Worker threads, from 1 to [`MAX_WORKERS`](Self::MAX_WORKERS) (1024); run more
+    /// processes for more. Default: 1.
     pub fn workers(&mut self, workers: usize) -> &mut Self {
         self.workers = workers;
         self
     }
 
     /// High watermark: intake pauses while an output's `incoming/` holds this many
-    /// messages. Default: 5000 (Mentat's `queue_out_limit`).
+    /// messages; at least 1. Default: 5000 (Mentat's `queue_out_limit`).
     pub fn out_limit(&mut self, high: usize) -> &mut Self {
         self.limit = high;
         self
     }
 
-    /// Low watermark: paused intake resumes below it. Default: 80 % of the high one.
+    /// Low watermark: paused intake resumes below it; at most the high one. Default:
+    /// 80 % of the high one.
     pub fn out_resume(&mut self, low: usize) -> &mut Self {
         self.low = Some(low);
         self
     }
 
     /// A byte limit besides the count: intake also pauses while an output's
-    /// `incoming/` holds this many bytes, and resumes below `low` (default 80 %).
-    /// Default: none. Counting bytes costs a `stat` per waiting message, at most every
-    /// 10 ms while paused.
-    pub fn out_limit_bytes(&mut self, high: Option<u64>, low: Option<u64>) -> &mut Self {
-        self.limit_bytes = high;
-        self.low_bytes = low;
+    /// `incoming/` holds this many bytes; at least 1. Counting bytes costs a `stat` per
+    /// waiting message, at most every 10 ms while paused. Default: no byte limit.
+    pub fn out_limit_bytes(&mut self, high: u64) -> &mut Self {
+        self.limit_bytes = Some(high);
+        self
+    }
+
+    /// Low byte watermark: intake paused by the byte limit resumes below it; at most
+    /// the byte limit, and only with one. Default: 80 % of the byte limit.
+    pub fn out_resume_bytes(&mut self, low: u64) -> &mut Self {
+        self.low_bytes = Some(low);
         self
     }
 
     /// How long a paused Piper waits for a filesystem event before counting its
-    /// outputs again anyway. Default: 1 s.
+    /// outputs again anyway; more than zero. Default: 1 s.
     pub fn resume_wait(&mut self, wait: Duration) -> &mut Self {
         self.resume_wait = wait;
         self
     }
 
-    /// Longest processing time of one message. Default: none.
-    pub fn timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
-        self.timeout = timeout;
+    /// Longest processing time of one message; more than zero. Default: no limit.
+    pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -263,21 +275,22 @@ impl PiperBuilder {
         self
     }
 
-    /// How long a shutdown waits for in-flight messages before releasing them.
-    /// Default: 30 s.
+    /// How long a shutdown waits for in-flight messages before releasing them; zero
+    /// releases them at once. Default: 30 s.
     pub fn drain_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.drain_timeout = timeout;
         self
     }
 
-    /// How often a statistics line is logged (at info level). Default: 60 s.
+    /// How often a statistics line is logged (at info level); more than zero.
+    /// Default: 60 s.
     pub fn stats_interval(&mut self, interval: Duration) -> &mut Self {
         self.stats_interval = interval;
         self
     }
 
-    /// How often the inputs are recovered (messages of dead workers requeued).
-    /// Default: 60 s.
+    /// How often the inputs are recovered (messages of dead workers requeued); more
+    /// than zero. Default: 60 s.
     pub fn recover_interval(&mut self, interval: Duration) -> &mut Self {
         self.recover_interval = interval;
         self
@@ -302,9 +315,12 @@ impl PiperBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when there is no input or stage, no worker, two outputs
-    /// share a name, the low watermark is above the high one, or a setting of the
-    /// [breaker](Self::breaker) is out of range (field `breaker.<setter>`).
+    /// [`Error::Config`], naming the setter, when there is no input or stage, two
+    /// outputs share a name, or a setting is out of the range its setter states: no
+    /// worker or more than [`MAX_WORKERS`](Self::MAX_WORKERS), a watermark of zero or a
+    /// low one above its high one, a low byte watermark without a byte limit, a zero
+    /// timeout or interval, or a setting of the [breaker](Self::breaker) (field
+    /// `breaker.<setter>`).
     pub fn build(&self) -> Result<Piper> {
         let target = format!("Piper {:?}", self.name);
         let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
@@ -314,8 +330,21 @@ impl PiperBuilder {
         if self.inputs.is_empty() {
             return bad("input", "no input queue was given");
         }
-        if self.workers == 0 {
-            return bad("workers", "at least one worker is needed");
+        if !(1..=Self::MAX_WORKERS).contains(&self.workers) {
+            return bad(
+                "workers",
+                &format!("must be from 1 to {}", Self::MAX_WORKERS),
+            );
+        }
+        for (field, value) in [
+            ("resume_wait", Some(self.resume_wait)),
+            ("timeout", self.timeout),
+            ("stats_interval", Some(self.stats_interval)),
+            ("recover_interval", Some(self.recover_interval)),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return bad(field, "must be more than zero");
+            }
         }
         if let Err((field, reason)) = self.breaker.check() {
             return bad(field, reason);
@@ -324,16 +353,33 @@ impl PiperBuilder {
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {
             return bad("output", "two outputs have the same name");
         }
-        let high = self.limit.max(1);
+        let high = self.limit;
+        if high == 0 {
+            return bad("out_limit", "must be at least 1");
+        }
         let low = self.low.unwrap_or(high / 5 * 4 + high % 5 * 4 / 5);
         if low > high {
             return bad("out_resume", "the low watermark is above the high one");
         }
+        let low_bytes = match (self.limit_bytes, self.low_bytes) {
+            (Some(0), _) => return bad("out_limit_bytes", "must be at least 1"),
+            (None, Some(_)) => {
+                return bad("out_resume_bytes", "is set, but out_limit_bytes is not")
+            }
+            (Some(high), Some(low)) if low > high => {
+                return bad(
+                    "out_resume_bytes",
+                    "the low byte watermark is above the byte limit",
+                )
+            }
+            (Some(high), low) => Some(low.unwrap_or(high / 5 * 4)),
+            (None, None) => None,
+        };
         let limits = Limits {
             high,
             low,
             high_bytes: self.limit_bytes,
-            low_bytes: self.low_bytes.or(self.limit_bytes.map(|high| high / 5 * 4)),
+            low_bytes,
         };
         let outputs = self
             .outputs

@@ -407,17 +407,61 @@ workers = 2
 }
 
 #[test]
-fn a_zero_timeout_is_refused_before_anything_runs() {
+fn exec_refuses_bad_settings_before_anything_runs() {
     let t = TestQueue::new();
     t.queue.enqueue(b"untouched").unwrap();
-    let out = crate::util::run(&["exec", s(t.root()), "--timeout", "0", "--", "true"]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        stderr.contains("invalid timeout of command stage") && stderr.contains("more than zero"),
-        "{stderr}"
-    );
+    let next = t.dir.path().join("next");
+    for (args, want) in [
+        (vec!["--timeout", "0"], "invalid timeout of command stage"),
+        (vec!["-j", "0"], "invalid workers of Piper"),
+        (vec!["-j", "100000000000"], "invalid workers of Piper"),
+        (
+            vec!["--to", s(&next), "--out-limit", "0"],
+            "invalid out_limit of Piper",
+        ),
+    ] {
+        let out = crate::util::run(&[&["exec", s(t.root())], &args[..], &["--", "true"]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
     assert_eq!(t.queue.counts().unwrap().incoming, 1, "nothing was claimed");
+}
+
+#[test]
+fn run_refuses_absurd_worker_and_process_counts_before_starting_any() {
+    let dir = tempdir();
+    let marker = dir.path().join("started");
+    for (key, want) in [
+        (
+            "workers = 100000000000",
+            "workers = 100000000000: must be from 1 to 1024",
+        ),
+        ("workers = 0", "workers = 0: must be from 1 to 1024"),
+        ("processes = 0", "processes = 0: must be from 1 to 1024"),
+        (
+            "processes = 100000",
+            "processes = 100000: must be from 1 to 1024",
+        ),
+    ] {
+        let file = dir.path().join("pipeline.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[stage]]\nname = \"x\"\ninput = \"q\"\ncommand = \"touch {}\"\n{key}\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        let out = crate::util::run(&["run", s(&file)]);
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains(&format!("stage \"x\": {want}")),
+            "{key}: {stderr}"
+        );
+    }
+    assert!(!marker.exists(), "a stage process was started");
 }
 
 #[test]

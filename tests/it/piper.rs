@@ -74,6 +74,81 @@ fn quick_retry(root: &std::path::Path, attempts: u32) -> DirectoryQueue {
 }
 
 #[test]
+fn bad_settings_are_config_errors_naming_the_setter() {
+    let t = TestQueue::new();
+    let next = t.sibling("next");
+    let base = || {
+        let mut builder = Piper::builder("checked");
+        builder
+            .input(&t.queue)
+            .output("next", &next)
+            .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) });
+        builder
+    };
+    let field = |builder: &PiperBuilder| match builder.build() {
+        Ok(_) => None,
+        Err(dirq::Error::Config { field, .. }) => Some(field),
+        Err(other) => panic!("not a config error: {other}"),
+    };
+    let ms = Duration::from_millis;
+    type Set = fn(&mut PiperBuilder) -> &mut PiperBuilder;
+    let cases: [(&str, Set); 14] = [
+        ("workers", |b| b.workers(0)),
+        ("workers", |b| b.workers(PiperBuilder::MAX_WORKERS + 1)),
+        ("workers", |b| b.workers(usize::MAX)),
+        ("out_limit", |b| b.out_limit(0)),
+        ("out_resume", |b| b.out_limit(10).out_resume(11)),
+        ("out_limit_bytes", |b| b.out_limit_bytes(0)),
+        ("out_resume_bytes", |b| b.out_resume_bytes(10)),
+        ("out_resume_bytes", |b| {
+            b.out_limit_bytes(10).out_resume_bytes(11)
+        }),
+        ("timeout", |b| b.timeout(Duration::ZERO)),
+        ("resume_wait", |b| b.resume_wait(Duration::ZERO)),
+        ("stats_interval", |b| b.stats_interval(Duration::ZERO)),
+        ("recover_interval", |b| b.recover_interval(Duration::ZERO)),
+        ("breaker.cooldown", |b| {
+            b.breaker(BreakerPolicy::default().cooldown(Duration::ZERO))
+        }),
+        ("output", |b| b.output("next", &TestQueue::new().queue)),
+    ];
+    for (want, set) in cases {
+        let mut builder = base();
+        set(&mut builder);
+        assert_eq!(field(&builder), Some(want), "{builder:?}");
+    }
+    let error = base().workers(0).build().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        r#"invalid workers of Piper "checked": must be from 1 to 1024"#
+    );
+    assert_eq!(
+        field(
+            Piper::builder("no input").stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) })
+        ),
+        Some("input")
+    );
+    assert_eq!(
+        field(Piper::builder("no stage").input(&t.queue)),
+        Some("stage")
+    );
+    // The edges of each range are fine.
+    let mut edges = base();
+    edges
+        .workers(PiperBuilder::MAX_WORKERS)
+        .out_limit(1)
+        .out_resume(1)
+        .out_limit_bytes(1)
+        .out_resume_bytes(1)
+        .timeout(ms(1))
+        .resume_wait(ms(1))
+        .stats_interval(ms(1))
+        .recover_interval(ms(1))
+        .drain_timeout(Duration::ZERO);
+    assert_eq!(field(&edges), None);
+}
+
+#[test]
 fn outcomes_forward_fan_out_route_emit_and_commit() {
     let t = TestQueue::new();
     let (a, b) = (t.sibling("a"), t.sibling("b"));
@@ -323,7 +398,7 @@ fn a_hung_stage_is_timed_out_and_its_worker_replaced() {
                 .workers(1)
                 // Long enough that the quick messages never reach it on a loaded
                 // machine: the hung one is the only timeout.
-                .timeout(Some(Duration::from_secs(2)))
+                .timeout(Duration::from_secs(2))
                 .on_timeout(action)
                 .stage(move |m: &Message| -> StageResult {
                     if body(m) == "hang" {
@@ -821,7 +896,8 @@ fn a_byte_limit_pauses_intake_too() {
             .input(&t.queue)
             .output("next", &next)
             .workers(2)
-            .out_limit_bytes(Some(2_000), Some(1_000))
+            .out_limit_bytes(2_000)
+            .out_resume_bytes(1_000)
             .stage(|_: &Message| -> StageResult { Ok(Outcome::Forward) }),
     );
     wait_until(LONG, "intake to pause on bytes", || {

@@ -356,17 +356,18 @@ pub(crate) struct ExecArgs {
     /// Pass the command's output (or the message) on to this queue.
     #[arg(long, value_name = "NEXT")]
     pub(crate) to: Option<PathBuf>,
-    /// Commands run in parallel.
+    /// Commands run in parallel (1 to 1024).
     #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N")]
     pub(crate) jobs: usize,
-    /// Kill a command's process group after this long and fail its message.
+    /// Kill a command's process group after this long (more than zero) and fail its
+    /// message.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub(crate) timeout: Option<Duration>,
     /// After a timeout, how long the command's process group has between SIGTERM and
     /// SIGKILL.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
     pub(crate) kill_grace: Duration,
-    /// Pause while NEXT holds this many messages (backpressure).
+    /// Pause while NEXT holds this many messages (backpressure; at least 1).
     #[arg(long, value_name = "N", default_value_t = 5000)]
     pub(crate) out_limit: usize,
     /// Only print what would run for each waiting message; change nothing.

@@ -40,14 +40,12 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let mut builder = Piper::builder(&name);
     builder
         .input(&input)
-        .workers(args.jobs.max(1))
+        .workers(args.jobs)
         .drain_timeout(args.drain_timeout)
         .handle_signals(true)
         .stage(stage.clone());
     if let Some(next) = &next {
-        builder
-            .output("next", next)
-            .out_limit(args.out_limit.max(1));
+        builder.output("next", next).out_limit(args.out_limit);
     }
     let piper = builder.build()?;
     let handle = piper.handle();

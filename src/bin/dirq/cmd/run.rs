@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dirq::piper::PiperBuilder;
 use serde::Deserialize;
 
 use super::Opener;
@@ -75,6 +76,9 @@ impl StageSettings {
     }
 }
 
+/// The most processes a stage may have: a mistyped count must not fork-bomb the host.
+const MAX_PROCESSES: usize = 1024;
+
 /// How long a restarted worker must run before its crash backoff starts over.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -116,12 +120,8 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
 
     let mut workers = Vec::new();
     for (index, stage) in pipeline.stages.iter().enumerate() {
-        let processes = stage
-            .settings
-            .or(&pipeline.defaults)
-            .processes
-            .unwrap_or(1)
-            .max(1);
+        // Checked by exec_command above.
+        let processes = stage.settings.or(&pipeline.defaults).processes.unwrap_or(1);
         for _ in 0..processes {
             workers.push(Worker {
                 stage: index,
@@ -183,6 +183,21 @@ fn exec_command(
     opener: &Opener,
 ) -> Result<Vec<String>, String> {
     let bad = |what: String| format!("stage {:?}: {what}", stage.name);
+    // Checked here, before anything starts: a worker process that refused its `-j`
+    // would only be restarted over and over.
+    let workers = settings.workers.unwrap_or(1);
+    if !(1..=PiperBuilder::MAX_WORKERS).contains(&workers) {
+        return Err(bad(format!(
+            "workers = {workers}: must be from 1 to {}",
+            PiperBuilder::MAX_WORKERS
+        )));
+    }
+    let processes = settings.processes.unwrap_or(1);
+    if !(1..=MAX_PROCESSES).contains(&processes) {
+        return Err(bad(format!(
+            "processes = {processes}: must be from 1 to {MAX_PROCESSES}"
+        )));
+    }
     let mut args = vec![
         "--durability".to_owned(),
         match opener.durability {
@@ -196,7 +211,7 @@ fn exec_command(
         "--name".to_owned(),
         stage.name.clone(),
         "-j".to_owned(),
-        settings.workers.unwrap_or(1).to_string(),
+        workers.to_string(),
     ];
     if let Some(output) = &stage.output {
         args.extend([
