@@ -163,14 +163,25 @@ impl Piper {
 
     /// Runs until [`PiperHandle::shutdown`] (or a signal, with
     /// [`handle_signals`](PiperBuilder::handle_signals)), then drains and returns the
-    /// final statistics.
+    /// final statistics. Take a [`handle`](Self::handle) first to stop it from another
+    /// thread. A Piper whose handle was told to stop before `run` starts nothing and
+    /// returns at once.
+    ///
+    /// `run` consumes the Piper, so a Piper runs only once:
+    ///
+    /// ```compile_fail,E0382
+    /// # fn twice(piper: dirq::Piper) -> dirq::Result<()> {
+    /// piper.run()?;
+    /// piper.run()?; // error: use of moved value
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     ///
     /// An [`Error`] when the inputs cannot be recovered or the liveness files cannot be
-    /// written at start, or when the Piper was already run. Errors while running are
-    /// logged and do not stop it.
-    pub fn run(&self) -> Result<PiperStats> {
+    /// written at start. Errors while running are logged and do not stop it.
+    pub fn run(self) -> Result<PiperStats> {
         supervisor::run(&self.shared)
     }
 }

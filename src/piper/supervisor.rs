@@ -21,16 +21,15 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const RATE_SAMPLE: Duration = Duration::from_secs(1);
 
 pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
+    // Piper::run consumes the Piper, so this is its only run; the state is already
+    // past NOT_STARTED only when a handle asked it to stop before it started.
     if shared
         .run_state
         .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
-        return Err(Error::config(
-            format_args!("Piper {:?}", shared.name),
-            "run",
-            "a Piper runs only once",
-        ));
+        tracing::info!(stage = %shared.name, "piper stopped before it started");
+        return Ok(shared.stats());
     }
     *lock(&shared.supervisor) = Some(std::thread::current());
     for input in &shared.inputs {

@@ -634,6 +634,27 @@ fn shutdown_finishes_in_flight_messages_and_loses_nothing() {
 }
 
 #[test]
+fn a_piper_stopped_before_it_runs_starts_nothing() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"untouched").unwrap();
+    let piper = Piper::builder("never")
+        .input(&t.queue)
+        .stage(|_: &Message| -> StageResult { panic!("no message may be processed") })
+        .build()
+        .unwrap();
+    piper.handle().shutdown();
+    let stats = piper
+        .run()
+        .expect("a stop before the start is not an error");
+    assert_eq!(stats.claimed, 0);
+    assert_eq!(t.queue.counts().unwrap().incoming, 1);
+    assert!(
+        t.queue.pipers().unwrap().is_empty(),
+        "it never advertised itself"
+    );
+}
+
+#[test]
 fn a_drain_that_runs_out_of_time_releases_the_message() {
     let t = TestQueue::new();
     let id = t.queue.enqueue(b"forever").unwrap();
