@@ -8,6 +8,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::later;
+
 /// When the failure breaker of a [`Piper`](crate::piper::Piper) opens: a plain value, set
 /// with `&mut self` setters and given to
 /// [`PiperBuilder::breaker`](crate::piper::PiperBuilder::breaker), whose
@@ -260,9 +262,9 @@ impl Breaker {
         match self.state {
             State::HalfOpen { cooldown, .. } => {
                 if failed {
-                    let cooldown = (cooldown * 2).min(MAX_COOLDOWN);
+                    let cooldown = cooldown.saturating_mul(2).min(MAX_COOLDOWN);
                     self.state = State::Open {
-                        until: now + cooldown,
+                        until: later(now, cooldown),
                         cooldown,
                     };
                     return Some(Transition::Opened {
@@ -293,7 +295,7 @@ impl Breaker {
         }
         let cooldown = self.policy.cooldown;
         self.state = State::Open {
-            until: now + cooldown,
+            until: later(now, cooldown),
             cooldown,
         };
         Some(Transition::Opened {
@@ -425,6 +427,18 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_cooldown_too_long_to_add_does_not_panic() {
+        let mut b = Breaker::new(
+            *BreakerPolicy::disabled()
+                .max_failures(1)
+                .cooldown(Duration::MAX),
+        );
+        let t0 = Instant::now();
+        assert!(b.record(true, t0).is_some());
+        assert!(!b.admit(t0 + Duration::from_secs(3600 * 24 * 365)));
     }
 
     #[test]

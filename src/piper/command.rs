@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::stage::{Emit, Outcome, Stage, StageResult};
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ const STDERR_TAIL_BYTES: usize = 4096;
 /// `forward`, standard output is collected in memory; without, it is passed through.
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 /// use dirq::DirectoryQueue;
 /// use dirq::piper::{CommandStage, Piper};
 ///
@@ -345,8 +345,13 @@ fn tee_tail(mut stderr: impl Read) -> String {
     String::from_utf8_lossy(&tail).into_owned()
 }
 
-/// Waits at most `timeout` for `child`; `Ok(None)` when it is still running.
+/// Waits at most `timeout` for `child`; `Ok(None)` when it is still running. A
+/// timeout too long to add to the clock (`Duration::MAX`) waits for as long as it
+/// takes, since the platform wait would panic on the addition.
 fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    if Instant::now().checked_add(timeout).is_none() {
+        return child.wait().map(Some);
+    }
     sys::wait_child_timeout(child, timeout)
 }
 

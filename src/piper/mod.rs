@@ -170,7 +170,7 @@ impl Piper {
     /// `run` consumes the Piper, so a Piper runs only once:
     ///
     /// ```compile_fail,E0382
-    /// # fn twice(piper: dirq::Piper) -> dirq::Result<()> {
+    /// # fn twice(piper: dirq::piper::Piper) -> dirq::Result<()> {
     /// piper.run()?;
     /// piper.run()?; // error: use of moved value
     /// # Ok(())
@@ -618,6 +618,16 @@ impl fmt::Debug for PiperBuilder {
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
+}
+
+/// How far off [`later`] puts a time that cannot be represented.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + wait`, or a century on when `wait` is too long to add: a caller's way of
+/// saying "as long as it takes" (`Duration::MAX` as a drain timeout or cooldown) must
+/// not panic on the addition.
+fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait).unwrap_or_else(|| now + CENTURY)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

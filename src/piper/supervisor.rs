@@ -10,7 +10,7 @@ use super::liveness::{epoch_ms, Advert, PiperInfo};
 use super::stats::{Counters, PiperStats};
 use super::takeover::{take_over, Action};
 use super::worker::{self, error_chain};
-use super::{lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
+use super::{later, lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
 use crate::error::{Error, Result};
 use crate::format::meta::rfc3339;
 use crate::sys::{self, ProcessSignal};
@@ -93,7 +93,7 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
                 if let Some(advert) = advert.as_mut() {
                     advert.update(&info(shared, state));
                 }
-                now + shared.config.drain_timeout
+                later(now, shared.config.drain_timeout)
             });
             if state == FORCED || now >= deadline {
                 release_in_flight(shared);

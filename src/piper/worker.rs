@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::backpressure::Change;
 use super::breaker::Transition;
 use super::stats::Counters;
-use super::{lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use super::{later, lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
 use crate::queue::{FailureDetails, Retried, TerminalError};
@@ -201,7 +201,7 @@ impl<'a> Worker<'a> {
             return;
         }
         let wakes: Vec<_> = outputs.iter().map(|o| o.gauge.queue().waker()).collect();
-        let fallback = Instant::now() + self.shared.config.resume_wait;
+        let fallback = later(Instant::now(), self.shared.config.resume_wait);
         wake::wait_any(
             &wakes,
             seen,
@@ -298,7 +298,10 @@ impl<'a> Worker<'a> {
                         .fail(reason)
                         .map(|()| self.count_retry(Retried::DeadLettered))
                 } else {
-                    let when = std::time::SystemTime::now() + delay;
+                    // A delay too long to add (Duration::MAX) waits a century
+                    // rather than panicking.
+                    let now = std::time::SystemTime::now();
+                    let when = now.checked_add(delay).unwrap_or(now + super::CENTURY);
                     message
                         .retry_at(when, reason)
                         .map(|()| self.count_retry(Retried::Deferred(when)))

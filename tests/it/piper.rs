@@ -298,6 +298,63 @@ fn retry_after_waits_its_own_delay_and_dead_letters_with_its_reason() {
 }
 
 #[test]
+fn durations_too_long_to_add_wait_forever_instead_of_panicking() {
+    let t = TestQueue::new();
+    let next = t.sibling("next");
+    let later = t.queue.enqueue(b"later").unwrap();
+    let command = t.queue.enqueue(b"command").unwrap();
+    let mut forever = dirq::piper::CommandStage::builder("true", [] as [&str; 0]);
+    let forever = forever
+        .forward(true)
+        .timeout(Duration::MAX)
+        .kill_grace(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut breaker = BreakerPolicy::disabled();
+    breaker.max_failures(1_000).cooldown(Duration::MAX);
+    let running = Running::start(
+        Piper::builder("patient")
+            .input(&t.queue)
+            .output("next", &next)
+            .timeout(Duration::MAX)
+            .drain_timeout(Duration::MAX)
+            .resume_wait(Duration::MAX)
+            .out_limit(1)
+            .breaker(&breaker)
+            .stage(move |m: &Message| -> StageResult {
+                if body(m) == "later" {
+                    return Ok(Outcome::RetryAfter("not now".into(), Duration::MAX));
+                }
+                let mut stage = forever.clone();
+                dirq::piper::Stage::process(&mut stage, m)
+            }),
+    );
+    wait_until(LONG, "both messages handled and intake paused", || {
+        let deferred = t
+            .queue
+            .ids(State::Deferred)
+            .unwrap()
+            .any(|id| id.unwrap() == later);
+        deferred
+            && t.queue.counts().unwrap().pending == 0
+            && t.queue.count(State::Incoming).unwrap() == 0
+            && running.handle.is_paused()
+    });
+    let stats = running.stop();
+    // The forwarded message filled `next` (out_limit 1): intake paused, with a
+    // resume_wait too long to add, until the shutdown woke it.
+    assert_eq!(
+        (stats.retried, stats.forwarded, stats.panics),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    assert!(next
+        .ids(State::Incoming)
+        .unwrap()
+        .any(|id| id.unwrap() == command));
+}
+
+#[test]
 fn held_and_delayed_messages_wait_for_release_and_their_time() {
     let t = TestQueue::new();
     let held = t.queue.enqueue(b"held").unwrap();
@@ -649,7 +706,7 @@ fn a_piper_stopped_before_it_runs_starts_nothing() {
     assert_eq!(stats.claimed, 0);
     assert_eq!(t.queue.counts().unwrap().incoming, 1);
     assert!(
-        t.queue.pipers().unwrap().is_empty(),
+        dirq::admin::pipers(&t.queue).unwrap().is_empty(),
         "it never advertised itself"
     );
 }
