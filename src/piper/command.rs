@@ -230,9 +230,17 @@ impl CommandStageBuilder {
         self
     }
 
-    /// Longest a command may run; more than zero. Default: no limit.
+    /// Longest a command may run; more than zero. Default: no limit (see
+    /// [`no_timeout`](Self::no_timeout)).
     pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// No limit on a command's run time: undoes [`timeout`](Self::timeout). The
+    /// default.
+    pub fn no_timeout(&mut self) -> &mut Self {
+        self.timeout = None;
         self
     }
 
@@ -386,5 +394,11 @@ mod tests {
         let stage = fine.build().expect("valid settings");
         assert_eq!(stage.kill_grace, Duration::ZERO);
         assert_eq!(stage.args, vec![OsString::from("-x")]);
+        let undone = CommandStage::builder("true", no_args)
+            .timeout(Duration::ZERO)
+            .no_timeout()
+            .build()
+            .expect("no timeout is valid");
+        assert_eq!(undone.timeout, None);
     }
 }

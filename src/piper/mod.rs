@@ -252,6 +252,15 @@ impl PiperBuilder {
         self
     }
 
+    /// No byte limit, and no byte watermark: undoes
+    /// [`out_limit_bytes`](Self::out_limit_bytes) and
+    /// [`out_resume_bytes`](Self::out_resume_bytes). The default.
+    pub fn no_out_limit_bytes(&mut self) -> &mut Self {
+        self.limit_bytes = None;
+        self.low_bytes = None;
+        self
+    }
+
     /// Low byte watermark: intake paused by the byte limit resumes below it; at most
     /// the byte limit, and only with one. Default: 80 % of the byte limit.
     pub fn out_resume_bytes(&mut self, low: u64) -> &mut Self {
@@ -266,9 +275,17 @@ impl PiperBuilder {
         self
     }
 
-    /// Longest processing time of one message; more than zero. Default: no limit.
+    /// Longest processing time of one message; more than zero. Default: no limit
+    /// (see [`no_timeout`](Self::no_timeout)).
     pub fn timeout(&mut self, timeout: Duration) -> &mut Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// No limit on a message's processing time: undoes [`timeout`](Self::timeout).
+    /// The default.
+    pub fn no_timeout(&mut self) -> &mut Self {
+        self.timeout = None;
         self
     }
 

@@ -146,6 +146,14 @@ fn bad_settings_are_config_errors_naming_the_setter() {
         .recover_interval(ms(1))
         .drain_timeout(Duration::ZERO);
     assert_eq!(field(&edges), None);
+    // An unset limit is no limit: the bad values above are taken back.
+    let mut undone = base();
+    undone
+        .timeout(Duration::ZERO)
+        .no_timeout()
+        .out_resume_bytes(10)
+        .no_out_limit_bytes();
+    assert_eq!(field(&undone), None);
 }
 
 #[test]
