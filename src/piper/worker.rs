@@ -303,7 +303,7 @@ impl<'a> Worker<'a> {
                     let now = std::time::SystemTime::now();
                     let when = now.checked_add(delay).unwrap_or(now + super::CENTURY);
                     message
-                        .retry_at(when, reason)
+                        .retry_at(reason, when)
                         .map(|()| self.count_retry(Retried::Deferred(when)))
                 }
             }

@@ -379,7 +379,7 @@ impl Message {
             return self.fail(reason).map(|()| Retried::DeadLettered);
         }
         let when = SystemTime::now() + policy.jittered(attempts, crate::sys::random::unit());
-        self.retry_at(when, reason)
+        self.retry_at(reason, when)
             .map(|()| Retried::Deferred(when))
     }
 
@@ -398,8 +398,8 @@ impl Message {
     /// Like [`commit`](Message::commit), for `deferred/`.
     pub fn retry_at(
         self,
-        not_before: SystemTime,
         reason: impl Into<String>,
+        not_before: SystemTime,
     ) -> Result<(), TerminalError> {
         self.record_attempt();
         if let Err(e) = attempts::write_reason(&self.file, &reason.into()) {

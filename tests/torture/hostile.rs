@@ -274,7 +274,7 @@ fn odd_names_through_the_lifecycle(dir: &Path, figures: &mut Figures) {
             m
         };
         claim()
-            .retry_at(SystemTime::now() - Duration::from_secs(1), "odd")
+            .retry_at("odd", SystemTime::now() - Duration::from_secs(1))
             .expect("retry");
         claim().fail("odd").expect("fail");
         dirq::admin::requeue(&queue, &id, false).expect("requeue");

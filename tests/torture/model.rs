@@ -175,7 +175,7 @@ impl World {
                     Op::Release(..) => (message.release(), Place::Incoming),
                     _ => (
                         message
-                            .retry_at(SystemTime::now() - Duration::from_secs(1), "model")
+                            .retry_at("model", SystemTime::now() - Duration::from_secs(1))
                             .map(drop),
                         Place::Deferred,
                     ),

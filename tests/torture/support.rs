@@ -350,7 +350,7 @@ impl Proc {
     /// Waits for the process to end and collects what is left of its output pipes.
     pub fn finish(&mut self) -> Output {
         use std::io::Read;
-        let mut read = |pipe: Option<&mut dyn Read>| {
+        let read = |pipe: Option<&mut dyn Read>| {
             let mut bytes = Vec::new();
             if let Some(pipe) = pipe {
                 let _ = pipe.read_to_end(&mut bytes);
