@@ -558,6 +558,29 @@ fn inputs_are_read_in_strict_priority_order() {
     );
 }
 
+/// Regression: a Piper's file was visible before anything was written in it (and
+/// empty again for a moment at each heartbeat), so readers listed a live Piper with no
+/// name: `dirq metrics` once missed `dirq_piper_up{stage="metered"}`.
+#[test]
+fn a_piper_is_never_listed_without_its_name() {
+    for _ in 0..20 {
+        let t = TestQueue::new();
+        let running = Running::start(
+            Piper::builder("named")
+                .input(&t.queue)
+                .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
+        );
+        let mut listed = Vec::new();
+        wait_until(LONG, "the Piper to advertise itself", || {
+            listed = t.queue.pipers().unwrap();
+            !listed.is_empty()
+        });
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].stage.as_str(), listed[0].live), ("named", true));
+        running.stop();
+    }
+}
+
 #[test]
 fn a_running_piper_advertises_itself_and_dead_ones_are_stale() {
     let t = TestQueue::new();
