@@ -437,9 +437,11 @@ fn backpressure_bounds_the_next_queue_and_resumes_promptly() {
         drained += 1;
     }
     let below_low = Instant::now();
-    let level = next.count(State::Incoming).unwrap();
+    // What arrived in next, taken or not, only grows. Without a resume at most one
+    // message per worker (claimed before the pause) arrives after it; with one, the
+    // Piper refills next to its limit, which it may reach before anyone looks.
     wait_until(LONG, "intake to resume", || {
-        next.count(State::Incoming).unwrap() > level
+        drained + next.count(State::Incoming).unwrap() > paused_at + WORKERS
     });
     let resumed_after = below_low.elapsed();
     // Then a slow, steady downstream until everything went through.
@@ -779,6 +781,7 @@ fn dirq_status_shows_live_pipers_and_marks_dead_ones_stale() {
 
 #[test]
 fn a_byte_limit_pauses_intake_too() {
+    const WORKERS: usize = 2;
     let t = TestQueue::new();
     let next = t.sibling("next");
     let body = "x".repeat(100);
@@ -789,7 +792,7 @@ fn a_byte_limit_pauses_intake_too() {
         Piper::builder("bytes")
             .input(&t.queue)
             .output("next", &next)
-            .workers(2)
+            .workers(WORKERS)
             .out_limit_bytes(Some(2_000), Some(1_000))
             .stage(|_: &Message| -> StageResult { Ok(Outcome::Forward) }),
     );
@@ -798,14 +801,17 @@ fn a_byte_limit_pauses_intake_too() {
     });
     let held = next.bytes(State::Incoming).unwrap();
     assert!((2_000..=2_200).contains(&held), "next holds {held} bytes");
-    // Drain below the low byte watermark: intake resumes (and may well pause again
-    // before anyone looks, so what is watched is new messages arriving).
+    let paused_at = next.count(State::Incoming).unwrap();
+    // Drain below the low byte watermark: intake resumes, and may well pause again
+    // before anyone looks. So what is watched is what arrived in next, taken or not:
+    // more than the one message per worker that can land after a pause without it.
+    let mut drained = 0;
     while next.bytes(State::Incoming).unwrap() >= 1_000 {
         next.try_claim().unwrap().unwrap().commit().unwrap();
+        drained += 1;
     }
-    let drained_to = next.count(State::Incoming).unwrap();
     wait_until(LONG, "intake to resume", || {
-        next.count(State::Incoming).unwrap() > drained_to
+        drained + next.count(State::Incoming).unwrap() > paused_at + WORKERS
     });
     running.stop();
 }
