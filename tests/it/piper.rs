@@ -447,10 +447,10 @@ fn backpressure_bounds_the_next_queue_and_resumes_promptly() {
     // Then a slow, steady downstream until everything went through.
     let mut delivered = drained;
     while delivered < 400 {
-        if let Some(m) = next.claim_timeout(LONG).unwrap() {
-            m.commit().unwrap();
-            delivered += 1;
-        }
+        let message = next.claim_timeout(LONG).unwrap();
+        let message = message.unwrap_or_else(|| panic!("{delivered} of 400 arrived"));
+        message.commit().unwrap();
+        delivered += 1;
     }
     stop.store(true, Ordering::SeqCst);
     monitor.join().unwrap();
