@@ -480,22 +480,29 @@ fn shutdown_finishes_in_flight_messages_and_loses_nothing() {
     for i in 0..20 {
         t.queue.enqueue(format!("m{i}")).unwrap();
     }
+    // Each stage waits at the gate, which opens after the shutdown request: the two
+    // messages in flight then are the ones to finish, however slow this machine is.
+    let (open_gate, gate) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
     let running = Running::start(
         Piper::builder("slow")
             .input(&t.queue)
             .output("next", &next)
             .workers(2)
-            .stage(|_: &Message| -> StageResult {
-                std::thread::sleep(Duration::from_millis(100));
+            .stage(move |_: &Message| -> StageResult {
+                let _ = gate.lock().unwrap().recv_timeout(LONG);
                 Ok(Outcome::Forward)
             }),
     );
     wait_until(LONG, "work in progress", || {
         running.handle.stats().in_flight == 2
     });
+    running.handle.shutdown();
+    drop(open_gate);
     let start = Instant::now();
     let stats = running.stop();
     eprintln!("shutdown with 2 in flight took {:?}", start.elapsed());
+    assert_eq!(stats.forwarded, 2, "the messages in flight, and only those");
     assert_eq!(t.queue.counts().unwrap().pending, 0);
     let moved = next.counts().unwrap().incoming;
     assert_eq!(moved as u64, stats.forwarded);
@@ -679,8 +686,10 @@ fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
                 "parse",
                 "--workers",
                 "4",
+                // Slow enough that 300 messages outlast the test's reaction to
+                // the first 20 on a loaded machine.
                 "--delay-ms",
-                "20",
+                "50",
                 "--dir",
             ])
             .arg(dir)
