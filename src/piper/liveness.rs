@@ -79,14 +79,16 @@ struct AdvertFile {
 }
 
 impl Advert {
-    /// Creates (and locks) this process's file under each input, after removing the
-    /// files of dead Pipers there.
-    pub(crate) fn create(inputs: &[DirectoryQueue]) -> Result<Advert> {
+    /// Creates (and locks) this process's file under each input, holding `info`, after
+    /// removing the files of dead Pipers there.
+    pub(crate) fn create(inputs: &[DirectoryQueue], info: &PiperInfo) -> Result<Advert> {
+        let json = serde_json::to_vec_pretty(info).unwrap_or_default();
         let id = MessageId::generate();
         let name = OsString::from(format!("{id}.json"));
-        // IMPORTANT: created under a name readers ignore, locked, and only then renamed
-        // into place. A file visible before its lock would look like a dead Piper's to
-        // another one starting at the same moment, which would remove it.
+        // IMPORTANT: created under a name readers ignore, written, locked, and only then
+        // renamed into place. A file visible before its lock would look like a dead
+        // Piper's to another one starting at the same moment, which would remove it; one
+        // visible before its contents, like a Piper without a name.
         let unlocked = OsString::from(format!(".{id}.new"));
         let mut files = Vec::new();
         for queue in inputs {
@@ -95,10 +97,11 @@ impl Advert {
             remove_stale(&dir, &dir_path)?;
             let path = dir_path.join(&name);
             let create = |e| Error::io(Operation::Create, dir_path.join(&unlocked), e);
-            drop(
-                dir.create_new(&unlocked, queue.engine().config().file_mode)
-                    .map_err(create)?,
-            );
+            let mut file = dir
+                .create_new(&unlocked, queue.engine().config().file_mode)
+                .map_err(create)?;
+            file.write_all(&json).map_err(create)?;
+            drop(file);
             let lock = dir.open_read(&unlocked).map_err(create)?;
             lock::try_lock(&lock).map_err(|e| Error::io(Operation::Create, &path, e))?;
             dir.rename_noreplace(&unlocked, &dir, &name).map_err(|e| {
@@ -131,11 +134,18 @@ impl AdvertFile {
     /// Replaces the file's contents, unless someone replaced the file itself.
     fn rewrite(&self, json: &[u8]) -> std::io::Result<()> {
         let mut file = self.dir.open_write(&self.name)?;
-        if !sys::stat_file(&file)?.same_file(&sys::stat_file(&self.lock)?) {
+        let st = sys::stat_file(&file)?;
+        if !st.same_file(&sys::stat_file(&self.lock)?) {
             return Err(std::io::Error::other("the file was replaced"));
         }
-        file.set_len(0)?;
-        file.write_all(json)
+        // IMPORTANT: one write over the old contents from the start, padded with spaces
+        // (which JSON allows) to at least their length, never a truncation first:
+        // readers take no lock, and one that came between a truncation and the write
+        // found the file empty and reported a Piper without a name.
+        let len = usize::try_from(st.size).unwrap_or(0).max(json.len());
+        let mut padded = json.to_vec();
+        padded.resize(len, b' ');
+        file.write_all(&padded)
     }
 }
 

@@ -36,7 +36,7 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         input.recover()?;
     }
     let mut advert = if shared.config.advertise {
-        Some(Advert::create(&shared.inputs)?)
+        Some(Advert::create(&shared.inputs, &info(shared, RUNNING))?)
     } else {
         None
     };

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use dirq::{DirectoryQueue, State};
 
@@ -50,14 +50,27 @@ fn status_watch_refreshes_until_stopped() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read on a thread of its own: a blocking read would let a silent child outlast
+    // any deadline.
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    wait_until(Duration::from_secs(30), "three refreshes", || {
-        let n = stdout.read(&mut buf).unwrap();
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        seen.matches("dirq status").count() >= 3
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
     });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    while seen.matches("dirq status").count() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no three refreshes within 30 s: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(seen.contains("INCOMING"), "{seen}");

@@ -631,18 +631,20 @@ fn backpressure_bounds_the_next_queue_and_resumes_promptly() {
         drained += 1;
     }
     let below_low = Instant::now();
-    let level = next.count(State::Incoming).unwrap();
+    // What arrived in next, taken or not, only grows. Without a resume at most one
+    // message per worker (claimed before the pause) arrives after it; with one, the
+    // Piper refills next to its limit, which it may reach before anyone looks.
     wait_until(LONG, "intake to resume", || {
-        next.count(State::Incoming).unwrap() > level
+        drained + next.count(State::Incoming).unwrap() > paused_at + WORKERS
     });
     let resumed_after = below_low.elapsed();
     // Then a slow, steady downstream until everything went through.
     let mut delivered = drained;
     while delivered < 400 {
-        if let Some(m) = next.claim_timeout(LONG).unwrap() {
-            m.commit().unwrap();
-            delivered += 1;
-        }
+        let message = next.claim_timeout(LONG).unwrap();
+        let message = message.unwrap_or_else(|| panic!("{delivered} of 400 arrived"));
+        message.commit().unwrap();
+        delivered += 1;
     }
     stop.store(true, Ordering::SeqCst);
     monitor.join().unwrap();
@@ -672,22 +674,29 @@ fn shutdown_finishes_in_flight_messages_and_loses_nothing() {
     for i in 0..20 {
         t.queue.enqueue(format!("m{i}")).unwrap();
     }
+    // Each stage waits at the gate, which opens after the shutdown request: the two
+    // messages in flight then are the ones to finish, however slow this machine is.
+    let (open_gate, gate) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
     let running = Running::start(
         Piper::builder("slow")
             .input(&t.queue)
             .output("next", &next)
             .workers(2)
-            .stage(|_: &Message| -> StageResult {
-                std::thread::sleep(Duration::from_millis(100));
+            .stage(move |_: &Message| -> StageResult {
+                let _ = gate.lock().unwrap().recv_timeout(LONG);
                 Ok(Outcome::Forward)
             }),
     );
     wait_until(LONG, "work in progress", || {
         running.handle.stats().in_flight == 2
     });
+    running.handle.shutdown();
+    drop(open_gate);
     let start = Instant::now();
     let stats = running.stop();
     eprintln!("shutdown with 2 in flight took {:?}", start.elapsed());
+    assert_eq!(stats.forwarded, 2, "the messages in flight, and only those");
     assert_eq!(t.queue.counts().unwrap().pending, 0);
     let moved = next.counts().unwrap().incoming;
     assert_eq!(moved as u64, stats.forwarded);
@@ -774,6 +783,29 @@ fn inputs_are_read_in_strict_priority_order() {
         order[..10].iter().all(|b| b.starts_with("high")),
         "{order:?}"
     );
+}
+
+/// Regression: a Piper's file was visible before anything was written in it (and
+/// empty again for a moment at each heartbeat), so readers listed a live Piper with no
+/// name: `dirq metrics` once missed `dirq_piper_up{stage="metered"}`.
+#[test]
+fn a_piper_is_never_listed_without_its_name() {
+    for _ in 0..20 {
+        let t = TestQueue::new();
+        let running = Running::start(
+            Piper::builder("named")
+                .input(&t.queue)
+                .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) }),
+        );
+        let mut listed = Vec::new();
+        wait_until(LONG, "the Piper to advertise itself", || {
+            listed = dirq::admin::pipers(&t.queue).unwrap();
+            !listed.is_empty()
+        });
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].stage.as_str(), listed[0].live), ("named", true));
+        running.stop();
+    }
 }
 
 #[test]
@@ -871,8 +903,10 @@ fn sigterm_under_load_drains_exits_0_and_loses_nothing() {
                 "parse",
                 "--workers",
                 "4",
+                // Slow enough that 300 messages outlast the test's reaction to
+                // the first 20 on a loaded machine.
                 "--delay-ms",
-                "20",
+                "50",
                 "--dir",
             ])
             .arg(dir)
@@ -973,6 +1007,7 @@ fn dirq_status_shows_live_pipers_and_marks_dead_ones_stale() {
 
 #[test]
 fn a_byte_limit_pauses_intake_too() {
+    const WORKERS: usize = 2;
     let t = TestQueue::new();
     let next = t.sibling("next");
     let body = "x".repeat(100);
@@ -983,7 +1018,7 @@ fn a_byte_limit_pauses_intake_too() {
         Piper::builder("bytes")
             .input(&t.queue)
             .output("next", &next)
-            .workers(2)
+            .workers(WORKERS)
             .out_limit_bytes(2_000)
             .out_resume_bytes(1_000)
             .stage(|_: &Message| -> StageResult { Ok(Outcome::Forward) }),
@@ -993,14 +1028,17 @@ fn a_byte_limit_pauses_intake_too() {
     });
     let held = next.size(State::Incoming).unwrap();
     assert!((2_000..=2_200).contains(&held), "next holds {held} bytes");
-    // Drain below the low byte watermark: intake resumes (and may well pause again
-    // before anyone looks, so what is watched is new messages arriving).
+    let paused_at = next.count(State::Incoming).unwrap();
+    // Drain below the low byte watermark: intake resumes, and may well pause again
+    // before anyone looks. So what is watched is what arrived in next, taken or not:
+    // more than the one message per worker that can land after a pause without it.
+    let mut drained = 0;
     while next.size(State::Incoming).unwrap() >= 1_000 {
         next.try_claim().unwrap().unwrap().commit().unwrap();
+        drained += 1;
     }
-    let drained_to = next.count(State::Incoming).unwrap();
     wait_until(LONG, "intake to resume", || {
-        next.count(State::Incoming).unwrap() > drained_to
+        drained + next.count(State::Incoming).unwrap() > paused_at + WORKERS
     });
     running.stop();
 }

@@ -62,7 +62,8 @@ pub fn names_in(dir: &Path) -> Vec<String> {
 }
 
 /// Polls `condition` until it holds; panics naming `what` after `timeout`.
-/// The sleep between polls is a polling interval, not a synchronisation.
+/// The sleep between polls is a polling interval, not a synchronisation. `condition`
+/// must not block: the deadline is only checked between calls.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
