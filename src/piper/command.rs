@@ -69,12 +69,8 @@ const STDERR_TAIL_BYTES: usize = 4096;
 /// ```
 #[derive(Debug, Clone)]
 pub struct CommandStage {
-    program: OsString,
-    args: Vec<OsString>,
-    forward: bool,
-    timeout: Option<Duration>,
-    kill_grace: Duration,
-    on_fail: Option<OsString>,
+    /// The settings, checked by [`CommandStageBuilder::build`].
+    settings: CommandStageBuilder,
     /// Process groups of commands running now, for [`CommandStage::kill_running`].
     running: Arc<Mutex<HashSet<u32>>>,
 }
@@ -117,15 +113,15 @@ impl CommandStage {
     }
 
     fn spawn(&self, message: &Message, attempt: u32) -> std::io::Result<Child> {
-        let mut command = Command::new(&self.program);
+        let mut command = Command::new(&self.settings.program);
         command
-            .args(&self.args)
+            .args(&self.settings.args)
             .env("DIRQ_ID", message.id().as_os_str())
             .env("DIRQ_QUEUE", message.queue().root())
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .env("DIRQ_PATH", message.path())
             .stdin(Stdio::piped())
-            .stdout(if self.forward {
+            .stdout(if self.settings.forward {
                 Stdio::piped()
             } else {
                 Stdio::inherit()
@@ -182,14 +178,14 @@ impl CommandStage {
     /// Waits for the command, killing its process group at the timeout. `Ok(None)`
     /// means it timed out.
     fn wait(&self, child: &mut Child, group: u32) -> std::io::Result<Option<ExitStatus>> {
-        let Some(timeout) = self.timeout else {
+        let Some(timeout) = self.settings.timeout else {
             return child.wait().map(Some);
         };
         if let Some(status) = wait_timeout(child, timeout)? {
             return Ok(Some(status));
         }
         sys::signal_group(group, sys::GroupSignal::Terminate);
-        if wait_timeout(child, self.kill_grace)?.is_none() {
+        if wait_timeout(child, self.settings.kill_grace)?.is_none() {
             sys::signal_group(group, sys::GroupSignal::Kill);
             child.wait()?;
         }
@@ -199,7 +195,7 @@ impl CommandStage {
     }
 
     fn alert(&self, message: &Message, attempt: u32, reason: &str, exit_code: Option<i32>) {
-        let Some(hook) = &self.on_fail else {
+        let Some(hook) = &self.settings.on_fail else {
             return;
         };
         let mut command = Command::new("sh");
@@ -278,12 +274,7 @@ impl CommandStageBuilder {
             return bad("on_fail", "must not be empty");
         }
         Ok(CommandStage {
-            program: self.program.clone(),
-            args: self.args.clone(),
-            forward: self.forward,
-            timeout: self.timeout,
-            kill_grace: self.kill_grace,
-            on_fail: self.on_fail.clone(),
+            settings: self.clone(),
             running: Arc::default(),
         })
     }
@@ -296,7 +287,7 @@ impl Stage for CommandStage {
         let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
             None => ("timeout".to_owned(), None),
             Some((Some(0), _)) => {
-                return Ok(match (self.forward, stdout.is_empty()) {
+                return Ok(match (self.settings.forward, stdout.is_empty()) {
                     (false, _) => Outcome::Commit,
                     (true, true) => Outcome::Forward,
                     (true, false) => Outcome::Emit(vec![Emit::new(stdout)]),
@@ -392,13 +383,13 @@ mod tests {
             .on_fail("logger failed")
             .forward(true);
         let stage = fine.build().expect("valid settings");
-        assert_eq!(stage.kill_grace, Duration::ZERO);
-        assert_eq!(stage.args, vec![OsString::from("-x")]);
+        assert_eq!(stage.settings.kill_grace, Duration::ZERO);
+        assert_eq!(stage.settings.args, vec![OsString::from("-x")]);
         let undone = CommandStage::builder("true", no_args)
             .timeout(Duration::ZERO)
             .no_timeout()
             .build()
             .expect("no timeout is valid");
-        assert_eq!(undone.timeout, None);
+        assert_eq!(undone.settings.timeout, None);
     }
 }
