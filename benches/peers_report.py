@@ -107,7 +107,7 @@ for durability, durable in (("none", False), ("full", True)):
         f"{through:.0f} msg/s vs {floor:.0f}/3 = {floor / 3:.0f}", through / (floor / 3), "≥ x0.9",
         through >= 0.9 * floor / 3, "one process per hop, 1 worker each")
 
-print("\n### Issue 6 targets (this session; medians, ratios against the floor run beside them)\n")
+print("\n### Performance targets (this session; medians, ratios against the floor run beside them)\n")
 print("| target | measured | ratio | goal | verdict | reference |")
 print("|---|---|---|---|---|---|")
 print("\n".join(rows))
