@@ -35,6 +35,15 @@ fn claimer(t: &TestQueue) -> (DirectoryQueue, mpsc::Receiver<MessageId>, JoinHan
 /// `incoming/` empty with its watch recording: from now on it trusts its events.
 fn trusting_claimer(t: &TestQueue) -> (DirectoryQueue, mpsc::Receiver<MessageId>, JoinHandle<()>) {
     let (queue, rx, thread) = claimer(t);
+    // Its first read of incoming/ comes before its watch, its second after: only once
+    // that one has started can the message arrive while the watch records. Sent
+    // earlier, the message is found by reads, and the claimer trusts its events only
+    // after one more read that finds incoming/ empty (a loaded machine did that).
+    wait_until(
+        Duration::from_secs(30),
+        "the claimer to look with its watch on",
+        || queue.claim_stats().scans >= 2,
+    );
     let first = t.queue.enqueue(b"first").unwrap();
     assert_eq!(received(&rx), first);
     (queue, rx, thread)
