@@ -47,6 +47,34 @@ type Fallible<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 struct Args(HashMap<String, String>);
 
 impl Args {
+    /// Refuses any key the command does not know: an argument the harness passes and
+    /// the driver ignores would silently measure something else.
+    fn only(&self, command: &str, known: &[&str]) -> Fallible<()> {
+        let mut unknown: Vec<&str> = self
+            .0
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort_unstable();
+        Err(format!(
+            "{command} does not know {} (it takes {})",
+            unknown
+                .iter()
+                .map(|k| format!("{k}="))
+                .collect::<Vec<_>>()
+                .join(", "),
+            known
+                .iter()
+                .map(|k| format!("{k}="))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .into())
+    }
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
@@ -141,9 +169,13 @@ struct Worker {
 
 fn dequeue(args: &Args) -> Fallible<serde_json::Value> {
     let q = args.path("q")?;
-    let threads = args.num("threads", 1)?.max(1);
+    let threads = match args.num("threads", 1)? {
+        0 => return Err("threads= must be at least 1".into()),
+        t => t,
+    };
     let max = args.num("max", u64::MAX)?;
     let batch = args.batch()?;
+    let work = Duration::from_micros(args.num("work_us", 0)?);
     let durability = args.durability()?;
     let cap = args.cap()?;
     // Each thread is an independent consumer with its own handle, as a separate worker
@@ -156,7 +188,18 @@ fn dequeue(args: &Args) -> Fallible<serde_json::Value> {
     let workers: Vec<Fallible<Worker>> = thread::scope(|scope| {
         let handles: Vec<_> = queues
             .iter()
-            .map(|queue| scope.spawn(|| consume(queue, &reserved, max, batch, t0, cap)))
+            .map(|queue| {
+                scope.spawn(|| {
+                    let limits = Limits {
+                        max,
+                        batch,
+                        work,
+                        t0,
+                        cap,
+                    };
+                    consume(queue, &reserved, &limits)
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -196,35 +239,64 @@ fn dequeue(args: &Args) -> Fallible<serde_json::Value> {
     }))
 }
 
-/// Claims, reads and commits until the queue is empty, `max` is reached (all threads
-/// together) or the cap has passed; with batch=K, syncs every K commits.
-fn consume(
-    queue: &DirectoryQueue,
-    reserved: &AtomicU64,
+/// What bounds one consumer thread.
+struct Limits {
+    /// Messages all threads together may claim.
     max: u64,
+    /// Messages per durability barrier.
     batch: u64,
+    /// Processing time per message, between its read and its commit (`work_us=`).
+    work: Duration,
     t0: Instant,
     cap: Duration,
-) -> Fallible<Worker> {
+}
+
+/// Claims, reads and commits until the queue is empty, `max` is reached (all threads
+/// together) or the cap has passed; with batch=K, syncs every K commits. With
+/// `work_us=W`, each message is processed for W µs after its read, holding no lock of
+/// the queue; with batch=K as well, up to K messages are claimed, processed one after
+/// the other and then committed under one barrier, as the contract says.
+fn consume(queue: &DirectoryQueue, reserved: &AtomicU64, limits: &Limits) -> Fallible<Worker> {
     let mut worker = Worker::default();
     let mut unsynced = 0;
-    while t0.elapsed() < cap {
-        // Reserve a slot before claiming, so that no more than max are ever claimed.
-        if reserved.fetch_add(1, Ordering::Relaxed) >= max {
+    let per_round = if limits.work.is_zero() {
+        1
+    } else {
+        limits.batch
+    };
+    let mut claimed = Vec::new();
+    while limits.t0.elapsed() < limits.cap {
+        while (claimed.len() as u64) < per_round {
+            // Reserve a slot before claiming, so that no more than max are ever claimed.
+            if reserved.fetch_add(1, Ordering::Relaxed) >= limits.max {
+                break;
+            }
+            match queue.try_claim()? {
+                Some(message) => claimed.push(message),
+                None => {
+                    reserved.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        if claimed.is_empty() {
             break;
         }
-        let Some(message) = queue.try_claim()? else {
-            reserved.fetch_sub(1, Ordering::Relaxed);
-            break;
-        };
-        worker.ids.push(parse_id(&message.bytes()?)?);
-        message.commit()?;
-        unsynced += 1;
-        if unsynced == batch {
-            queue.sync()?;
-            unsynced = 0;
+        for message in &claimed {
+            worker.ids.push(parse_id(&message.bytes()?)?);
+            if !limits.work.is_zero() {
+                thread::sleep(limits.work);
+            }
         }
-        worker.first.get_or_insert_with(|| t0.elapsed());
+        for message in claimed.drain(..) {
+            message.commit()?;
+            unsynced += 1;
+            if unsynced == limits.batch {
+                queue.sync()?;
+                unsynced = 0;
+            }
+        }
+        worker.first.get_or_insert_with(|| limits.t0.elapsed());
     }
     queue.sync()?;
     worker.collisions = queue.claim_stats().collisions;
@@ -292,13 +364,24 @@ fn run() -> Fallible<serde_json::Value> {
         map.insert(k.to_owned(), v.to_owned());
     }
     let args = Args(map);
-    match command.as_str() {
-        "enqueue" => enqueue(&args),
-        "dequeue" => dequeue(&args),
-        "pipeline" => pipeline(&args),
-        "count" => count(&args),
-        other => Err(format!("unknown command {other:?}").into()),
-    }
+    type Command = fn(&Args) -> Fallible<serde_json::Value>;
+    let (known, command_fn): (&[&str], Command) = match command.as_str() {
+        "enqueue" => (&["q", "n", "start", "durable", "batch", "cap"], enqueue),
+        "dequeue" => (
+            &[
+                "q", "threads", "max", "expect", "durable", "batch", "cap", "work_us",
+            ],
+            dequeue,
+        ),
+        "pipeline" => (
+            &["src", "dst", "mode", "max", "durable", "batch", "cap"],
+            pipeline,
+        ),
+        "count" => (&["q"], count),
+        other => return Err(format!("unknown command {other:?}").into()),
+    };
+    args.only(&command, known)?;
+    command_fn(&args)
 }
 
 fn main() -> ExitCode {

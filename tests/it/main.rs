@@ -10,6 +10,7 @@ mod hostile;
 mod lifecycle;
 mod mentat;
 mod operator;
+mod peerbench;
 mod piper;
 mod queue;
 mod util;
