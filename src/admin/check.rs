@@ -217,7 +217,7 @@ pub fn check(queue: &DirectoryQueue, progress: &mut dyn FnMut(u64)) -> Result<Ve
             if st.size == 0 && state != State::Errors && state != State::Pending {
                 report(ProblemKind::Empty, "0 bytes".into(), "move it to errors/");
             }
-            if !file_mode_ok(queue, &st) {
+            if !file_mode_ok(&st) {
                 report(
                     ProblemKind::Permissions,
                     format!("mode {:o}", st.mode),
@@ -362,8 +362,7 @@ fn check_mode(
 }
 
 /// Whether a message file's mode lets the queue's users read and write it.
-fn file_mode_ok(queue: &DirectoryQueue, st: &FileStat) -> bool {
-    let _ = queue;
+fn file_mode_ok(st: &FileStat) -> bool {
     st.mode & NEEDED_FILE_BITS == NEEDED_FILE_BITS
 }
 

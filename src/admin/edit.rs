@@ -159,7 +159,8 @@ pub fn purge(
             Ok(()) => report.errors_removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             // A quarantined directory: left for the operator.
-            Err(e) if crate::sys::is_a_directory(&e) => continue,
+            // std maps EISDIR to this kind (Rust 1.83+), so no errno is compared here.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory => continue,
             Err(e) => return Err(Error::io(Operation::Purge, errors.join(name), e)),
         }
         remove_sidecar(errors, name)?;

@@ -126,10 +126,6 @@ pub(crate) fn is_not_a_directory(_e: &io::Error) -> bool {
     false
 }
 
-pub(crate) fn is_a_directory(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::IsADirectory
-}
-
 pub(crate) fn is_cross_device(_e: &io::Error) -> bool {
     false
 }

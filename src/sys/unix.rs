@@ -518,13 +518,6 @@ pub(crate) fn is_not_a_directory(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
 }
 
-/// Whether an unlink failed because the name is a directory (`EISDIR`, or Linux's
-/// `EPERM` is not it: only `EISDIR` is taken).
-pub(crate) fn is_a_directory(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::IsADirectory
-        || e.raw_os_error() == Some(rustix::io::Errno::ISDIR.raw_os_error())
-}
-
 /// Whether a rename failed because source and target are on different filesystems.
 pub(crate) fn is_cross_device(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())
