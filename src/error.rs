@@ -68,6 +68,8 @@ pub enum Operation {
     Metadata,
     /// Watching a directory for changes.
     Watch,
+    /// Starting a thread of a Piper.
+    StartThread,
 }
 
 impl fmt::Display for Operation {
@@ -101,6 +103,7 @@ impl fmt::Display for Operation {
             Operation::Stat => "stat",
             Operation::Metadata => "update metadata of",
             Operation::Watch => "watch",
+            Operation::StartThread => "start thread",
         })
     }
 }

@@ -40,7 +40,7 @@ use crate::format::state::State;
 use crate::sys::{Dir, EntryKind, FsFamily};
 use claim::Snapshot;
 use config::Config;
-use durability::Syncer;
+use durability::{Durability, Syncer};
 use wake::Wake;
 
 /// One open state directory.
@@ -126,9 +126,9 @@ impl Shared {
     }
 
     /// The same directories with the same settings, but its own snapshot, wake-ups,
-    /// statistics and batch of unsynced changes (a Piper's inputs, which it shares
-    /// between its workers and nobody else).
-    pub(crate) fn reopen(&self) -> Shared {
+    /// statistics and batch of unsynced changes, synced as `durability` says (a
+    /// Piper's handles, which it shares between its workers and nobody else).
+    pub(crate) fn reopen(&self, durability: Durability) -> Shared {
         Shared {
             root: self.root.clone(),
             root_dir: Arc::clone(&self.root_dir),
@@ -137,7 +137,7 @@ impl Shared {
             identity: self.identity,
             family: self.family,
             config: self.config.clone(),
-            syncer: Syncer::new(self.config.durability, self.family),
+            syncer: Syncer::new(durability, self.family),
             snapshot: Mutex::new(Snapshot::default()),
             wake: Wake::new(self.family.is_local()),
             counters: Counters::default(),

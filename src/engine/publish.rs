@@ -107,21 +107,37 @@ fn settle(
     })
 }
 
-/// Publishes a copy of a message from another filesystem into `next` under the same
-/// id (the cross-filesystem forward), durable before it returns unless the mode is
-/// [`crate::Durability::None`] (the copy must be durable before the original goes).
+/// When [`publish_copy`] syncs the directory it published into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncWhen {
+    /// Before it returns, unless the mode is [`crate::Durability::None`]: the
+    /// cross-filesystem forward, which deletes the original next.
+    Now,
+    /// As the syncer's mode says: a Piper's copy, whose barrier syncs it before the
+    /// original leaves its queue.
+    ByMode,
+}
+
+/// Publishes a copy of a message into `next` under the same id (the cross-filesystem
+/// forward, and a Piper's copies to its other outputs). The file is synced before it
+/// is published, unless the mode is [`crate::Durability::None`].
 pub(crate) fn publish_copy(
     syncer: &Syncer,
     next: &Shared,
     id: &MessageId,
     mut reader: impl Read,
+    when: SyncWhen,
 ) -> Result<()> {
     let mut tmp = TmpFile::create(next, Some(id))?;
     tmp.copy_from(&mut reader)?;
     tmp.fix_id(id);
     syncer.file(&tmp.file, &tmp.path)?;
     let (id, name, dir) = tmp.rename_into(Destination::Incoming)?;
-    settle(dir, vec![(id, name)], syncer.changed_now(&[dir])).map(drop)
+    let synced = match when {
+        SyncWhen::Now => syncer.changed_now(&[dir]),
+        SyncWhen::ByMode => syncer.changed(&[dir]),
+    };
+    settle(dir, vec![(id, name)], synced).map(drop)
 }
 
 fn is_blank(bytes: &[u8]) -> bool {

@@ -38,6 +38,9 @@ pub struct PiperStats {
     pub paused_ms: u64,
     /// Messages being processed right now.
     pub in_flight: u64,
+    /// Batches of outcomes the group commit synced (see
+    /// [`PiperBuilder::commit_batch`](crate::piper::PiperBuilder::commit_batch)).
+    pub synced_batches: u64,
 }
 
 /// Per-second rates over the last few seconds.
@@ -67,6 +70,7 @@ pub(crate) struct Counters {
     pub(crate) panics: AtomicU64,
     pub(crate) paused_ms: AtomicU64,
     pub(crate) in_flight: AtomicU64,
+    pub(crate) synced_batches: AtomicU64,
 }
 
 impl Counters {
@@ -91,6 +95,7 @@ impl Counters {
             wasted_claims,
             paused_ms: get(&self.paused_ms),
             in_flight: get(&self.in_flight),
+            synced_batches: get(&self.synced_batches),
         }
     }
 }

@@ -4,12 +4,15 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::commit::Finish;
+use super::error_chain;
 use super::liveness::{epoch_ms, Advert, PiperInfo};
 use super::stats::{Counters, PiperStats};
 use super::takeover::{take_over, Action};
-use super::worker::{self, error_chain};
+use super::worker;
 use super::{later, lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
 use crate::error::{Error, Result};
 use crate::format::meta::rfc3339;
@@ -51,6 +54,7 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     } else {
         None
     };
+    let committer = start_committer(shared)?;
     for _ in 0..shared.config.workers {
         worker::spawn(shared);
     }
@@ -117,9 +121,48 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     for handle in finished {
         let _ = handle.join();
     }
+    stop_committer(shared, committer);
     let stats = shared.stats();
     tracing::info!(stage = %shared.name, ?stats, "piper stopped");
     Ok(stats)
+}
+
+/// Starts the group commit's thread, when there is one.
+fn start_committer(shared: &Arc<Shared>) -> Result<Option<JoinHandle<()>>> {
+    if shared.barrier.is_none() {
+        return Ok(None);
+    }
+    let committer = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name(format!("dirq-{}-commit", shared.name))
+        .spawn(move || {
+            if let Some(barrier) = &committer.barrier {
+                barrier.run(&committer);
+            }
+        })
+        .map(Some)
+        .map_err(|e| Error::io(crate::error::Operation::StartThread, "the group commit", e))
+}
+
+/// Commits what the workers handed over, then syncs everything the Piper changed
+/// since (messages released at shutdown).
+fn stop_committer(shared: &Shared, committer: Option<JoinHandle<()>>) {
+    let Some(barrier) = &shared.barrier else {
+        return;
+    };
+    barrier.close();
+    if let Some(thread) = committer {
+        let _ = thread.join();
+    }
+    for queue in shared
+        .inputs
+        .iter()
+        .chain(shared.outputs.iter().map(|o| o.gauge.queue()))
+    {
+        if let Err(e) = queue.sync() {
+            tracing::error!(stage = %shared.name, error = %error_chain(&e), "cannot sync at shutdown; the last outcomes may not survive a power cut");
+        }
+    }
 }
 
 /// What the supervisor did last, and when.
@@ -192,6 +235,9 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
             Err(e) => {
                 tracing::warn!(stage = %shared.name, id = %job.id, error = %error_chain(&e), "cannot move a timed-out message; recovery will requeue it when this process ends")
             }
+        }
+        if let Some(barrier) = &shared.barrier {
+            barrier.hand(shared, Finish::Done);
         }
         let counters = &shared.counters;
         Counters::add(&counters.timeouts, 1);

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::backpressure::Change;
 use super::breaker::Transition;
+use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
-use super::{later, lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use super::{error_chain, later, lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
 use crate::queue::{FailureDetails, Retried, TerminalError};
@@ -266,34 +267,36 @@ impl<'a> Worker<'a> {
         let counters = &shared.counters;
         let id = message.id().clone();
         let mut failed = false;
-        let applied: Result<(), TerminalError> = match outcome {
-            Outcome::Forward => self
-                .forward(message, None)
-                .map(|()| Counters::add(&counters.forwarded, 1)),
-            Outcome::ForwardTo(name) => self
-                .forward(message, Some(&name))
-                .map(|()| Counters::add(&counters.forwarded, 1)),
+        let applied: Result<Finish, TerminalError> = match outcome {
+            Outcome::Forward => self.forward(message, None),
+            Outcome::ForwardTo(name) => self.forward(message, Some(&name)),
             Outcome::Emit(emits) => self.emit(message, emits),
-            Outcome::Commit => message
-                .commit()
-                .map(|()| Counters::add(&counters.committed, 1)),
+            Outcome::Commit => message.commit().map(|()| {
+                Counters::add(&counters.committed, 1);
+                Finish::Done
+            }),
             Outcome::Fail(reason) => {
                 failed = true;
                 self.fail(message, reason, FailureDetails::default(), dead_letter)
+                    .map(|()| Finish::Done)
             }
             Outcome::FailWith(reason, details) => {
                 failed = true;
                 self.fail(message, reason, details, dead_letter)
+                    .map(|()| Finish::Done)
             }
             Outcome::Retry(reason) => {
                 failed = true;
-                message.retry(reason).map(|r| self.count_retry(r))
+                message.retry(reason).map(|r| {
+                    self.count_retry(r);
+                    Finish::Done
+                })
             }
             Outcome::RetryAfter(reason, delay) => {
                 failed = true;
                 let last = message.attempts().unwrap_or(1)
                     >= message.queue().retry_policy().max_attempts();
-                if last {
+                let retried = if last {
                     message
                         .fail(reason)
                         .map(|()| self.count_retry(Retried::DeadLettered))
@@ -305,9 +308,13 @@ impl<'a> Worker<'a> {
                     message
                         .retry_at(reason, when)
                         .map(|()| self.count_retry(Retried::Deferred(when)))
-                }
+                };
+                retried.map(|()| Finish::Done)
             }
         };
+        // What is left (removing an input whose results were published) waits for the
+        // group commit's sync of the outputs.
+        let applied = applied.and_then(|finish| shared.finish(finish));
         let processed = if applied.is_ok() {
             Processed::Done
         } else {
@@ -355,13 +362,16 @@ impl<'a> Worker<'a> {
     }
 
     /// Passes the message on: to the named output, or renamed into the first output and
-    /// copied (streamed, same id) into every other one.
-    fn forward(&self, message: Message, only: Option<&str>) -> Result<(), TerminalError> {
+    /// copied (streamed, same id) into every other one. The rename waits for the group
+    /// commit when there are copies: they must be durable before the original goes.
+    fn forward(&self, message: Message, only: Option<&str>) -> Result<Finish, TerminalError> {
         let outputs = &self.shared.outputs;
         let size = message.size();
-        let targets: Vec<&super::Output> = match only {
-            Some(name) => outputs.iter().filter(|o| o.name == name).collect(),
-            None => outputs.iter().collect(),
+        let targets: Vec<usize> = match only {
+            Some(name) => (0..outputs.len())
+                .filter(|&i| outputs[i].name == name)
+                .collect(),
+            None => (0..outputs.len()).collect(),
         };
         let Some((first, others)) = targets.split_first() else {
             let reason = match only {
@@ -375,22 +385,28 @@ impl<'a> Worker<'a> {
                 Some(message),
             ));
         };
-        for output in others {
-            let queue = output.gauge.queue();
-            match queue.publish_copy(message.id(), message.reader()) {
+        if others.is_empty() {
+            commit::remove(self.shared, message, Some(*first))?;
+            return Ok(Finish::Done);
+        }
+        for &output in others {
+            let output = &outputs[output];
+            match output
+                .gauge
+                .queue()
+                .publish_copy(message.id(), message.reader())
+            {
                 // Already there: a copy made by an attempt that crashed after it.
                 Ok(()) | Err(Error::Duplicate { .. }) => output.gauge.added(size),
                 Err(e) => return Err(TerminalError::new(e, Some(message))),
             }
         }
-        message
-            .forward(first.gauge.queue())
-            .map(|()| first.gauge.added(size))
+        Ok(Finish::Forward(message, *first))
     }
 
-    /// Publishes the emitted messages (ids derived from the original's), then deletes
-    /// the original.
-    fn emit(&self, message: Message, emits: Vec<super::Emit>) -> Result<(), TerminalError> {
+    /// Publishes the emitted messages (ids derived from the original's); the original
+    /// is deleted once they are durable (by the group commit).
+    fn emit(&self, message: Message, emits: Vec<super::Emit>) -> Result<Finish, TerminalError> {
         let shared = self.shared;
         let total = emits.len();
         for (k, emit) in emits.into_iter().enumerate() {
@@ -422,9 +438,7 @@ impl<'a> Worker<'a> {
                 Counters::add(&shared.counters.emitted, 1);
             }
         }
-        message
-            .commit()
-            .map(|()| Counters::add(&shared.counters.committed, 1))
+        Ok(Finish::Commit(message))
     }
 }
 
@@ -449,24 +463,6 @@ fn emitted_id(
     let mut name = parent.as_os_str().to_os_string();
     name.push(format!(".{k}"));
     MessageId::new(name).unwrap_or_else(|_| MessageId::generate())
-}
-
-/// A terminal could not be carried out and handed the message back: fail it with the
-/// error, or failing that release it, or failing that leave it to recovery.
-fn fall_back(message: Message, error: &Error, counters: &Counters) {
-    match message.fail(format!(
-        "cannot carry out the stage's outcome: {}",
-        error_chain(error)
-    )) {
-        Ok(()) => Counters::add(&counters.failed, 1),
-        Err(e) => {
-            if let Some(message) = e.into_message() {
-                if let Err(e) = message.release() {
-                    tracing::warn!(error = %e, "cannot release the message either; recovery will requeue it");
-                }
-            }
-        }
-    }
 }
 
 /// A stage named an output its Piper does not have.
@@ -517,18 +513,6 @@ pub(super) fn log_transition(stage: &str, transition: Transition) {
             "failure breaker closed: a probe succeeded, resuming intake"
         ),
     }
-}
-
-/// An error with its causes, for reasons and logs.
-pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

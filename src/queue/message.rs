@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 
 use super::DirectoryQueue;
-use crate::engine::publish::publish_copy;
+use crate::engine::publish::{publish_copy, SyncWhen};
 use crate::engine::quarantine::{move_to_errors, Moved};
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
@@ -243,7 +243,13 @@ impl Message {
     fn copy_forward(self, next: &DirectoryQueue) -> Result<(), TerminalError> {
         let queue = self.queue.clone();
         let inner = queue.engine();
-        let copied = publish_copy(inner.syncer(), next.engine(), &self.id, self.reader());
+        let copied = publish_copy(
+            inner.syncer(),
+            next.engine(),
+            &self.id,
+            self.reader(),
+            SyncWhen::Now,
+        );
         if let Err(error) = copied {
             return Err(self.kept(error));
         }

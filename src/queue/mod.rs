@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use crate::engine::config::Config;
 use crate::engine::durability::Durability;
-use crate::engine::publish::publish_copy;
+use crate::engine::publish::{publish_copy, SyncWhen};
 use crate::engine::wake::{Interest, Wake};
 use crate::engine::Shared;
 use crate::error::Result;
@@ -133,11 +133,17 @@ impl DirectoryQueue {
     }
 
     /// A new handle on the same directories with the same settings, but its own
-    /// snapshot, wake-ups, statistics and batch of unsynced changes (a Piper's inputs,
-    /// which it shares between its workers and nobody else).
-    pub(crate) fn reopen(&self) -> DirectoryQueue {
+    /// snapshot, wake-ups, statistics and batch of unsynced changes, whose directory
+    /// syncs wait for [`sync`](Self::sync) unless the mode is [`Durability::None`]: a
+    /// Piper's handles, shared by its workers and nobody else, and synced by its
+    /// group-commit barrier once per batch (`piper/commit.rs`).
+    pub(crate) fn reopen_deferring_syncs(&self) -> DirectoryQueue {
+        let durability = match self.durability() {
+            Durability::None => Durability::None,
+            _ => Durability::Batch,
+        };
         DirectoryQueue {
-            shared: Arc::new(self.shared.reopen()),
+            shared: Arc::new(self.shared.reopen(durability)),
         }
     }
 
@@ -173,10 +179,18 @@ impl DirectoryQueue {
     }
 
     /// Publishes a copy of `reader` into `incoming/` under exactly `id` (a Piper's
-    /// copy to a second output), durable before it returns unless the mode is
-    /// `None`.
+    /// copy to a second output). The file is synced before it is published;
+    /// `incoming/` is synced as this handle's mode says, like an enqueue's, and not at
+    /// once in [`Durability::Batch`]: the Piper's barrier syncs it before the original
+    /// leaves its queue.
     pub(crate) fn publish_copy(&self, id: &MessageId, reader: impl std::io::Read) -> Result<()> {
-        publish_copy(self.shared.syncer(), &self.shared, id, reader)
+        publish_copy(
+            self.shared.syncer(),
+            &self.shared,
+            id,
+            reader,
+            SyncWhen::ByMode,
+        )
     }
 
     /// Whether two handles refer to the same queue directory.
