@@ -11,6 +11,11 @@ use crate::sys::FsFamily;
 /// How much a mutating operation syncs before it returns.
 ///
 /// Every mutating method documents, under `# Durability`, what it syncs in each mode.
+///
+/// In a [`Piper`](crate::piper::Piper), `Full` and `Batch` mean the same: group commit,
+/// with `Full`'s guarantee for what flows through the pipeline (results are durable
+/// before their input leaves its queue); see
+/// [`PiperBuilder::commit_batch`](crate::piper::PiperBuilder::commit_batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Durability {

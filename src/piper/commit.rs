@@ -3,7 +3,7 @@
 //! touched once. An input message whose results were published into outputs (emitted,
 //! or copied to other outputs) is removed only by the barrier, after those results are
 //! durable: after a power cut, a message is either still upstream or durably
-//! downstream (docs/protocol.md §7).
+//! downstream (docs/protocol.md §6.7).
 //!
 //! The Piper's queue handles defer their directory syncs
 //! ([`DirectoryQueue::reopen_deferring_syncs`]), so nothing else syncs a directory

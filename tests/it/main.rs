@@ -6,6 +6,7 @@ mod concurrency;
 mod crash;
 mod exec;
 mod filesystems;
+mod group_commit;
 mod hostile;
 mod lifecycle;
 mod mentat;

@@ -360,7 +360,7 @@ fn batch_durability_defers_to_sync() {
     // Made here, so that the child only opens them.
     DirectoryQueue::open(&root).unwrap();
     DirectoryQueue::open(&next_root).unwrap();
-    if let Err(why) = strace_works() {
+    if let Err(why) = crate::util::strace_works() {
         return crate::util::skip("batch_durability_defers_to_sync", &why);
     }
     let log = dir.path().join("strace.log");
@@ -429,22 +429,6 @@ fn batch_durability_defers_to_sync() {
             .incoming,
         10
     );
-}
-
-/// Whether strace can trace a child here (it is installed, and ptrace is allowed).
-fn strace_works() -> Result<(), String> {
-    let out = std::process::Command::new("strace")
-        .args(["-qq", "-e", "trace=none", "true"])
-        .output()
-        .map_err(|e| format!("cannot run strace: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "strace cannot trace: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Where [`batch_durability_child`] finds its queues.

@@ -269,3 +269,19 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Whether strace can trace a child here (it is installed, and ptrace is allowed).
+pub fn strace_works() -> Result<(), String> {
+    let out = std::process::Command::new("strace")
+        .args(["-qq", "-e", "trace=none", "true"])
+        .output()
+        .map_err(|e| format!("cannot run strace: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "strace cannot trace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

@@ -1,0 +1,210 @@
+//! Group commit in Pipers: which directories one batch syncs, and in which order.
+//!
+//! Counted with strace: the child test below runs one Piper per outcome, each over one
+//! batch, and this test reads which directories it fsynced between its markers. The
+//! queues are on a tmpfs (root only), where the syncs still happen, as system calls,
+//! exactly as on a journaled ext4 or xfs; on filesystems without a journal, a failure
+//! also syncs `errors/` once per message, to make its `.meta` durable before the
+//! message appears (docs/protocol.md §6.7).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dirq::piper::{Emit, Outcome, Piper, StageResult};
+use dirq::{DirectoryQueue, Durability, Message};
+
+use crate::util::{skip, strace_works, wait_until, Tmpfs};
+
+/// Outcomes per batch: every scenario handles exactly one batch.
+const BATCH: usize = 8;
+
+/// The scenarios, in the order the child runs them.
+const SCENARIOS: [&str; 5] = ["forward", "emit", "fan-out", "commit", "fail"];
+
+/// Where [`group_commit_child`] finds its queues.
+const CHILD_DIR: &str = "DIRQ_TEST_GROUP_COMMIT_DIR";
+
+/// Markers in the child's trace: failed `stat`s of `<MARKER>/<step>/<scenario>`.
+const MARKER: &str = "/dirq-test-group-commit";
+
+#[test]
+fn one_batch_syncs_each_touched_directory_once_outputs_first() {
+    let name = "one_batch_syncs_each_touched_directory_once_outputs_first";
+    if let Err(why) = strace_works() {
+        return skip(name, &why);
+    }
+    let Some(fs) = Tmpfs::mount("size=64m") else {
+        return skip(name, "needs root to mount a tmpfs");
+    };
+    let dir = fs.path();
+    let log = dir.join("strace.log");
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,%%stat", "-o"])
+        .arg(&log)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "group_commit::group_commit_child"])
+        .args(["--test-threads", "1", "--nocapture"])
+        .env(CHILD_DIR, dir)
+        .output()
+        .unwrap();
+    crate::util::assert_succeeded(&out, "the traced child");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    assert!(trace.contains(MARKER), "no markers in the trace:\n{trace}");
+    // The directories fsynced during one scenario's batch, in order.
+    let synced = |scenario: &str| -> Vec<String> {
+        let begin = format!("\"{MARKER}/begin/{scenario}\"");
+        let end = format!("\"{MARKER}/end/{scenario}\"");
+        let lines: Vec<&str> = trace
+            .lines()
+            .skip_while(|l| !l.contains(&begin))
+            .skip(1)
+            .take_while(|l| !l.contains(&end))
+            .collect();
+        assert!(
+            trace.contains(&end),
+            "{scenario}: no end marker in the trace:\n{trace}"
+        );
+        lines
+            .iter()
+            .filter_map(|l| {
+                let fd = l.split_once("fsync(")?.1;
+                let path = fd.split_once('<')?.1.split_once('>')?.0;
+                Some(path.to_owned())
+            })
+            .collect()
+    };
+    // strace -y shows the kernel's path of each descriptor: no symlinks.
+    let root = std::fs::canonicalize(dir).unwrap();
+    let state = |queue: &str, state: &str| format!("{}/{queue}/{state}", root.display());
+    let sorted = |mut dirs: Vec<String>| {
+        dirs.sort();
+        dirs
+    };
+    for scenario in SCENARIOS {
+        let input = format!("{scenario}-in");
+        let (incoming, pending) = (state(&input, "incoming"), state(&input, "pending"));
+        let mut expected = vec![incoming.clone(), pending.clone()];
+        // Directories holding results, which must be synced before the inputs leave.
+        let results: Vec<String> = match scenario {
+            "forward" => {
+                // One rename carries the message: nothing to wait for.
+                expected.push(state(&format!("{scenario}-out"), "incoming"));
+                vec![]
+            }
+            "emit" => vec![state(&format!("{scenario}-out"), "incoming")],
+            "fan-out" => {
+                expected.push(state(&format!("{scenario}-out"), "incoming"));
+                vec![state(&format!("{scenario}-copy"), "incoming")]
+            }
+            "fail" => {
+                expected.push(state(&input, "errors"));
+                vec![]
+            }
+            _ => vec![],
+        };
+        expected.extend(results.iter().cloned());
+        let dirs = synced(scenario);
+        assert_eq!(
+            sorted(dirs.clone()),
+            sorted(expected),
+            "{scenario}: one batch of {BATCH} outcomes syncs each directory it touched once"
+        );
+        for result in &results {
+            let synced_at = dirs.iter().position(|d| d == result).unwrap();
+            let input_at = dirs.iter().position(|d| *d == pending).unwrap();
+            assert!(
+                synced_at < input_at,
+                "{scenario}: the results ({result}) must be durable before the inputs \
+                 leave {pending}; synced in this order: {dirs:#?}"
+            );
+        }
+    }
+}
+
+/// The work that the test above traces, in the tmpfs it names. Run on its own (as in
+/// every `cargo test`), it does the same in a directory of its own and checks what each
+/// Piper did.
+#[test]
+fn group_commit_child() {
+    let own = crate::util::tempdir();
+    let dir: PathBuf = std::env::var_os(CHILD_DIR).map_or_else(|| own.path().into(), PathBuf::from);
+    for scenario in SCENARIOS {
+        run_scenario(&dir, scenario);
+    }
+}
+
+fn run_scenario(dir: &Path, scenario: &'static str) {
+    // Full and Batch mean the same in a Piper: group commit.
+    let durability = if scenario == "commit" {
+        Durability::Batch
+    } else {
+        Durability::Full
+    };
+    let open = |name: &str| {
+        DirectoryQueue::builder(dir.join(format!("{scenario}-{name}")))
+            .durability(durability)
+            .open()
+            .unwrap()
+    };
+    let (input, output, copy) = (open("in"), open("out"), open("copy"));
+    // The producer syncs nothing, so that the trace shows the Piper's syncs alone.
+    let producer = DirectoryQueue::builder(input.root())
+        .durability(Durability::None)
+        .open()
+        .unwrap();
+    let mut builder = Piper::builder(scenario);
+    builder
+        .input(&input)
+        .output("out", &output)
+        .commit_batch(BATCH)
+        // Only a full batch closes: one batch per scenario, whatever the machine's pace.
+        .commit_delay(Duration::from_secs(3600))
+        .stage(move |message: &Message| -> StageResult {
+            Ok(match scenario {
+                "forward" | "fan-out" => Outcome::Forward,
+                "emit" => Outcome::Emit(vec![Emit::new(message.bytes()?)]),
+                "commit" => Outcome::Commit,
+                _ => Outcome::Fail("failed on purpose".to_owned()),
+            })
+        });
+    if scenario == "fan-out" {
+        builder.output("copy", &copy);
+    }
+    let piper = builder.build().unwrap();
+    let handle = piper.handle();
+    let runner = std::thread::spawn(move || piper.run());
+    // Started once it advertises itself: its start-up work is done.
+    wait_until(Duration::from_secs(30), "the Piper to start", || {
+        dirq::admin::pipers(&input).is_ok_and(|p| !p.is_empty())
+    });
+    marker("begin", scenario);
+    for i in 0..BATCH {
+        producer.enqueue(format!("message {i}")).unwrap();
+    }
+    wait_until(Duration::from_secs(60), "one synced batch", || {
+        handle.stats().synced_batches == 1
+    });
+    marker("end", scenario);
+    handle.shutdown();
+    let stats = runner.join().unwrap().unwrap();
+    assert_eq!(stats.synced_batches, 1, "{scenario}: {stats:?}");
+    let counts = |q: &DirectoryQueue| q.counts().unwrap();
+    let expected_out = match scenario {
+        "forward" | "fan-out" | "emit" => BATCH,
+        _ => 0,
+    };
+    assert_eq!(counts(&output).incoming, expected_out, "{scenario}");
+    let expected_copies = if scenario == "fan-out" { BATCH } else { 0 };
+    assert_eq!(counts(&copy).incoming, expected_copies, "{scenario}");
+    let expected_errors = if scenario == "fail" { BATCH } else { 0 };
+    assert_eq!(counts(&input).errors, expected_errors, "{scenario}");
+    assert_eq!(
+        counts(&input).pending + counts(&input).incoming,
+        0,
+        "{scenario}"
+    );
+}
+
+fn marker(step: &str, scenario: &str) {
+    let _ = std::fs::symlink_metadata(format!("{MARKER}/{step}/{scenario}"));
+}
