@@ -10,6 +10,7 @@
 //! while it runs; in [`Durability::None`](crate::Durability::None) there is no barrier
 //! and workers do everything themselves.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -118,7 +119,12 @@ impl Barrier {
     /// commits it. Returns after [`close`](Self::close), with nothing left waiting.
     pub(super) fn run(&self, shared: &Shared) {
         while let Some((outcomes, finishes)) = self.next_batch() {
-            commit(shared, outcomes, finishes);
+            // A panic must not stop the barrier: workers would wait for room forever.
+            // The batch's messages are dropped, which releases them.
+            let committed = catch_unwind(AssertUnwindSafe(|| commit(shared, outcomes, finishes)));
+            if committed.is_err() {
+                tracing::error!(stage = %shared.name, outcomes, "group commit: panicked while committing a batch; its messages were released");
+            }
         }
     }
 

@@ -208,3 +208,83 @@ fn run_scenario(dir: &Path, scenario: &'static str) {
 fn marker(step: &str, scenario: &str) {
     let _ = std::fs::symlink_metadata(format!("{MARKER}/{step}/{scenario}"));
 }
+
+/// A batch that never fills is synced once its delay has passed.
+#[test]
+fn a_batch_that_does_not_fill_is_synced_after_the_delay() {
+    let dir = crate::util::tempdir();
+    let input = DirectoryQueue::open(dir.path().join("in")).unwrap();
+    let output = DirectoryQueue::open(dir.path().join("out")).unwrap();
+    let piper = Piper::builder("lonely")
+        .input(&input)
+        .output("out", &output)
+        .commit_batch(1000)
+        .commit_delay(Duration::from_millis(20))
+        .stage(|_: &Message| -> StageResult { Ok(Outcome::Forward) })
+        .build()
+        .unwrap();
+    let handle = piper.handle();
+    let runner = std::thread::spawn(move || piper.run());
+    let id = input.enqueue(b"alone").unwrap();
+    wait_until(Duration::from_secs(60), "the lone message's batch", || {
+        handle.stats().synced_batches == 1
+    });
+    let ids: Vec<_> = output
+        .ids(dirq::State::Incoming)
+        .unwrap()
+        .collect::<dirq::Result<_>>()
+        .unwrap();
+    assert_eq!(ids, [id]);
+    handle.shutdown();
+    let stats = runner.join().unwrap().unwrap();
+    assert_eq!((stats.forwarded, stats.synced_batches), (1, 1));
+}
+
+#[test]
+fn a_commit_batch_out_of_range_is_refused() {
+    let dir = crate::util::tempdir();
+    let input = DirectoryQueue::open(dir.path().join("in")).unwrap();
+    for outcomes in [0, dirq::piper::PiperBuilder::MAX_COMMIT_BATCH + 1] {
+        let error = Piper::builder("bad")
+            .input(&input)
+            .commit_batch(outcomes)
+            .stage(|_: &Message| -> StageResult { Ok(Outcome::Commit) })
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&error, dirq::Error::Config { field, .. } if *field == "commit_batch"),
+            "{outcomes}: {error}"
+        );
+    }
+}
+
+/// Without anything to sync (`Durability::None`), there is no barrier.
+#[test]
+fn durability_none_has_no_barrier() {
+    let dir = crate::util::tempdir();
+    let open = |name: &str| {
+        DirectoryQueue::builder(dir.path().join(name))
+            .durability(Durability::None)
+            .open()
+            .unwrap()
+    };
+    let (input, output) = (open("in"), open("out"));
+    let piper = Piper::builder("fast")
+        .input(&input)
+        .output("out", &output)
+        .stage(|m: &Message| -> StageResult { Ok(Outcome::Emit(vec![Emit::new(m.bytes()?)])) })
+        .build()
+        .unwrap();
+    let handle = piper.handle();
+    let runner = std::thread::spawn(move || piper.run());
+    input.enqueue(b"one").unwrap();
+    wait_until(Duration::from_secs(60), "the emitted message", || {
+        output.counts().is_ok_and(|c| c.incoming == 1)
+    });
+    wait_until(Duration::from_secs(60), "the original's commit", || {
+        handle.stats().committed == 1
+    });
+    handle.shutdown();
+    let stats = runner.join().unwrap().unwrap();
+    assert_eq!(stats.synced_batches, 0);
+}
