@@ -25,7 +25,8 @@ pub(crate) struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub(crate) verbose: u8,
 
-    /// What mutating commands sync before they report success.
+    /// What mutating commands sync before they report success. In exec and run (Pipers),
+    /// full and batch both mean group commit (see exec --commit-batch), none no sync.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Full, global = true)]
     pub(crate) durability: DurabilityArg,
 }
@@ -34,7 +35,8 @@ pub(crate) struct Cli {
 pub(crate) enum DurabilityArg {
     /// Sync files and directories: acknowledged means it survives power loss.
     Full,
-    /// Sync files; sync directories once at the end of the command.
+    /// Sync files; sync each changed directory once, when the command ends (also
+    /// after an error).
     Batch,
     /// Never sync (Mentat's behaviour; for tmpfs).
     None,

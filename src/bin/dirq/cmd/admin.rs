@@ -86,25 +86,19 @@ pub(crate) fn requeue(
         };
         ids.retain(failed_long_ago);
     }
-    let result = for_each(&ids, "requeued", |id| {
+    for_each(&ids, "requeued", |id| {
         dirq::admin::requeue(queue, id, keep_attempts)
-    });
-    queue.sync()?;
-    result
+    })
 }
 
 pub(crate) fn hold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     let ids = selected(queue, select, &[State::Incoming, State::Deferred])?;
-    let result = for_each(&ids, "held", |id| dirq::admin::hold(queue, id).map(drop));
-    queue.sync()?;
-    result
+    for_each(&ids, "held", |id| dirq::admin::hold(queue, id).map(drop))
 }
 
 pub(crate) fn unhold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     let ids = selected(queue, select, &[State::Hold])?;
-    let result = for_each(&ids, "unheld", |id| dirq::admin::unhold(queue, id));
-    queue.sync()?;
-    result
+    for_each(&ids, "unheld", |id| dirq::admin::unhold(queue, id))
 }
 
 pub(crate) fn delete(queue: &DirectoryQueue, select: &Selection) -> CliResult {
@@ -113,11 +107,9 @@ pub(crate) fn delete(queue: &DirectoryQueue, select: &Selection) -> CliResult {
         select,
         &[State::Incoming, State::Deferred, State::Hold, State::Errors],
     )?;
-    let result = for_each(&ids, "deleted", |id| {
+    for_each(&ids, "deleted", |id| {
         dirq::admin::delete(queue, id).map(drop)
-    });
-    queue.sync()?;
-    result
+    })
 }
 
 pub(crate) fn purge(
@@ -170,7 +162,6 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
         let bar = progress(problems.len() as u64, "repairing");
         let report = dirq::admin::repair(queue, &problems, &mut |n| bar.set_position(n))?;
         bar.finish_and_clear();
-        queue.sync()?;
         writeln!(
             out,
             "repaired {} ({} had gone by themselves)",
@@ -191,13 +182,12 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
 pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duration>) -> CliResult {
     let mut out = io::stdout().lock();
     for path in queues {
-        let queue = DirectoryQueue::builder(path)
-            .create(false)
-            .durability(opener.durability)
-            .orphan_grace(grace.unwrap_or(Duration::ZERO))
-            .open()?;
+        let queue = opener.open(
+            DirectoryQueue::builder(path)
+                .create(false)
+                .orphan_grace(grace.unwrap_or(Duration::ZERO)),
+        )?;
         let report = queue.recover()?;
-        queue.sync()?;
         writeln!(
             out,
             "{}: requeued {}, left {} with live owners, {} within grace, removed {} from tmp/, \

@@ -13,11 +13,11 @@ use crate::args::ExecArgs;
 use crate::output::{stdout_error, CliResult};
 
 pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
-    let input = DirectoryQueue::builder(&args.queue)
-        .create(false)
-        .durability(opener.durability)
-        .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?)
-        .open()?;
+    let input = opener.open(
+        DirectoryQueue::builder(&args.queue)
+            .create(false)
+            .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?),
+    )?;
     let (program, rest) = args.command.split_first().ok_or("no command was given")?;
     if args.dry_run {
         return dry_run(&input, program.as_ref(), rest);

@@ -7,23 +7,44 @@ mod produce;
 mod report;
 mod run;
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use clap::CommandFactory;
-use dirq::{DirectoryQueue, Durability};
+use dirq::{DirectoryQueue, Durability, QueueBuilder};
 
 use crate::args::{Cli, Command, DurabilityArg};
 use crate::output::CliResult;
 
 pub(crate) fn run(cli: Cli) -> CliResult {
-    let opener = Opener {
-        durability: match cli.durability {
-            DurabilityArg::Full => Durability::Full,
-            DurabilityArg::Batch => Durability::Batch,
-            DurabilityArg::None => Durability::None,
-        },
-    };
-    match cli.command {
+    let opener = Opener::new(match cli.durability {
+        DurabilityArg::Full => Durability::Full,
+        DurabilityArg::Batch => Durability::Batch,
+        DurabilityArg::None => Durability::None,
+    });
+    let result = dispatch(cli.command, &opener);
+    // After an error too: what the command did before it failed is as acknowledged
+    // (printed ids, moved messages) as what a successful one did.
+    let mut failures = opener.sync_all().into_iter();
+    match (result, failures.next()) {
+        (result, None) => result,
+        (Ok(()), Some(first)) => {
+            for other in failures {
+                crate::print_error_chain(&other);
+            }
+            Err(Box::new(first))
+        }
+        (Err(error), Some(first)) => {
+            for failure in std::iter::once(first).chain(failures) {
+                crate::print_error_chain(&failure);
+            }
+            Err(error)
+        }
+    }
+}
+
+fn dispatch(command: Command, opener: &Opener) -> CliResult {
+    match command {
         Command::Init { queues, mode } => produce::init(&queues, mode),
         Command::Push { queue, files } => produce::push(&opener.create(&queue)?, &files),
         Command::Take {
@@ -43,7 +64,7 @@ pub(crate) fn run(cli: Cli) -> CliResult {
                 separator,
             )
         }
-        Command::Cat { queue, id } => produce::cat(&opener.existing(&queue)?, &id),
+        Command::Cat { queue, id } => produce::cat(&opener.inspect(&queue)?, &id),
         Command::Status {
             queues,
             spool,
@@ -52,16 +73,16 @@ pub(crate) fn run(cli: Cli) -> CliResult {
             watch,
         } => {
             let targets = report::Targets {
-                opener: &opener,
-                named: opener.all(&queues)?,
+                opener,
+                named: opener.inspect_all(&queues)?,
                 spools: &spool,
                 depth,
             };
             report::status(&targets, json, watch)
         }
-        Command::Ls { queue, state, json } => report::ls(&opener.existing(&queue)?, state, json),
-        Command::Ages { queues } => report::ages(&opener.all(&queues)?),
-        Command::Metrics { queues } => metrics::metrics(&opener.all(&queues)?),
+        Command::Ls { queue, state, json } => report::ls(&opener.inspect(&queue)?, state, json),
+        Command::Ages { queues } => report::ages(&opener.inspect_all(&queues)?),
+        Command::Metrics { queues } => metrics::metrics(&opener.inspect_all(&queues)?),
         Command::Requeue {
             queue,
             select,
@@ -82,9 +103,9 @@ pub(crate) fn run(cli: Cli) -> CliResult {
             errors_older_than,
         } => admin::purge(&opener.existing(&queue)?, tmp_older_than, errors_older_than),
         Command::Check { queue, repair } => admin::check(&opener.existing(&queue)?, repair),
-        Command::Recover { queues, grace } => admin::recover(&opener, &queues, grace),
-        Command::Exec(args) => exec::exec(&opener, &args),
-        Command::Run { file } => run::run(&file, &opener),
+        Command::Recover { queues, grace } => admin::recover(opener, &queues, grace),
+        Command::Exec(args) => exec::exec(opener, &args),
+        Command::Run { file } => run::run(&file, opener),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "dirq", &mut std::io::stdout());
             Ok(())
@@ -92,28 +113,67 @@ pub(crate) fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// Opens queues with the command line's durability.
+/// Opens queues with the command line's durability, and syncs at the end of the
+/// command what it changed in them.
 pub(crate) struct Opener {
     pub(crate) durability: Durability,
+    /// Every queue opened to be changed. A clone shares its handle's unsynced changes
+    /// ([`Durability::Batch`] defers directory syncs to [`DirectoryQueue::sync`]), so
+    /// syncing the clones covers whatever the command did through any of them.
+    opened: RefCell<Vec<DirectoryQueue>>,
 }
 
 impl Opener {
+    fn new(durability: Durability) -> Opener {
+        Opener {
+            durability,
+            opened: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Opens the queue `builder` describes with the command line's durability, to be
+    /// synced when the command ends.
+    pub(crate) fn open(&self, builder: &mut QueueBuilder) -> Result<DirectoryQueue, dirq::Error> {
+        let queue = builder.durability(self.durability).open()?;
+        self.opened.borrow_mut().push(queue.clone());
+        Ok(queue)
+    }
+
     /// An existing queue; a missing one is an error, not created by a typo.
     pub(crate) fn existing(&self, path: &Path) -> Result<DirectoryQueue, dirq::Error> {
+        self.open(DirectoryQueue::builder(path).create(false))
+    }
+
+    /// A queue, created when missing (a producer's target, like Mentat's).
+    pub(crate) fn create(&self, path: &Path) -> Result<DirectoryQueue, dirq::Error> {
+        self.open(&mut DirectoryQueue::builder(path))
+    }
+
+    /// An existing queue a command only looks at. It is not kept for the final sync:
+    /// it has nothing to sync, and `status --watch` opens its queues again at every
+    /// refresh, so keeping them would hold more descriptors at each one.
+    pub(crate) fn inspect(&self, path: &Path) -> Result<DirectoryQueue, dirq::Error> {
         DirectoryQueue::builder(path)
             .create(false)
             .durability(self.durability)
             .open()
     }
 
-    /// A queue, created when missing (a producer's target, like Mentat's).
-    pub(crate) fn create(&self, path: &Path) -> Result<DirectoryQueue, dirq::Error> {
-        DirectoryQueue::builder(path)
-            .durability(self.durability)
-            .open()
+    fn inspect_all(
+        &self,
+        paths: &[std::path::PathBuf],
+    ) -> Result<Vec<DirectoryQueue>, dirq::Error> {
+        paths.iter().map(|p| self.inspect(p)).collect()
     }
 
-    fn all(&self, paths: &[std::path::PathBuf]) -> Result<Vec<DirectoryQueue>, dirq::Error> {
-        paths.iter().map(|p| self.existing(p)).collect()
+    /// Syncs every queue opened to be changed, each once, and returns the failures
+    /// (each names the directory that could not be synced). A no-op in full mode,
+    /// where every operation synced before it returned, and in none.
+    fn sync_all(&self) -> Vec<dirq::Error> {
+        self.opened
+            .borrow()
+            .iter()
+            .filter_map(|queue| queue.sync().err())
+            .collect()
     }
 }

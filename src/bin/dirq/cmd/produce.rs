@@ -37,7 +37,6 @@ pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
         };
         writeln!(out, "{id}").map_err(stdout_error)?;
     }
-    queue.sync()?;
     Ok(())
 }
 
@@ -66,7 +65,6 @@ pub(crate) fn take(
         }
         taken += 1;
     }
-    queue.sync()?;
     Ok(())
 }
 

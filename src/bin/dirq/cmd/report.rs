@@ -47,7 +47,7 @@ impl Targets<'_> {
                 found = found.max_depth(depth);
             }
             for item in found {
-                match item.and_then(|found| self.opener.existing(found.path())) {
+                match item.and_then(|found| self.opener.inspect(found.path())) {
                     Ok(queue) => queues.push(queue),
                     Err(e) => problems.push(e),
                 }
