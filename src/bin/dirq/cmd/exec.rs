@@ -42,6 +42,8 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         .input(&input)
         .workers(args.jobs)
         .drain_timeout(args.drain_timeout)
+        .commit_batch(args.commit_batch)
+        .commit_delay(args.commit_delay)
         .handle_signals(true)
         .stage(stage.clone());
     if let Some(next) = &next {
