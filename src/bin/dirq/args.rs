@@ -305,8 +305,10 @@ dirq exec q --dry-run -- ./handle.sh"
         after_help = "Example PIPELINE.toml:\n\n  [[stage]]\n  name = \"parse\"\n  \
 input = \"spool/input\"\n  output = \"spool/parsed\"\n  command = [\"jq\", \"-c\", \".\"]\n  workers = 2\n\n  \
 [[stage]]\n  name = \"deliver\"\n  input = \"spool/parsed\"\n  command = [\"./deliver.sh\"]\n  \
-processes = 2\n  timeout = \"30s\"\n\nPaths are relative to the file. Other stage keys: inputs (a list), \
-out_limit, on_fail, retries, drain_timeout.\n\nExample:\n  dirq run pipeline.toml"
+processes = 2\n  timeout = \"30s\"\n  commit_batch = 16\n  commit_delay = \"5ms\"\n\n\
+Paths are relative to the file. Other stage keys: out_limit, on_fail, retries, drain_timeout \
+(as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay). \
+A [defaults] table sets any of these keys for every stage.\n\nExample:\n  dirq run pipeline.toml"
     )]
     Run {
         /// The pipeline file.

@@ -57,6 +57,9 @@ struct StageSettings {
     on_fail: Option<String>,
     retries: Option<u32>,
     drain_timeout: Option<String>,
+    /// Group commit (`dirq exec --commit-batch`, `--commit-delay`).
+    commit_batch: Option<usize>,
+    commit_delay: Option<String>,
 }
 
 impl StageSettings {
@@ -72,6 +75,11 @@ impl StageSettings {
                 .drain_timeout
                 .clone()
                 .or_else(|| defaults.drain_timeout.clone()),
+            commit_batch: self.commit_batch.or(defaults.commit_batch),
+            commit_delay: self
+                .commit_delay
+                .clone()
+                .or_else(|| defaults.commit_delay.clone()),
         }
     }
 }
@@ -198,6 +206,14 @@ fn exec_command(
             "processes = {processes}: must be from 1 to {MAX_PROCESSES}"
         )));
     }
+    if let Some(batch) = settings.commit_batch {
+        if !(1..=PiperBuilder::MAX_COMMIT_BATCH).contains(&batch) {
+            return Err(bad(format!(
+                "commit_batch = {batch}: must be from 1 to {}",
+                PiperBuilder::MAX_COMMIT_BATCH
+            )));
+        }
+    }
     let mut args = vec![
         "--durability".to_owned(),
         match opener.durability {
@@ -222,6 +238,7 @@ fn exec_command(
     for (flag, value) in [
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
+        ("--commit-delay", &settings.commit_delay),
     ] {
         if let Some(value) = value {
             parse_duration(value).map_err(|e| bad(format!("{flag}: {e}")))?;
@@ -230,6 +247,9 @@ fn exec_command(
     }
     if let Some(limit) = settings.out_limit {
         args.extend(["--out-limit".to_owned(), limit.to_string()]);
+    }
+    if let Some(batch) = settings.commit_batch {
+        args.extend(["--commit-batch".to_owned(), batch.to_string()]);
     }
     if let Some(retries) = settings.retries {
         args.extend(["--retries".to_owned(), retries.to_string()]);
