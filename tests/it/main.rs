@@ -4,6 +4,7 @@
 mod cli;
 mod concurrency;
 mod crash;
+mod durability_cli;
 mod exec;
 mod filesystems;
 mod group_commit;
