@@ -20,12 +20,6 @@ use crate::error::{Error, Result};
 use crate::queue::TerminalError;
 use crate::{DirectoryQueue, Message};
 
-/// The default [`commit_batch`](super::PiperBuilder::commit_batch): outcomes per batch.
-pub(super) const DEFAULT_BATCH: usize = 64;
-/// The default [`commit_delay`](super::PiperBuilder::commit_delay): how long a batch
-/// stays open after its first outcome.
-pub(super) const DEFAULT_DELAY: Duration = Duration::from_millis(2);
-
 /// What is left to do for one outcome once its batch is synced.
 pub(super) enum Finish {
     /// Nothing: the worker carried the outcome out (a commit, a failure, a retry, a

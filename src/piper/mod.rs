@@ -165,8 +165,8 @@ impl Piper {
             recover_interval: Duration::from_secs(60),
             signals: false,
             advertise: true,
-            commit_batch: commit::DEFAULT_BATCH,
-            commit_delay: commit::DEFAULT_DELAY,
+            commit_batch: PiperBuilder::DEFAULT_COMMIT_BATCH,
+            commit_delay: PiperBuilder::DEFAULT_COMMIT_DELAY,
         }
     }
 
@@ -211,6 +211,13 @@ impl PiperBuilder {
     /// The largest [`commit_batch`](Self::commit_batch): a bigger batch only means more
     /// messages to process again after a crash.
     pub const MAX_COMMIT_BATCH: usize = 65_536;
+
+    /// The default [`commit_batch`](Self::commit_batch): outcomes per directory sync.
+    pub const DEFAULT_COMMIT_BATCH: usize = 64;
+
+    /// The default [`commit_delay`](Self::commit_delay): how long a batch stays open
+    /// after its first outcome.
+    pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
     /// Adds an input queue; inputs are read in the order they were added (strict
     /// priority). The Piper opens its own handle to the same directory, with the same

@@ -395,12 +395,12 @@ pub(crate) struct ExecArgs {
     pub(crate) drain_timeout: Duration,
     /// Group commit: outcomes per directory sync (1 to 65536; 1 syncs each message).
     /// A crash can make the last unsynced batch be processed again, with the same ids.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = dirq::piper::PiperBuilder::DEFAULT_COMMIT_BATCH)]
     pub(crate) commit_batch: usize,
     /// Group commit: how long a batch waits for more outcomes after its first (0: sync
-    /// at once).
-    #[arg(long, value_name = "DUR", default_value = "2ms", value_parser = parse_duration)]
-    pub(crate) commit_delay: Duration,
+    /// at once). Default: 2ms.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) commit_delay: Option<Duration>,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use dirq::piper::{CommandStage, Piper};
+use dirq::piper::{CommandStage, Piper, PiperBuilder};
 use dirq::queue::RetryPolicy;
 use dirq::{DirectoryQueue, State};
 
@@ -43,7 +43,10 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         .workers(args.jobs)
         .drain_timeout(args.drain_timeout)
         .commit_batch(args.commit_batch)
-        .commit_delay(args.commit_delay)
+        .commit_delay(
+            args.commit_delay
+                .unwrap_or(PiperBuilder::DEFAULT_COMMIT_DELAY),
+        )
         .handle_signals(true)
         .stage(stage.clone());
     if let Some(next) = &next {
