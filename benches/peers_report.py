@@ -2,8 +2,12 @@
 measured in this session, as ratios of medians against the floor run beside it.
 
     python3 benches/peers_report.py /tmp/dirq-peers
+
+A part that was not run (benches/peers.sh --hops-only runs only the 3-hop pipeline and its
+floor) has no file, and its rows are left out.
 """
 import json
+import os
 import statistics
 import sys
 
@@ -11,15 +15,23 @@ out = sys.argv[1]
 
 
 def lines(name):
-    return [json.loads(line) for line in open(f"{out}/{name}") if line.strip()]
+    path = f"{out}/{name}"
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def one(name):
+    path = f"{out}/{name}"
+    return json.load(open(path)) if os.path.exists(path) else None
 
 
 peers = lines("peers.jsonl")
 pipeline = lines("pipeline.jsonl")
 hops = lines("hops.jsonl")
 floor_move = lines("floor-move.jsonl")
-wakeup = json.load(open(f"{out}/wakeup.json"))
-bloated = json.load(open(f"{out}/wakeup-bloated.json"))
+wakeup = one("wakeup.json")
+bloated = one("wakeup-bloated.json")
 
 
 def median(values):
@@ -55,63 +67,111 @@ def target(what, ours, base, goal, base_label="floor", reference=""):
         ratio == ratio and ratio >= goal, reference)
 
 
-for n in (10000, 100000):
-    tag = f"N={n // 1000}k"
-    target(f"enqueue, none, {tag}", rate("dirq", "enqueue", n), rate("limit", "enqueue", n), 1.0,
-           reference="litequeue x1.07")
-    target(f"claim+commit, none, {tag}", rate("dirq", "dequeue", n), rate("limit", "dequeue", n), 0.95,
-           reference="Mentat x0.76")
-    target(f"forward A→B, none, {tag}", rate("dirq", "pipeline", n), rate("limit", "pipeline", n), 0.95,
-           "floor move", "Mentat x0.66")
-    target(f"2 consumers, none, {tag}", rate("dirq", "dequeue2", n), rate("limit", "dequeue2", n), 0.9,
-           "floor 2 threads")
-two = [r for r in peers if r.get("peer") == "dirq" and r.get("op") == "dequeue2" and not r.get("durable")]
-wasted, done = sum(r.get("collisions", 0) for r in two), sum(r.get("done", 0) for r in two)
-share = 100 * wasted / max(done, 1)
-row("2 consumers: wasted claims", f"{wasted} of {done} claims", f"{share:.2f} %", "< 2 %", share < 2,
-    "Mentat about 1 per message")
-for op, label in (("enqueue", "enqueue"), ("dequeue", "claim+commit"), ("pipeline", "forward"),
-                  ("dequeue2", "2 consumers")):
-    target(f"{label}, full durability, per message", rate("dirq", op, durable=True),
-           rate("limit", op, durable=True), 0.95)
-batch = rate("dirq-b64", "enqueue", durable=True)
-target("enqueue, group commit of 64, vs the floor's durable enqueue", batch,
-       rate("limit", "enqueue", durable=True), 10)
-lite = rate("~lite", "enqueue", durable=True)
-target("enqueue, group commit of 64, vs litequeue's durable enqueue", batch, lite, 3, "litequeue",
-       "needs benches/peers.sh --all" if lite != lite else "")
-target("forward with batched commits (64), vs per-message durable forward",
-       rate("dirq-b64", "pipeline", durable=True), rate("dirq", "pipeline", durable=True), 5,
-       "dirq batch=1")
-fresh = rate("dirq", "dequeue", 10000, key="steady_rate")
-for size in (100000, 1000000):
-    tag = f"{size // 1000}k"
-    floor_ratio = (rate("limit", "bigq", key="steady_rate", size=size)
-                   / rate("limit", "dequeue", 10000, key="steady_rate"))
-    target(f"claim from a queue of {tag}, steady rate, vs a 10k queue",
-           rate("dirq", "bigq", key="steady_rate", size=size), fresh, 0.9, "10k queue",
-           f"floor x{floor_ratio:.2f}")
-    first = rate("dirq", "bigq", key="first_ms", size=size)
-    scan = rate("limit", "bigq", key="first_scan_ms", size=size)
-    row(f"first claim from a queue of {tag}", f"{first:.0f} ms vs the floor's scan {scan:.0f} ms",
-        scan / first, "≥ x1 (scan / ours)", first <= scan * 1.1, "within 10 % counts as no slower")
+if peers:
+    for n in (10000, 100000):
+        tag = f"N={n // 1000}k"
+        target(f"enqueue, none, {tag}", rate("dirq", "enqueue", n), rate("limit", "enqueue", n), 1.0,
+               reference="litequeue x1.07")
+        target(f"claim+commit, none, {tag}", rate("dirq", "dequeue", n), rate("limit", "dequeue", n), 0.95,
+               reference="Mentat x0.76")
+        target(f"forward A→B, none, {tag}", rate("dirq", "pipeline", n), rate("limit", "pipeline", n), 0.95,
+               "floor move", "Mentat x0.66")
+        target(f"2 consumers, none, {tag}", rate("dirq", "dequeue2", n), rate("limit", "dequeue2", n), 0.9,
+               "floor 2 threads")
+    two = [r for r in peers if r.get("peer") == "dirq" and r.get("op") == "dequeue2" and not r.get("durable")]
+    wasted, done = sum(r.get("collisions", 0) for r in two), sum(r.get("done", 0) for r in two)
+    share = 100 * wasted / max(done, 1)
+    row("2 consumers: wasted claims", f"{wasted} of {done} claims", f"{share:.2f} %", "< 2 %", share < 2,
+        "Mentat about 1 per message")
+    for op, label in (("enqueue", "enqueue"), ("dequeue", "claim+commit"), ("pipeline", "forward"),
+                      ("dequeue2", "2 consumers")):
+        target(f"{label}, full durability, per message", rate("dirq", op, durable=True),
+               rate("limit", op, durable=True), 0.95)
+    batch = rate("dirq-b64", "enqueue", durable=True)
+    target("enqueue, group commit of 64, vs the floor's durable enqueue", batch,
+           rate("limit", "enqueue", durable=True), 10)
+    lite = rate("~lite", "enqueue", durable=True)
+    target("enqueue, group commit of 64, vs litequeue's durable enqueue", batch, lite, 3, "litequeue",
+           "needs benches/peers.sh --all" if lite != lite else "")
+    target("forward with batched commits (64), vs per-message durable forward",
+           rate("dirq-b64", "pipeline", durable=True), rate("dirq", "pipeline", durable=True), 5,
+           "dirq batch=1")
+    fresh = rate("dirq", "dequeue", 10000, key="steady_rate")
+    for size in (100000, 1000000):
+        tag = f"{size // 1000}k"
+        floor_ratio = (rate("limit", "bigq", key="steady_rate", size=size)
+                       / rate("limit", "dequeue", 10000, key="steady_rate"))
+        target(f"claim from a queue of {tag}, steady rate, vs a 10k queue",
+               rate("dirq", "bigq", key="steady_rate", size=size), fresh, 0.9, "10k queue",
+               f"floor x{floor_ratio:.2f}")
+        first = rate("dirq", "bigq", key="first_ms", size=size)
+        scan = rate("limit", "bigq", key="first_scan_ms", size=size)
+        row(f"first claim from a queue of {tag}", f"{first:.0f} ms vs the floor's scan {scan:.0f} ms",
+            scan / first, "≥ x1 (scan / ours)", first <= scan * 1.1, "within 10 % counts as no slower")
 for label, w in (("new queue", wakeup), ("incoming/ that once held 1M", bloated)):
+    if w is None:
+        continue
     row(f"idle wake-up, {label}: p50 / p99", f"{w['p50_us']} µs / {w['p99_us']} µs ({w['samples']} samples)",
         "", "≤ 1 ms / ≤ 5 ms", w["p50_us"] <= 1000 and w["p99_us"] <= 5000, "Mentat polls every 3 s")
     row(f"idle worker CPU, {label}", f"{w['idle_cpu_percent']:.2f} % of a core over {w['idle_secs']:.0f} s",
         "", "< 1 %", w["idle_cpu_percent"] < 1)
-for durability, durable in (("none", False), ("full", True)):
-    through = median([h["rate"] for h in hops if h["durability"] == durability])
-    floor = median([f["rate"] for f in floor_move if f["durable"] == durable])
-    row(f"3-hop forwarding Piper pipeline, {durability}, vs floor move / 3",
-        f"{through:.0f} msg/s vs {floor:.0f}/3 = {floor / 3:.0f}", through / (floor / 3), "≥ x0.9",
-        through >= 0.9 * floor / 3, "one process per hop, 1 worker each")
+
+
+def hop_mode(h):
+    """none, per-message (a sync after every message) or group (group commit)."""
+    if h["durability"] == "none":
+        return "none"
+    return "per-message" if h.get("commit_batch") == 1 else "group"
+
+
+throughput = [h for h in hops if h.get("offered_rate") is None]
+paced = [h for h in hops if h.get("offered_rate") is not None]
+
+
+def hop_rate(mode):
+    return median([h["rate"] for h in throughput if hop_mode(h) == mode])
+
+
+if throughput:
+    per_message = hop_rate("per-message")
+    for mode, durable, label in (("none", False, "none"),
+                                 ("per-message", True, "a sync per message (commit batch 1)")):
+        through = hop_rate(mode)
+        floor = median([f["rate"] for f in floor_move if f["durable"] == durable])
+        row(f"3-hop forwarding Piper pipeline, {label}, vs floor{' durable' if durable else ''} move / 3",
+            f"{through:.0f} msg/s vs {floor:.0f}/3 = {floor / 3:.0f}", through / (floor / 3), "≥ x0.9",
+            through >= 0.9 * floor / 3, "one process per hop, 1 worker each")
+    target("3-hop forwarding Piper pipeline, group commit (64, 2 ms), vs a sync per message",
+           hop_rate("group"), per_message, 10, "commit batch 1",
+           f"no fsync at all: x{hop_rate('none') / per_message:.2f}")
 
 print("\n### Performance targets (this session; medians, ratios against the floor run beside them)\n")
 print("| target | measured | ratio | goal | verdict | reference |")
 print("|---|---|---|---|---|---|")
 print("\n".join(rows))
-print("\n### Demo pipeline (parse JSON, enrich, sink; 2 processes x 2 workers per stage)\n")
-for durability in ("none", "full"):
-    runs = [p["rate"] for p in pipeline if p["durability"] == durability]
-    print(f"- durability {durability}: median {median(runs):.0f} events/s over {len(runs)} runs")
+if hops:
+    print("\n### 3-hop forwarding pipeline, by mode (one process per hop, 1 worker each; medians)\n")
+    rates = sorted({h["offered_rate"] for h in paced})
+    paced_label = " and ".join(f"{r:g}" for r in rates) or "-"
+    print(f"| mode | throughput | vs a sync per message | outcomes per synced batch "
+          f"| latency p50 / p99 at {paced_label} msg/s |")
+    print("|---|---|---|---|---|")
+    for mode, label in (("none", "no fsync"), ("per-message", "a sync per message (commit batch 1)"),
+                        ("group", "group commit (defaults: 64, 2 ms)")):
+        runs = [h for h in throughput if hop_mode(h) == mode]
+        rate_ = hop_rate(mode)
+        ratio = rate_ / hop_rate("per-message")
+        # Each hop's synced batches when it had forwarded the N-th message.
+        batches = median([h["messages"] * len(h["synced_batches"]) / sum(h["synced_batches"])
+                          for h in runs if sum(h.get("synced_batches") or [0])])
+        sized = "-" if batches != batches else f"{batches:.1f}"
+        lat = [h for h in paced if hop_mode(h) == mode]
+        latency = (f"{median([h['p50_ms'] for h in lat]):.2f} ms / "
+                   f"{median([h['p99_ms'] for h in lat]):.2f} ms ({len(lat)} runs)") if lat else "-"
+        print(f"| {label} | {rate_:.0f} msg/s ({len(runs)} runs, N={runs[0]['messages'] if runs else '-'}) "
+              f"| x{ratio:.2f} | {sized} | {latency} |")
+if pipeline:
+    print("\n### Demo pipeline (parse JSON, enrich, sink; 2 processes x 2 workers per stage)\n")
+    for durability in ("none", "full"):
+        runs = [p["rate"] for p in pipeline if p["durability"] == durability]
+        print(f"- durability {durability}: median {median(runs):.0f} events/s over {len(runs)} runs")
