@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::StateDir;
 use crate::error::{Error, Operation, Result};
+use crate::format::state::State;
 use crate::sys::FsFamily;
 
 /// How much a mutating operation syncs before it returns.
@@ -153,16 +154,25 @@ impl Syncer {
         dir.sync()
     }
 
-    /// Syncs every directory recorded since the last flush (batch mode).
+    /// Makes every change recorded since the last flush durable (batch mode).
+    ///
+    /// Where one fsync does not commit the whole journal, each recorded directory is
+    /// synced. On a journal-wide filesystem one commit per filesystem is enough, but
+    /// which recorded directory carries the newest transaction is unknown: several
+    /// threads changed them, and a directory changed again since (by the next batch)
+    /// would make a second fsync commit again. So the flush makes a change of its own,
+    /// after every recorded one (it touches one of the directories), and syncs that
+    /// directory: one journal commit per filesystem, whatever the number of
+    /// directories.
     pub(crate) fn flush(&self) -> Result<()> {
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
-        // IMPORTANT: in batch mode the directories may have been changed by several
-        // threads in an order we cannot know, so each one is synced: syncing only the
-        // last one recorded could miss a later journal transaction.
         // An fsync error is reported once (Linux marks the failed pages clean), so a
         // failed directory is not kept for a retry that would falsely succeed: the
         // caller learns that everything since the previous flush is of unknown
         // durability.
+        if self.journal_wide && dirty.len() > 1 {
+            return commit_journals(&dirty);
+        }
         for dir in &dirty {
             dir.sync()?;
         }
@@ -185,4 +195,35 @@ impl Syncer {
         }
         Ok(())
     }
+}
+
+/// One journal commit per filesystem among `dirs`, covering every change made to them
+/// before the call (see [`Syncer::flush`]). A directory whose filesystem cannot be told
+/// or that cannot be touched (no write permission) is synced as it is.
+///
+/// A `pending/` is touched where there is one: the times of `incoming/` and
+/// `deferred/` tell claimers whether to read them again.
+fn commit_journals(dirs: &[Arc<StateDir>]) -> Result<()> {
+    let is_pending = |d: &&Arc<StateDir>| {
+        d.path.file_name() == Some(std::ffi::OsStr::new(State::Pending.as_str()))
+    };
+    let (pending, others): (Vec<&Arc<StateDir>>, Vec<&Arc<StateDir>>) =
+        dirs.iter().partition(is_pending);
+    let mut committed: Vec<u64> = Vec::new();
+    for dir in pending.into_iter().chain(others) {
+        let Ok(st) = dir.dir.stat() else {
+            dir.sync()?;
+            continue;
+        };
+        if committed.contains(&st.dev) {
+            continue;
+        }
+        if dir.dir.touch().is_err() {
+            dir.sync()?;
+            continue;
+        }
+        dir.sync()?;
+        committed.push(st.dev);
+    }
+    Ok(())
 }

@@ -69,6 +69,9 @@ impl Dir {
     pub(crate) fn sync(&self) -> io::Result<()> {
         unsupported()
     }
+    pub(crate) fn touch(&self) -> io::Result<()> {
+        unsupported()
+    }
     pub(crate) fn scan(
         &self,
         _buf: &mut Vec<MaybeUninit<u8>>,

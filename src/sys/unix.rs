@@ -166,6 +166,21 @@ impl Dir {
         Ok(rfs::fsync(&self.fd)?)
     }
 
+    /// Sets the directory's times to now (`futimens`): a metadata change of its own, in
+    /// the filesystem's newest journal transaction, which a following [`sync`](Self::sync)
+    /// therefore commits with every change made before it.
+    pub(crate) fn touch(&self) -> io::Result<()> {
+        let now = rfs::Timespec {
+            tv_sec: 0,
+            tv_nsec: rfs::UTIME_NOW,
+        };
+        let times = rfs::Timestamps {
+            last_access: now,
+            last_modification: now,
+        };
+        Ok(rfs::futimens(&self.fd, &times)?)
+    }
+
     /// Reads every entry but `.` and `..`, in directory order, into `visit`.
     ///
     /// A fresh descriptor is opened for each read so that concurrent scans of one queue

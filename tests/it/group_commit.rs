@@ -1,13 +1,19 @@
 //! Group commit in Pipers: which directories one batch syncs, and in which order.
 //!
 //! Counted with strace: the child test below runs one Piper per outcome, each over one
-//! batch, and this test reads which directories it fsynced between its markers. The
-//! queues are on a tmpfs (root only), where the syncs still happen, as system calls,
-//! exactly as on a journaled ext4 or xfs; on filesystems without a journal, a failure
-//! also syncs `errors/` once per message, to make its `.meta` durable before the
-//! message appears (docs/protocol.md §6.7).
+//! batch, and the tests read which directories it fsynced between its markers. The
+//! count depends on the filesystem (docs/protocol.md §4.2 and §6.7):
+//! - where one fsync commits the whole journal (ext4 with a journal, xfs; tmpfs is
+//!   treated the same, and the syncs still happen there as system calls), a batch makes
+//!   one change of its own and syncs that directory: one fsync per step;
+//! - elsewhere (here an ext4 without a journal, as btrfs), each directory the batch
+//!   touched is synced once.
+//!
+//! Either way the results (emitted messages, fan-out copies) are synced before their
+//! input leaves `pending/`. Both need root (to mount).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use dirq::piper::{Emit, Outcome, Piper, StageResult};
@@ -28,62 +34,51 @@ const CHILD_DIR: &str = "DIRQ_TEST_GROUP_COMMIT_DIR";
 const MARKER: &str = "/dirq-test-group-commit";
 
 #[test]
-fn one_batch_syncs_each_touched_directory_once_outputs_first() {
-    let name = "one_batch_syncs_each_touched_directory_once_outputs_first";
+fn on_a_journal_wide_filesystem_a_batch_is_one_fsync_per_step() {
+    let name = "on_a_journal_wide_filesystem_a_batch_is_one_fsync_per_step";
     if let Err(why) = strace_works() {
         return skip(name, &why);
     }
     let Some(fs) = Tmpfs::mount("size=64m") else {
         return skip(name, "needs root to mount a tmpfs");
     };
-    let dir = fs.path();
-    let log = dir.join("strace.log");
-    let out = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-y", "-e", "trace=fsync,%%stat", "-o"])
-        .arg(&log)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "group_commit::group_commit_child"])
-        .args(["--test-threads", "1", "--nocapture"])
-        .env(CHILD_DIR, dir)
-        .output()
-        .unwrap();
-    crate::util::assert_succeeded(&out, "the traced child");
-    let trace = std::fs::read_to_string(&log).unwrap();
-    assert!(trace.contains(MARKER), "no markers in the trace:\n{trace}");
-    // The directories fsynced during one scenario's batch, in order.
-    let synced = |scenario: &str| -> Vec<String> {
-        let begin = format!("\"{MARKER}/begin/{scenario}\"");
-        let end = format!("\"{MARKER}/end/{scenario}\"");
-        let lines: Vec<&str> = trace
-            .lines()
-            .skip_while(|l| !l.contains(&begin))
-            .skip(1)
-            .take_while(|l| !l.contains(&end))
-            .collect();
-        assert!(
-            trace.contains(&end),
-            "{scenario}: no end marker in the trace:\n{trace}"
+    let trace = trace_child(fs.path());
+    let state = |queue: &str, state: &str| state_path(fs.path(), queue, state);
+    for scenario in SCENARIOS {
+        let mut expected = match scenario {
+            "emit" => vec![state("emit-out", "incoming")],
+            "fan-out" => vec![state("fan-out-copy", "incoming")],
+            _ => vec![],
+        };
+        // The input's pending/ is the directory touched and synced.
+        expected.push(state(&format!("{scenario}-in"), "pending"));
+        assert_eq!(
+            synced(&trace, scenario),
+            expected,
+            "{scenario}: one batch of {BATCH} outcomes: the results first, then one commit"
         );
-        lines
-            .iter()
-            .filter_map(|l| {
-                let fd = l.split_once("fsync(")?.1;
-                let path = fd.split_once('<')?.1.split_once('>')?.0;
-                Some(path.to_owned())
-            })
-            .collect()
+    }
+}
+
+#[test]
+fn without_a_journal_a_batch_syncs_each_touched_directory_once_outputs_first() {
+    let name = "without_a_journal_a_batch_syncs_each_touched_directory_once_outputs_first";
+    if let Err(why) = strace_works() {
+        return skip(name, &why);
+    }
+    let Some(fs) = Ext4WithoutJournal::mount() else {
+        return skip(name, "needs root, mkfs.ext4 and a loop device");
     };
-    // strace -y shows the kernel's path of each descriptor: no symlinks.
-    let root = std::fs::canonicalize(dir).unwrap();
-    let state = |queue: &str, state: &str| format!("{}/{queue}/{state}", root.display());
+    let trace = trace_child(fs.path());
+    let state = |queue: &str, state: &str| state_path(fs.path(), queue, state);
     let sorted = |mut dirs: Vec<String>| {
         dirs.sort();
         dirs
     };
     for scenario in SCENARIOS {
         let input = format!("{scenario}-in");
-        let (incoming, pending) = (state(&input, "incoming"), state(&input, "pending"));
-        let mut expected = vec![incoming.clone(), pending.clone()];
+        let pending = state(&input, "pending");
+        let mut expected = vec![state(&input, "incoming"), pending.clone()];
         // Directories holding results, which must be synced before the inputs leave.
         let results: Vec<String> = match scenario {
             "forward" => {
@@ -103,7 +98,27 @@ fn one_batch_syncs_each_touched_directory_once_outputs_first() {
             _ => vec![],
         };
         expected.extend(results.iter().cloned());
-        let dirs = synced(scenario);
+        let dirs = synced(&trace, scenario);
+        if scenario == "fail" {
+            // Without a journal to order them, each failure's sidecar is made durable
+            // before its message appears in errors/: one more sync of errors/ per
+            // message, before the batch's.
+            let errors = state(&input, "errors");
+            let before = dirs.iter().filter(|d| **d == errors).count();
+            assert_eq!(
+                before,
+                BATCH + 1,
+                "fail: errors/ synced per sidecar and once per batch: {dirs:#?}"
+            );
+            let once: Vec<String> = dirs
+                .iter()
+                .enumerate()
+                .filter(|(i, d)| **d != errors || dirs[i + 1..].iter().all(|e| *e != errors))
+                .map(|(_, d)| d.clone())
+                .collect();
+            assert_eq!(sorted(once), sorted(expected), "fail");
+            continue;
+        }
         assert_eq!(
             sorted(dirs.clone()),
             sorted(expected),
@@ -118,6 +133,90 @@ fn one_batch_syncs_each_touched_directory_once_outputs_first() {
                  leave {pending}; synced in this order: {dirs:#?}"
             );
         }
+    }
+}
+
+/// Runs [`group_commit_child`] under strace with its queues in `dir`; the trace.
+fn trace_child(dir: &Path) -> String {
+    let log = dir.join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,%%stat", "-o"])
+        .arg(&log)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "group_commit::group_commit_child"])
+        .args(["--test-threads", "1", "--nocapture"])
+        .env(CHILD_DIR, dir)
+        .output()
+        .unwrap();
+    crate::util::assert_succeeded(&out, "the traced child");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    assert!(trace.contains(MARKER), "no markers in the trace:\n{trace}");
+    trace
+}
+
+/// The directories fsynced during one scenario's batch, in order.
+fn synced(trace: &str, scenario: &str) -> Vec<String> {
+    let begin = format!("\"{MARKER}/begin/{scenario}\"");
+    let end = format!("\"{MARKER}/end/{scenario}\"");
+    assert!(
+        trace.contains(&end),
+        "{scenario}: no end marker in the trace:\n{trace}"
+    );
+    trace
+        .lines()
+        .skip_while(|l| !l.contains(&begin))
+        .skip(1)
+        .take_while(|l| !l.contains(&end))
+        .filter_map(|l| {
+            let fd = l.split_once("fsync(")?.1;
+            let path = fd.split_once('<')?.1.split_once('>')?.0;
+            Some(path.to_owned())
+        })
+        .collect()
+}
+
+/// `<dir>/<queue>/<state>` as strace -y shows it: the kernel's path, no symlinks.
+fn state_path(dir: &Path, queue: &str, state: &str) -> String {
+    let root = std::fs::canonicalize(dir).unwrap();
+    format!("{}/{queue}/{state}", root.display())
+}
+
+/// An ext4 without a journal on a loop device, mounted for the duration of a test.
+struct Ext4WithoutJournal {
+    dir: tempfile::TempDir,
+    mounted: PathBuf,
+}
+
+impl Ext4WithoutJournal {
+    fn mount() -> Option<Ext4WithoutJournal> {
+        if !crate::util::is_root() {
+            return None;
+        }
+        let dir = crate::util::tempdir();
+        let image = dir.path().join("ext4.img");
+        let mounted = dir.path().join("mnt");
+        std::fs::create_dir(&mounted).ok()?;
+        let ok = |command: &mut Command| command.status().is_ok_and(|s| s.success());
+        let made = ok(Command::new("truncate").arg("-s").arg("64M").arg(&image))
+            && ok(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-O", "^has_journal"])
+                .arg(&image))
+            && ok(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mounted));
+        made.then_some(Ext4WithoutJournal { dir, mounted })
+    }
+
+    fn path(&self) -> &Path {
+        &self.mounted
+    }
+}
+
+impl Drop for Ext4WithoutJournal {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mounted).status();
+        let _ = &self.dir;
     }
 }
 
