@@ -2,9 +2,11 @@
 # dirq beside its peers, in one run, and the performance targets checked against
 # the floor measured in the same session:
 #
-# 1. the harness in ../shared/peers (raw-syscall floor, mentat.dirq, dirq through
-#    examples/peerbench with batch=1 and batch=64; --all adds python-dirq,
-#    persist-queue and litequeue), with its own tables;
+# 1. the harness in ../shared/peers with every peer (raw-syscall floor, mentat.dirq,
+#    dirq through examples/peerbench with batch=1 and batch=64, sqlq, the Rust queue on
+#    SQLite a Rust developer would use instead, with batch=1 and batch=64, and
+#    python-dirq, persist-queue and litequeue), with its own tables and its workers
+#    phase (T workers spending 1 ms per message);
 # 2. on a fresh journaled ext4 loop filesystem like the harness's: a 3-hop forwarding
 #    pipeline of Pipers (examples/hops, one process per hop) without fsync, with a
 #    sync after every message (--commit-batch 1) and with group commit (the Pipers'
@@ -14,10 +16,12 @@
 #    1,000,000 messages;
 # 3. a table of the targets with ratios and verdicts (benches/peers_report.py).
 #
-#   benches/peers.sh              # --only-dirq harness run (about 4 minutes) + the rest (about 5)
+#   benches/peers.sh              # every peer (about 18 minutes) + the rest (about 5)
+#   benches/peers.sh --only-dirq  # floor, mentat.dirq and dirq only, no sqlq (about 4) + the rest
 #   benches/peers.sh --quick      # harness smoke test (under a minute) + the rest
-#   benches/peers.sh --all        # every peer (about 9 minutes) + the rest
+#   benches/peers.sh --fs tmpfs   # the harness on a tmpfs (Mentat's advice for spools)
 #   benches/peers.sh --hops-only  # only the 3-hop pipeline and its floor (about 2 minutes)
+# Arguments other than --hops-only go to ../shared/peers/run-peers.sh.
 #
 # Needs root for the loop filesystems (like the harness). Writes under /tmp only; the
 # harness's raw results stay in /tmp/peers-results/, this script's in /tmp/dirq-peers/
@@ -30,10 +34,10 @@ examples=${CARGO_TARGET_DIR:-target}/release/examples
 out=/tmp/dirq-peers
 hops_only=false
 
-harness_args=(--only-dirq)
+harness_args=()
 for arg in "$@"; do
   case "$arg" in
-    --all) harness_args=() ;;
+    --all) ;; # the default; kept for older command lines
     --hops-only) hops_only=true out=/tmp/dirq-peers-hops ;;
     *) harness_args+=("$arg") ;;
   esac
