@@ -94,10 +94,10 @@ const FREEZE_AT: &[(&str, u64, u64)] = &[
     (FILE_SYNC, 1, 120),
 ];
 
-const FILE_SYNC: &str = "file sync";
+pub(crate) const FILE_SYNC: &str = "file sync";
 
 /// The system call that syncs a message file on `kind`.
-fn file_sync(kind: &str) -> &'static str {
+pub(crate) fn file_sync(kind: &str) -> &'static str {
     match kind {
         "ext4" | "xfs" => "sync_file_range",
         _ => "fdatasync",
@@ -245,7 +245,7 @@ fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) ->
 
 /// Cuts the power of `mount` with whatever writes to it frozen: shuts ext4 and xfs
 /// down without flushing their logs, or copies a btrfs image as the disk holds it.
-fn power_off(mount: &Mount) {
+pub(crate) fn power_off(mount: &Mount) {
     match mount.kind {
         "btrfs" => {
             support::sh(
@@ -268,7 +268,7 @@ fn power_off(mount: &Mount) {
 
 /// Mounts what the power cut left: the shut-down filesystem (its log replayed) or the
 /// btrfs copy. Processes that used the mount must be dead.
-fn power_on(mount: &Mount) {
+pub(crate) fn power_on(mount: &Mount) {
     mount.unmount();
     match mount.kind {
         "btrfs" => mount.mount_image(&mount.beside("cut.img")),
@@ -277,7 +277,7 @@ fn power_on(mount: &Mount) {
 }
 
 /// Goes back to the image that was not cut (btrfs), for the next trial.
-fn restore(mount: &Mount) {
+pub(crate) fn restore(mount: &Mount) {
     if mount.kind == "btrfs" {
         mount.unmount();
         std::fs::remove_file(mount.beside("cut.img")).expect("remove the image copy");
@@ -404,18 +404,21 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Lines read from a child's pipe by a thread, as they come.
-struct Lines(Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>);
+pub(crate) struct Lines(
+    pub(crate) Arc<Mutex<Vec<String>>>,
+    std::thread::JoinHandle<()>,
+);
 
 impl Lines {
     /// Waits for the end of the pipe and returns every line.
-    fn finish(self) -> Vec<String> {
+    pub(crate) fn finish(self) -> Vec<String> {
         self.1.join().expect("a pipe reader");
         let lines = self.0.lock().expect("lines").clone();
         lines
     }
 }
 
-fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Lines {
+pub(crate) fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Lines {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
     let reader = std::thread::spawn(move || {
