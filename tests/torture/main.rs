@@ -16,6 +16,7 @@ mod concurrent_recovery;
 mod crash_points;
 mod faults;
 mod full_disk;
+mod group_commit;
 mod hostile;
 mod inventory;
 mod kill_storm;
@@ -47,6 +48,7 @@ const CASES: &[Case] = &[
     crash_points::CASE,
     power_cut::CASE,
     power_cut::NEW_QUEUE_CASE,
+    group_commit::CASE,
     faults::CASE,
     faults::BACKOFF_CASE,
     full_disk::CASE,

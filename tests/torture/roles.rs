@@ -34,6 +34,7 @@ pub fn main(args: &[String]) -> i32 {
         ["hold", queue, count] => hold(queue, count.parse().unwrap_or(1)),
         ["crashpoint", rest @ ..] => crate::crash_points::child(rest),
         ["powercut", rest @ ..] => crate::power_cut::child(rest),
+        ["gcpipe", rest @ ..] => crate::group_commit::child(rest),
         ["drain", rest @ ..] => crate::scale::child(rest),
         _ => Err(format!("unknown role {args:?}").into()),
     };
