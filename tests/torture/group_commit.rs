@@ -26,8 +26,9 @@ pub const CASE: Case = Case {
               -emit-> q2 -forward with fan-out-> q3 + q3b, on ext4, xfs and btrfs",
     invariant: "every acknowledged message is upstream or durably downstream: never lost, never \
                 0-byte or partial, never twice in one queue; a fan-out is in both outputs or its \
-                input is still upstream; a message in two queues (to be processed again) is among \
-                the last 2 x commit_batch + workers its stage processed",
+                input is still upstream; at most 2 x commit_batch + workers of the messages a \
+                stage processed are back in its input, and one also downstream (to be processed \
+                again) is among the last that many it processed",
     run,
 };
 
