@@ -148,7 +148,6 @@ fn run(figures: &mut Figures) -> Outcome {
             "a stage did not exit cleanly on SIGTERM: {status}"
         );
     }
-    drop(spawn);
     drop(acks);
     for reader in readers {
         reader.join().expect("an acknowledgement reader");
