@@ -117,6 +117,61 @@ for label, w in (("new queue", wakeup), ("incoming/ that once held 1M", bloated)
         "", "< 1 %", w["idle_cpu_percent"] < 1)
 
 
+def workers(peer, threads, durable, key="rate"):
+    return median([r.get(key) for r in peers if r.get("peer") == peer and r.get("op") == "workers"
+                   and r.get("threads") == threads and r.get("durable") == durable
+                   and r.get("status", "ok") == "ok"])
+
+
+def fairness(peer, threads, durable):
+    """The smallest and largest share of one worker, over every run."""
+    shares = [w / max(sum(r["per_worker"]), 1) for r in peers
+              if r.get("peer") == peer and r.get("op") == "workers" and r.get("threads") == threads
+              and r.get("durable") == durable and r.get("per_worker")
+              for w in r["per_worker"]]
+    return (min(shares), max(shares)) if shares else (float("nan"), float("nan"))
+
+
+sqlq_rows = []
+if any(r.get("peer") == "sqlq" for r in peers):
+    def versus(what, ours, theirs, goal, base_label="sqlq"):
+        ratio = ours / theirs
+        verdict = "met" if ratio == ratio and ratio >= goal else "**missed**"
+        sqlq_rows.append(f"| {what} | {ours:.0f}/s vs {base_label} {theirs:.0f}/s | x{ratio:.2f} "
+                         f"| ≥ x{goal:g} | {verdict} |")
+    ops = (("enqueue", "enqueue"), ("dequeue", "claim+commit"), ("pipeline", "forward A→B"),
+           ("dequeue2", "2 consumers"))
+    for op, label in ops[:2]:
+        versus(f"{label}, no fsync, one process (the moonshot)", rate("dirq", op), rate("sqlq", op), 1.0)
+    for op, label in ops:
+        versus(f"{label}, a sync per message", rate("dirq", op, durable=True),
+               rate("sqlq", op, durable=True), 1.2)
+    for op, label in ops:
+        versus(f"{label}, group commit of 64", rate("dirq-b64", op, durable=True),
+               rate("sqlq-b64", op, durable=True), 1.0, "sqlq batch=64")
+    for threads, durable, peer, base, goal in ((16, False, "dirq", "sqlq", 1.5),
+                                               (4, True, "dirq", "sqlq", 3),
+                                               (16, True, "dirq", "sqlq", 3),
+                                               (16, True, "dirq-b64", "sqlq-b64", 1.5)):
+        fsync = "per-message fsync" if durable else "no fsync"
+        if peer == "dirq-b64":
+            fsync = "batch 64"
+        versus(f"workers T={threads}, {fsync}", workers(peer, threads, durable),
+               workers(base, threads, durable), goal, base.replace("-b64", " batch=64"))
+    for threads in (1, 4, 16):
+        for durable in (False, True):
+            for peer in ("dirq",) + (("dirq-b64",) if durable else ()):
+                ours, floor = workers(peer, threads, durable), workers("limit", threads, durable)
+                low, high = fairness(peer, threads, durable)
+                fair = threads == 1 or (low >= 0.8 / threads and high <= 1.2 / threads)
+                ratio = ours / floor
+                verdict = "met" if ratio >= 0.9 and fair else "**missed**"
+                sqlq_rows.append(
+                    f"| workers T={threads}, {'fsync on' if durable else 'no fsync'}, {peer} vs the floor, "
+                    f"fair split | {ours:.0f}/s vs floor {floor:.0f}/s, shares {100 * low:.1f}–{100 * high:.1f} % "
+                    f"| x{ratio:.2f} | ≥ x0.9, each share within 20 % of 1/T | {verdict} |")
+
+
 def hop_mode(h):
     """none, per-message (a sync after every message) or group (group commit)."""
     if h["durability"] == "none":
@@ -149,6 +204,11 @@ print("\n### Performance targets (this session; medians, ratios against the floo
 print("| target | measured | ratio | goal | verdict | reference |")
 print("|---|---|---|---|---|---|")
 print("\n".join(rows))
+if sqlq_rows:
+    print("\n### dirq against sqlq, the Rust queue on SQLite (WAL) a Rust developer would use instead\n")
+    print("| target | measured | ratio | goal | verdict |")
+    print("|---|---|---|---|---|")
+    print("\n".join(sqlq_rows))
 if hops:
     print("\n### 3-hop forwarding pipeline, by mode (one process per hop, 1 worker each; medians)\n")
     rates = sorted({h["offered_rate"] for h in paced})
