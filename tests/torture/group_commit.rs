@@ -7,15 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use dirq::piper::{BreakerPolicy, Emit, Outcome as Next, Piper, StageResult};
 use dirq::{DirectoryQueue, Durability, Message};
 
 use crate::inventory::{self, payload, Inventory};
-use crate::power_cut::{collect_lines, file_sync, power_off, power_on, restore, FILE_SYNC};
-use crate::support::{self, Figures, Mount, Outcome, Proc, Rng};
+use crate::power_cut::{file_sync, freeze_and_cut, restore, FILE_SYNC};
+use crate::support::{self, Figures, Mount, Outcome, Rng};
 use crate::Case;
 
 pub const CASE: Case = Case {
@@ -219,108 +218,17 @@ struct CutStats {
 /// cut the power, remount and check.
 fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) -> CutStats {
     let dir = mount.path().join(name);
-    std::fs::create_dir(&dir).expect("create the run's directory");
-    std::fs::File::open(mount.path())
-        .and_then(|d| d.sync_all())
-        .expect("sync the mount's root");
-    // `-f`: the workload's threads are traced too, and the injected SIGSTOP stops
-    // them all (a group stop). strace reports each thread's stop on its standard error.
-    let mut tracer = Proc::spawn(
-        support::role_under_strace(&[
-            "-f",
-            "-e",
-            &format!("trace={call}"),
-            "-e",
-            "signal=STOP",
-            "-e",
-            &format!("inject={call}:signal=STOP:when={occurrence}"),
-        ])
-        .args(["gcpipe", support::path_str(&dir), &MESSAGES.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped()),
+    let (lines, frozen) = freeze_and_cut(
+        mount,
+        &dir,
+        call,
+        occurrence,
+        context,
+        &["gcpipe", support::path_str(&dir), &MESSAGES.to_string()],
     );
-    let lines = collect_lines(tracer.0.stdout.take().expect("workload stdout"));
-    let reports = collect_lines(tracer.0.stderr.take().expect("strace stderr"));
-    let mut finished = None;
-    let mut workload = None;
-    support::wait_until(
-        Duration::from_secs(120),
-        "the workload to freeze or finish",
-        || {
-            if let Some(status) = tracer.0.try_wait().expect("poll strace") {
-                finished = Some(status);
-                return true;
-            }
-            // Read again each time: strace's first child may be its own test of the
-            // kernel's ptrace, not the workload.
-            workload = spawned(tracer.id());
-            workload.is_some_and(|pid| all_stopped(pid, &reports.0.lock().expect("reports")))
-        },
-    );
-    let frozen = finished.is_none();
-    power_off(mount);
-    if let (true, Some(pid)) = (frozen, workload) {
-        support::send(pid, rustix::process::Signal::KILL);
-    }
-    support::kill(&mut tracer.0);
-    let lines = lines.finish();
-    let reports = reports.finish();
-    if let Some(status) = finished {
-        assert!(
-            status.success(),
-            "{context}: the workload failed ({status}): {}",
-            reports.join("\n")
-        );
-    }
-    power_on(mount);
     let stats = check(&dir, &lines, frozen, context);
     restore(mount);
     stats
-}
-
-/// The process strace runs now, if any.
-fn spawned(tracer: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Whether every thread of `pid` is in the group stop: strace reported it stopped by
-/// SIGSTOP, and it is in a tracing stop. (A thread is also briefly in a tracing stop
-/// at each system call strace looks at, so the state alone says nothing.) strace
-/// names the thread (`[pid N]`) only while it traces more than one: a report without
-/// a name is the main thread's, before the Pipers' threads started.
-fn all_stopped(pid: u32, reports: &[String]) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    let stopped: BTreeSet<u32> = reports
-        .iter()
-        .filter(|l| l.contains("--- stopped by SIGSTOP ---"))
-        .filter_map(|l| match l.strip_prefix("[pid") {
-            Some(rest) => rest.split(']').next()?.trim().parse().ok(),
-            None => Some(pid),
-        })
-        .collect();
-    let mut any = false;
-    for task in tasks {
-        let Some(tid) = task
-            .ok()
-            .and_then(|t| t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        else {
-            return false;
-        };
-        any = true;
-        let traced_stop = matches!(support::process_state(tid), Some('t' | 'T'));
-        if !traced_stop || !stopped.contains(&tid) {
-            return false;
-        }
-    }
-    any
 }
 
 /// Recovers the remounted queues and checks them against the acknowledgements and the

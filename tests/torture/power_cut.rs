@@ -176,16 +176,49 @@ struct CutStats {
 /// cut the power, remount and check.
 fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) -> CutStats {
     let dir = mount.path().join(name);
-    std::fs::create_dir(&dir).expect("create the run's directory");
+    let (lines, frozen) = freeze_and_cut(
+        mount,
+        &dir,
+        call,
+        occurrence,
+        context,
+        &["powercut", support::path_str(&dir), &OPERATIONS.to_string()],
+    );
+    let checked = check(&dir, &lines, context);
+    restore(mount);
+    CutStats {
+        frozen,
+        acknowledged: lines.len() as u64,
+        checked,
+    }
+}
+
+/// Runs the workload `role` (a role of this executable, all its threads traced) in
+/// the new directory `dir` of `mount`, freezes it as it enters `call` for the
+/// `occurrence`-th time (strace injects SIGSTOP; every thread stops), cuts the power
+/// there, and mounts what the cut left. Returns the lines the workload printed
+/// (its acknowledgements) and whether it was frozen (false: it finished first). The
+/// caller checks the directory, then calls [`restore`].
+pub(crate) fn freeze_and_cut(
+    mount: &Mount,
+    dir: &Path,
+    call: &str,
+    occurrence: u64,
+    context: &str,
+    role: &[&str],
+) -> (Vec<String>, bool) {
+    std::fs::create_dir(dir).expect("create the run's directory");
     // The run's directory is the test's own: make it durable, as the queues make
     // theirs.
     std::fs::File::open(mount.path())
         .and_then(|d| d.sync_all())
         .expect("sync the mount's root");
-    // strace reports on its standard error, with the workload's own: only `call`
-    // is traced, and the freeze shows as "--- stopped by SIGSTOP ---".
+    // `-f`: the workload's threads are traced too, and the injected SIGSTOP stops
+    // them all (a group stop). strace reports each thread's stop on its standard
+    // error, with the workload's own; only `call` is traced.
     let mut tracer = Proc::spawn(
         support::role_under_strace(&[
+            "-f",
             "-e",
             &format!("trace={call}"),
             "-e",
@@ -193,7 +226,7 @@ fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) ->
             "-e",
             &format!("inject={call}:signal=STOP:when={occurrence}"),
         ])
-        .args(["powercut", support::path_str(&dir), &OPERATIONS.to_string()])
+        .args(role)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped()),
@@ -201,6 +234,7 @@ fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) ->
     let lines = collect_lines(tracer.0.stdout.take().expect("workload stdout"));
     let reports = collect_lines(tracer.0.stderr.take().expect("strace stderr"));
     let mut finished = None;
+    let mut workload = None;
     support::wait_until(
         Duration::from_secs(120),
         "the workload to freeze or finish",
@@ -209,19 +243,16 @@ fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) ->
                 finished = Some(status);
                 return true;
             }
-            reports
-                .0
-                .lock()
-                .expect("reports")
-                .iter()
-                .any(|l| l.contains("stopped by SIGSTOP"))
+            // Read again each time: strace's first child may be its own test of the
+            // kernel's ptrace, not the workload.
+            workload = spawned(tracer.id());
+            workload.is_some_and(|pid| all_stopped(pid, &reports.0.lock().expect("reports")))
         },
     );
     let frozen = finished.is_none();
-    let pid = frozen.then(|| support::traced_child(tracer.id()));
     power_off(mount);
-    if let Some(p) = pid {
-        support::send(p, rustix::process::Signal::KILL);
+    if let (true, Some(pid)) = (frozen, workload) {
+        support::send(pid, rustix::process::Signal::KILL);
     }
     support::kill(&mut tracer.0);
     let lines = lines.finish();
@@ -234,13 +265,7 @@ fn cut(mount: &Mount, name: &str, call: &str, occurrence: u64, context: &str) ->
         );
     }
     power_on(mount);
-    let checked = check(&dir, &lines, context);
-    restore(mount);
-    CutStats {
-        frozen,
-        acknowledged: lines.len() as u64,
-        checked,
-    }
+    (lines, frozen)
 }
 
 /// Cuts the power of `mount` with whatever writes to it frozen: shuts ext4 and xfs
@@ -427,4 +452,48 @@ pub(crate) fn collect_lines(pipe: impl std::io::Read + Send + 'static) -> Lines 
         }
     });
     Lines(lines, reader)
+}
+
+/// The process strace runs now, if any.
+fn spawned(tracer: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether every thread of `pid` is in the group stop: strace reported it stopped by
+/// SIGSTOP, and it is in a tracing stop. (A thread is also briefly in a tracing stop
+/// at each system call strace looks at, so the state alone says nothing.) strace
+/// names the thread (`[pid N]`) only while it traces more than one: a report without
+/// a name is the main thread's, before the Pipers' threads started.
+fn all_stopped(pid: u32, reports: &[String]) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let stopped: BTreeSet<u32> = reports
+        .iter()
+        .filter(|l| l.contains("--- stopped by SIGSTOP ---"))
+        .filter_map(|l| match l.strip_prefix("[pid") {
+            Some(rest) => rest.split(']').next()?.trim().parse().ok(),
+            None => Some(pid),
+        })
+        .collect();
+    let mut any = false;
+    for task in tasks {
+        let Some(tid) = task
+            .ok()
+            .and_then(|t| t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            return false;
+        };
+        any = true;
+        let traced_stop = matches!(support::process_state(tid), Some('t' | 'T'));
+        if !traced_stop || !stopped.contains(&tid) {
+            return false;
+        }
+    }
+    any
 }
