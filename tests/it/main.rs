@@ -2,6 +2,7 @@
 //! Mentat's own Python implementation of the protocol.
 
 mod cli;
+mod cli_admin;
 mod concurrency;
 mod crash;
 mod durability_cli;

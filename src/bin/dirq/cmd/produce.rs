@@ -47,6 +47,17 @@ pub(crate) fn take(
     wait: Option<Duration>,
     separator: u8,
 ) -> CliResult {
+    // Forwarding a message into its own queue puts it back where the next claim
+    // finds it again: `take q --to q -n 5` would move one message five times. The
+    // handles are compared by directory identity, so `q/.` or a symlink is caught too.
+    if let Some(next) = next.filter(|next| next.same_queue(queue)) {
+        return Err(format!(
+            "failed to take from {}: --to {} is the same queue",
+            queue.root().display(),
+            next.root().display()
+        )
+        .into());
+    }
     let mut out = io::stdout().lock();
     let mut taken = 0;
     while taken < count {

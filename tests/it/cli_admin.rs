@@ -1,0 +1,44 @@
+//! The operator's commands run as a new operator would: by mistake as well as on
+//! purpose. Each test is named after the defect of issue 13 it guards against.
+
+use std::process::Output;
+
+use dirq::State;
+
+use crate::util::{run, run_ok, TestQueue};
+
+fn s(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that `out` is a failure (exit 1) whose standard error contains each of `words`.
+fn assert_fails_saying(out: &Output, words: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {err}");
+    for word in words {
+        assert!(err.contains(word), "stderr should contain {word:?}: {err}");
+    }
+}
+
+#[test]
+fn take_to_its_own_queue_is_refused() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"once").unwrap().to_string();
+    let q = s(t.root());
+    let link = t.dir.path().join("link");
+    std::os::unix::fs::symlink(t.root(), &link).unwrap();
+    let dotted = format!("{q}/.");
+    for to in [q, dotted.as_str(), s(&link)] {
+        let out = run(&["take", q, "--to", to, "-n", "5"]);
+        assert_fails_saying(&out, &["failed to take from", "same queue"]);
+        assert!(out.stdout.is_empty(), "no id was printed for --to {to}");
+        assert_eq!(t.names(State::Incoming), [id.as_str()], "--to {to}");
+    }
+    // Another queue is still fine.
+    let next = t.dir.path().join("next");
+    assert_eq!(run_ok(&["take", q, "--to", s(&next)]).trim(), id);
+}
