@@ -42,3 +42,37 @@ fn take_to_its_own_queue_is_refused() {
     let next = t.dir.path().join("next");
     assert_eq!(run_ok(&["take", q, "--to", s(&next)]).trim(), id);
 }
+
+#[test]
+fn selection_usage_shows_the_queue_before_the_ids() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    for command in ["hold", "unhold", "delete", "requeue", "release"] {
+        let help = run_ok(&[command, "--help"]);
+        let usage = help
+            .lines()
+            .find(|l| l.starts_with("Usage:"))
+            .unwrap_or_else(|| panic!("{command} --help has a usage line: {help}"));
+        let (queue, id) = (usage.find("<QUEUE>"), usage.find("<ID>"));
+        assert!(
+            queue.is_some() && queue < id,
+            "{command}: <QUEUE> comes before <ID>: {usage}"
+        );
+        assert!(
+            help.contains("<QUEUE> --all"),
+            "{command} shows --all: {help}"
+        );
+    }
+    // Following the usage works: the queue first, then the id.
+    let id = t.queue.enqueue(b"x").unwrap().to_string();
+    assert!(run_ok(&["hold", q, &id]).contains("held 1 of 1"));
+    assert!(run_ok(&["unhold", q, &id]).contains("unheld 1 of 1"));
+    t.queue
+        .try_claim()
+        .unwrap()
+        .unwrap()
+        .fail("for requeue")
+        .unwrap();
+    assert!(run_ok(&["requeue", q, &id]).contains("requeued 1 of 1"));
+    assert!(run_ok(&["delete", q, &id]).contains("deleted 1 of 1"));
+}

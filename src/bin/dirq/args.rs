@@ -54,6 +54,8 @@ pub(crate) enum StateArg {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    // hold, unhold, delete and requeue override their usage: clap puts a required group
+    // (`<ID|--all>`) before the positionals, the reverse of the order it parses.
     /// Create queues (the directory and its state directories).
     #[command(
         after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 0770 /srv/q"
@@ -179,6 +181,7 @@ dirq ages /var/spool/dirq/*"
 
     /// Move failed messages from errors/ back to incoming/.
     #[command(
+        override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all",
         after_help = "Attempt counts start over unless --keep-attempts is given; the failure \
 sidecars are removed.\n\nExamples:\n  dirq requeue q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
 dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
@@ -199,6 +202,7 @@ dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
 
     /// Put waiting messages on hold: they are not claimed until unheld.
     #[command(
+        override_usage = "dirq hold [OPTIONS] <QUEUE> <ID>...\n       dirq hold [OPTIONS] <QUEUE> --all",
         after_help = "Examples:\n  dirq hold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
 dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq hold q --all"
     )]
@@ -215,6 +219,7 @@ dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq
     /// Called `release` before 0.2; that name still works but is hidden, because a
     /// claimed message's release (back to incoming/) is another thing.
     #[command(
+        override_usage = "dirq unhold [OPTIONS] <QUEUE> <ID>...\n       dirq unhold [OPTIONS] <QUEUE> --all",
         alias = "release",
         after_help = "Examples:\n  dirq unhold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  dirq unhold q --all"
     )]
@@ -228,6 +233,7 @@ dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq
 
     /// Delete messages (waiting, deferred, held or failed; never claimed ones).
     #[command(
+        override_usage = "dirq delete [OPTIONS] <QUEUE> <ID>...\n       dirq delete [OPTIONS] <QUEUE> --all",
         after_help = "Examples:\n  dirq delete q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
 dirq ls q --state errors --json | jq -r .id | dirq delete q -\n  dirq delete q --all"
     )]
