@@ -76,3 +76,16 @@ fn selection_usage_shows_the_queue_before_the_ids() {
     assert!(run_ok(&["requeue", q, &id]).contains("requeued 1 of 1"));
     assert!(run_ok(&["delete", q, &id]).contains("deleted 1 of 1"));
 }
+
+#[test]
+fn help_texts_have_no_escaped_quotes() {
+    // A doc comment is not a string literal: `\"` in one came out as a backslash.
+    for command in [
+        "push", "take", "status", "ls", "ages", "cat", "requeue", "hold", "unhold", "delete",
+        "purge", "check", "recover", "init", "metrics",
+    ] {
+        let help = run_ok(&[command, "--help"]);
+        assert!(!help.contains("\\\""), "{command} --help: {help}");
+    }
+    assert!(run_ok(&["push", "--help"]).contains("or for \"-\""));
+}

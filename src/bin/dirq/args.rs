@@ -77,7 +77,7 @@ pub(crate) enum Command {
         /// The queue.
         #[arg(value_name = "QUEUE")]
         queue: PathBuf,
-        /// Files to enqueue; standard input when none (or for \"-\").
+        /// Files to enqueue; standard input when none, or for "-".
         #[arg(value_name = "FILE")]
         files: Vec<OsString>,
     },
