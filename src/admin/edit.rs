@@ -53,6 +53,15 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
                 id: id.clone(),
             })
         }
+        // The bare "No such file or directory" of the rename does not say which of
+        // the two names is missing.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::io(
+                Operation::Requeue,
+                errors.join(name),
+                io::Error::new(io::ErrorKind::NotFound, "no failed message with this id"),
+            ))
+        }
         Err(e) => {
             return Err(Error::moving(
                 Operation::Requeue,

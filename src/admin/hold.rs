@@ -95,6 +95,12 @@ pub fn unhold(queue: &DirectoryQueue, id: &MessageId) -> Result<()> {
             path: incoming.join(name),
             id: id.clone(),
         }),
+        // The rename's bare "No such file or directory" does not say which name.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::io(
+            Operation::Unhold,
+            hold.join(name),
+            io::Error::new(io::ErrorKind::NotFound, "no held message with this id"),
+        )),
         Err(e) => Err(Error::moving(
             Operation::Unhold,
             hold.join(name),

@@ -89,3 +89,56 @@ fn help_texts_have_no_escaped_quotes() {
     }
     assert!(run_ok(&["push", "--help"]).contains("or for \"-\""));
 }
+
+#[test]
+fn errors_name_the_operation_and_the_path_given() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    let nope = format!("{q}/nope");
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["delete", q, "nope"],
+            &["failed to delete", &nope, "no message with this id"],
+        ),
+        (
+            &["hold", q, "nope"],
+            &["failed to hold", "nope", "no message with this id"],
+        ),
+        (
+            &["unhold", q, "nope"],
+            &["failed to unhold", "hold/nope", "no held message"],
+        ),
+        (
+            &["requeue", q, "garbage"],
+            &[
+                "failed to requeue",
+                "errors/garbage",
+                "no failed message with this id",
+            ],
+        ),
+    ];
+    for (args, words) in cases {
+        let out = run(args);
+        assert_fails_saying(&out, words);
+        let err = stderr(&out);
+        for wrong in [
+            "failed to commit",
+            "failed to release",
+            "\n  caused by: No such file",
+        ] {
+            assert!(!err.contains(wrong), "{args:?} says {wrong:?}: {err}");
+        }
+    }
+
+    // A directory given to push: the error names it, not the queue's tmp/ file, and
+    // nothing is left behind.
+    let dir = t.dir.path().join("some-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let given = format!("{}/", s(&dir));
+    let out = run(&["push", q, &given]);
+    assert_fails_saying(&out, &["failed to read input file", &given]);
+    let tmp = format!("{q}/tmp/");
+    assert!(!stderr(&out).contains(&tmp), "{}", stderr(&out));
+    assert!(t.names(State::Tmp).is_empty());
+    assert!(t.names(State::Incoming).is_empty());
+}

@@ -1,7 +1,7 @@
 //! Putting messages in and taking them out: init, push, take, cat.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,18 +26,60 @@ pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
     let mut out = io::stdout().lock();
     for file in files {
         let id = if file == OsStr::new("-") {
-            queue.enqueue_reader(io::stdin().lock())?
+            enqueue_input(queue, io::stdin().lock(), "standard input")?
         } else {
             let path = Path::new(file);
             let input = std::fs::File::open(path).map_err(context(format!(
                 "failed to open input file {}",
                 path.display()
             )))?;
-            queue.enqueue_reader(input)?
+            enqueue_input(queue, input, &format!("input file {}", path.display()))?
         };
         writeln!(out, "{id}").map_err(stdout_error)?;
     }
     Ok(())
+}
+
+/// Enqueues what `input` holds. When reading `input` fails (a directory, an I/O error),
+/// the error names `what` was being read: the library's error names the queue's
+/// temporary file, which the operator never gave.
+fn enqueue_input(
+    queue: &DirectoryQueue,
+    input: impl Read,
+    what: &str,
+) -> Result<MessageId, Box<dyn std::error::Error + Send + Sync>> {
+    let mut input = Input {
+        inner: input,
+        failed: None,
+    };
+    match queue.enqueue_reader(&mut input) {
+        Ok(id) => Ok(id),
+        Err(e) => match input.failed {
+            Some(cause) => Err(Box::new(context(format!(
+                "failed to read {what}; nothing was enqueued"
+            ))(cause))),
+            None => Err(Box::new(e)),
+        },
+    }
+}
+
+/// A reader that keeps its first error, so that the input, not the queue, is named.
+struct Input<R> {
+    inner: R,
+    failed: Option<io::Error>,
+}
+
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            let kind = e.kind();
+            if kind == io::ErrorKind::Interrupted {
+                return e;
+            }
+            self.failed.get_or_insert(e);
+            io::Error::new(kind, "the input could not be read")
+        })
+    }
 }
 
 pub(crate) fn take(
