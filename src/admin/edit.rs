@@ -8,6 +8,7 @@ use crate::engine::StateDir;
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
 use crate::format::meta::sidecar_name;
+use crate::sys::EntryKind;
 use crate::{DirectoryQueue, MessageId, State};
 
 /// What one [`purge`](crate::admin::purge) removed.
@@ -25,7 +26,9 @@ pub struct PurgeReport {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] with kind `NotFound` when `errors/` has no such message;
+/// [`Error::Io`] with kind `NotFound` when `errors/` has no such message, kind
+/// `InvalidInput` when the entry is not a regular file (a quarantined FIFO, socket,
+/// device, symlink or directory, which stays in `errors/`);
 /// [`Error::Duplicate`] when `incoming/` already holds a message with this id.
 ///
 /// # Durability
@@ -37,6 +40,26 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
     let errors = inner.dir(State::Errors);
     let incoming = inner.dir(State::Incoming);
     let name = id.as_os_str();
+    // Only a regular file is a message. A FIFO, socket, device, symlink or directory
+    // that was quarantined stays in errors/: put back into incoming/, it would be
+    // quarantined again by the next claim, or worse, be read by a Mentat worker.
+    match errors.dir.stat_at(name) {
+        Ok(stat) if stat.kind != EntryKind::File => {
+            return Err(Error::io(
+                Operation::Requeue,
+                errors.join(name),
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "it is a {}, not a message file; only regular files can be \
+                         requeued (look at it, then delete it)",
+                        stat.kind.as_str()
+                    ),
+                ),
+            ))
+        }
+        _ => {}
+    }
     if !keep_attempts {
         if let Ok(file) = errors.dir.open_read(name) {
             if let Err(e) = attempts::reset(&file) {
@@ -77,12 +100,15 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
 
 /// Deletes the message `id` from `incoming/`, `deferred/`, `hold/` or `errors/`
 /// (with its sidecar) and returns the state it was in. A claimed message is never
-/// deleted from under its worker.
+/// deleted from under its worker. A directory that was quarantined into `errors/`
+/// (one with a `.meta` sidecar) is removed with everything in it, never following a
+/// symlink; a directory in `errors/` without a sidecar is refused.
 ///
 /// # Errors
 ///
 /// [`Error::Io`] with kind `ResourceBusy` when the message is in `pending/`, kind
-/// `NotFound` when no state holds it.
+/// `NotFound` when no state holds it, kind `IsADirectory` for a directory in
+/// `errors/` without a sidecar or a directory in another state.
 ///
 /// # Durability
 ///
@@ -98,6 +124,10 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         match dir.dir.unlink(&name) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // std maps EISDIR to this kind (Rust 1.83+), so no errno is compared here.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory && state == State::Errors => {
+                delete_quarantined_dir(dir, &name)?;
+            }
             Err(e) => return Err(Error::io(Operation::Delete, dir.join(&name), e)),
         }
         if state == State::Errors {
@@ -120,6 +150,30 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         inner.root().join(id.as_os_str()),
         io::Error::new(kind, why),
     ))
+}
+
+/// Removes the directory `name` from `errors/`, with everything in it, if dirq
+/// quarantined it there: only then does it have a failure sidecar, which quarantine
+/// writes before the move. A directory without one was put there by someone else and
+/// may be anything (a mount point, someone's work), so it is left to the operator.
+/// Symlinks inside are removed, never followed.
+fn delete_quarantined_dir(errors: &StateDir, name: &OsStr) -> Result<()> {
+    let path = errors.join(name);
+    if errors.dir.stat_at(&sidecar_name(name)).is_err() {
+        return Err(Error::io(
+            Operation::Delete,
+            path,
+            io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "it is a directory that dirq did not quarantine (it has no .meta \
+                 sidecar); remove it by hand if it should go",
+            ),
+        ));
+    }
+    errors
+        .dir
+        .remove_tree(name)
+        .map_err(|e| Error::io(Operation::Delete, path, e))
 }
 
 /// Removes abandoned files from `tmp/` older than `tmp_older_than` (whose writers

@@ -66,6 +66,9 @@ impl Dir {
     pub(crate) fn unlink(&self, _name: &OsStr) -> io::Result<()> {
         unsupported()
     }
+    pub(crate) fn remove_tree(&self, _name: &OsStr) -> io::Result<()> {
+        unsupported()
+    }
     pub(crate) fn sync(&self) -> io::Result<()> {
         unsupported()
     }

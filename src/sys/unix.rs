@@ -161,6 +161,44 @@ impl Dir {
         Ok(rfs::unlinkat(&self.fd, name, AtFlags::empty())?)
     }
 
+    /// Removes the directory `name` and everything under it, relative to open
+    /// directory handles all the way down and never following a symlink: a symlink
+    /// inside is unlinked, not entered, so nothing outside the tree can be removed.
+    /// For quarantined directories in `errors/`, which an operator deletes.
+    pub(crate) fn remove_tree(&self, name: &OsStr) -> io::Result<()> {
+        self.remove_tree_at(name, 0)
+    }
+
+    fn remove_tree_at(&self, name: &OsStr, depth: usize) -> io::Result<()> {
+        // A bound on the recursion, so that a hostile tree cannot exhaust the stack.
+        const MAX_DEPTH: usize = 64;
+        if depth > MAX_DEPTH {
+            return Err(io::Error::other(format!(
+                "the directory tree is more than {MAX_DEPTH} levels deep"
+            )));
+        }
+        let child = self.open_child(name)?;
+        let mut entries = Vec::new();
+        child.scan(&mut Vec::new(), |entry| {
+            entries.push((entry.name.to_os_string(), entry.kind));
+        })?;
+        for (entry, kind) in entries {
+            let kind = match kind {
+                EntryKind::Unknown => child.stat_at(&entry)?.kind,
+                known => known,
+            };
+            let removed = match kind {
+                EntryKind::Dir => child.remove_tree_at(&entry, depth + 1),
+                _ => child.unlink(&entry),
+            };
+            match removed {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(rfs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)?)
+    }
+
     /// `fsync` of the directory: makes its entries durable.
     pub(crate) fn sync(&self) -> io::Result<()> {
         Ok(rfs::fsync(&self.fd)?)

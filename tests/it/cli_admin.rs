@@ -142,3 +142,74 @@ fn errors_name_the_operation_and_the_path_given() {
     assert!(t.names(State::Tmp).is_empty());
     assert!(t.names(State::Incoming).is_empty());
 }
+
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn quarantined_fifo_is_not_requeued_and_quarantined_directory_is_deleted() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    // Planted entries, quarantined into errors/ (with sidecars) by check --repair.
+    mkfifo(&t.path(State::Incoming).join("fifo"));
+    let planted = t.path(State::Incoming).join("tree");
+    std::fs::create_dir_all(planted.join("sub/deeper")).unwrap();
+    std::fs::write(planted.join("sub/deeper/file"), b"x").unwrap();
+    let outside = t.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"keep").unwrap();
+    std::os::unix::fs::symlink(&outside, planted.join("sub/link")).unwrap();
+    let _ = run(&["check", "--repair", q]);
+    let errors = t.names(State::Errors);
+    for name in ["fifo", "fifo.meta", "tree", "tree.meta"] {
+        assert!(
+            errors.iter().any(|n| n == name),
+            "{name} in errors/: {errors:?}"
+        );
+    }
+
+    // requeue refuses the FIFO, which stays in errors/.
+    let out = run(&["requeue", q, "fifo"]);
+    assert_fails_saying(
+        &out,
+        &[
+            "failed to requeue",
+            "errors/fifo",
+            "FIFO",
+            "not a message file",
+        ],
+    );
+    assert!(
+        t.names(State::Incoming).is_empty(),
+        "nothing went to incoming/"
+    );
+    assert!(t.path(State::Errors).join("fifo").exists());
+    // requeue --all skips nothing silently: it reports both and moves neither.
+    let out = run(&["requeue", q, "--all"]);
+    assert_fails_saying(&out, &["2 message(s) could not be requeued"]);
+    assert!(t.names(State::Incoming).is_empty());
+
+    // delete removes the quarantined directory with what is in it, not what its
+    // symlink points to, and the FIFO.
+    assert!(run_ok(&["delete", q, "tree", "fifo"]).contains("deleted 2 of 2"));
+    assert!(
+        t.names(State::Errors).is_empty(),
+        "{:?}",
+        t.names(State::Errors)
+    );
+    assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+
+    // A directory in errors/ that dirq did not quarantine (no sidecar) is refused.
+    std::fs::create_dir(t.path(State::Errors).join("by-hand")).unwrap();
+    let out = run(&["delete", q, "by-hand"]);
+    assert_fails_saying(
+        &out,
+        &["failed to delete", "errors/by-hand", "did not quarantine"],
+    );
+    assert!(t.path(State::Errors).join("by-hand").is_dir());
+}
