@@ -213,3 +213,26 @@ fn quarantined_fifo_is_not_requeued_and_quarantined_directory_is_deleted() {
     );
     assert!(t.path(State::Errors).join("by-hand").is_dir());
 }
+
+#[test]
+fn hold_on_a_mentat_queue_says_that_init_adds_hold() {
+    let dir = crate::util::tempdir();
+    let q = dir.path().join("mentat");
+    for state in ["tmp", "incoming", "pending", "errors"] {
+        std::fs::create_dir_all(q.join(state)).unwrap();
+    }
+    std::fs::write(q.join("incoming/a"), b"x").unwrap();
+    let init = format!("dirq init {}", s(&q));
+    for args in [
+        ["hold", s(&q), "a"],
+        ["hold", s(&q), "--all"],
+        ["unhold", s(&q), "--all"],
+    ] {
+        let out = run(&args);
+        assert_fails_saying(&out, &["hold/ is missing", &init]);
+    }
+    assert_eq!(crate::util::names_in(&q.join("incoming")), ["a"]);
+    // Following the advice works.
+    run_ok(&["init", s(&q)]);
+    assert!(run_ok(&["hold", s(&q), "a"]).contains("held 1 of 1"));
+}

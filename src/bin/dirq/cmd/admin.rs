@@ -91,12 +91,31 @@ pub(crate) fn requeue(
     })
 }
 
+/// A queue that Mentat created has no `hold/`; `dirq init` adds it. The library's own
+/// error says to open the queue with creation allowed, which an operator cannot do
+/// from `dirq hold`, so the command says what to run instead, before any message.
+fn require_hold(queue: &DirectoryQueue, verb: &str) -> CliResult {
+    let hold = queue.path(State::Hold);
+    if hold.is_dir() {
+        return Ok(());
+    }
+    Err(format!(
+        "failed to {verb} messages in {root}: {hold}/ is missing (a queue that Mentat \
+         created has none); run `dirq init {root}` to add it",
+        root = queue.root().display(),
+        hold = hold.display(),
+    )
+    .into())
+}
+
 pub(crate) fn hold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    require_hold(queue, "hold")?;
     let ids = selected(queue, select, &[State::Incoming, State::Deferred])?;
     for_each(&ids, "held", |id| dirq::admin::hold(queue, id).map(drop))
 }
 
 pub(crate) fn unhold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    require_hold(queue, "unhold")?;
     let ids = selected(queue, select, &[State::Hold])?;
     for_each(&ids, "unheld", |id| dirq::admin::unhold(queue, id))
 }
