@@ -236,3 +236,20 @@ fn hold_on_a_mentat_queue_says_that_init_adds_hold() {
     run_ok(&["init", s(&q)]);
     assert!(run_ok(&["hold", s(&q), "a"]).contains("held 1 of 1"));
 }
+
+#[test]
+fn status_watch_refuses_a_zero_or_tiny_interval() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    for every in ["0", "0s", "0.01", "50ms"] {
+        // Refused at once: the command never starts redrawing (`run` waits for the exit).
+        let out = run(&["status", "--watch", every, q]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "--watch {every}: {err}");
+        assert!(
+            err.contains("--watch") && err.contains("at least 100ms"),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "--watch {every} drew nothing");
+    }
+}

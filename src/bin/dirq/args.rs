@@ -132,8 +132,8 @@ dirq status --json q1 | jq .incoming"
         /// deferred, hold, bytes, oldest_age_s, and the Pipers that advertise under it.
         #[arg(long)]
         json: bool,
-        /// Refresh every SECS seconds, in place (until interrupted).
-        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        /// Refresh every SECS seconds, in place (until interrupted); at least 0.1.
+        #[arg(long, value_name = "SECS", value_parser = parse_watch_interval)]
         watch: Option<Duration>,
     },
 
@@ -441,6 +441,22 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a non-negative duration"))
 }
 
+/// The shortest `status --watch` interval: 0 redrew in a busy loop, and a shorter one
+/// than this re-reads every queue faster than anyone can read the screen.
+const MIN_WATCH: Duration = Duration::from_millis(100);
+
+/// A `status --watch` interval: a duration of at least [`MIN_WATCH`].
+fn parse_watch_interval(s: &str) -> Result<Duration, String> {
+    let every = parse_duration(s)?;
+    if every < MIN_WATCH {
+        return Err(format!(
+            "{s:?} is too short: the interval must be at least {}ms",
+            MIN_WATCH.as_millis()
+        ));
+    }
+    Ok(every)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,5 +480,9 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_watch_interval("0").is_err());
+        assert!(parse_watch_interval("99ms").is_err());
+        assert_eq!(parse_watch_interval("0.1"), Ok(MIN_WATCH));
+        assert_eq!(parse_watch_interval("2"), Ok(Duration::from_secs(2)));
     }
 }
