@@ -108,13 +108,63 @@ impl DirectoryQueue {
     /// # Durability
     ///
     /// As [`enqueue`](DirectoryQueue::enqueue).
-    pub fn enqueue_reader(&self, mut reader: impl Read) -> Result<MessageId> {
+    pub fn enqueue_reader(&self, reader: impl Read) -> Result<MessageId> {
+        self.enqueue_reader_to(reader, Destination::Incoming)
+    }
+
+    /// Enqueues everything `reader` yields, streamed as by
+    /// [`enqueue_reader`](DirectoryQueue::enqueue_reader), for delivery at
+    /// `not_before`, as [`enqueue_at`](DirectoryQueue::enqueue_at) does: the message
+    /// waits in `deferred/`, and a time not in the future delivers at once.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use dirq::{DirectoryQueue, State};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = DirectoryQueue::open(dir.path().join("q"))?;
+    /// let in_ten_minutes = SystemTime::now() + Duration::from_secs(600);
+    /// queue.enqueue_reader_at(&b"later"[..], in_ten_minutes)?;
+    /// assert_eq!(queue.count(State::Deferred)?, 1);
+    /// assert!(queue.try_claim()?.is_none(), "not due yet");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue_reader`](DirectoryQueue::enqueue_reader); [`Error::Layout`] when
+    /// the queue has no `deferred/` (opened without permission to create it).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue), with `deferred/` in place of
+    /// `incoming/` when the time is in the future.
+    pub fn enqueue_reader_at(
+        &self,
+        reader: impl Read,
+        not_before: SystemTime,
+    ) -> Result<MessageId> {
+        // The time is compared once the bytes are in: a slow reader can make a due
+        // time pass meanwhile, and a message already due goes straight to incoming/.
+        self.enqueue_reader_to(reader, Destination::Deferred(not_before))
+    }
+
+    fn enqueue_reader_to(
+        &self,
+        mut reader: impl Read,
+        destination: Destination,
+    ) -> Result<MessageId> {
         let mut tmp = TmpFile::create(self.engine(), None)?;
         tmp.copy_from(&mut reader)?;
         if tmp.is_blank() {
             return Err(empty(self.engine()));
         }
-        tmp.publish(Destination::Incoming)
+        match destination {
+            Destination::Deferred(at) if at <= SystemTime::now() => {
+                tmp.publish(Destination::Incoming)
+            }
+            destination => tmp.publish(destination),
+        }
     }
 
     /// Enqueues many messages behind one durability barrier (group commit) and returns

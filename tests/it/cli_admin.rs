@@ -253,3 +253,71 @@ fn status_watch_refuses_a_zero_or_tiny_interval() {
         assert!(out.stdout.is_empty(), "--watch {every} drew nothing");
     }
 }
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `ls --json` lines of one state, as JSON values.
+fn ls_json(q: &str, state: &str) -> Vec<serde_json::Value> {
+    run_ok(&["ls", q, "--state", state, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn push_at_and_delay_defer_delivery() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    let before = unix_now();
+    let later = crate::util::run_with_input(&["push", q, "--delay", "10m"], b"later");
+    assert!(later.status.success(), "{}", stderr(&later));
+    let at = before + 3600;
+    let at_arg = format!("@{at}");
+    let file = t.dir.path().join("at.txt");
+    std::fs::write(&file, b"at").unwrap();
+    let at_id = run_ok(&["push", q, "--at", &at_arg, s(&file)]);
+    let rfc = run_ok(&["push", q, "--at", "2200-01-01T00:00:00Z", s(&file)]);
+    // A time already past delivers at once.
+    let past = run_ok(&["push", q, "--at", "2000-01-01T00:00:00+02:00", s(&file)]);
+
+    assert_eq!(t.names(State::Incoming), [past.trim()]);
+    let deferred = ls_json(q, "deferred");
+    assert_eq!(deferred.len(), 3, "{deferred:?}");
+    let due = |id: &str| {
+        deferred
+            .iter()
+            .find(|m| m["id"] == id.trim())
+            .and_then(|m| m["not_before"].as_f64())
+            .unwrap_or_else(|| panic!("{id} deferred with not_before: {deferred:?}"))
+    };
+    let delayed = deferred
+        .iter()
+        .find(|m| m["id"] != at_id.trim() && m["id"] != rfc.trim())
+        .and_then(|m| m["not_before"].as_f64())
+        .unwrap();
+    assert!(
+        (before + 600) as f64 <= delayed + 1.0 && delayed <= (unix_now() + 601) as f64,
+        "--delay 10m is due in ten minutes: {delayed}"
+    );
+    assert!((due(&at_id) - at as f64).abs() < 1.0, "--at @{at}");
+    assert!((due(&rfc) - 7_258_118_400.0).abs() < 1.0, "--at 2200-01-01");
+    // Not due: a consumer sees only the past one.
+    assert_eq!(run_ok(&["take", q, "-n", "10"]), "at\n");
+
+    // Bad times and both flags are usage errors; nothing is enqueued.
+    for args in [
+        &["push", q, "--at", "tomorrow", s(&file)][..],
+        &["push", q, "--at", "2030-01-01T00:00:00", s(&file)],
+        &["push", q, "--at", "@1", "--delay", "1m", s(&file)],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(t.queue.counts().unwrap().deferred, 3);
+    assert_eq!(t.queue.counts().unwrap().incoming, 0);
+}

@@ -46,7 +46,15 @@ pub(crate) fn run(cli: Cli) -> CliResult {
 fn dispatch(command: Command, opener: &Opener) -> CliResult {
     match command {
         Command::Init { queues, mode } => produce::init(&queues, mode),
-        Command::Push { queue, files } => produce::push(&opener.create(&queue)?, &files),
+        Command::Push {
+            queue,
+            files,
+            at,
+            delay,
+        } => {
+            let not_before = at.or_else(|| delay.map(|d| std::time::SystemTime::now() + d));
+            produce::push(&opener.create(&queue)?, &files, not_before)
+        }
         Command::Take {
             queue,
             count,

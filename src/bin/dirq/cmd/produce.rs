@@ -3,7 +3,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use dirq::{DirectoryQueue, Message, MessageId};
 
@@ -16,7 +16,13 @@ pub(crate) fn init(queues: &[PathBuf], mode: u32) -> CliResult {
     Ok(())
 }
 
-pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
+/// Enqueues each file (standard input for `-` or none); with `not_before`, for
+/// delivery then, through `deferred/`.
+pub(crate) fn push(
+    queue: &DirectoryQueue,
+    files: &[OsString],
+    not_before: Option<SystemTime>,
+) -> CliResult {
     let stdin_only = [OsString::from("-")];
     let files = if files.is_empty() {
         &stdin_only[..]
@@ -26,14 +32,15 @@ pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
     let mut out = io::stdout().lock();
     for file in files {
         let id = if file == OsStr::new("-") {
-            enqueue_input(queue, io::stdin().lock(), "standard input")?
+            enqueue_input(queue, io::stdin().lock(), not_before, "standard input")?
         } else {
             let path = Path::new(file);
             let input = std::fs::File::open(path).map_err(context(format!(
                 "failed to open input file {}",
                 path.display()
             )))?;
-            enqueue_input(queue, input, &format!("input file {}", path.display()))?
+            let what = format!("input file {}", path.display());
+            enqueue_input(queue, input, not_before, &what)?
         };
         writeln!(out, "{id}").map_err(stdout_error)?;
     }
@@ -46,13 +53,18 @@ pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString]) -> CliResult {
 fn enqueue_input(
     queue: &DirectoryQueue,
     input: impl Read,
+    not_before: Option<SystemTime>,
     what: &str,
 ) -> Result<MessageId, Box<dyn std::error::Error + Send + Sync>> {
     let mut input = Input {
         inner: input,
         failed: None,
     };
-    match queue.enqueue_reader(&mut input) {
+    let enqueued = match not_before {
+        Some(at) => queue.enqueue_reader_at(&mut input, at),
+        None => queue.enqueue_reader(&mut input),
+    };
+    match enqueued {
         Ok(id) => Ok(id),
         Err(e) => match input.failed {
             Some(cause) => Err(Box::new(context(format!(
