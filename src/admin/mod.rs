@@ -1,12 +1,13 @@
 //! Operator tools: look at, repair and edit a queue from outside its workers.
 //!
 //! These are the library side of the `dirq` command's `ls`, `cat`, `check`, `hold`,
-//! `unhold`, `requeue`, `delete` and `purge`: functions that take a
+//! `unhold`, `flush`, `requeue`, `delete` and `purge`: functions that take a
 //! [`DirectoryQueue`](crate::DirectoryQueue) and work on any message in any state.
 //! Workers do not need them; they claim, and recover what dead workers left.
 //!
 //! - listing: [`list`], [`info`], [`failure`], [`peek`], [`ages`], [`pipers`];
-//! - editing: [`hold`], [`unhold`], [`requeue`], [`delete`], [`purge`];
+//! - editing: [`hold`], [`unhold`], [`flush`], [`flush_all`], [`requeue`], [`delete`],
+//!   [`purge`];
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout.
 //!
 //! This layer uses the queue API and, for what the queue does not offer, the
@@ -14,10 +15,12 @@
 
 mod check;
 mod edit;
+mod flush;
 mod hold;
 mod listing;
 
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
 pub use edit::{delete, purge, requeue, PurgeReport};
+pub use flush::{flush, flush_all};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};

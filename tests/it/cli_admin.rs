@@ -47,7 +47,7 @@ fn take_to_its_own_queue_is_refused() {
 fn selection_usage_shows_the_queue_before_the_ids() {
     let t = TestQueue::new();
     let q = s(t.root());
-    for command in ["hold", "unhold", "delete", "requeue", "release"] {
+    for command in ["hold", "unhold", "flush", "delete", "requeue", "release"] {
         let help = run_ok(&[command, "--help"]);
         let usage = help
             .lines()
@@ -320,4 +320,37 @@ fn push_at_and_delay_defer_delivery() {
     }
     assert_eq!(t.queue.counts().unwrap().deferred, 3);
     assert_eq!(t.queue.counts().unwrap().incoming, 0);
+}
+
+#[test]
+fn flush_delivers_deferred_messages_now() {
+    let t = TestQueue::new();
+    let q = s(t.root());
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            t.queue
+                .enqueue_at(format!("{i}"), later)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(run_ok(&["take", q]), "", "nothing is due");
+
+    assert!(run_ok(&["flush", q, &ids[1]]).contains("flushed 1 of 1"));
+    assert_eq!(t.names(State::Incoming), [ids[1].as_str()]);
+    // An id that is not deferred (any more) names the operation and the path.
+    let out = run(&["flush", q, &ids[1]]);
+    assert_fails_saying(
+        &out,
+        &[
+            "failed to deliver deferred",
+            "deferred/",
+            "no deferred message",
+        ],
+    );
+
+    assert!(run_ok(&["flush", q, "--all"]).contains("flushed 2 message(s)"));
+    assert_eq!(t.queue.counts().unwrap().deferred, 0);
+    assert_eq!(run_ok(&["take", q, "-n", "10"]).lines().count(), 3);
 }

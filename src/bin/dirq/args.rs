@@ -54,7 +54,7 @@ pub(crate) enum StateArg {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    // hold, unhold, delete and requeue override their usage: clap puts a required group
+    // hold, unhold, flush, delete and requeue override their usage: clap puts a required group
     // (`<ID|--all>`) before the positionals, the reverse of the order it parses.
     /// Create queues (the directory and its state directories).
     #[command(
@@ -235,6 +235,22 @@ dirq ls q --json | jq -r 'select(.size > 1000000) | .id' | dirq hold q -\n  dirq
         after_help = "Examples:\n  dirq unhold q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  dirq unhold q --all"
     )]
     Unhold {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        select: Selection,
+    },
+
+    /// Deliver deferred messages now instead of at their due time (like postqueue -f / -i).
+    #[command(
+        override_usage = "dirq flush [OPTIONS] <QUEUE> <ID>...\n       dirq flush [OPTIONS] <QUEUE> --all",
+        after_help = "Deferred messages are retries waiting out their backoff and messages pushed with \
+--at or --delay. A flushed message keeps its attempt count.\n\nExamples:\n  \
+dirq flush q --all\n  dirq flush q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq ls q --state deferred --json | jq -r .id | dirq flush q -"
+    )]
+    Flush {
         /// The queue.
         #[arg(value_name = "QUEUE")]
         queue: PathBuf,

@@ -1,4 +1,5 @@
-//! Repairing and tidying queues: requeue, hold, release, delete, purge, check, recover.
+//! Repairing and tidying queues: requeue, hold, unhold, flush, delete, purge, check,
+//! recover.
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
@@ -118,6 +119,17 @@ pub(crate) fn unhold(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     require_hold(queue, "unhold")?;
     let ids = selected(queue, select, &[State::Hold])?;
     for_each(&ids, "unheld", |id| dirq::admin::unhold(queue, id))
+}
+
+pub(crate) fn flush(queue: &DirectoryQueue, select: &Selection) -> CliResult {
+    if select.all {
+        // One read of deferred/ rather than a search of it per id.
+        let moved = dirq::admin::flush_all(queue)?;
+        writeln!(io::stdout(), "flushed {moved} message(s)").map_err(stdout_error)?;
+        return Ok(());
+    }
+    let ids = selected(queue, select, &[State::Deferred])?;
+    for_each(&ids, "flushed", |id| dirq::admin::flush(queue, id))
 }
 
 pub(crate) fn delete(queue: &DirectoryQueue, select: &Selection) -> CliResult {
