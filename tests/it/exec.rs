@@ -481,3 +481,44 @@ fn a_bad_pipeline_file_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn dry_run_lists_due_deferred_messages_a_real_run_would_process() {
+    let t = TestQueue::new();
+    let waiting = t.queue.enqueue(b"waiting").unwrap();
+    // Deferred by hand: `<due>@<id>`, one due long ago and one due in a century.
+    let (due, later) = (MessageId::generate(), MessageId::generate());
+    let deferred = t.path(State::Deferred);
+    std::fs::create_dir_all(&deferred).unwrap();
+    std::fs::write(deferred.join(format!("0000000001.000000000@{due}")), b"due").unwrap();
+    std::fs::write(
+        deferred.join(format!("9999999999.000000000@{later}")),
+        b"later",
+    )
+    .unwrap();
+    let out = dirq()
+        .args(["exec", "--dry-run", s(t.root()), "--", "cat"])
+        .output()
+        .unwrap();
+    assert_succeeded(&out, "dirq exec --dry-run");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.matches("would run: cat").count(), 2, "{stdout}");
+    let line = |id: &MessageId| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&format!("DIRQ_ID={id} ")))
+            .unwrap_or_else(|| panic!("no line for {id}: {stdout}"))
+            .to_owned()
+    };
+    assert!(!line(&waiting).contains("deferred"), "{stdout}");
+    assert!(line(&due).ends_with("[deferred, due]"), "{stdout}");
+    assert!(
+        !stdout.contains(&later.to_string()),
+        "not yet due: {stdout}"
+    );
+    assert!(
+        stdout.contains("2 message(s) would be processed"),
+        "{stdout}"
+    );
+    assert_eq!(t.names(State::Deferred).len(), 2, "nothing was promoted");
+}

@@ -85,8 +85,8 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     Ok(())
 }
 
-/// Prints the command that would run for each waiting message, oldest first; claims
-/// nothing.
+/// Prints the command that would run for each waiting message, oldest first, then for
+/// each deferred message that is due (marked so); claims nothing.
 fn dry_run(
     input: &DirectoryQueue,
     program: &std::ffi::OsStr,
@@ -98,16 +98,29 @@ fn dry_run(
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let infos = dirq::admin::list(input, State::Incoming)?;
+    // A real run also takes deferred messages whose due time has passed (it promotes
+    // them to incoming/ first), so they are listed too, after the waiting ones.
+    let mut infos = dirq::admin::list(input, State::Incoming)?;
+    let now = std::time::SystemTime::now();
+    infos.extend(
+        dirq::admin::list(input, State::Deferred)?
+            .into_iter()
+            .filter(|info| info.not_before.is_some_and(|due| due <= now)),
+    );
     for info in &infos {
         writeln!(
             out,
-            "would run: {command}  (DIRQ_ID={} DIRQ_QUEUE={} DIRQ_ATTEMPT={} DIRQ_PATH={}, {} bytes on stdin)",
+            "would run: {command}  (DIRQ_ID={} DIRQ_QUEUE={} DIRQ_ATTEMPT={} DIRQ_PATH={}, {} bytes on stdin){}",
             info.id,
             input.root().display(),
             info.attempts.unwrap_or(0) + 1,
             input.path(State::Pending).join(info.id.as_os_str()).display(),
-            info.size
+            info.size,
+            if info.state == State::Deferred {
+                "  [deferred, due]"
+            } else {
+                ""
+            }
         )
         .map_err(stdout_error)?;
     }
