@@ -32,7 +32,8 @@ const STDERR_TAIL_BYTES: usize = 4096;
 ///   the command's standard error in the sidecar.
 /// - A command that runs longer than the [timeout](CommandStageBuilder::timeout) gets
 ///   SIGTERM for its whole process group, then SIGKILL after a grace period, and the
-///   message fails with reason `timeout`.
+///   message fails with reason `timeout` ([`Outcome::TimedOut`], counted in
+///   [`PiperStats::timeouts`](super::PiperStats::timeouts)).
 ///
 /// Standard error is passed through to the Piper's standard error as well. With
 /// `forward`, standard output is collected in memory; without, it is passed through.
@@ -285,7 +286,14 @@ impl Stage for CommandStage {
         let attempt = message.attempts()?;
         let (status, stdout, stderr_tail) = self.run(message, attempt)?;
         let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
-            None => ("timeout".to_owned(), None),
+            None => {
+                self.alert(message, attempt, "timeout", None);
+                let details = FailureDetails {
+                    exit_code: None,
+                    stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
+                };
+                return Ok(Outcome::TimedOut(details));
+            }
             Some((Some(0), _)) => {
                 return Ok(match (self.settings.forward, stdout.is_empty()) {
                     (false, _) => Outcome::Commit,

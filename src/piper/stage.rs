@@ -75,6 +75,12 @@ pub enum Outcome {
     /// Try again after this delay instead of the backoff's; after the last attempt
     /// the message goes to `errors/` with this reason.
     RetryAfter(String, Duration),
+    /// The stage gave up on the message because processing it ran too long (as
+    /// [`CommandStage`](crate::piper::CommandStage) does at its timeout): move it to
+    /// `errors/` with reason `timeout` and these details, and count it in
+    /// [`PiperStats::timeouts`](crate::piper::PiperStats::timeouts) as well as in
+    /// `failed`.
+    TimedOut(crate::queue::FailureDetails),
 }
 
 /// A new message emitted by a stage; see [`Outcome::Emit`].

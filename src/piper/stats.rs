@@ -28,7 +28,9 @@ pub struct PiperStats {
     pub dead_lettered: u64,
     /// Messages that were too old and went to `errors/` unprocessed.
     pub expired: u64,
-    /// Messages whose processing exceeded the timeout.
+    /// Messages whose processing exceeded a timeout: the Piper's (its supervisor took
+    /// them over) or the stage's own ([`Outcome::TimedOut`](crate::piper::Outcome::TimedOut),
+    /// as a [`CommandStage`](crate::piper::CommandStage)'s timeout returns).
     pub timeouts: u64,
     /// Stage panics.
     pub panics: u64,

@@ -285,6 +285,14 @@ impl<'a> Worker<'a> {
                 self.fail(message, reason, details, dead_letter)
                     .map(|()| Finish::Done)
             }
+            Outcome::TimedOut(details) => {
+                failed = true;
+                self.fail(message, "timeout".to_owned(), details, dead_letter)
+                    .map(|()| {
+                        Counters::add(&counters.timeouts, 1);
+                        Finish::Done
+                    })
+            }
             Outcome::Retry(reason) => {
                 failed = true;
                 message.retry(reason).map(|r| {

@@ -522,3 +522,23 @@ fn dry_run_lists_due_deferred_messages_a_real_run_would_process() {
     );
     assert_eq!(t.names(State::Deferred).len(), 2, "nothing was promoted");
 }
+
+#[test]
+fn a_command_timeout_is_counted_in_the_timeouts_statistic() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"slow").unwrap();
+    let out = exec(
+        t.root(),
+        &["-v", "--timeout", "200ms", "--kill-grace", "0"],
+        "sleep 5",
+    );
+    let failure = dirq::admin::failure(&t.queue, &id).unwrap().unwrap();
+    assert_eq!(failure.reason.as_deref(), Some("timeout"));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let finished = stderr
+        .lines()
+        .find(|l| l.contains("exec finished"))
+        .unwrap_or_else(|| panic!("no final statistics: {stderr}"));
+    assert!(finished.contains("timeouts: 1,"), "{finished}");
+    assert!(finished.contains("failed: 1,"), "{finished}");
+}
