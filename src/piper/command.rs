@@ -2,8 +2,9 @@
 //! schedulers, and what `dirq exec` runs.
 
 use std::collections::HashSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -30,6 +31,11 @@ const STDERR_TAIL_BYTES: usize = 4096;
 /// - Exit 75 (`EX_TEMPFAIL`) retries it with backoff.
 /// - Any other exit, or death by a signal, fails it, with the exit code and the end of
 ///   the command's standard error in the sidecar.
+/// - A command that cannot be started is a configuration error:
+///   [`build`](CommandStageBuilder::build) refuses a program it cannot find or
+///   execute, and when starting it fails later (the program was removed), the message
+///   goes back to `incoming/` and the Piper stops ([`Outcome::Stop`]), its `run`
+///   returning an error that names the command.
 /// - A command that runs longer than the [timeout](CommandStageBuilder::timeout) gets
 ///   SIGTERM for its whole process group, then SIGKILL after a grace period, and the
 ///   message fails with reason `timeout` ([`Outcome::TimedOut`], counted in
@@ -139,7 +145,16 @@ impl CommandStage {
         message: &Message,
         attempt: u32,
     ) -> Result<(Option<ExitStatus>, Vec<u8>, String), super::StageError> {
-        let mut child = self.spawn(message, attempt)?;
+        let mut child = match self.spawn(message, attempt) {
+            Ok(child) => child,
+            Err(e) => {
+                return Err(Unstartable(format!(
+                    "cannot start command {:?}: {e}",
+                    self.settings.program
+                ))
+                .into())
+            }
+        };
         let group = child.id();
         self.running
             .lock()
@@ -260,8 +275,9 @@ impl CommandStageBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] when the program is empty, the timeout is zero or the
-    /// on-fail hook is empty.
+    /// [`Error::Config`] when the program is empty or cannot be executed (a path
+    /// that is not an executable file, or a bare name not found in `PATH`, looked up
+    /// as `execvp` does), the timeout is zero or the on-fail hook is empty.
     pub fn build(&self) -> Result<CommandStage> {
         let target = format!("command stage {:?}", self.program);
         let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
@@ -274,6 +290,9 @@ impl CommandStageBuilder {
         if self.on_fail.as_ref().is_some_and(|hook| hook.is_empty()) {
             return bad("on_fail", "must not be empty");
         }
+        if let Err(reason) = find_program(&self.program) {
+            return bad("program", &reason);
+        }
         Ok(CommandStage {
             settings: self.clone(),
             running: Arc::default(),
@@ -284,7 +303,16 @@ impl CommandStageBuilder {
 impl Stage for CommandStage {
     fn process(&mut self, message: &Message) -> StageResult {
         let attempt = message.attempts()?;
-        let (status, stdout, stderr_tail) = self.run(message, attempt)?;
+        let (status, stdout, stderr_tail) = match self.run(message, attempt) {
+            Ok(ran) => ran,
+            // The command cannot be started at all (it was removed or lost its
+            // execute permission since build): failing the message would fail every
+            // message the same way, so it goes back and the Piper stops.
+            Err(e) => match e.downcast::<Unstartable>() {
+                Ok(unstartable) => return Ok(Outcome::Stop(unstartable.0)),
+                Err(e) => return Err(e),
+            },
+        };
         let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
             None => {
                 self.alert(message, attempt, "timeout", None);
@@ -317,6 +345,43 @@ impl Stage for CommandStage {
             stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
         };
         Ok(Outcome::FailWith(reason, details))
+    }
+}
+
+/// The command could not be started; see [`Outcome::Stop`].
+#[derive(Debug)]
+struct Unstartable(String);
+
+impl std::fmt::Display for Unstartable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unstartable {}
+
+/// Checks that `program` can be executed, looked up as `execvp` does: a name with a
+/// `/` is a path that must be an executable file; a bare name must be one in a
+/// directory of `PATH` (`/bin:/usr/bin` when `PATH` is unset; an empty entry is the
+/// current directory).
+fn find_program(program: &OsStr) -> std::result::Result<(), String> {
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return sys::check_executable(path).map_err(|e| format!("cannot be executed: {e}"));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/bin:/usr/bin"));
+    let found = std::env::split_paths(&search).any(|dir| {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        sys::check_executable(&dir.join(path)).is_ok()
+    });
+    if found {
+        Ok(())
+    } else {
+        Err("not found in PATH (or not executable there)".to_owned())
     }
 }
 

@@ -196,7 +196,9 @@ impl Piper {
     /// # Errors
     ///
     /// An [`Error`] when the inputs cannot be recovered or the liveness files cannot be
-    /// written at start. Errors while running are logged and do not stop it.
+    /// written at start, and [`Error::Config`] (field `stage`) when the stage stopped
+    /// it with [`Outcome::Stop`]. Other errors while running are logged and do not
+    /// stop it.
     pub fn run(self) -> Result<PiperStats> {
         supervisor::run(&self.shared)
     }
@@ -520,6 +522,7 @@ impl PiperBuilder {
                 rates: Mutex::new(RateWindow::default()),
                 supervisor: Mutex::new(None),
                 started: SystemTime::now(),
+                stopped: Mutex::new(None),
             }),
         })
     }
@@ -638,6 +641,9 @@ struct Shared {
     /// The supervisor's thread, unparked when a shutdown is requested.
     supervisor: Mutex<Option<Thread>>,
     started: SystemTime,
+    /// Why the stage asked to stop ([`Outcome::Stop`]); [`Piper::run`] returns it as
+    /// an error.
+    stopped: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -656,6 +662,12 @@ impl Shared {
         if let Some(thread) = lock(&self.supervisor).as_ref() {
             thread.unpark();
         }
+    }
+
+    /// Stops the Piper because its stage cannot work; the first reason is kept.
+    fn stop_with(&self, reason: String) {
+        lock(&self.stopped).get_or_insert(reason);
+        self.request(DRAINING);
     }
 
     fn stats(&self) -> PiperStats {

@@ -81,6 +81,12 @@ pub enum Outcome {
     /// [`PiperStats::timeouts`](crate::piper::PiperStats::timeouts) as well as in
     /// `failed`.
     TimedOut(crate::queue::FailureDetails),
+    /// The stage cannot work at all, whatever the message (a
+    /// [`CommandStage`](crate::piper::CommandStage) whose command cannot be started):
+    /// put the message back into `incoming/` unprocessed and stop the Piper. Other
+    /// workers finish their messages, and [`Piper::run`](crate::piper::Piper::run)
+    /// returns [`Error::Config`] (field `stage`) with this reason.
+    Stop(String),
 }
 
 /// A new message emitted by a stage; see [`Outcome::Emit`].

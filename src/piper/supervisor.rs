@@ -124,6 +124,13 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     stop_committer(shared, committer);
     let stats = shared.stats();
     tracing::info!(stage = %shared.name, ?stats, "piper stopped");
+    if let Some(reason) = lock(&shared.stopped).take() {
+        return Err(Error::config(
+            format_args!("Piper {:?}", shared.name),
+            "stage",
+            reason,
+        ));
+    }
     Ok(stats)
 }
 

@@ -293,6 +293,11 @@ impl<'a> Worker<'a> {
                         Finish::Done
                     })
             }
+            Outcome::Stop(reason) => {
+                tracing::error!(stage = %shared.name, %id, %reason, "the stage cannot work: putting the message back and stopping");
+                shared.stop_with(reason);
+                message.release().map(|()| Finish::Done)
+            }
             Outcome::Retry(reason) => {
                 failed = true;
                 message.retry(reason).map(|r| {

@@ -161,6 +161,11 @@ pub(crate) fn new_process_group(_command: &mut std::process::Command) {}
 
 pub(crate) fn signal_group(_group: u32, _signal: super::GroupSignal) {}
 
+/// Without execute permission bits to read, only whether `path` exists.
+pub(crate) fn check_executable(path: &Path) -> io::Result<()> {
+    std::fs::metadata(path).map(|_| ())
+}
+
 pub(crate) fn killed_by(_status: &std::process::ExitStatus) -> Option<i32> {
     None
 }

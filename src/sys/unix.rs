@@ -501,6 +501,16 @@ pub(crate) fn signal_group(group: u32, signal: super::GroupSignal) {
     let _ = rustix::process::kill_process_group(pid, signal);
 }
 
+/// Whether this process may execute `path`, as `execve` would: `Ok` for a file with
+/// execute permission for us (`access(X_OK)`), an error (`NotFound`, `PermissionDenied`,
+/// `EISDIR`) otherwise.
+pub(crate) fn check_executable(path: &Path) -> io::Result<()> {
+    if std::fs::metadata(path)?.is_dir() {
+        return Err(rustix::io::Errno::ISDIR.into());
+    }
+    rfs::access(path, rfs::Access::EXEC_OK).map_err(io::Error::from)
+}
+
 /// The signal that killed a process, if one did.
 pub(crate) fn killed_by(status: &std::process::ExitStatus) -> Option<i32> {
     std::os::unix::process::ExitStatusExt::signal(status)

@@ -542,3 +542,56 @@ fn a_command_timeout_is_counted_in_the_timeouts_statistic() {
     assert!(finished.contains("timeouts: 1,"), "{finished}");
     assert!(finished.contains("failed: 1,"), "{finished}");
 }
+
+#[test]
+fn a_command_that_cannot_be_started_is_refused_and_the_queue_is_kept() {
+    let t = TestQueue::new();
+    for i in 0..3 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let not_executable = t.dir.path().join("not-executable.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").unwrap();
+    for command in [
+        "/nonexistent/cmd",
+        "dirq-no-such-command-anywhere",
+        s(&not_executable),
+        s(t.dir.path()),
+    ] {
+        let out = crate::util::run(&["exec", "--drain", s(t.root()), "--", command]);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains("invalid program of command stage") && stderr.contains(command),
+            "{command}: {stderr}"
+        );
+        let counts = t.queue.counts().unwrap();
+        assert_eq!((counts.incoming, counts.errors), (3, 0), "{command}");
+    }
+}
+
+#[test]
+fn a_command_removed_while_running_stops_exec_and_keeps_the_messages() {
+    let t = TestQueue::new();
+    for i in 0..3 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    // The first message's command removes the command itself: the next cannot start.
+    let script = t.dir.path().join("once.sh");
+    std::fs::write(&script, "#!/bin/sh\nrm -f \"$0\"\ncat > /dev/null\n").unwrap();
+    let mut permissions = std::fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&script, permissions).unwrap();
+    let out = crate::util::run(&["exec", "--drain", "-j", "1", s(t.root()), "--", s(&script)]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("cannot start command {:?}", s(&script))),
+        "{stderr}"
+    );
+    let counts = t.queue.counts().unwrap();
+    assert_eq!(
+        (counts.incoming, counts.pending, counts.errors),
+        (2, 0, 0),
+        "one processed, the others kept: {stderr}"
+    );
+}
