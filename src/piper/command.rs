@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::stage::{Emit, Outcome, Stage, StageResult};
+use super::stage::{Emit, Failed, Outcome, Stage, StageResult};
 use crate::error::{Error, Result};
 use crate::format::meta::FailureDetails;
 use crate::{sys, Message};
@@ -210,7 +210,8 @@ impl CommandStage {
         Ok(None)
     }
 
-    fn alert(&self, message: &Message, attempt: u32, reason: &str, exit_code: Option<i32>) {
+    /// Runs the on-fail hook, if there is one, for a message that went to `errors/`.
+    fn alert(&self, failed: &Failed) {
         let Some(hook) = &self.settings.on_fail else {
             return;
         };
@@ -218,18 +219,23 @@ impl CommandStage {
         command
             .arg("-c")
             .arg(hook)
-            .env("DIRQ_REASON", reason)
-            .env("DIRQ_ID", message.id().as_os_str())
-            .env("DIRQ_QUEUE", message.queue().root())
-            .env("DIRQ_ATTEMPT", attempt.to_string())
+            .env("DIRQ_REASON", &failed.reason)
+            .env("DIRQ_ID", failed.id.as_os_str())
+            .env("DIRQ_QUEUE", &failed.queue)
+            .env("DIRQ_ATTEMPT", failed.attempt.to_string())
+            .env(
+                "DIRQ_DEAD_LETTER",
+                if failed.dead_letter { "1" } else { "0" },
+            )
             .stdin(Stdio::null());
-        if let Some(code) = exit_code {
-            command.env("DIRQ_EXIT_CODE", code.to_string());
-        }
+        match failed.exit_code {
+            Some(code) => command.env("DIRQ_EXIT_CODE", code.to_string()),
+            None => command.env_remove("DIRQ_EXIT_CODE"),
+        };
         match command.status() {
             Ok(status) if status.success() => {}
-            Ok(status) => tracing::warn!(id = %message.id(), %status, "the on-fail hook failed"),
-            Err(e) => tracing::warn!(id = %message.id(), error = %e, "cannot run the on-fail hook"),
+            Ok(status) => tracing::warn!(id = %failed.id, %status, "the on-fail hook failed"),
+            Err(e) => tracing::warn!(id = %failed.id, error = %e, "cannot run the on-fail hook"),
         }
     }
 }
@@ -263,9 +269,12 @@ impl CommandStageBuilder {
         self
     }
 
-    /// A shell command (`sh -c`) run when a message fails, for alerting, with
-    /// `DIRQ_REASON`, `DIRQ_ID`, `DIRQ_QUEUE`, `DIRQ_ATTEMPT` and `DIRQ_EXIT_CODE` (if
-    /// any) in its environment; not empty. Default: none.
+    /// A shell command (`sh -c`) run for alerting whenever a message goes to
+    /// `errors/` (see [`Stage::on_failed`]): a failed command, a dead letter after the
+    /// last retry, a timeout. Its environment has `DIRQ_REASON`, `DIRQ_ID`,
+    /// `DIRQ_QUEUE`, `DIRQ_ATTEMPT`, `DIRQ_DEAD_LETTER` (`1` or `0`) and
+    /// `DIRQ_EXIT_CODE` (when the command exited); not empty. It runs on the worker,
+    /// which waits for it. Default: none.
     pub fn on_fail(&mut self, hook: impl Into<OsString>) -> &mut Self {
         self.on_fail = Some(hook.into());
         self
@@ -301,6 +310,11 @@ impl CommandStageBuilder {
 }
 
 impl Stage for CommandStage {
+    /// Runs the [`on_fail`](CommandStageBuilder::on_fail) hook.
+    fn on_failed(&mut self, failed: &Failed) {
+        self.alert(failed);
+    }
+
     fn process(&mut self, message: &Message) -> StageResult {
         let attempt = message.attempts()?;
         let (status, stdout, stderr_tail) = match self.run(message, attempt) {
@@ -315,7 +329,6 @@ impl Stage for CommandStage {
         };
         let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
             None => {
-                self.alert(message, attempt, "timeout", None);
                 let details = FailureDetails {
                     exit_code: None,
                     stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
@@ -339,7 +352,6 @@ impl Stage for CommandStage {
             Some((None, Some(signal))) => (format!("killed by signal {signal}"), None),
             Some((None, None)) => ("ended abnormally".to_owned(), None),
         };
-        self.alert(message, attempt, &reason, exit_code);
         let details = FailureDetails {
             exit_code,
             stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),

@@ -23,7 +23,7 @@ pub use breaker::BreakerPolicy;
 pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL};
 pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
-pub use stage::{Emit, Outcome, Stage, StageError, StageResult};
+pub use stage::{Emit, Failed, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 
 use crate::error::{Error, Result};

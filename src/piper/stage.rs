@@ -1,12 +1,13 @@
 //! What a stage is: a function from one claimed message to an outcome.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::{Error, Operation};
-use crate::Message;
+use crate::{Message, MessageId};
 
 /// The error a stage may return; it fails the message with the error's text (and
 /// causes) as the reason.
@@ -35,6 +36,40 @@ pub trait Stage: Send {
     ///
     /// Any error: the message is moved to `errors/` with the error chain as its reason.
     fn process(&mut self, message: &Message) -> StageResult;
+
+    /// Called after a message of this stage went to `errors/`, whatever the way: a
+    /// failure outcome or error of [`process`](Self::process), a dead letter after
+    /// the last retry (a stage that kept retrying or panicking, or a message whose
+    /// process died on it), a stage timeout ([`Outcome::TimedOut`]), or the Piper's
+    /// own [timeout](crate::piper::PiperBuilder::timeout). For alerting:
+    /// [`CommandStage`](crate::piper::CommandStage) runs its
+    /// [`on_fail`](crate::piper::CommandStageBuilder::on_fail) hook here.
+    ///
+    /// It runs on the worker that processed the message, after the move; when the
+    /// Piper's timeout took the message over, on a fresh instance from the stage
+    /// factory, in a thread of its own. A panic in it is logged and ignored. Default:
+    /// nothing.
+    fn on_failed(&mut self, failure: &Failed) {
+        let _ = failure;
+    }
+}
+
+/// A message that went to `errors/`; see [`Stage::on_failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Failed {
+    /// The message's id.
+    pub id: MessageId,
+    /// The root of the input queue it was in (its `errors/` holds it now).
+    pub queue: PathBuf,
+    /// The reason in its sidecar.
+    pub reason: String,
+    /// The attempt that failed, this one included (1 for the first).
+    pub attempt: u32,
+    /// The exit code of a command that failed, when there is one.
+    pub exit_code: Option<i32>,
+    /// Whether it was dead-lettered: retried until its last attempt.
+    pub dead_letter: bool,
 }
 
 impl<F> Stage for F

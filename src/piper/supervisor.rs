@@ -13,7 +13,7 @@ use super::liveness::{epoch_ms, Advert, PiperInfo};
 use super::stats::{Counters, PiperStats};
 use super::takeover::{take_over, Action};
 use super::worker;
-use super::{later, lock, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
+use super::{later, lock, Failed, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
 use crate::error::{Error, Result};
 use crate::format::meta::rfc3339;
 use crate::sys::{self, ProcessSignal};
@@ -236,8 +236,21 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
         };
         let queue = &shared.inputs[job.input];
         match take_over(queue, &job.id, action) {
-            Ok(()) => {
-                tracing::warn!(stage = %shared.name, id = %job.id, ?timeout, "processing timed out")
+            Ok(failed) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, ?timeout, "processing timed out");
+                if let Some(attempt) = failed {
+                    tell_failed(
+                        shared,
+                        Failed {
+                            id: job.id.clone(),
+                            queue: queue.root().to_path_buf(),
+                            reason: "timeout".to_owned(),
+                            attempt,
+                            exit_code: None,
+                            dead_letter: action != Action::Fail("timeout"),
+                        },
+                    );
+                }
             }
             Err(e) => {
                 tracing::warn!(stage = %shared.name, id = %job.id, error = %error_chain(&e), "cannot move a timed-out message; recovery will requeue it when this process ends")
@@ -268,6 +281,23 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
     }
 }
 
+/// Runs [`Stage::on_failed`](super::Stage::on_failed) for a message the supervisor
+/// failed, on a fresh stage instance in a thread of its own: the stuck worker still
+/// has its stage, and the hook must not hold up the supervisor's watch.
+fn tell_failed(shared: &Arc<Shared>, failed: Failed) {
+    let factory = Arc::clone(&shared.factory);
+    let name = shared.name.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("dirq-{}-on-failed", shared.name))
+        .spawn(move || {
+            let mut stage = factory();
+            worker::tell_failed(&name, stage.as_mut(), &failed);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(stage = %shared.name, error = %e, "cannot start a thread for on_failed");
+    }
+}
+
 /// At the end of a drain (or a forced stop): puts every message still being processed
 /// back into `incoming/`.
 fn release_in_flight(shared: &Shared) {
@@ -277,7 +307,7 @@ fn release_in_flight(shared: &Shared) {
             continue;
         }
         match take_over(&shared.inputs[job.input], &job.id, Action::Release) {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::warn!(stage = %shared.name, id = %job.id, "released a message still in progress at shutdown")
             }
             Err(e) => {
@@ -364,5 +394,72 @@ fn info(shared: &Shared, state: u8) -> PiperInfo {
         stats: shared.stats(),
         rates: lock(&shared.rates).rates(),
         live: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::piper::{Outcome, Piper, Stage, StageResult};
+    use crate::{DirectoryQueue, Message};
+
+    /// Sticks in `process` until `release` is set; records what `on_failed` is told.
+    struct Stuck {
+        release: Arc<AtomicBool>,
+        told: Arc<Mutex<Vec<Failed>>>,
+    }
+
+    impl Stage for Stuck {
+        fn process(&mut self, _: &Message) -> StageResult {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self.release.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(Outcome::Commit)
+        }
+
+        fn on_failed(&mut self, failed: &Failed) {
+            lock(&self.told).push(failed.clone());
+        }
+    }
+
+    #[test]
+    fn a_timeout_taken_over_by_the_supervisor_tells_on_failed() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let input = DirectoryQueue::open(dir.path().join("q")).expect("open queue");
+        let id = input.enqueue(b"stuck").expect("enqueue");
+        let release = Arc::new(AtomicBool::new(false));
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let (r, t) = (Arc::clone(&release), Arc::clone(&told));
+        let piper = Piper::builder("stuck")
+            .input(&input)
+            .timeout(Duration::from_millis(50))
+            .advertise(false)
+            .stage_factory(move || Stuck {
+                release: Arc::clone(&r),
+                told: Arc::clone(&t),
+            })
+            .build()
+            .expect("a valid Piper");
+        let handle = piper.handle();
+        let runner = std::thread::spawn(move || piper.run());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lock(&told).is_empty() {
+            assert!(Instant::now() < deadline, "on_failed was not called");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        release.store(true, Ordering::Release);
+        handle.shutdown();
+        let stats = runner.join().expect("the piper thread").expect("run");
+        assert_eq!(stats.timeouts, 1);
+        let told = lock(&told);
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].id, id);
+        assert_eq!(told[0].reason, "timeout");
+        assert_eq!(told[0].queue, input.root());
+        assert_eq!((told[0].attempt, told[0].dead_letter), (1, false));
     }
 }

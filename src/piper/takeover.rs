@@ -24,8 +24,13 @@ pub(super) enum Action {
     Release,
 }
 
-/// Carries out `action` on the message `id` in `queue`'s `pending/`.
-pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) -> Result<()> {
+/// Carries out `action` on the message `id` in `queue`'s `pending/`: `Some(attempts)`
+/// when it went to `errors/` (after that many attempts), `None` when it went elsewhere.
+pub(super) fn take_over(
+    queue: &DirectoryQueue,
+    id: &MessageId,
+    action: Action,
+) -> Result<Option<u32>> {
     let inner = queue.engine();
     let pending = inner.dir(State::Pending);
     let name = id.as_os_str();
@@ -39,8 +44,10 @@ pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) 
     let _ = attempts::write(&file, inner.identity(), attempts);
     let allowed = inner.config().retry.max_attempts();
     let (target, destination) = match action {
-        Action::Fail(reason) => return fail(queue, id, reason, attempts),
-        Action::Retry(reason) if attempts >= allowed => return fail(queue, id, reason, attempts),
+        Action::Fail(reason) => return fail(queue, id, reason, attempts).map(|()| Some(attempts)),
+        Action::Retry(reason) if attempts >= allowed => {
+            return fail(queue, id, reason, attempts).map(|()| Some(attempts))
+        }
         Action::Retry(reason) => {
             let _ = attempts::write_reason(&file, reason);
             let delay = inner
@@ -56,7 +63,7 @@ pub(super) fn take_over(queue: &DirectoryQueue, id: &MessageId, action: Action) 
         .dir
         .rename_noreplace(name, &target.dir, &destination)
         .map_err(|e| Error::moving(Operation::TakeOver, &path, target.join(&destination), e))?;
-    inner.syncer().changed(&[pending, target])
+    inner.syncer().changed(&[pending, target]).map(|()| None)
 }
 
 fn fail(queue: &DirectoryQueue, id: &MessageId, reason: &str, attempts: u32) -> Result<()> {

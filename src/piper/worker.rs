@@ -9,7 +9,7 @@ use super::backpressure::Change;
 use super::breaker::Transition;
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
-use super::{error_chain, later, lock, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use super::{error_chain, later, lock, Failed, Job, Outcome, Shared, Stage, JOB_RUNNING};
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
 use crate::queue::{FailureDetails, Retried, TerminalError};
@@ -262,11 +262,18 @@ impl<'a> Worker<'a> {
 
     /// Carries out an outcome, counts it, and tells the breaker. `Troubled` when the
     /// outcome could not be carried out.
-    fn apply_outcome(&self, message: Message, outcome: Outcome, dead_letter: bool) -> Processed {
+    fn apply_outcome(
+        &mut self,
+        message: Message,
+        outcome: Outcome,
+        dead_letter: bool,
+    ) -> Processed {
         let shared = self.shared;
         let counters = &shared.counters;
         let id = message.id().clone();
         let mut failed = false;
+        // What to tell the stage's on_failed once the message is in errors/.
+        let mut notice: Option<Failed> = None;
         let applied: Result<Finish, TerminalError> = match outcome {
             Outcome::Forward => self.forward(message, None),
             Outcome::ForwardTo(name) => self.forward(message, Some(&name)),
@@ -277,16 +284,29 @@ impl<'a> Worker<'a> {
             }),
             Outcome::Fail(reason) => {
                 failed = true;
+                notice = Some(failed_notice(&message, &reason, None, dead_letter));
                 self.fail(message, reason, FailureDetails::default(), dead_letter)
                     .map(|()| Finish::Done)
             }
             Outcome::FailWith(reason, details) => {
                 failed = true;
+                notice = Some(failed_notice(
+                    &message,
+                    &reason,
+                    details.exit_code,
+                    dead_letter,
+                ));
                 self.fail(message, reason, details, dead_letter)
                     .map(|()| Finish::Done)
             }
             Outcome::TimedOut(details) => {
                 failed = true;
+                notice = Some(failed_notice(
+                    &message,
+                    "timeout",
+                    details.exit_code,
+                    dead_letter,
+                ));
                 self.fail(message, "timeout".to_owned(), details, dead_letter)
                     .map(|()| {
                         Counters::add(&counters.timeouts, 1);
@@ -300,7 +320,11 @@ impl<'a> Worker<'a> {
             }
             Outcome::Retry(reason) => {
                 failed = true;
+                let last = failed_notice(&message, &reason, None, true);
                 message.retry(reason).map(|r| {
+                    if r == Retried::DeadLettered {
+                        notice = Some(last);
+                    }
                     self.count_retry(r);
                     Finish::Done
                 })
@@ -310,6 +334,7 @@ impl<'a> Worker<'a> {
                 let last = message.attempts().unwrap_or(1)
                     >= message.queue().retry_policy().max_attempts();
                 let retried = if last {
+                    notice = Some(failed_notice(&message, &reason, None, true));
                     message
                         .fail(reason)
                         .map(|()| self.count_retry(Retried::DeadLettered))
@@ -334,6 +359,7 @@ impl<'a> Worker<'a> {
             Processed::Troubled
         };
         if let Err(e) = applied {
+            notice = None;
             let (error, message) = e.into_parts();
             failed = true;
             tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out the outcome");
@@ -343,6 +369,9 @@ impl<'a> Worker<'a> {
         }
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
             log_transition(&shared.name, transition);
+        }
+        if let Some(notice) = notice {
+            tell_failed(&shared.name, self.stage.as_mut(), &notice);
         }
         processed
     }
@@ -452,6 +481,30 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(Finish::Commit(message))
+    }
+}
+
+/// What [`Stage::on_failed`] is told about `message` failing with `reason`.
+fn failed_notice(
+    message: &Message,
+    reason: &str,
+    exit_code: Option<i32>,
+    dead_letter: bool,
+) -> Failed {
+    Failed {
+        id: message.id().clone(),
+        queue: message.queue().root().to_path_buf(),
+        reason: reason.to_owned(),
+        attempt: message.attempts().unwrap_or(1),
+        exit_code,
+        dead_letter,
+    }
+}
+
+/// Calls the stage's [`Stage::on_failed`]; a panic in it is logged, not passed on.
+pub(super) fn tell_failed(name: &str, stage: &mut dyn Stage, failed: &Failed) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| stage.on_failed(failed))) {
+        tracing::warn!(stage = %name, id = %failed.id, panic = %panic_message(panic.as_ref()), "on_failed panicked");
     }
 }
 

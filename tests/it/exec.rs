@@ -595,3 +595,58 @@ fn a_command_removed_while_running_stops_exec_and_keeps_the_messages() {
         "one processed, the others kept: {stderr}"
     );
 }
+
+#[test]
+fn on_fail_runs_for_dead_letters_and_timeouts_with_id_queue_reason_and_attempt() {
+    let t = TestQueue::new();
+    let hook_log = t.dir.path().join("hook.log");
+    let hook = format!(
+        r#"echo "$DIRQ_ID|$DIRQ_QUEUE|$DIRQ_REASON|$DIRQ_ATTEMPT|$DIRQ_DEAD_LETTER" >> {}"#,
+        hook_log.display()
+    );
+    let lines = || -> Vec<Vec<String>> {
+        std::fs::read_to_string(&hook_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split('|').map(str::to_owned).collect())
+            .collect()
+    };
+    // Exit 75 retries; after the last of 2 attempts the message is a dead letter.
+    let dead = t.queue.enqueue(b"always busy").unwrap();
+    exec(
+        t.root(),
+        &["--retries", "2", "--on-fail", &hook],
+        "cat > /dev/null; exit 75",
+    );
+    assert_eq!(t.queue.counts().unwrap().errors, 1);
+    let got = lines();
+    assert_eq!(
+        got.len(),
+        1,
+        "the hook ran once, for the dead letter: {got:?}"
+    );
+    assert_eq!(got[0][0], dead.to_string());
+    assert_eq!(got[0][1], s(t.root()));
+    assert!(got[0][2].starts_with("exit 75"), "{got:?}");
+    assert_eq!((got[0][3].as_str(), got[0][4].as_str()), ("2", "1"));
+    // A timeout of the command.
+    let slow = t.queue.enqueue(b"slow").unwrap();
+    exec(
+        t.root(),
+        &[
+            "--timeout",
+            "200ms",
+            "--kill-grace",
+            "0",
+            "--on-fail",
+            &hook,
+        ],
+        "sleep 5",
+    );
+    let got = lines();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[1],
+        [&slow.to_string(), s(t.root()), "timeout", "1", "0"].map(str::to_owned)
+    );
+}

@@ -410,8 +410,9 @@ pub(crate) struct ExecArgs {
     /// Only print what would run for each waiting message; change nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,
-    /// Shell command run when a message fails, with DIRQ_REASON, DIRQ_ID, DIRQ_QUEUE,
-    /// DIRQ_ATTEMPT and DIRQ_EXIT_CODE in its environment.
+    /// Shell command run whenever a message goes to errors/ (failure, dead letter after
+    /// the last retry, timeout), with DIRQ_REASON, DIRQ_ID, DIRQ_QUEUE, DIRQ_ATTEMPT,
+    /// DIRQ_DEAD_LETTER (1 or 0) and DIRQ_EXIT_CODE (if it exited) in its environment.
     #[arg(long, value_name = "CMD")]
     pub(crate) on_fail: Option<OsString>,
     /// Stage name in logs and `dirq status` (default: the command's name).
