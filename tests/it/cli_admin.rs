@@ -44,6 +44,21 @@ fn take_to_its_own_queue_is_refused() {
 }
 
 #[test]
+fn exec_to_its_own_queue_is_refused() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"once").unwrap().to_string();
+    let q = s(t.root());
+    let link = t.dir.path().join("link");
+    std::os::unix::fs::symlink(t.root(), &link).unwrap();
+    let dotted = format!("{q}/.");
+    for to in [q, dotted.as_str(), s(&link)] {
+        let out = run(&["exec", q, "--to", to, "--drain", "--", "cat"]);
+        assert_fails_saying(&out, &["failed to start exec on", "same queue"]);
+        assert_eq!(t.names(State::Incoming), [id.as_str()], "--to {to}");
+    }
+}
+
+#[test]
 fn selection_usage_shows_the_queue_before_the_ids() {
     let t = TestQueue::new();
     let q = s(t.root());

@@ -23,6 +23,16 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         return dry_run(&input, program.as_ref(), rest);
     }
     let next = args.to.as_deref().map(|to| opener.create(to)).transpose()?;
+    // A stage may emit back into its own queue (fresh ids), but forwarding into it
+    // would hand the same message back at once, for ever.
+    if let Some(next) = next.as_ref().filter(|next| next.same_queue(&input)) {
+        return Err(format!(
+            "failed to start exec on {}: --to {} is the same queue",
+            args.queue.display(),
+            next.root().display()
+        )
+        .into());
+    }
     let name = args.name.clone().unwrap_or_else(|| {
         Path::new(program)
             .file_name()
