@@ -3,6 +3,7 @@
 
 mod cli;
 mod cli_admin;
+mod cli_run;
 mod concurrency;
 mod crash;
 mod durability_cli;

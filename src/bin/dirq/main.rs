@@ -54,7 +54,12 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: a reader of standard error that
+        // went away (`dirq run ... 2>&1 | head`) must not panic a worker holding claimed
+        // messages. tracing-subscriber would report the failed write with eprintln!,
+        // which panics on a closed pipe, hence no internal error logging either.
+        .with_writer(|| output::QuietStderr)
+        .log_internal_errors(false)
         .with_target(false)
         .init();
 }

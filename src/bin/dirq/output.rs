@@ -49,6 +49,24 @@ pub(crate) fn quiet_broken_pipe(result: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// Standard error for log lines, where a failed write (closed pipe, full disk) is
+/// dropped rather than reported: nothing can be reported on a stream that fails, and a
+/// panic there would kill a worker holding claimed messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuietStderr;
+
+impl io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// A command's verdict that is not an error to print: `check` found problems.
 #[derive(Debug)]
 pub(crate) struct ExitStatus(pub(crate) u8);
