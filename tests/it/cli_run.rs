@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dirq::{DirectoryQueue, State};
@@ -40,6 +41,17 @@ fn live_pids(input: &DirectoryQueue) -> Vec<u32> {
         .filter(|p| p.live)
         .map(|p| p.pid)
         .collect()
+}
+
+/// Whether process `pid` has exited (a zombie nobody reaped counts as gone).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
 }
 
 /// Enqueues `n` messages and waits until `done` holds `total`.
@@ -97,5 +109,115 @@ fn run_survives_a_closed_stderr() {
         counts.pending + counts.incoming + counts.errors,
         0,
         "{counts:?}"
+    );
+}
+
+/// Starts `dirq run` on `dir/pipeline.toml`; its standard error collects into the
+/// returned buffer.
+fn start(dir: &Path) -> (Child, Arc<Mutex<String>>) {
+    let mut supervisor = dirq()
+        .args(["run", s(&dir.join("pipeline.toml"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = BufReader::new(supervisor.stderr.take().unwrap());
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (supervisor, log)
+}
+
+/// Defect 1: SIGUSR1 killed `dirq run` (rc 138) and left its stage processes running
+/// unsupervised. Now it logs the supervisor's statistics and passes the signal on.
+#[test]
+fn run_logs_statistics_on_sigusr1_and_passes_it_on() {
+    let dir = tempdir();
+    let (input, done) = cat_pipeline(dir.path());
+    let (mut supervisor, log) = start(dir.path());
+    wait_until(LONG, "the stage to advertise", || {
+        live_pids(&input).len() == 1
+    });
+    pass_through(&input, &done, 3, 3);
+    let stage = live_pids(&input)[0];
+    // A stage process sent SIGUSR1 before it handles it would die of it; the
+    // supervisor waits until its processes are a few seconds old. Poll, signalling
+    // again, until the stage's own statistics line shows up.
+    let mut sent = std::time::Instant::now() - LONG;
+    wait_until(LONG, "the stage's statistics line", || {
+        if sent.elapsed() >= Duration::from_millis(500) {
+            signal(supervisor.id(), "USR1");
+            sent = std::time::Instant::now();
+        }
+        let log = log.lock().unwrap();
+        log.contains("statistics") && log.contains("committed=3")
+    });
+    let text = log.lock().unwrap().clone();
+    assert!(text.contains("pipeline statistics"), "{text}");
+    assert!(
+        text.contains("stage process statistics") && text.contains(&format!("pid={stage}")),
+        "{text}"
+    );
+    assert!(supervisor.try_wait().unwrap().is_none(), "dirq run died");
+    assert_eq!(
+        live_pids(&input),
+        [stage],
+        "the stage process was restarted"
+    );
+    assert_eq!(stop(supervisor), Some(0), "dirq run after SIGTERM");
+}
+
+/// Defect 1: after `kill -9` of `dirq run`, its stage processes kept running,
+/// re-parented to pid 1. Now they get SIGTERM (the parent-death signal), drain and
+/// exit, and every message is either processed or back in incoming/.
+#[cfg(target_os = "linux")]
+#[test]
+fn stage_processes_die_with_a_killed_supervisor() {
+    let dir = tempdir();
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        "[[stage]]\nname = \"slow\"\ninput = \"spool/input\"\noutput = \"spool/done\"\n\
+         command = \"sleep 0.2; cat\"\nprocesses = 2\nworkers = 2\ndrain_timeout = \"30s\"\n",
+    )
+    .unwrap();
+    let input = DirectoryQueue::open(dir.path().join("spool/input")).unwrap();
+    let done = DirectoryQueue::open(dir.path().join("spool/done")).unwrap();
+    for i in 0..40 {
+        input.enqueue(format!("message {i}")).unwrap();
+    }
+    let (mut supervisor, log) = start(dir.path());
+    wait_until(LONG, "both stage processes to advertise", || {
+        live_pids(&input).len() == 2
+    });
+    let stages = live_pids(&input);
+    wait_until(LONG, "some messages through", || {
+        done.count(State::Incoming).unwrap() >= 2
+    });
+    signal(supervisor.id(), "KILL");
+    supervisor.wait().unwrap();
+    wait_until(LONG, "the stage processes to exit", || {
+        stages.iter().all(|&pid| gone(pid))
+    });
+    // One SIGTERM each, which drains: a second one would stop them at once.
+    wait_until(LONG, "both stage processes to log their end", || {
+        log.lock().unwrap().matches("exec finished").count() == 2
+    });
+    let text = log.lock().unwrap().clone();
+    assert!(!text.contains("stopping now"), "{text}");
+    let counts = input.counts().unwrap();
+    assert_eq!(counts.pending, 0, "{counts:?}");
+    assert_eq!(counts.errors, 0, "{counts:?}");
+    assert_eq!(
+        counts.incoming + done.count(State::Incoming).unwrap(),
+        40,
+        "nothing lost: {counts:?}"
     );
 }

@@ -1,11 +1,11 @@
 //! `dirq run PIPELINE.toml`: the stages of a pipeline as `dirq exec` processes,
 //! supervised by this one, which restarts workers that crash and stops them all on
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT. SIGUSR1 logs the supervisor's statistics and is passed on to every
+//! stage process, which logs its own. On Linux every stage process gets SIGTERM (and
+//! drains) when the supervisor dies, even by SIGKILL.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dirq::piper::PiperBuilder;
@@ -98,6 +98,8 @@ struct Worker {
     started: Instant,
     backoff: Duration,
     restart_at: Option<Instant>,
+    /// How many times this process was restarted after exiting on its own.
+    restarts: u32,
 }
 
 const RUNNING: u8 = 0;
@@ -123,8 +125,7 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
         .iter()
         .map(|stage| exec_command(stage, &stage.settings.or(&pipeline.defaults), base, opener))
         .collect::<Result<Vec<_>, String>>()?;
-    let state = Arc::new(AtomicU8::new(RUNNING));
-    let _signals = watch_signals(Arc::clone(&state))?;
+    let mut signals = SignalWatch::new()?;
 
     let mut workers = Vec::new();
     for (index, stage) in pipeline.stages.iter().enumerate() {
@@ -137,20 +138,26 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
                 started: Instant::now(),
                 backoff: Duration::from_secs(1),
                 restart_at: Some(Instant::now()),
+                restarts: 0,
             });
         }
     }
     tracing::info!(file = %file.display(), stages = pipeline.stages.len(), processes = workers.len(), "pipeline starting");
-    let mut signalled = RUNNING;
+    let mut wanted = RUNNING;
     loop {
         let now = Instant::now();
-        let wanted = state.load(Ordering::Acquire);
-        if wanted != signalled {
-            // First signal: every stage drains; second: every stage stops at once.
-            for child in workers.iter().filter_map(|w| w.child.as_ref()) {
-                send_term(child);
+        for request in signals.requests() {
+            match request {
+                Request::Stop => {
+                    // First signal: every stage drains; second: every stage stops at once.
+                    wanted = if wanted == RUNNING { STOPPING } else { FORCING };
+                    tracing::info!("stopping the pipeline");
+                    for child in workers.iter().filter_map(|w| w.child.as_ref()) {
+                        send_signal(child, StageSignal::Terminate);
+                    }
+                }
+                Request::Statistics => log_stats(&pipeline.stages, &workers),
             }
-            signalled = wanted;
         }
         for worker in &mut workers {
             let name = &pipeline.stages[worker.stage].name;
@@ -166,6 +173,7 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
                     tracing::warn!(stage = %name, %status, restart_in = ?worker.backoff, "stage worker exited; restarting it");
                     worker.restart_at = Some(now + worker.backoff);
                     worker.backoff = (worker.backoff * 2).min(MAX_BACKOFF);
+                    worker.restarts += 1;
                 }
             } else if wanted == RUNNING && worker.restart_at.is_some_and(|t| now >= t) {
                 let child = spawn(&commands[worker.stage], base)?;
@@ -182,6 +190,49 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// SIGUSR1: a line per stage process (pid, uptime, restarts), and the signal passed on
+/// to each, which logs its Piper's statistics.
+fn log_stats(stages: &[Stage], workers: &[Worker]) {
+    let running = workers.iter().filter(|w| w.child.is_some()).count();
+    let restarts: u32 = workers.iter().map(|w| w.restarts).sum();
+    tracing::info!(
+        stages = stages.len(),
+        processes = workers.len(),
+        running,
+        restarts,
+        "pipeline statistics"
+    );
+    for worker in workers {
+        let stage = &stages[worker.stage].name;
+        match &worker.child {
+            Some(child) => {
+                tracing::info!(
+                    stage = %stage,
+                    pid = child.id(),
+                    uptime_s = worker.started.elapsed().as_secs(),
+                    restarts = worker.restarts,
+                    "stage process statistics"
+                );
+                // A process this young may not handle SIGUSR1 yet, and the signal's
+                // default action would kill it.
+                if worker.started.elapsed() >= SIGNAL_READY_AFTER {
+                    send_signal(child, StageSignal::Statistics);
+                }
+            }
+            None => tracing::info!(
+                stage = %stage,
+                restarts = worker.restarts,
+                restart_in = ?worker.restart_at.map(|t| t.saturating_duration_since(Instant::now())),
+                "stage process statistics: not running"
+            ),
+        }
+    }
+}
+
+/// How long a stage process runs before it is sent SIGUSR1: by then a Piper has set up
+/// its signal handling.
+const SIGNAL_READY_AFTER: Duration = Duration::from_secs(2);
 
 /// The `dirq exec` arguments of one stage.
 fn exec_command(
@@ -270,53 +321,119 @@ fn exec_command(
 
 fn spawn(args: &[String], base: &Path) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
     let exe = std::env::current_exe().map_err(context("failed to find the dirq executable"))?;
-    Ok(Command::new(exe)
-        .args(args)
-        .current_dir(base)
-        .stdin(Stdio::null())
+    let mut command = Command::new(exe);
+    command.args(args).current_dir(base).stdin(Stdio::null());
+    die_with_parent(&mut command);
+    Ok(command
         .spawn()
         .map_err(context("failed to start a stage worker"))?)
 }
 
+/// A signal for a stage process.
+#[derive(Debug, Clone, Copy)]
+enum StageSignal {
+    /// SIGTERM: drain and exit (again: stop at once).
+    Terminate,
+    /// SIGUSR1: log statistics.
+    Statistics,
+}
+
 #[cfg(unix)]
-fn send_term(child: &Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+fn send_signal(child: &Child, signal: StageSignal) {
+    use rustix::process::{kill_process, Pid, Signal};
+    let signal = match signal {
+        StageSignal::Terminate => Signal::TERM,
+        StageSignal::Statistics => Signal::USR1,
+    };
+    // Fails only for a process that exited and is not reaped yet: nothing to tell it.
+    let _ = kill_process(Pid::from_child(child), signal);
 }
 
 #[cfg(not(unix))]
-fn send_term(_child: &Child) {}
+fn send_signal(_child: &Child, _signal: StageSignal) {}
 
-/// SIGTERM or SIGINT: stop draining; again: stop at once.
-#[cfg(unix)]
-fn watch_signals(
-    state: Arc<AtomicU8>,
-) -> Result<signal_hook::iterator::Handle, Box<dyn std::error::Error + Send + Sync>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let handle = signals.handle();
-    std::thread::Builder::new()
-        .name("dirq-run-signals".to_owned())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if signal == SIGHUP {
-                    tracing::info!("SIGHUP ignored: restart dirq run to reload the pipeline");
-                    continue;
-                }
-                let next = if state.load(Ordering::Acquire) == RUNNING {
-                    STOPPING
-                } else {
-                    FORCING
-                };
-                tracing::info!(signal, "stopping the pipeline");
-                state.store(next, Ordering::Release);
+/// Makes the kernel send the stage process SIGTERM when this supervisor dies, even by
+/// SIGKILL: otherwise its stage processes would keep running re-parented to pid 1,
+/// unsupervised, and a new `dirq run` would start a second set beside them.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    use rustix::process::{getpid, getppid, set_parent_process_death_signal, Signal};
+    use std::os::unix::process::CommandExt;
+    let supervisor = getpid();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes two raw system calls (prctl and
+    // getppid) and allocates nothing. The parent-death signal is tied to the thread that
+    // forks; the supervisor forks from its main thread, which lives as long as it does.
+    unsafe {
+        command.pre_exec(move || {
+            set_parent_process_death_signal(Some(Signal::TERM))?;
+            // The supervisor died before the prctl: no signal will come.
+            if getppid() != Some(supervisor) {
+                return Err(rustix::io::Errno::SRCH.into());
             }
-        })?;
-    Ok(handle)
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
+
+/// What a signal asks of the supervisor.
+#[derive(Debug, Clone, Copy)]
+enum Request {
+    /// SIGTERM or SIGINT: stop draining; again: stop at once.
+    Stop,
+    /// SIGUSR1.
+    Statistics,
+}
+
+/// The supervisor's signals, read by its main loop.
+///
+/// IMPORTANT: no thread waits for them. The supervisor stays single-threaded because
+/// when it dies, the kernel passes its children to each of its remaining threads in
+/// turn and sends the parent-death signal at every step: with a second thread, a stage
+/// process would get SIGTERM twice, and the second SIGTERM means "stop at once, abandon
+/// running commands" instead of draining.
+#[cfg(unix)]
+struct SignalWatch(signal_hook::iterator::Signals);
+
+#[cfg(unix)]
+impl SignalWatch {
+    fn new() -> Result<SignalWatch, Box<dyn std::error::Error + Send + Sync>> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+        Ok(SignalWatch(signal_hook::iterator::Signals::new([
+            SIGTERM, SIGINT, SIGHUP, SIGUSR1,
+        ])?))
+    }
+
+    /// The requests of the signals received since the last call; never blocks.
+    fn requests(&mut self) -> Vec<Request> {
+        use signal_hook::consts::{SIGHUP, SIGUSR1};
+        self.0
+            .pending()
+            .filter_map(|signal| match signal {
+                SIGHUP => {
+                    tracing::info!("SIGHUP ignored: restart dirq run to reload the pipeline");
+                    None
+                }
+                SIGUSR1 => Some(Request::Statistics),
+                _ => Some(Request::Stop),
+            })
+            .collect()
+    }
 }
 
 #[cfg(not(unix))]
-fn watch_signals(_state: Arc<AtomicU8>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    Err("dirq run needs Unix signals".into())
+struct SignalWatch;
+
+#[cfg(not(unix))]
+impl SignalWatch {
+    fn new() -> Result<SignalWatch, Box<dyn std::error::Error + Send + Sync>> {
+        Err("dirq run needs Unix signals".into())
+    }
+
+    fn requests(&mut self) -> Vec<Request> {
+        Vec::new()
+    }
 }
