@@ -221,3 +221,34 @@ fn stage_processes_die_with_a_killed_supervisor() {
         "nothing lost: {counts:?}"
     );
 }
+
+/// Defect 2: `dirq run sub/pipeline.toml` joined `sub/` onto the queue paths and then
+/// also ran the stages in `sub/`, so every stage failed to open `sub/spool/input` and
+/// was restarted over and over.
+#[test]
+fn a_relative_pipeline_path_applies_its_directory_once() {
+    let dir = tempdir();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let (input, done) = cat_pipeline(&sub);
+    // A relative command runs in the file's directory too.
+    std::fs::write(
+        sub.join("pipeline.toml"),
+        "[[stage]]\nname = \"copy\"\ninput = \"spool/input\"\noutput = \"spool/done\"\n\
+         command = [\"sh\", \"./copy.sh\"]\n",
+    )
+    .unwrap();
+    std::fs::write(sub.join("copy.sh"), "exec cat\n").unwrap();
+    let mut supervisor = dirq()
+        .current_dir(dir.path())
+        .args(["run", "sub/pipeline.toml"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    pass_through(&input, &done, 3, 3);
+    assert!(supervisor.try_wait().unwrap().is_none(), "dirq run died");
+    assert_eq!(stop(supervisor), Some(0), "dirq run after SIGTERM");
+    assert_eq!(input.counts().unwrap().errors, 0);
+}

@@ -116,10 +116,19 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
     if pipeline.stages.is_empty() {
         return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
     }
+    // Queue paths in the file are relative to its directory, and stage processes run
+    // in that directory (for commands like ./deliver.sh). The directory is made absolute
+    // first: joined as a relative path and then also changed into, it would apply twice
+    // (sub/pipeline.toml reading sub/sub/spool/input).
     let base = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let base = std::path::absolute(base).map_err(context(format!(
+        "failed to resolve the directory of pipeline file {}",
+        file.display()
+    )))?;
+    let base = base.as_path();
     let commands = pipeline
         .stages
         .iter()
