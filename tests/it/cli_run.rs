@@ -252,3 +252,80 @@ fn a_relative_pipeline_path_applies_its_directory_once() {
     assert_eq!(stop(supervisor), Some(0), "dirq run after SIGTERM");
     assert_eq!(input.counts().unwrap().errors, 0);
 }
+
+/// Defect 3: `dirq run --help` advertised `inputs`, which the parser rejected. A stage
+/// now reads `inputs = [...]` in strict priority order, through `dirq exec
+/// --also-input`, and `exec --drain` waits for every input to be empty.
+#[test]
+fn a_stage_reads_several_inputs_in_priority_order() {
+    let dir = tempdir();
+    let root = dir.path();
+    let log = root.join("order.log");
+    std::fs::write(
+        root.join("pipeline.toml"),
+        format!(
+            "[[stage]]\nname = \"both\"\ninputs = [\"spool/high\", \"spool/low\"]\n\
+             command = \"cat >> '{}'; echo >> '{}'\"\n",
+            log.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let high = DirectoryQueue::open(root.join("spool/high")).unwrap();
+    let low = DirectoryQueue::open(root.join("spool/low")).unwrap();
+    for i in 0..3 {
+        low.enqueue(format!("low {i}")).unwrap();
+    }
+    for i in 0..3 {
+        high.enqueue(format!("high {i}")).unwrap();
+    }
+    let supervisor = dirq()
+        .args(["run", s(&root.join("pipeline.toml"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    wait_until(LONG, "all six messages", || lines().len() == 6);
+    assert_eq!(stop(supervisor), Some(0), "dirq run after SIGTERM");
+    assert_eq!(
+        lines(),
+        ["high 0", "high 1", "high 2", "low 0", "low 1", "low 2"],
+        "strict priority"
+    );
+    // Both input and inputs, or neither: refused before anything runs.
+    for keys in ["input = \"a\"\ninputs = [\"b\"]", "inputs = []"] {
+        std::fs::write(
+            root.join("bad.toml"),
+            format!("[[stage]]\nname = \"x\"\ncommand = \"cat\"\n{keys}\n"),
+        )
+        .unwrap();
+        let out = crate::util::run(&["run", s(&root.join("bad.toml"))]);
+        assert_eq!(out.status.code(), Some(1), "{keys}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            stderr.contains("stage \"x\"") && stderr.contains("input"),
+            "{stderr}"
+        );
+    }
+    // exec --drain does not stop while a lower-priority input still has messages.
+    low.enqueue(b"late").unwrap();
+    let out = crate::util::run(&[
+        "exec",
+        s(high.root()),
+        "--also-input",
+        s(low.root()),
+        "--drain",
+        "--",
+        "true",
+    ]);
+    crate::util::assert_succeeded(&out, "dirq exec --also-input --drain");
+    assert_eq!(low.counts().unwrap().incoming, 0);
+}

@@ -339,7 +339,8 @@ dirq exec q --dry-run -- ./handle.sh"
 input = \"spool/input\"\n  output = \"spool/parsed\"\n  command = [\"jq\", \"-c\", \".\"]\n  workers = 2\n\n  \
 [[stage]]\n  name = \"deliver\"\n  input = \"spool/parsed\"\n  command = [\"./deliver.sh\"]\n  \
 processes = 2\n  timeout = \"30s\"\n  commit_batch = 16\n  commit_delay = \"5ms\"\n\n\
-Paths are relative to the file. Other stage keys: out_limit, on_fail, retries, drain_timeout \
+Paths are relative to the file. Instead of input, inputs = [\"a\", \"b\"] reads several \
+queues in strict priority order (dirq exec --also-input). Other stage keys: out_limit, on_fail, retries, drain_timeout \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay). \
 A [defaults] table sets any of these keys for every stage.\n\nExample:\n  dirq run pipeline.toml"
     )]
@@ -390,6 +391,10 @@ pub(crate) struct ExecArgs {
     /// The input queue.
     #[arg(value_name = "QUEUE")]
     pub(crate) queue: PathBuf,
+    /// Another input queue, read only while QUEUE (and every --also-input before it)
+    /// has nothing waiting: strict priority in the order given. Repeatable.
+    #[arg(long, value_name = "QUEUE")]
+    pub(crate) also_input: Vec<PathBuf>,
     /// Pass the command's output (or the message) on to this queue.
     #[arg(long, value_name = "NEXT")]
     pub(crate) to: Option<PathBuf>,

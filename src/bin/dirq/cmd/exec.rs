@@ -18,6 +18,17 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
             .create(false)
             .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?),
     )?;
+    // Lower-priority inputs (--also-input), in the order given.
+    let mut also = Vec::new();
+    for queue in &args.also_input {
+        also.push(
+            opener.open(
+                DirectoryQueue::builder(queue)
+                    .create(false)
+                    .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?),
+            )?,
+        );
+    }
     let (program, rest) = args.command.split_first().ok_or("no command was given")?;
     if args.dry_run {
         return dry_run(&input, program.as_ref(), rest);
@@ -59,13 +70,17 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         )
         .handle_signals(true)
         .stage(stage.clone());
+    for queue in &also {
+        builder.input(queue);
+    }
     if let Some(next) = &next {
         builder.output("next", next).out_limit(args.out_limit);
     }
     let piper = builder.build()?;
     let handle = piper.handle();
     let drain = args.drain.then(|| {
-        let (input, handle) = (input.clone(), handle.clone());
+        let inputs: Vec<DirectoryQueue> = std::iter::once(&input).chain(&also).cloned().collect();
+        let handle = handle.clone();
         std::thread::spawn(move || {
             // Empty means nothing waiting, claimed or due to be retried; held messages
             // wait for an operator and do not count. Two idle looks in a row: one count
@@ -74,10 +89,11 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
             let mut idle_before = false;
             loop {
                 std::thread::sleep(Duration::from_millis(50));
-                let idle = input
-                    .counts()
-                    .is_ok_and(|c| c.incoming + c.pending + c.deferred == 0)
-                    && handle.stats().in_flight == 0;
+                let idle = inputs.iter().all(|input| {
+                    input
+                        .counts()
+                        .is_ok_and(|c| c.incoming + c.pending + c.deferred == 0)
+                }) && handle.stats().in_flight == 0;
                 if idle && idle_before {
                     handle.shutdown();
                     return;

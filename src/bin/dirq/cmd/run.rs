@@ -29,7 +29,10 @@ struct Pipeline {
 #[serde(deny_unknown_fields)]
 struct Stage {
     name: String,
-    input: PathBuf,
+    /// One input queue, or `inputs`: several, in strict priority order.
+    input: Option<PathBuf>,
+    #[serde(default)]
+    inputs: Vec<PathBuf>,
     output: Option<PathBuf>,
     /// An argument list, or a string run by `sh -c`.
     command: CommandLine,
@@ -274,6 +277,16 @@ fn exec_command(
             )));
         }
     }
+    let (first, also) = match (&stage.input, stage.inputs.split_first()) {
+        (Some(input), None) => (input, &[][..]),
+        (None, Some((first, also))) => (first, also),
+        (Some(_), Some(_)) => return Err(bad("give input or inputs, not both".to_owned())),
+        (None, None) => {
+            return Err(bad(
+                "no input: give input = \"QUEUE\" or inputs = [\"FIRST\", \"SECOND\"]".to_owned(),
+            ))
+        }
+    };
     let mut args = vec![
         "--durability".to_owned(),
         match opener.durability {
@@ -283,12 +296,18 @@ fn exec_command(
         }
         .to_owned(),
         "exec".to_owned(),
-        base.join(&stage.input).to_string_lossy().into_owned(),
+        base.join(first).to_string_lossy().into_owned(),
         "--name".to_owned(),
         stage.name.clone(),
         "-j".to_owned(),
         workers.to_string(),
     ];
+    for input in also {
+        args.extend([
+            "--also-input".to_owned(),
+            base.join(input).to_string_lossy().into_owned(),
+        ]);
+    }
     if let Some(output) = &stage.output {
         args.extend([
             "--to".to_owned(),
