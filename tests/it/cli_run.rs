@@ -329,3 +329,37 @@ fn a_stage_reads_several_inputs_in_priority_order() {
     crate::util::assert_succeeded(&out, "dirq exec --also-input --drain");
     assert_eq!(low.counts().unwrap().incoming, 0);
 }
+
+/// Defect 8, beyond `dirq run`: `dirq completions` panicked (exit 101) when its standard
+/// output was closed. A reader that went away is not an error for any command.
+#[test]
+fn a_closed_stdout_panics_no_command() {
+    let dir = tempdir();
+    let queue = DirectoryQueue::open(dir.path().join("q")).unwrap();
+    queue.enqueue(b"one").unwrap();
+    let q = s(queue.root());
+    for args in [
+        vec!["completions", "bash"],
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["status", q],
+        vec!["ls", q],
+    ] {
+        let mut child = dirq()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the command writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_ne!(out.status.code(), Some(101), "{args:?} panicked");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -8,13 +8,14 @@ mod report;
 mod run;
 
 use std::cell::RefCell;
+use std::io::Write;
 use std::path::Path;
 
 use clap::CommandFactory;
 use dirq::{DirectoryQueue, Durability, QueueBuilder};
 
 use crate::args::{Cli, Command, DurabilityArg};
-use crate::output::CliResult;
+use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
 
 pub(crate) fn run(cli: Cli) -> CliResult {
     let opener = Opener::new(match cli.durability {
@@ -116,7 +117,13 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Exec(args) => exec::exec(opener, &args),
         Command::Run { file } => run::run(&file, opener),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "dirq", &mut std::io::stdout());
+            // Written here, not by clap_complete, which panics when standard output is
+            // closed.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "dirq", &mut script);
+            let mut out = std::io::stdout().lock();
+            quiet_broken_pipe(out.write_all(&script).and_then(|()| out.flush()))
+                .map_err(stdout_error)?;
             Ok(())
         }
     }
