@@ -363,3 +363,56 @@ fn a_closed_stdout_panics_no_command() {
         );
     }
 }
+
+/// `dirq run --check FILE` validates a pipeline file (syntax, settings, input queues)
+/// without starting anything, like `postfix check`.
+#[test]
+fn run_check_validates_a_pipeline_file_without_running_it() {
+    let dir = tempdir();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let (input, _done) = cat_pipeline(&sub);
+    input.enqueue(b"untouched").unwrap();
+    let check = |file: &str| {
+        dirq()
+            .current_dir(dir.path())
+            .args(["run", "--check", file])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = check("sub/pipeline.toml");
+    crate::util::assert_succeeded(&out, "dirq run --check");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "sub/pipeline.toml: ok (1 stages, 1 processes)\n"
+    );
+    assert_eq!(input.counts().unwrap().incoming, 1, "nothing ran");
+    assert!(live_pids(&input).is_empty(), "a stage process was started");
+    for (text, want) in [
+        (
+            "[[stage]]\nname = \"x\"\ninput = \"spool/missing\"\ncommand = \"cat\"\n",
+            "stage \"x\": input queue: failed to open queue",
+        ),
+        (
+            "[[stage]]\nname = \"x\"\ninput = \"spool/input\"\ncommand = \"cat\"\nworkers = 0\n",
+            "stage \"x\": workers = 0: must be from 1 to 1024",
+        ),
+        (
+            "[[stage]]\nname = \"x\"\ninput = \"spool/input\"\ncommand = \"cat\"\ntimeout = \"soon\"\n",
+            "stage \"x\": --timeout",
+        ),
+        ("[defaults]\nworkers = 2\n", "has no [[stage]]"),
+    ] {
+        std::fs::write(sub.join("bad.toml"), text).unwrap();
+        let out = check("sub/bad.toml");
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(want), "{text}: {stderr}");
+        assert!(out.stdout.is_empty(), "{text}");
+    }
+    assert!(
+        !sub.join("spool/missing").exists(),
+        "--check created a queue"
+    );
+}

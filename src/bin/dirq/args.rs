@@ -342,12 +342,15 @@ processes = 2\n  timeout = \"30s\"\n  commit_batch = 16\n  commit_delay = \"5ms\
 Paths are relative to the file. Instead of input, inputs = [\"a\", \"b\"] reads several \
 queues in strict priority order (dirq exec --also-input). Other stage keys: out_limit, on_fail, retries, drain_timeout \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay). \
-A [defaults] table sets any of these keys for every stage.\n\nExample:\n  dirq run pipeline.toml"
+A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
     )]
     Run {
         /// The pipeline file.
         #[arg(value_name = "PIPELINE.toml")]
         file: PathBuf,
+        /// Only check the file (syntax, settings, input queues) and print "ok"; run nothing.
+        #[arg(long)]
+        check: bool,
     },
 
     /// Print Prometheus metrics of queues (text exposition format).

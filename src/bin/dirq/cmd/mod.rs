@@ -115,7 +115,7 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Check { queue, repair } => admin::check(&opener.existing(&queue)?, repair),
         Command::Recover { queues, grace } => admin::recover(opener, &queues, grace),
         Command::Exec(args) => exec::exec(opener, &args),
-        Command::Run { file } => run::run(&file, opener),
+        Command::Run { file, check } => run::run(&file, check, opener),
         Command::Completions { shell } => {
             // Written here, not by clap_complete, which panics when standard output is
             // closed.

@@ -4,6 +4,7 @@
 //! stage process, which logs its own. On Linux every stage process gets SIGTERM (and
 //! drains) when the supervisor dies, even by SIGKILL.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use serde::Deserialize;
 
 use super::Opener;
 use crate::args::parse_duration;
-use crate::output::{context, CliResult};
+use crate::output::{context, quiet_broken_pipe, stdout_error, CliResult};
 
 /// A pipeline file.
 #[derive(Debug, Deserialize)]
@@ -21,7 +22,8 @@ use crate::output::{context, CliResult};
 struct Pipeline {
     #[serde(default)]
     defaults: StageSettings,
-    #[serde(rename = "stage")]
+    /// Missing is an error with its own message, below.
+    #[serde(rename = "stage", default)]
     stages: Vec<Stage>,
 }
 
@@ -109,39 +111,30 @@ const RUNNING: u8 = 0;
 const STOPPING: u8 = 1;
 const FORCING: u8 = 2;
 
-pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
-    let text = std::fs::read_to_string(file).map_err(context(format!(
-        "failed to read pipeline file {}",
-        file.display()
-    )))?;
-    let pipeline: Pipeline = toml::from_str(&text)
-        .map_err(|e| format!("invalid pipeline file {}: {e}", file.display()))?;
-    if pipeline.stages.is_empty() {
-        return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
+/// A pipeline file read, resolved and checked: what `dirq run --check` validates.
+struct Loaded {
+    pipeline: Pipeline,
+    /// The file's directory, absolute.
+    base: PathBuf,
+    /// The `dirq exec` arguments of each stage.
+    commands: Vec<Vec<String>>,
+}
+
+pub(crate) fn run(file: &Path, check: bool, opener: &Opener) -> CliResult {
+    let Loaded {
+        pipeline,
+        base,
+        commands,
+    } = load(file, opener)?;
+    if check {
+        return check_inputs(file, &pipeline, &base, opener);
     }
-    // Queue paths in the file are relative to its directory, and stage processes run
-    // in that directory (for commands like ./deliver.sh). The directory is made absolute
-    // first: joined as a relative path and then also changed into, it would apply twice
-    // (sub/pipeline.toml reading sub/sub/spool/input).
-    let base = file
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let base = std::path::absolute(base).map_err(context(format!(
-        "failed to resolve the directory of pipeline file {}",
-        file.display()
-    )))?;
     let base = base.as_path();
-    let commands = pipeline
-        .stages
-        .iter()
-        .map(|stage| exec_command(stage, &stage.settings.or(&pipeline.defaults), base, opener))
-        .collect::<Result<Vec<_>, String>>()?;
     let mut signals = SignalWatch::new()?;
 
     let mut workers = Vec::new();
     for (index, stage) in pipeline.stages.iter().enumerate() {
-        // Checked by exec_command above.
+        // Checked by exec_command, through load.
         let processes = stage.settings.or(&pipeline.defaults).processes.unwrap_or(1);
         for _ in 0..processes {
             workers.push(Worker {
@@ -203,6 +196,69 @@ pub(crate) fn run(file: &Path, opener: &Opener) -> CliResult {
     }
 }
 
+/// `dirq run --check`: every stage's input queues exist (a stage whose input is missing
+/// would be restarted over and over); outputs are created when missing. Prints one
+/// line and changes nothing.
+fn check_inputs(file: &Path, pipeline: &Pipeline, base: &Path, opener: &Opener) -> CliResult {
+    for stage in &pipeline.stages {
+        let (first, also) = stage_inputs(stage)?;
+        for input in std::iter::once(first).chain(also) {
+            opener
+                .inspect(&base.join(input))
+                .map_err(|e| format!("stage {:?}: input queue: {e}", stage.name))?;
+        }
+    }
+    let processes: usize = pipeline
+        .stages
+        .iter()
+        .map(|s| s.settings.or(&pipeline.defaults).processes.unwrap_or(1))
+        .sum();
+    let mut out = std::io::stdout().lock();
+    quiet_broken_pipe(writeln!(
+        out,
+        "{}: ok ({} stages, {processes} processes)",
+        file.display(),
+        pipeline.stages.len()
+    ))
+    .map_err(stdout_error)?;
+    Ok(())
+}
+
+fn load(file: &Path, opener: &Opener) -> Result<Loaded, Box<dyn std::error::Error + Send + Sync>> {
+    let text = std::fs::read_to_string(file).map_err(context(format!(
+        "failed to read pipeline file {}",
+        file.display()
+    )))?;
+    let pipeline: Pipeline = toml::from_str(&text)
+        .map_err(|e| format!("invalid pipeline file {}: {e}", file.display()))?;
+    if pipeline.stages.is_empty() {
+        return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
+    }
+    // Queue paths in the file are relative to its directory, and stage processes run
+    // in that directory (for commands like ./deliver.sh). The directory is made absolute
+    // first: joined as a relative path and then also changed into, it would apply twice
+    // (sub/pipeline.toml reading sub/sub/spool/input).
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(base).map_err(context(format!(
+        "failed to resolve the directory of pipeline file {}",
+        file.display()
+    )))?;
+    let base = base.as_path();
+    let commands = pipeline
+        .stages
+        .iter()
+        .map(|stage| exec_command(stage, &stage.settings.or(&pipeline.defaults), base, opener))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Loaded {
+        pipeline,
+        base: base.to_path_buf(),
+        commands,
+    })
+}
+
 /// SIGUSR1: a line per stage process (pid, uptime, restarts), and the signal passed on
 /// to each, which logs its Piper's statistics.
 fn log_stats(stages: &[Stage], workers: &[Worker]) {
@@ -246,6 +302,19 @@ fn log_stats(stages: &[Stage], workers: &[Worker]) {
 /// its signal handling.
 const SIGNAL_READY_AFTER: Duration = Duration::from_secs(2);
 
+/// The first input of a stage and the ones after it, in priority order.
+fn stage_inputs(stage: &Stage) -> Result<(&PathBuf, &[PathBuf]), String> {
+    let bad = |what: &str| format!("stage {:?}: {what}", stage.name);
+    match (&stage.input, stage.inputs.split_first()) {
+        (Some(input), None) => Ok((input, &[][..])),
+        (None, Some((first, also))) => Ok((first, also)),
+        (Some(_), Some(_)) => Err(bad("give input or inputs, not both")),
+        (None, None) => Err(bad(
+            "no input: give input = \"QUEUE\" or inputs = [\"FIRST\", \"SECOND\"]",
+        )),
+    }
+}
+
 /// The `dirq exec` arguments of one stage.
 fn exec_command(
     stage: &Stage,
@@ -277,16 +346,7 @@ fn exec_command(
             )));
         }
     }
-    let (first, also) = match (&stage.input, stage.inputs.split_first()) {
-        (Some(input), None) => (input, &[][..]),
-        (None, Some((first, also))) => (first, also),
-        (Some(_), Some(_)) => return Err(bad("give input or inputs, not both".to_owned())),
-        (None, None) => {
-            return Err(bad(
-                "no input: give input = \"QUEUE\" or inputs = [\"FIRST\", \"SECOND\"]".to_owned(),
-            ))
-        }
-    };
+    let (first, also) = stage_inputs(stage)?;
     let mut args = vec![
         "--durability".to_owned(),
         match opener.durability {
