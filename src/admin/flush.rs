@@ -3,6 +3,7 @@
 
 use std::io;
 
+use crate::engine::deferred::deliver;
 use crate::error::{Error, Operation, Result};
 use crate::format::deferred::parse_deferred_name;
 use crate::{DirectoryQueue, MessageId, State};
@@ -104,22 +105,11 @@ pub fn flush_all(queue: &DirectoryQueue) -> Result<usize> {
         let Some((_, id)) = parse_deferred_name(&name) else {
             continue;
         };
-        match deferred
-            .dir
-            .rename_noreplace(&name, &incoming.dir, id.as_os_str())
-        {
-            Ok(()) => moved += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                tracing::warn!(%id, "cannot flush deferred message: incoming/ has a message with the same id");
-            }
+        match deliver(deferred, incoming, &name, &id) {
+            Ok(true) => moved += 1,
+            Ok(false) => {}
             Err(e) => {
-                result = Err(Error::moving(
-                    Operation::Deliver,
-                    deferred.join(&name),
-                    incoming.join(id.as_os_str()),
-                    e,
-                ));
+                result = Err(e);
                 break;
             }
         }

@@ -1,14 +1,16 @@
 //! Deferred delivery: messages that wait in `deferred/` until a time, for a retry's
 //! backoff or a delayed enqueue, and the promotion of those that fell due.
 
+use std::ffi::OsStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::time::SystemTime;
 
 use super::scan::DirStamp;
-use super::Shared;
+use super::{Shared, StateDir};
 use crate::error::{Error, Operation, Result};
 use crate::format::deferred::parse_deferred_name;
+use crate::format::id::MessageId;
 use crate::format::state::State;
 
 /// When `deferred/` next needs a look, as remembered by one queue handle.
@@ -67,23 +69,8 @@ pub(crate) fn promote_due(
             next_due = Some(next_due.map_or(when, |n: SystemTime| n.min(when)));
             continue;
         }
-        match deferred
-            .dir
-            .rename_noreplace(&name, &incoming.dir, id.as_os_str())
-        {
-            Ok(()) => moved += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                tracing::warn!(id = %id, "cannot deliver deferred message: incoming/ has a message with the same id");
-            }
-            Err(e) => {
-                return Err(Error::moving(
-                    Operation::Deliver,
-                    deferred.join(&name),
-                    incoming.join(id.as_os_str()),
-                    e,
-                ))
-            }
+        if deliver(deferred, incoming, &name, &id)? {
+            moved += 1;
         }
     }
     if moved > 0 {
@@ -95,4 +82,33 @@ pub(crate) fn promote_due(
     clock.next_due = next_due;
     clock.looked = true;
     Ok(moved)
+}
+
+/// Moves the deferred entry `name`, of the message `id`, to `incoming/` under its id.
+/// `Ok(true)` when it moved; `Ok(false)` when it was gone (another process delivered
+/// it) or `incoming/` already holds the id (logged; it stays deferred). The caller
+/// records the change for the sync.
+pub(crate) fn deliver(
+    deferred: &StateDir,
+    incoming: &StateDir,
+    name: &OsStr,
+    id: &MessageId,
+) -> Result<bool> {
+    match deferred
+        .dir
+        .rename_noreplace(name, &incoming.dir, id.as_os_str())
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            tracing::warn!(%id, "cannot deliver deferred message: incoming/ has a message with the same id");
+            Ok(false)
+        }
+        Err(e) => Err(Error::moving(
+            Operation::Deliver,
+            deferred.join(name),
+            incoming.join(id.as_os_str()),
+            e,
+        )),
+    }
 }
