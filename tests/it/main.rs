@@ -3,6 +3,7 @@
 
 mod cli;
 mod cli_admin;
+mod cli_robust;
 mod cli_run;
 mod concurrency;
 mod crash;
