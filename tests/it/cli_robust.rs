@@ -237,6 +237,32 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
     ] {
         rows.push(with(row(what, &args, &[]), Streams::ClosedStderr));
     }
+    // A queue none can read as root either: its errors/ is a regular file. Its one
+    // waiting message must stay where it is.
+    let broken = TestQueue::new();
+    let waiting = broken.queue.enqueue(b"waiting").unwrap().to_string();
+    std::fs::remove_dir(broken.path(State::Errors)).unwrap();
+    std::fs::write(broken.path(State::Errors), "not a directory\n").unwrap();
+    let broken_q = broken.root().to_str().unwrap().to_owned();
+    let broken_errors = broken.path(State::Errors).to_str().unwrap().to_owned();
+    for c in [
+        "take", "status", "ls", "ages", "metrics", "purge", "check", "recover", "init",
+    ] {
+        rows.push(row(c, &[c, &broken_q], &["open", &broken_errors]));
+    }
+    for c in ["requeue", "hold", "unhold", "delete", "flush"] {
+        rows.push(row(c, &[c, &broken_q, "--all"], &["open", &broken_errors]));
+    }
+    rows.push(row(
+        "cat",
+        &["cat", &broken_q, &waiting],
+        &["open", &broken_errors],
+    ));
+    rows.push(row(
+        "exec --drain",
+        &["exec", &broken_q, "--drain", "--", "true"],
+        &["open", &broken_errors],
+    ));
     // An unreadable queue directory; root reads it anyway.
     let unreadable = dir.join("unreadable");
     dirq::DirectoryQueue::open(&unreadable).unwrap();
@@ -305,6 +331,12 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
             before = now;
         }
     }
+    println!("{} rows, {} problems", rows.len(), problems.len());
+    assert_eq!(
+        broken.names(State::Incoming),
+        [waiting.as_str()],
+        "the broken queue's message stays waiting"
+    );
     assert!(
         problems.is_empty(),
         "{} problems:\n{}",
