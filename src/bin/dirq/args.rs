@@ -105,8 +105,14 @@ dirq take q --wait 30           # wait up to 30 s for the first message"
         /// The queue.
         #[arg(value_name = "QUEUE")]
         queue: PathBuf,
-        /// How many messages to take at most.
-        #[arg(short = 'n', long = "count", default_value_t = 1, value_name = "N")]
+        /// How many messages to take at most (at least 1).
+        #[arg(
+            short = 'n',
+            long = "count",
+            default_value_t = 1,
+            value_name = "N",
+            value_parser = clap::value_parser!(u64).range(1..)
+        )]
         count: u64,
         /// Forward each message to this queue and print its id instead.
         #[arg(long, value_name = "NEXT")]
