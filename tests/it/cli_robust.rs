@@ -146,6 +146,7 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
     rows.extend([
         row("take", &["take", &q, "-n", huge], &["--count", huge]),
         row("take", &["take", &q, "-n", "-1"], &["-1"]),
+        row("take", &["take", &q, "-n", "0"], &["--count", "0"]),
         row("take", &["take", &q, "--wait", "-1"], &["-1"]),
         row(
             "status",
