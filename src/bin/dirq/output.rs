@@ -49,6 +49,13 @@ pub(crate) fn quiet_broken_pipe(result: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// For reports of work done (`hold`, `check`, `recover`, ...): a reader that stopped
+/// reading neither fails the command nor stops the work still to do; other write
+/// errors still do. Use as `.or_else(unless_broken_pipe)`.
+pub(crate) fn unless_broken_pipe(e: io::Error) -> io::Result<()> {
+    quiet_broken_pipe(Err(e))
+}
+
 /// Standard error for log lines, where a failed write (closed pipe, full disk) is
 /// dropped rather than reported: nothing can be reported on a stream that fails, and a
 /// panic there would kill a worker holding claimed messages.

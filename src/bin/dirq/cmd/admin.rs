@@ -9,7 +9,7 @@ use dirq::{DirectoryQueue, MessageId, State};
 
 use super::Opener;
 use crate::args::Selection;
-use crate::output::{context, progress, stdout_error, CliResult, ExitStatus};
+use crate::output::{context, progress, stdout_error, unless_broken_pipe, CliResult, ExitStatus};
 
 /// The ids a command acts on: given ones (`-` reads more from standard input), or with
 /// `--all` every message of `all_from`.
@@ -63,7 +63,9 @@ fn for_each(
     }
     bar.finish_and_clear();
     let done = ids.len() - failed;
-    writeln!(io::stdout(), "{verb} {done} of {} message(s)", ids.len()).map_err(stdout_error)?;
+    writeln!(io::stdout(), "{verb} {done} of {} message(s)", ids.len())
+        .or_else(unless_broken_pipe)
+        .map_err(stdout_error)?;
     if failed > 0 {
         return Err(format!("{failed} message(s) could not be {verb}").into());
     }
@@ -125,7 +127,9 @@ pub(crate) fn flush(queue: &DirectoryQueue, select: &Selection) -> CliResult {
     if select.all {
         // One read of deferred/ rather than a search of it per id.
         let moved = dirq::admin::flush_all(queue)?;
-        writeln!(io::stdout(), "flushed {moved} message(s)").map_err(stdout_error)?;
+        writeln!(io::stdout(), "flushed {moved} message(s)")
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
         return Ok(());
     }
     let ids = selected(queue, select, &[State::Deferred])?;
@@ -162,6 +166,7 @@ pub(crate) fn purge(
         report.tmp_removed,
         report.errors_removed
     )
+    .or_else(unless_broken_pipe)
     .map_err(stdout_error)?;
     Ok(())
 }
@@ -176,10 +181,14 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
     bar.finish_and_clear();
     let mut out = io::stdout().lock();
     for problem in &problems {
-        writeln!(out, "{problem}  -> {}", problem.fix).map_err(stdout_error)?;
+        writeln!(out, "{problem}  -> {}", problem.fix)
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
     }
     if problems.is_empty() {
-        writeln!(out, "{}: healthy", queue.root().display()).map_err(stdout_error)?;
+        writeln!(out, "{}: healthy", queue.root().display())
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
         return Ok(());
     }
     writeln!(
@@ -188,6 +197,7 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
         queue.root().display(),
         problems.len()
     )
+    .or_else(unless_broken_pipe)
     .map_err(stdout_error)?;
     if repair {
         let bar = progress(problems.len() as u64, "repairing");
@@ -198,6 +208,7 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
             "repaired {} ({} had gone by themselves)",
             report.fixed, report.vanished
         )
+        .or_else(unless_broken_pipe)
         .map_err(stdout_error)?;
     } else {
         writeln!(
@@ -205,6 +216,7 @@ pub(crate) fn check(queue: &DirectoryQueue, repair: bool) -> CliResult {
             "run dirq check --repair {} to fix them",
             queue.root().display()
         )
+        .or_else(unless_broken_pipe)
         .map_err(stdout_error)?;
     }
     Err(Box::new(ExitStatus(1)))
@@ -231,6 +243,7 @@ pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duratio
             report.quarantined,
             report.duplicates_removed
         )
+        .or_else(unless_broken_pipe)
         .map_err(stdout_error)?;
     }
     Ok(())
