@@ -92,6 +92,13 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
     let file = dir.join("file");
     std::fs::write(&file, "not a queue\n").unwrap();
     let file = file.to_str().unwrap().to_owned();
+    let pipeline = dir.join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        "[[stage]]\nname = \"s\"\ninput = \"q\"\ncommand = [\"cat\"]\n",
+    )
+    .unwrap();
+    let pipeline = pipeline.to_str().unwrap().to_owned();
     let huge = "99999999999999999999";
     let next = dir.join("next").to_str().unwrap().to_owned();
     let dir_s = dir.to_str().unwrap().to_owned();
@@ -223,6 +230,13 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
             vec!["exec", q.as_str(), "--dry-run", "--", "true"],
         ),
         ("completions", vec!["completions", "bash"]),
+        ("ls --json", vec!["ls", "--json", q.as_str()]),
+        ("status --json", vec!["status", "--json", q.as_str()]),
+        ("check", vec!["check", q.as_str()]),
+        ("purge", vec!["purge", q.as_str()]),
+        ("recover", vec!["recover", q.as_str()]),
+        ("init", vec!["init", q.as_str()]),
+        ("run --check", vec!["run", "--check", pipeline.as_str()]),
     ] {
         rows.push(with(row(what, &args, &[]), Streams::ClosedStdout));
     }
@@ -344,4 +358,35 @@ fn every_subcommand_fails_cleanly_on_bad_input() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// A reader that went away (`dirq recover a b | head -1`) does not stop the work still to
+/// do: the second queue is recovered too, and the command does not fail.
+#[test]
+fn recover_of_several_queues_finishes_with_a_closed_stdout() {
+    let (a, b) = (TestQueue::new(), TestQueue::new());
+    let mut orphans = Vec::new();
+    for t in [&a, &b] {
+        let id = t.queue.enqueue(b"orphan").unwrap().to_string();
+        // Claimed by a worker that is gone: in pending/, with no lock held.
+        std::fs::rename(
+            t.path(State::Incoming).join(&id),
+            t.path(State::Pending).join(&id),
+        )
+        .unwrap();
+        orphans.push(id);
+    }
+    let args = [
+        "recover",
+        a.root().to_str().unwrap(),
+        b.root().to_str().unwrap(),
+    ]
+    .map(String::from);
+    let out = spawn(&args, Streams::ClosedStdout, a.dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+    for (t, id) in [(&a, &orphans[0]), (&b, &orphans[1])] {
+        assert_eq!(t.names(State::Incoming), [id.as_str()], "{err}");
+        assert!(t.names(State::Pending).is_empty());
+    }
 }
