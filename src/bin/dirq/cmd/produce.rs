@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use dirq::{DirectoryQueue, Message, MessageId};
 
-use crate::output::{context, quiet_broken_pipe, stdout_error, CliResult};
+use crate::output::{context, quiet_broken_pipe, stdout_error, unless_broken_pipe, CliResult};
 
 pub(crate) fn init(queues: &[PathBuf], mode: u32) -> CliResult {
     for queue in queues {
@@ -42,7 +42,9 @@ pub(crate) fn push(
             let what = format!("input file {}", path.display());
             enqueue_input(queue, input, not_before, &what)?
         };
-        writeln!(out, "{id}").map_err(stdout_error)?;
+        writeln!(out, "{id}")
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
     }
     Ok(())
 }
@@ -124,7 +126,9 @@ pub(crate) fn take(
             Some(next) => {
                 let id = message.id().clone();
                 message.forward(next)?;
-                writeln!(out, "{id}").map_err(stdout_error)?;
+                writeln!(out, "{id}")
+                    .or_else(unless_broken_pipe)
+                    .map_err(stdout_error)?;
             }
             None => print_then_commit(message, &mut out, separator)?,
         }
