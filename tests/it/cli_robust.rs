@@ -56,20 +56,32 @@ fn snapshot(t: &TestQueue) -> Vec<(State, Vec<String>)> {
 }
 
 fn spawn(args: &[String], streams: Streams, cwd: &Path) -> Output {
-    let mut child = dirq()
+    // A pipe whose read end is closed before the child starts: no race with its first
+    // write, however the scheduler runs the two processes.
+    let closed = || {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills both descriptors on success; each is owned exactly once.
+        let (reader, writer) = unsafe {
+            assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0, "pipe2");
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        drop(reader);
+        Stdio::from(writer)
+    };
+    let mut command = dirq();
+    command
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dirq");
+        .stderr(Stdio::piped());
     match streams {
         Streams::Normal => {}
-        Streams::ClosedStdout => drop(child.stdout.take()),
-        Streams::ClosedStderr => drop(child.stderr.take()),
+        Streams::ClosedStdout => drop(command.stdout(closed())),
+        Streams::ClosedStderr => drop(command.stderr(closed())),
     }
-    child.wait_with_output().expect("wait for dirq")
+    command.output().expect("run dirq")
 }
 
 #[test]
@@ -389,4 +401,41 @@ fn recover_of_several_queues_finishes_with_a_closed_stdout() {
         assert_eq!(t.names(State::Incoming), [id.as_str()], "{err}");
         assert!(t.names(State::Pending).is_empty());
     }
+}
+
+/// Nor does it stop `push a b c` after `a`, or `take --to NEXT -n 5` after the first
+/// message: only the ids go unprinted.
+#[test]
+fn push_and_take_to_finish_with_a_closed_stdout() {
+    let t = TestQueue::new();
+    let dir = t.dir.path();
+    let mut args = vec!["push".to_owned(), t.root().to_str().unwrap().to_owned()];
+    for name in ["a", "b", "c"] {
+        std::fs::write(dir.join(name), name).unwrap();
+        args.push(dir.join(name).to_str().unwrap().to_owned());
+    }
+    let out = spawn(&args, Streams::ClosedStdout, dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "push: {err}");
+    assert_eq!(
+        t.names(State::Incoming).len(),
+        3,
+        "every file was pushed: {err}"
+    );
+
+    let next = t.sibling("next");
+    let args = [
+        "take",
+        t.root().to_str().unwrap(),
+        "--to",
+        next.root().to_str().unwrap(),
+        "-n",
+        "5",
+    ]
+    .map(String::from);
+    let out = spawn(&args, Streams::ClosedStdout, dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "take --to: {err}");
+    assert!(t.names(State::Incoming).is_empty(), "{err}");
+    assert_eq!(next.count(State::Incoming).unwrap(), 3, "{err}");
 }
