@@ -337,7 +337,7 @@ Examples:\n  dirq exec q -- ./handle.sh\n  dirq exec input --to parsed -j 4 --ti
 dirq exec q --on-fail 'logger -t dirq \"$DIRQ_ID failed: $DIRQ_REASON\"' -- ./deliver\n  \
 dirq exec q --dry-run -- ./handle.sh"
     )]
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
 
     /// Run the stages of a pipeline file, restarting crashed workers.
     #[command(
@@ -346,8 +346,11 @@ input = \"spool/input\"\n  output = \"spool/parsed\"\n  command = [\"jq\", \"-c\
 [[stage]]\n  name = \"deliver\"\n  input = \"spool/parsed\"\n  command = [\"./deliver.sh\"]\n  \
 processes = 2\n  timeout = \"30s\"\n  commit_batch = 16\n  commit_delay = \"5ms\"\n\n\
 Paths are relative to the file. Instead of input, inputs = [\"a\", \"b\"] reads several \
-queues in strict priority order (dirq exec --also-input). Other stage keys: out_limit, on_fail, retries, drain_timeout \
-(as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay). \
+queues in strict priority order (dirq exec --also-input). Other stage keys: out_limit, on_fail, retries, drain_timeout, \
+max_age, out_resume, out_limit_bytes, out_resume_bytes, breaker_failures, breaker_rate, \
+breaker_min_samples, breaker_window, breaker_cooldown \
+(as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay; \
+breaker = false is --no-breaker). \
 A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
     )]
     Run {
@@ -421,6 +424,45 @@ pub(crate) struct ExecArgs {
     /// Pause while NEXT holds this many messages (backpressure; at least 1).
     #[arg(long, value_name = "N", default_value_t = 5000)]
     pub(crate) out_limit: usize,
+    /// Resume once NEXT holds fewer than this many messages (low watermark; at most
+    /// --out-limit). Default: 80 % of --out-limit.
+    #[arg(long, value_name = "N")]
+    pub(crate) out_resume: Option<usize>,
+    /// Also pause while NEXT's waiting messages hold this many bytes (at least 1).
+    /// Default: no byte limit.
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) out_limit_bytes: Option<u64>,
+    /// Resume once NEXT's waiting messages hold fewer bytes than this (at most
+    /// --out-limit-bytes, and only with it). Default: 80 % of --out-limit-bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub(crate) out_resume_bytes: Option<u64>,
+    /// Messages older than this (by their id's time; more than zero) go to errors/
+    /// with reason "expired" instead of being processed. Default: no limit.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) max_age: Option<Duration>,
+    /// Failure breaker: pause intake when this many failures (at least 1) happen
+    /// within --breaker-window. Default: no count limit.
+    #[arg(long, value_name = "N", conflicts_with = "no_breaker")]
+    pub(crate) breaker_failures: Option<u32>,
+    /// Failure breaker: pause intake when this fraction of outcomes (more than 0, at
+    /// most 1) within --breaker-window failed. Default: 0.5.
+    #[arg(long, value_name = "RATE", conflicts_with = "no_breaker")]
+    pub(crate) breaker_rate: Option<f64>,
+    /// Failure breaker: outcomes (at least 1) the window must hold before the rate
+    /// counts. Default: 20.
+    #[arg(long, value_name = "N")]
+    pub(crate) breaker_min_samples: Option<u32>,
+    /// Failure breaker: the window failures are counted over (more than zero).
+    /// Default: 60s.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) breaker_window: Option<Duration>,
+    /// Failure breaker: how long intake stays paused before a probe (more than zero;
+    /// doubled by each failed probe, up to 10m). Default: 30s.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) breaker_cooldown: Option<Duration>,
+    /// No failure breaker: intake never pauses for failures.
+    #[arg(long)]
+    pub(crate) no_breaker: bool,
     /// Only print what would run for each waiting message; change nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use dirq::piper::{CommandStage, Piper, PiperBuilder};
+use dirq::piper::{BreakerPolicy, CommandStage, Piper, PiperBuilder};
 use dirq::queue::RetryPolicy;
 use dirq::{DirectoryQueue, State};
 
@@ -13,21 +13,20 @@ use crate::args::ExecArgs;
 use crate::output::{stdout_error, CliResult};
 
 pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
-    let input = opener.open(
-        DirectoryQueue::builder(&args.queue)
-            .create(false)
-            .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?),
-    )?;
+    let retry = RetryPolicy::builder().max_attempts(args.retries).build()?;
+    let input_builder = |root: &Path| {
+        let mut builder = DirectoryQueue::builder(root);
+        builder.create(false).retry_policy(retry);
+        if let Some(age) = args.max_age {
+            builder.max_age(age);
+        }
+        builder
+    };
+    let input = opener.open(&mut input_builder(&args.queue))?;
     // Lower-priority inputs (--also-input), in the order given.
     let mut also = Vec::new();
     for queue in &args.also_input {
-        also.push(
-            opener.open(
-                DirectoryQueue::builder(queue)
-                    .create(false)
-                    .retry_policy(RetryPolicy::builder().max_attempts(args.retries).build()?),
-            )?,
-        );
+        also.push(opener.open(&mut input_builder(queue))?);
     }
     let (program, rest) = args.command.split_first().ok_or("no command was given")?;
     if args.dry_run {
@@ -76,6 +75,17 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     if let Some(next) = &next {
         builder.output("next", next).out_limit(args.out_limit);
     }
+    // Checked by build even without --to: a mistyped value is refused, not ignored.
+    if let Some(low) = args.out_resume {
+        builder.out_resume(low);
+    }
+    if let Some(high) = args.out_limit_bytes {
+        builder.out_limit_bytes(high);
+    }
+    if let Some(low) = args.out_resume_bytes {
+        builder.out_resume_bytes(low);
+    }
+    builder.breaker(&breaker_policy(args));
     let piper = builder.build()?;
     let handle = piper.handle();
     let drain = args.drain.then(|| {
@@ -109,6 +119,31 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let stats = result?;
     tracing::info!(stage = %name, ?stats, "exec finished");
     Ok(())
+}
+
+/// The failure breaker of the exec flags; the Piper's build checks it.
+fn breaker_policy(args: &ExecArgs) -> BreakerPolicy {
+    let mut policy = if args.no_breaker {
+        BreakerPolicy::disabled()
+    } else {
+        BreakerPolicy::default()
+    };
+    if let Some(failures) = args.breaker_failures {
+        policy.max_failures(failures);
+    }
+    if let Some(rate) = args.breaker_rate {
+        policy.max_failure_rate(rate);
+    }
+    if let Some(samples) = args.breaker_min_samples {
+        policy.min_samples(samples);
+    }
+    if let Some(window) = args.breaker_window {
+        policy.window(window);
+    }
+    if let Some(cooldown) = args.breaker_cooldown {
+        policy.cooldown(cooldown);
+    }
+    policy
 }
 
 /// Prints the command that would run for each waiting message, oldest first, then for

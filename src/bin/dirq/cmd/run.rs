@@ -65,6 +65,21 @@ struct StageSettings {
     /// Group commit (`dirq exec --commit-batch`, `--commit-delay`).
     commit_batch: Option<usize>,
     commit_delay: Option<String>,
+    /// Expiry of the input queues (`dirq exec --max-age`).
+    max_age: Option<String>,
+    /// Backpressure watermarks (`--out-resume`, `--out-limit-bytes`, `--out-resume-bytes`).
+    out_resume: Option<usize>,
+    out_limit_bytes: Option<u64>,
+    out_resume_bytes: Option<u64>,
+    /// The failure breaker: `breaker = false` is `--no-breaker`; the others are
+    /// `--breaker-failures`, `--breaker-rate`, `--breaker-min-samples`,
+    /// `--breaker-window` and `--breaker-cooldown`.
+    breaker: Option<bool>,
+    breaker_failures: Option<u32>,
+    breaker_rate: Option<f64>,
+    breaker_min_samples: Option<u32>,
+    breaker_window: Option<String>,
+    breaker_cooldown: Option<String>,
 }
 
 impl StageSettings {
@@ -85,6 +100,22 @@ impl StageSettings {
                 .commit_delay
                 .clone()
                 .or_else(|| defaults.commit_delay.clone()),
+            max_age: self.max_age.clone().or_else(|| defaults.max_age.clone()),
+            out_resume: self.out_resume.or(defaults.out_resume),
+            out_limit_bytes: self.out_limit_bytes.or(defaults.out_limit_bytes),
+            out_resume_bytes: self.out_resume_bytes.or(defaults.out_resume_bytes),
+            breaker: self.breaker.or(defaults.breaker),
+            breaker_failures: self.breaker_failures.or(defaults.breaker_failures),
+            breaker_rate: self.breaker_rate.or(defaults.breaker_rate),
+            breaker_min_samples: self.breaker_min_samples.or(defaults.breaker_min_samples),
+            breaker_window: self
+                .breaker_window
+                .clone()
+                .or_else(|| defaults.breaker_window.clone()),
+            breaker_cooldown: self
+                .breaker_cooldown
+                .clone()
+                .or_else(|| defaults.breaker_cooldown.clone()),
         }
     }
 }
@@ -346,6 +377,7 @@ fn exec_command(
             )));
         }
     }
+    check_flow_settings(settings).map_err(bad)?;
     let (first, also) = stage_inputs(stage)?;
     let mut args = vec![
         "--durability".to_owned(),
@@ -378,11 +410,44 @@ fn exec_command(
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
         ("--commit-delay", &settings.commit_delay),
+        ("--max-age", &settings.max_age),
+        ("--breaker-window", &settings.breaker_window),
+        ("--breaker-cooldown", &settings.breaker_cooldown),
     ] {
         if let Some(value) = value {
             parse_duration(value).map_err(|e| bad(format!("{flag}: {e}")))?;
             args.extend([flag.to_owned(), value.clone()]);
         }
+    }
+    for (flag, value) in [
+        ("--out-resume", settings.out_resume.map(|n| n.to_string())),
+        (
+            "--out-limit-bytes",
+            settings.out_limit_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "--out-resume-bytes",
+            settings.out_resume_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "--breaker-failures",
+            settings.breaker_failures.map(|n| n.to_string()),
+        ),
+        (
+            "--breaker-rate",
+            settings.breaker_rate.map(|r| r.to_string()),
+        ),
+        (
+            "--breaker-min-samples",
+            settings.breaker_min_samples.map(|n| n.to_string()),
+        ),
+    ] {
+        if let Some(value) = value {
+            args.extend([flag.to_owned(), value]);
+        }
+    }
+    if settings.breaker == Some(false) {
+        args.push("--no-breaker".to_owned());
     }
     if let Some(limit) = settings.out_limit {
         args.extend(["--out-limit".to_owned(), limit.to_string()]);
@@ -405,6 +470,67 @@ fn exec_command(
         CommandLine::Args(list) => args.extend(list.iter().cloned()),
     }
     Ok(args)
+}
+
+/// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`
+/// (the queue and Piper builders) would check them: a bad value stops the pipeline
+/// before it starts rather than failing a stage process over and over.
+fn check_flow_settings(settings: &StageSettings) -> Result<(), String> {
+    for (key, value) in [
+        ("max_age", &settings.max_age),
+        ("breaker_window", &settings.breaker_window),
+        ("breaker_cooldown", &settings.breaker_cooldown),
+    ] {
+        if let Some(value) = value {
+            let duration = parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+            if duration.is_zero() {
+                return Err(format!("{key} = {value:?}: must be more than zero"));
+            }
+        }
+    }
+    let out_limit = settings.out_limit.unwrap_or(5000);
+    if let Some(low) = settings.out_resume {
+        if low > out_limit {
+            return Err(format!(
+                "out_resume = {low}: must be at most out_limit ({out_limit})"
+            ));
+        }
+    }
+    match (settings.out_limit_bytes, settings.out_resume_bytes) {
+        (Some(0), _) => return Err("out_limit_bytes = 0: must be at least 1".to_owned()),
+        (None, Some(low)) => {
+            return Err(format!(
+                "out_resume_bytes = {low}: is set, but out_limit_bytes is not"
+            ))
+        }
+        (Some(high), Some(low)) if low > high => {
+            return Err(format!(
+                "out_resume_bytes = {low}: must be at most out_limit_bytes ({high})"
+            ))
+        }
+        _ => {}
+    }
+    if settings.breaker == Some(false)
+        && (settings.breaker_failures.is_some() || settings.breaker_rate.is_some())
+    {
+        return Err(
+            "breaker = false: cannot be combined with breaker_failures or breaker_rate".to_owned(),
+        );
+    }
+    if settings.breaker_failures == Some(0) {
+        return Err("breaker_failures = 0: must be at least 1".to_owned());
+    }
+    if let Some(rate) = settings.breaker_rate {
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(format!(
+                "breaker_rate = {rate}: must be more than 0 and at most 1"
+            ));
+        }
+    }
+    if settings.breaker_min_samples == Some(0) {
+        return Err("breaker_min_samples = 0: must be at least 1".to_owned());
+    }
+    Ok(())
 }
 
 fn spawn(args: &[String], base: &Path) -> Result<Child, Box<dyn std::error::Error + Send + Sync>> {
