@@ -146,17 +146,17 @@ fn breaker_failures_opens_the_breaker_and_no_breaker_keeps_going() {
 fn exec_refuses_out_of_range_settings_naming_them() {
     let t = TestQueue::new();
     t.queue.enqueue(b"untouched").unwrap();
-    let next = t.dir.path().join("next");
     for (args, want) in [
         (&["--max-age", "0"][..], "invalid max_age"),
         (
-            &["--to", s(&next), "--out-resume", "10", "--out-limit", "5"][..],
+            &["--out-resume", "10", "--out-limit", "5"][..],
             "invalid out_resume of Piper",
         ),
         (
             &["--out-limit-bytes", "0"][..],
             "invalid out_limit_bytes of Piper",
         ),
+        (&["--out-limit", "0"][..], "invalid out_limit of Piper"),
         (
             &["--out-resume-bytes", "10"][..],
             "invalid out_resume_bytes of Piper",

@@ -73,9 +73,11 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         builder.input(queue);
     }
     if let Some(next) = &next {
-        builder.output("next", next).out_limit(args.out_limit);
+        builder.output("next", next);
     }
-    // Checked by build even without --to: a mistyped value is refused, not ignored.
+    // Set and checked by build even without --to: a mistyped value is refused, not
+    // ignored, and --out-resume is compared with the --out-limit given.
+    builder.out_limit(args.out_limit);
     if let Some(low) = args.out_resume {
         builder.out_resume(low);
     }
