@@ -315,18 +315,6 @@ fn commit_batch_out_of_range_is_refused_before_anything_runs() {
     assert_eq!(queue.counts().unwrap().incoming, 1, "nothing was claimed");
 }
 
-/// The command line of a running process, its arguments joined by spaces.
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
-}
-
 /// `commit_batch` and `commit_delay` in a pipeline file, per stage over `[defaults]`,
 /// reach each stage's `dirq exec`, and the pipeline drains.
 #[test]
@@ -386,7 +374,7 @@ commit_delay = "5ms"
             let pipers = dirq::admin::pipers(&queue).unwrap();
             match pipers.iter().find(|p| p.live && p.stage == stage) {
                 Some(piper) => {
-                    line = format!(" {} ", cmdline(piper.pid));
+                    line = format!(" {} ", crate::util::cmdline(piper.pid));
                     true
                 }
                 None => false,

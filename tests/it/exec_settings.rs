@@ -278,18 +278,6 @@ fn run_refuses_out_of_range_settings_before_starting_any_stage() {
     assert!(!marker.exists(), "a stage process was started");
 }
 
-/// The command line of a running process, its arguments joined by spaces.
-fn cmdline(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
     let dir = tempdir();
@@ -336,7 +324,7 @@ fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
                 .iter()
                 .find(|p| p.live)
             {
-                *line = format!(" {} ", cmdline(p.pid));
+                *line = format!(" {} ", crate::util::cmdline(p.pid));
             }
         }
         lines.iter().all(|l| l.contains(" exec "))
