@@ -439,3 +439,25 @@ fn push_and_take_to_finish_with_a_closed_stdout() {
     assert!(t.names(State::Incoming).is_empty(), "{err}");
     assert_eq!(next.count(State::Incoming).unwrap(), 3, "{err}");
 }
+
+/// `exec --dry-run | head` is a listing: a reader that stopped reading is not an error,
+/// and nothing is claimed.
+#[test]
+fn exec_dry_run_with_a_closed_stdout_exits_0() {
+    let t = TestQueue::new();
+    for i in 0..3 {
+        t.queue.enqueue(format!("m{i}")).unwrap();
+    }
+    let args = [
+        "exec",
+        t.root().to_str().unwrap(),
+        "--dry-run",
+        "--",
+        "true",
+    ]
+    .map(String::from);
+    let out = spawn(&args, Streams::ClosedStdout, t.dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(t.names(State::Incoming).len(), 3, "nothing was claimed");
+}

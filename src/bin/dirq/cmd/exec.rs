@@ -10,7 +10,7 @@ use dirq::{DirectoryQueue, State};
 
 use super::Opener;
 use crate::args::ExecArgs;
-use crate::output::{stdout_error, CliResult};
+use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
 
 pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let retry = RetryPolicy::builder().max_attempts(args.retries).build()?;
@@ -170,10 +170,11 @@ fn dry_run(
             .into_iter()
             .filter(|info| info.not_before.is_some_and(|due| due <= now)),
     );
+    // Written at once: a reader that stopped reading (`| head`) is not an error.
+    let mut text = String::new();
     for info in &infos {
-        writeln!(
-            out,
-            "would run: {command}  (DIRQ_ID={} DIRQ_QUEUE={} DIRQ_ATTEMPT={} DIRQ_PATH={}, {} bytes on stdin){}",
+        text.push_str(&format!(
+            "would run: {command}  (DIRQ_ID={} DIRQ_QUEUE={} DIRQ_ATTEMPT={} DIRQ_PATH={}, {} bytes on stdin){}\n",
             info.id,
             input.root().display(),
             info.attempts.unwrap_or(0) + 1,
@@ -184,14 +185,13 @@ fn dry_run(
             } else {
                 ""
             }
-        )
-        .map_err(stdout_error)?;
+        ));
     }
-    writeln!(
-        out,
-        "dry run: {} message(s) would be processed; nothing was changed",
+    text.push_str(&format!(
+        "dry run: {} message(s) would be processed; nothing was changed\n",
         infos.len()
-    )
-    .map_err(stdout_error)?;
+    ));
+    quiet_broken_pipe(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+        .map_err(stdout_error)?;
     Ok(())
 }
