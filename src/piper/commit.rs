@@ -103,10 +103,23 @@ impl Barrier {
     }
 
     /// Ends the committer's loop once it has committed what is waiting.
-    pub(super) fn close(&self) {
+    fn close(&self) {
         self.lock().closed = true;
         self.arrived.notify_all();
         self.room.notify_all();
+    }
+
+    /// Closes the barrier, waits for the committer (`thread`) to commit what was
+    /// handed over, then syncs what the Piper changed since (messages released at
+    /// shutdown).
+    pub(super) fn finish(&self, shared: &Shared, thread: Option<std::thread::JoinHandle<()>>) {
+        self.close();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        if let Err(e) = sync_all(shared.queues()) {
+            tracing::error!(stage = %shared.name, error = %error_chain(&e), "cannot sync at shutdown; the last outcomes may not survive a power cut");
+        }
     }
 
     /// The committer: takes each batch when it is full or its deadline passed, and
@@ -179,13 +192,7 @@ fn commit(shared: &Shared, outcomes: usize, finishes: Vec<Finish>) {
             (Finish::Forward(message, output), Ok(())) => carry_out(shared, message, Some(output)),
         }
     }
-    let changes = sync_all(
-        shared
-            .inputs
-            .iter()
-            .chain(shared.outputs.iter().map(|o| o.gauge.queue())),
-    );
-    match changes {
+    match sync_all(shared.queues()) {
         Ok(()) => Counters::add(&shared.counters.synced_batches, 1),
         Err(e) => tracing::error!(
             stage = %shared.name,

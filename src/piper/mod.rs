@@ -680,6 +680,13 @@ impl Shared {
         self.counters.snapshot(expired, wasted)
     }
 
+    /// Every queue handle of the Piper: its inputs, then its outputs.
+    fn queues(&self) -> impl Iterator<Item = &DirectoryQueue> {
+        self.inputs
+            .iter()
+            .chain(self.outputs.iter().map(|o| o.gauge.queue()))
+    }
+
     /// Hands an outcome to the group commit; without one, carries out at once what is
     /// left of it.
     fn finish(&self, finish: Finish) -> std::result::Result<(), crate::queue::TerminalError> {

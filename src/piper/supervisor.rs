@@ -121,7 +121,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     for handle in finished {
         let _ = handle.join();
     }
-    stop_committer(shared, committer);
+    if let Some(barrier) = &shared.barrier {
+        barrier.finish(shared, committer);
+    }
     let stats = shared.stats();
     tracing::info!(stage = %shared.name, ?stats, "piper stopped");
     if let Some(reason) = lock(&shared.stopped).take() {
@@ -149,27 +151,6 @@ fn start_committer(shared: &Arc<Shared>) -> Result<Option<JoinHandle<()>>> {
         })
         .map(Some)
         .map_err(|e| Error::io(crate::error::Operation::StartThread, "the group commit", e))
-}
-
-/// Commits what the workers handed over, then syncs everything the Piper changed
-/// since (messages released at shutdown).
-fn stop_committer(shared: &Shared, committer: Option<JoinHandle<()>>) {
-    let Some(barrier) = &shared.barrier else {
-        return;
-    };
-    barrier.close();
-    if let Some(thread) = committer {
-        let _ = thread.join();
-    }
-    for queue in shared
-        .inputs
-        .iter()
-        .chain(shared.outputs.iter().map(|o| o.gauge.queue()))
-    {
-        if let Err(e) = queue.sync() {
-            tracing::error!(stage = %shared.name, error = %error_chain(&e), "cannot sync at shutdown; the last outcomes may not survive a power cut");
-        }
-    }
 }
 
 /// What the supervisor did last, and when.
