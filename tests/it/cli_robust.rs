@@ -10,15 +10,6 @@ use dirq::State;
 
 use crate::util::{dirq, is_root, TestQueue};
 
-const STATES: [State; 6] = [
-    State::Tmp,
-    State::Incoming,
-    State::Pending,
-    State::Errors,
-    State::Deferred,
-    State::Hold,
-];
-
 /// How a row's standard streams are set up.
 #[derive(Clone, Copy, PartialEq)]
 enum Streams {
@@ -52,7 +43,7 @@ fn with(mut r: Row, streams: Streams) -> Row {
 }
 
 fn snapshot(t: &TestQueue) -> Vec<(State, Vec<String>)> {
-    STATES.iter().map(|&s| (s, t.names(s))).collect()
+    State::ALL.iter().map(|&s| (s, t.names(s))).collect()
 }
 
 fn spawn(args: &[String], streams: Streams, cwd: &Path) -> Output {

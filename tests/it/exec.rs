@@ -453,13 +453,7 @@ fn run_refuses_absurd_worker_and_process_counts_before_starting_any() {
             ),
         )
         .unwrap();
-        let out = crate::util::run(&["run", s(&file)]);
-        assert_eq!(out.status.code(), Some(1), "{key}");
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert!(
-            stderr.contains(&format!("stage \"x\": {want}")),
-            "{key}: {stderr}"
-        );
+        crate::util::assert_stage_refused(&["run", s(&file)], key, want);
     }
     assert!(!marker.exists(), "a stage process was started");
 }

@@ -265,13 +265,7 @@ fn run_refuses_out_of_range_settings_before_starting_any_stage() {
                 } else {
                     &["run", s(&file)]
                 };
-                let out = crate::util::run(args);
-                assert_eq!(out.status.code(), Some(1), "{key}");
-                let stderr = String::from_utf8(out.stderr).unwrap();
-                assert!(
-                    stderr.contains(&format!("stage \"x\": {want}")),
-                    "{key}: {stderr}"
-                );
+                crate::util::assert_stage_refused(args, key, want);
             }
         }
     }

@@ -297,3 +297,15 @@ pub fn cmdline(pid: u32) -> String {
         })
         .unwrap_or_default()
 }
+
+/// Runs `dirq ARGS` on a pipeline file whose stage `x` has a bad `key`, and checks that
+/// it is refused: exit 1, and standard error names the stage and says `want`.
+pub fn assert_stage_refused(args: &[&str], key: &str, want: &str) {
+    let out = run(args);
+    assert_eq!(out.status.code(), Some(1), "{key}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("stage \"x\": {want}")),
+        "{key}: {stderr}"
+    );
+}
