@@ -1,7 +1,7 @@
 //! A stage that runs a command once per message: the "queue batch" wrapper of job
 //! schedulers, and what `dirq exec` runs.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,13 @@ const STDERR_TAIL_BYTES: usize = 4096;
 ///   passes on the command's standard output as a new message (same id), or the
 ///   original message when the output is empty.
 /// - Exit 75 (`EX_TEMPFAIL`) retries it with backoff.
+/// - **Routing.** An exit code given a [route](CommandStageBuilder::route_exit) passes
+///   the message on to that one named output (its standard output as a new message,
+///   or the original when the output is empty). With
+///   [`route_by_line`](CommandStageBuilder::route_by_line), a first line of standard
+///   output `dirq-route: NAME` does the same for any routable exit (0 or a routed
+///   code), and is not part of the message passed on. A name that is not an output of
+///   the Piper fails the message, with a reason naming it.
 /// - Any other exit, or death by a signal, fails it, with the exit code and the end of
 ///   the command's standard error in the sidecar.
 /// - A command that cannot be started is a configuration error:
@@ -42,7 +49,8 @@ const STDERR_TAIL_BYTES: usize = 4096;
 ///   [`PiperStats::timeouts`](super::PiperStats::timeouts)).
 ///
 /// Standard error is passed through to the Piper's standard error as well. With
-/// `forward`, standard output is collected in memory; without, it is passed through.
+/// `forward` or any routing, standard output is collected in memory; without, it is
+/// passed through.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -91,7 +99,14 @@ pub struct CommandStageBuilder {
     timeout: Option<Duration>,
     kill_grace: Duration,
     on_fail: Option<OsString>,
+    /// Exit code → the one output it routes to.
+    routes: BTreeMap<i32, String>,
+    route_by_line: bool,
 }
+
+/// The first line of standard output that names an output; see
+/// [`CommandStageBuilder::route_by_line`].
+pub const ROUTE_LINE_PREFIX: &str = "dirq-route: ";
 
 impl CommandStage {
     /// Starts configuring a stage that runs `program` with `args` for each message.
@@ -107,6 +122,8 @@ impl CommandStage {
             timeout: None,
             kill_grace: Duration::from_secs(5),
             on_fail: None,
+            routes: BTreeMap::new(),
+            route_by_line: false,
         }
     }
 
@@ -128,7 +145,7 @@ impl CommandStage {
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .env("DIRQ_PATH", message.path())
             .stdin(Stdio::piped())
-            .stdout(if self.settings.forward {
+            .stdout(if self.settings.captures_output() {
                 Stdio::piped()
             } else {
                 Stdio::inherit()
@@ -139,7 +156,8 @@ impl CommandStage {
     }
 
     /// Runs the command on `message`: its exit status (or `None` when it timed out),
-    /// its standard output (with `forward`) and the end of its standard error.
+    /// its standard output (when [captured](CommandStageBuilder::captures_output)) and
+    /// the end of its standard error.
     fn run(
         &self,
         message: &Message,
@@ -280,13 +298,43 @@ impl CommandStageBuilder {
         self
     }
 
+    /// Routes exit `code` to the Piper output named `output`: the message is passed on
+    /// to that output only (the command's standard output as a new message under the
+    /// same id, or the original when the output is empty), whether or not
+    /// [`forward`](Self::forward) is set. A second route for the same code replaces the
+    /// first. `code` 0 routes successes; 75 (`EX_TEMPFAIL`) cannot be routed, it
+    /// retries. Default: no routes (exit 0 passes on to every output with `forward`,
+    /// other codes fail).
+    pub fn route_exit(&mut self, code: i32, output: impl Into<String>) -> &mut Self {
+        self.routes.insert(code, output.into());
+        self
+    }
+
+    /// Whether the command may choose the output by printing, as the first line of its
+    /// standard output, `dirq-route: NAME` ([`ROUTE_LINE_PREFIX`] then an output's
+    /// name). The line is taken off; the rest of the output is the message passed on to
+    /// `NAME` only (the original, when nothing else was printed). It applies to exit 0
+    /// and to [routed](Self::route_exit) exit codes, and wins over the code's route; an
+    /// output without such a line is handled as if this were off. Default: `false`.
+    pub fn route_by_line(&mut self, enabled: bool) -> &mut Self {
+        self.route_by_line = enabled;
+        self
+    }
+
+    /// Whether the command's standard output is collected (to be passed on) rather than
+    /// passed through.
+    fn captures_output(&self) -> bool {
+        self.forward || self.route_by_line || !self.routes.is_empty()
+    }
+
     /// Checks the settings and makes the stage.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] when the program is empty or cannot be executed (a path
     /// that is not an executable file, or a bare name not found in `PATH`, looked up
-    /// as `execvp` does), the timeout is zero or the on-fail hook is empty.
+    /// as `execvp` does), the timeout is zero, the on-fail hook is empty, or a route is
+    /// for exit 75 or a code outside 0 to 255, or names an empty output.
     pub fn build(&self) -> Result<CommandStage> {
         let target = format!("command stage {:?}", self.program);
         let bad = |field: &'static str, reason: &str| Err(Error::config(&target, field, reason));
@@ -298,6 +346,26 @@ impl CommandStageBuilder {
         }
         if self.on_fail.as_ref().is_some_and(|hook| hook.is_empty()) {
             return bad("on_fail", "must not be empty");
+        }
+        for (&code, output) in &self.routes {
+            if code == EX_TEMPFAIL {
+                return bad(
+                    "route_exit",
+                    "exit 75 (EX_TEMPFAIL) retries; it cannot be routed",
+                );
+            }
+            if !(0..=255).contains(&code) {
+                return bad(
+                    "route_exit",
+                    &format!("exit code {code} is not from 0 to 255"),
+                );
+            }
+            if output.is_empty() {
+                return bad(
+                    "route_exit",
+                    &format!("exit {code} routes to an empty name"),
+                );
+            }
         }
         if let Err(reason) = find_program(&self.program) {
             return bad("program", &reason);
@@ -335,12 +403,8 @@ impl Stage for CommandStage {
                 };
                 return Ok(Outcome::TimedOut(details));
             }
-            Some((Some(0), _)) => {
-                return Ok(match (self.settings.forward, stdout.is_empty()) {
-                    (false, _) => Outcome::Commit,
-                    (true, true) => Outcome::Forward,
-                    (true, false) => Outcome::Emit(vec![Emit::new(stdout)]),
-                });
+            Some((Some(code), _)) if code == 0 || self.settings.routes.contains_key(&code) => {
+                return Ok(self.pass_on(code, stdout));
             }
             Some((Some(EX_TEMPFAIL), _)) => {
                 return Ok(Outcome::Retry(format!(
@@ -358,6 +422,37 @@ impl Stage for CommandStage {
         };
         Ok(Outcome::FailWith(reason, details))
     }
+}
+
+impl CommandStage {
+    /// The outcome of a command that exited with `code`, 0 or a routed one: passed on to
+    /// the output its route line or its code names, else to every output with
+    /// `forward`, else committed.
+    fn pass_on(&self, code: i32, mut stdout: Vec<u8>) -> Outcome {
+        let settings = &self.settings;
+        let route = match settings.route_by_line.then(|| take_route_line(&mut stdout)) {
+            Some(Some(name)) => Some(name),
+            _ => settings.routes.get(&code).cloned(),
+        };
+        match (route, settings.forward, stdout.is_empty()) {
+            (Some(name), _, true) => Outcome::ForwardTo(name),
+            (Some(name), _, false) => Outcome::Emit(vec![Emit::new(stdout).to(name)]),
+            (None, false, _) => Outcome::Commit,
+            (None, true, true) => Outcome::Forward,
+            (None, true, false) => Outcome::Emit(vec![Emit::new(stdout)]),
+        }
+    }
+}
+
+/// Takes a first line `dirq-route: NAME` off `stdout` and returns `NAME` (trimmed of
+/// spaces and a `\r`); `None`, leaving `stdout` alone, when it does not start so.
+fn take_route_line(stdout: &mut Vec<u8>) -> Option<String> {
+    let rest = stdout.strip_prefix(ROUTE_LINE_PREFIX.as_bytes())?;
+    let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let name = std::str::from_utf8(&rest[..end]).ok()?.trim().to_owned();
+    let consumed = ROUTE_LINE_PREFIX.len() + (end + 1).min(rest.len());
+    stdout.drain(..consumed);
+    Some(name)
 }
 
 /// The command could not be started; see [`Outcome::Stop`].
@@ -476,5 +571,55 @@ mod tests {
             .build()
             .expect("no timeout is valid");
         assert_eq!(undone.settings.timeout, None);
+        for code in [EX_TEMPFAIL, -1, 256] {
+            assert_eq!(
+                rejected(CommandStage::builder("true", no_args).route_exit(code, "x")),
+                "route_exit",
+                "exit {code}"
+            );
+        }
+        assert_eq!(
+            rejected(CommandStage::builder("true", no_args).route_exit(3, "")),
+            "route_exit"
+        );
+    }
+
+    #[test]
+    fn a_route_line_is_taken_off_the_output() {
+        let mut out = b"dirq-route: spam \r\nbody\nmore".to_vec();
+        assert_eq!(take_route_line(&mut out).as_deref(), Some("spam"));
+        assert_eq!(out, b"body\nmore");
+        let mut only = b"dirq-route: clean".to_vec();
+        assert_eq!(take_route_line(&mut only).as_deref(), Some("clean"));
+        assert!(only.is_empty());
+        let mut plain = b"body\ndirq-route: spam\n".to_vec();
+        assert_eq!(take_route_line(&mut plain), None);
+        assert_eq!(plain, b"body\ndirq-route: spam\n");
+    }
+
+    fn outcome_of(builder: &CommandStageBuilder, code: i32, stdout: &[u8]) -> String {
+        let stage = builder.build().expect("valid settings");
+        format!("{:?}", stage.pass_on(code, stdout.to_vec()))
+    }
+
+    #[test]
+    fn exit_codes_and_lines_choose_the_output() {
+        let no_args: [&str; 0] = [];
+        let mut routed = CommandStage::builder("true", no_args);
+        routed.route_exit(3, "spam").route_by_line(true);
+        assert_eq!(outcome_of(&routed, 0, b""), "Commit");
+        assert_eq!(outcome_of(&routed, 3, b""), "ForwardTo(\"spam\")");
+        assert_eq!(
+            outcome_of(&routed, 0, b"dirq-route: clean\n"),
+            "ForwardTo(\"clean\")"
+        );
+        let emitted = outcome_of(&routed, 3, b"dirq-route: clean\nnew");
+        assert!(
+            emitted.starts_with("Emit") && emitted.contains("\"clean\""),
+            "{emitted}"
+        );
+        routed.forward(true);
+        assert_eq!(outcome_of(&routed, 0, b""), "Forward");
+        assert!(outcome_of(&routed, 0, b"x").starts_with("Emit"));
     }
 }

@@ -20,7 +20,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use breaker::BreakerPolicy;
-pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL};
+pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL, ROUTE_LINE_PREFIX};
 pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
 pub use stage::{Emit, Failed, Outcome, Stage, StageError, StageResult};
