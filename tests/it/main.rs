@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 mod durability_cli;
 mod exec;
+mod exec_routes;
 mod exec_settings;
 mod filesystems;
 mod group_commit;

@@ -407,9 +407,28 @@ pub(crate) struct ExecArgs {
     /// has nothing waiting: strict priority in the order given. Repeatable.
     #[arg(long, value_name = "QUEUE")]
     pub(crate) also_input: Vec<PathBuf>,
-    /// Pass the command's output (or the message) on to this queue.
-    #[arg(long, value_name = "NEXT")]
-    pub(crate) to: Option<PathBuf>,
+    /// Pass the command's output (or the message) on to this queue. Repeat it for
+    /// several outputs: exit 0 passes on to every one (fan-out). NAME=NEXT names the
+    /// output for --route; an output's default name is its directory's last component.
+    #[arg(long, value_name = "[NAME=]NEXT", value_parser = parse_output)]
+    pub(crate) to: Vec<(Option<String>, PathBuf)>,
+    /// Exit code CODE (0 to 255, not 75, which retries) passes the message on to the
+    /// output NAME only. Repeatable: --route 3=spam --route 0=clean.
+    #[arg(long, value_name = "CODE=NAME", value_parser = parse_route)]
+    pub(crate) route: Vec<(i32, String)>,
+    /// A first line "dirq-route: NAME" on the command's standard output passes the
+    /// message on to the output NAME only (exit 0 or a routed code); the line is not
+    /// part of the message.
+    #[arg(long)]
+    pub(crate) route_by_line: bool,
+    /// Permission bits of queue directories exec creates (octal, applied exactly;
+    /// setgid allowed, e.g. 2770, for a group of cooperating users). Default: 0775.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub(crate) dir_mode: Option<u32>,
+    /// Permission bits of message files exec writes (octal, narrowed by the umask).
+    /// Default: 0664.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub(crate) file_mode: Option<u32>,
     /// Commands run in parallel (1 to 1024).
     #[arg(short = 'j', long = "jobs", default_value_t = 1, value_name = "N")]
     pub(crate) jobs: usize,
@@ -499,6 +518,47 @@ pub(crate) struct ExecArgs {
 fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode like 0775"))
+}
+
+/// `NAME=PATH` or `PATH` (an output of `dirq exec --to`). NAME is letters, digits, `-`
+/// and `_`; a value whose part before `=` is not such a name is a path.
+pub(crate) fn parse_output(s: &str) -> Result<(Option<String>, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if is_output_name(name) => {
+            if path.is_empty() {
+                return Err(format!("{s:?}: no queue after {name}="));
+            }
+            Ok((Some(name.to_owned()), PathBuf::from(path)))
+        }
+        _ if s.is_empty() => Err("the queue path is empty".to_owned()),
+        _ => Ok((None, PathBuf::from(s))),
+    }
+}
+
+/// Whether `name` may name an output: letters, digits, `-` and `_`, not empty.
+pub(crate) fn is_output_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `CODE=NAME` of `dirq exec --route`.
+fn parse_route(s: &str) -> Result<(i32, String), String> {
+    let bad = || format!("{s:?} is not CODE=NAME, like 3=spam");
+    let (code, name) = s.split_once('=').ok_or_else(bad)?;
+    let code: i32 = code.trim().parse().map_err(|_| bad())?;
+    if !(0..=255).contains(&code) || code == dirq::piper::EX_TEMPFAIL {
+        return Err(format!(
+            "{s:?}: the exit code must be from 0 to 255 and not 75 (75 retries)"
+        ));
+    }
+    if !is_output_name(name) {
+        return Err(format!(
+            "{s:?}: {name:?} is not an output name (letters, digits, - and _)"
+        ));
+    }
+    Ok((code, name.to_owned()))
 }
 
 /// Seconds (`1.5`) or a number with a unit: `500ms`, `30s`, `5m`, `2h`, `1d`.
@@ -648,6 +708,25 @@ mod tests {
     #[test]
     fn arguments_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn outputs_and_routes_parse() {
+        let path = |p: &str| PathBuf::from(p);
+        assert_eq!(parse_output("spool/q"), Ok((None, path("spool/q"))));
+        assert_eq!(
+            parse_output("spam=spool/spam"),
+            Ok((Some("spam".to_owned()), path("spool/spam")))
+        );
+        // Not a name before the `=`: all of it is a path.
+        assert_eq!(parse_output("./a=b"), Ok((None, path("./a=b"))));
+        assert!(parse_output("spam=").is_err());
+        assert!(parse_output("").is_err());
+        assert_eq!(parse_route("3=spam"), Ok((3, "spam".to_owned())));
+        assert_eq!(parse_route("0=clean"), Ok((0, "clean".to_owned())));
+        for bad in ["75=x", "256=x", "-1=x", "x=y", "3", "3=", "3=a/b"] {
+            assert!(parse_route(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

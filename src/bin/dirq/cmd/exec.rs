@@ -1,7 +1,7 @@
 //! `dirq exec`: a Piper whose stage runs a command for each message.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dirq::piper::{BreakerPolicy, CommandStage, Piper, PiperBuilder};
@@ -14,8 +14,18 @@ use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
 
 pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let retry = RetryPolicy::builder().max_attempts(args.retries).build()?;
-    let input_builder = |root: &Path| {
+    let with_modes = |root: &Path| {
         let mut builder = DirectoryQueue::builder(root);
+        if let Some(mode) = args.dir_mode {
+            builder.dir_mode(mode);
+        }
+        if let Some(mode) = args.file_mode {
+            builder.file_mode(mode);
+        }
+        builder
+    };
+    let input_builder = |root: &Path| {
+        let mut builder = with_modes(root);
         builder.create(false).retry_policy(retry);
         if let Some(age) = args.max_age {
             builder.max_age(age);
@@ -32,16 +42,24 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     if args.dry_run {
         return dry_run(&input, program.as_ref(), rest);
     }
-    let next = args.to.as_deref().map(|to| opener.create(to)).transpose()?;
-    // A stage may emit back into its own queue (fresh ids), but forwarding into it
-    // would hand the same message back at once, for ever.
-    if let Some(next) = next.as_ref().filter(|next| next.same_queue(&input)) {
-        return Err(format!(
-            "failed to start exec on {}: --to {} is the same queue",
-            args.queue.display(),
-            next.root().display()
-        )
-        .into());
+    let refuse = |why: String| format!("failed to start exec on {}: {why}", args.queue.display());
+    let outputs = outputs(args).map_err(refuse)?;
+    let mut next = Vec::new();
+    for (name, path) in outputs {
+        let queue = opener.open(&mut with_modes(&path))?;
+        // A stage may emit back into its own queue (fresh ids), but forwarding into it
+        // would hand the same message back at once, for ever.
+        if std::iter::once(&input)
+            .chain(&also)
+            .any(|i| i.same_queue(&queue))
+        {
+            return Err(refuse(format!(
+                "--to {} is the same queue as an input",
+                path.display()
+            ))
+            .into());
+        }
+        next.push((name, queue));
     }
     let name = args.name.clone().unwrap_or_else(|| {
         Path::new(program)
@@ -49,7 +67,13 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
             .map_or_else(|| "exec".to_owned(), |n| n.to_string_lossy().into_owned())
     });
     let mut stage = CommandStage::builder(program, rest);
-    stage.forward(next.is_some()).kill_grace(args.kill_grace);
+    stage
+        .forward(!next.is_empty())
+        .route_by_line(args.route_by_line)
+        .kill_grace(args.kill_grace);
+    for (code, output) in &args.route {
+        stage.route_exit(*code, output);
+    }
     if let Some(timeout) = args.timeout {
         stage.timeout(timeout);
     }
@@ -72,8 +96,8 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     for queue in &also {
         builder.input(queue);
     }
-    if let Some(next) = &next {
-        builder.output("next", next);
+    for (name, queue) in &next {
+        builder.output(name, queue);
     }
     // Set and checked by build even without --to: a mistyped value is refused, not
     // ignored, and --out-resume is compared with the --out-limit given.
@@ -121,6 +145,60 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let stats = result?;
     tracing::info!(stage = %name, ?stats, "exec finished");
     Ok(())
+}
+
+/// The named outputs of `--to`, checked against `--route`: names are unique, and
+/// every route names one of them.
+fn outputs(args: &ExecArgs) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    for (name, path) in &args.to {
+        let name = match name {
+            Some(name) => name.clone(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| crate::args::is_output_name(n))
+                .ok_or_else(|| {
+                    format!(
+                        "--to {}: cannot name this output after its directory; give NAME={}",
+                        path.display(),
+                        path.display()
+                    )
+                })?,
+        };
+        if named.iter().any(|(other, _)| *other == name) {
+            return Err(format!(
+                "--to {}: two outputs are named {name:?}; give each a NAME=",
+                path.display()
+            ));
+        }
+        named.push((name, path.clone()));
+    }
+    if named.is_empty() && (!args.route.is_empty() || args.route_by_line) {
+        return Err("--route and --route-by-line need outputs: give --to".to_owned());
+    }
+    let names = || {
+        named
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (code, output) in &args.route {
+        if !named.iter().any(|(name, _)| name == output) {
+            return Err(format!(
+                "--route {code}={output}: no output is named {output:?} (outputs: {})",
+                names()
+            ));
+        }
+    }
+    if !args.route.is_empty() && named.len() > 1 && !args.route.iter().any(|(c, _)| *c == 0) {
+        tracing::warn!(
+            outputs = %names(),
+            "exit 0 passes messages on to every output; give --route 0=NAME to send them to one"
+        );
+    }
+    Ok(named)
 }
 
 /// The failure breaker of the exec flags; the Piper's build checks it.

@@ -1,0 +1,207 @@
+//! `dirq exec` with several named outputs: fan-out, routing by exit code and by a
+//! printed `dirq-route:` line, the refusals of routes that cannot work, and the
+//! permission modes of the queues and files exec creates.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use dirq::{DirectoryQueue, State};
+
+use crate::util::{assert_succeeded, dirq, TestQueue};
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `dirq exec --drain QUEUE [extra...] -- sh -c SCRIPT`, to completion.
+fn exec_drain(queue: &Path, extra: &[&str], script: &str) -> Output {
+    dirq()
+        .args(["exec", "--drain", "--retries", "1", s(queue)])
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The ids of `state`.
+fn ids(queue: &DirectoryQueue, state: State) -> Vec<dirq::MessageId> {
+    queue.ids(state).unwrap().map(Result::unwrap).collect()
+}
+
+/// The bodies waiting in `queue`'s `incoming/`, sorted.
+fn bodies(queue: &DirectoryQueue) -> Vec<String> {
+    let mut bodies: Vec<String> = ids(queue, State::Incoming)
+        .iter()
+        .map(|id| {
+            String::from_utf8(
+                std::fs::read(queue.path(State::Incoming).join(id.as_os_str())).unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    bodies.sort();
+    bodies
+}
+
+/// Exit 3 goes to `spam`, exit 0 to `clean` (with `--route 0=`); nothing is copied to
+/// the other output and nothing stays behind.
+#[test]
+fn exit_codes_route_each_message_to_one_output() {
+    let t = TestQueue::new();
+    for body in ["ham 1", "spam 2", "ham 3", "spam 4"] {
+        t.queue.enqueue(body.as_bytes()).unwrap();
+    }
+    let (clean, spam) = (t.sibling("clean"), t.sibling("spam"));
+    let out = exec_drain(
+        t.root(),
+        &[
+            "--to",
+            &format!("clean={}", s(clean.root())),
+            "--to",
+            s(spam.root()),
+            "--route",
+            "0=clean",
+            "--route",
+            "3=spam",
+        ],
+        "case $(cat) in spam*) exit 3;; esac",
+    );
+    assert_succeeded(&out, "exec with routes");
+    assert_eq!(bodies(&clean), ["ham 1", "ham 3"]);
+    assert_eq!(bodies(&spam), ["spam 2", "spam 4"]);
+    let counts = t.queue.counts().unwrap();
+    assert_eq!(
+        counts.incoming + counts.pending + counts.errors,
+        0,
+        "{counts:?}"
+    );
+}
+
+/// Without `--route 0=`, exit 0 passes on to every output (fan-out), and exec says so.
+#[test]
+fn exit_0_fans_out_to_every_output_unless_routed() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"ok").unwrap();
+    t.queue.enqueue(b"bad").unwrap();
+    let (a, b) = (t.sibling("a"), t.sibling("b"));
+    let out = exec_drain(
+        t.root(),
+        &["--to", s(a.root()), "--to", s(b.root()), "--route", "4=b"],
+        "test \"$(cat)\" = ok || exit 4",
+    );
+    assert_succeeded(&out, "exec with fan-out and a route");
+    assert_eq!(bodies(&a), ["ok"]);
+    assert_eq!(bodies(&b), ["bad", "ok"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--route 0=NAME"), "no warning: {stderr}");
+}
+
+/// A first line `dirq-route: NAME` chooses the output and is not passed on; the rest of
+/// the output is the new message, or the original when nothing else was printed. A name
+/// that is no output fails the message with a reason naming it.
+#[test]
+fn a_printed_line_routes_the_message() {
+    let t = TestQueue::new();
+    for body in ["left", "right", "nowhere"] {
+        t.queue.enqueue(body.as_bytes()).unwrap();
+    }
+    let (left, right) = (t.sibling("left"), t.sibling("right"));
+    let out = exec_drain(
+        t.root(),
+        &[
+            "--to",
+            s(left.root()),
+            "--to",
+            s(right.root()),
+            "--route-by-line",
+        ],
+        // "left" is passed on as it is; "right" is replaced by new text.
+        "b=$(cat); echo \"dirq-route: $b\"; if [ \"$b\" = right ]; then printf RIGHT; fi",
+    );
+    assert_succeeded(&out, "exec --route-by-line");
+    assert_eq!(bodies(&left), ["left"]);
+    assert_eq!(bodies(&right), ["RIGHT"]);
+    let failed = ids(&t.queue, State::Errors);
+    assert_eq!(failed.len(), 1, "the message routed nowhere fails");
+    let reason = dirq::admin::failure(&t.queue, &failed[0])
+        .unwrap()
+        .unwrap()
+        .reason
+        .unwrap();
+    assert!(reason.contains("\"nowhere\""), "{reason}");
+    assert_eq!(t.queue.counts().unwrap().incoming, 0);
+}
+
+/// Routes that cannot work are refused before anything is claimed, naming the flag.
+#[test]
+fn impossible_routes_are_refused_and_nothing_moves() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"kept").unwrap();
+    let other = t.sibling("other");
+    let to = format!("out={}", s(other.root()));
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--to", &to, "--route", "3=spam"],
+            "no output is named \"spam\"",
+        ),
+        (&["--route", "3=spam"], "need outputs"),
+        (&["--route-by-line"], "need outputs"),
+        (&["--to", &to, "--to", &to], "two outputs are named \"out\""),
+        (&["--to", &to, "--route", "75=out"], "75 retries"),
+        (&["--to", &to, "--route", "x"], "not CODE=NAME"),
+        (
+            &["--also-input", s(other.root()), "--to", s(other.root())],
+            "same queue",
+        ),
+    ];
+    for (extra, want) in cases {
+        let out = exec_drain(t.root(), extra, "cat");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "{extra:?}: {} {stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: wanted {want:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert_eq!(bodies(&t.queue), ["kept"]);
+}
+
+/// `--dir-mode` is applied exactly to the queue directories exec creates (setgid
+/// included), and `--file-mode`, narrowed by the umask, to the files it writes.
+#[cfg(unix)]
+#[test]
+fn dir_and_file_modes_apply_to_what_exec_creates() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let t = TestQueue::new();
+    t.queue.enqueue(b"x").unwrap();
+    let next = t.dir.path().join("shared-next");
+    let out = dirq()
+        .args(["exec", "--drain", s(t.root()), "--to", s(&next)])
+        .args(["--dir-mode", "2770", "--file-mode", "0660"])
+        .args(["--", "sh", "-c", "cat; echo more"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_succeeded(&out, "exec with modes");
+    assert_eq!(mode(&next), 0o2770);
+    assert_eq!(mode(&next.join("incoming")), 0o2770);
+    let next = DirectoryQueue::open(&next).unwrap();
+    let ids = ids(&next, State::Incoming);
+    assert_eq!(ids.len(), 1);
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?.to_owned();
+            u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
+        })
+        .unwrap_or(0o022);
+    let file = next.path(State::Incoming).join(ids[0].as_os_str());
+    assert_eq!(mode(&file), 0o660 & !umask);
+}
