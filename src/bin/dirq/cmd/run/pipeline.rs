@@ -1,0 +1,366 @@
+//! The pipeline file: its schema (`[defaults]` and `[[stage]]` tables), read, resolved
+//! against the file's directory and checked, down to the `dirq exec` arguments of each
+//! stage.
+
+use std::path::{Path, PathBuf};
+
+use dirq::piper::PiperBuilder;
+use serde::Deserialize;
+
+use super::super::Opener;
+use crate::args::parse_duration;
+use crate::output::context;
+
+/// A pipeline file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Pipeline {
+    #[serde(default)]
+    pub(super) defaults: StageSettings,
+    /// Missing is an error with its own message, below.
+    #[serde(rename = "stage", default)]
+    pub(super) stages: Vec<Stage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Stage {
+    pub(super) name: String,
+    /// One input queue, or `inputs`: several, in strict priority order.
+    pub(super) input: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) inputs: Vec<PathBuf>,
+    pub(super) output: Option<PathBuf>,
+    /// An argument list, or a string run by `sh -c`.
+    pub(super) command: CommandLine,
+    #[serde(flatten)]
+    pub(super) settings: StageSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum CommandLine {
+    Shell(String),
+    Args(Vec<String>),
+}
+
+/// Settings a stage may give, or take from `[defaults]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StageSettings {
+    /// Threads per process (`dirq exec -j`).
+    pub(super) workers: Option<usize>,
+    /// Supervised processes of the stage.
+    pub(super) processes: Option<usize>,
+    pub(super) timeout: Option<String>,
+    pub(super) out_limit: Option<usize>,
+    pub(super) on_fail: Option<String>,
+    pub(super) retries: Option<u32>,
+    pub(super) drain_timeout: Option<String>,
+    /// Group commit (`dirq exec --commit-batch`, `--commit-delay`).
+    pub(super) commit_batch: Option<usize>,
+    pub(super) commit_delay: Option<String>,
+    /// Expiry of the input queues (`dirq exec --max-age`).
+    pub(super) max_age: Option<String>,
+    /// Backpressure watermarks (`--out-resume`, `--out-limit-bytes`, `--out-resume-bytes`).
+    pub(super) out_resume: Option<usize>,
+    pub(super) out_limit_bytes: Option<u64>,
+    pub(super) out_resume_bytes: Option<u64>,
+    /// The failure breaker: `breaker = false` is `--no-breaker`; the others are
+    /// `--breaker-failures`, `--breaker-rate`, `--breaker-min-samples`,
+    /// `--breaker-window` and `--breaker-cooldown`.
+    pub(super) breaker: Option<bool>,
+    pub(super) breaker_failures: Option<u32>,
+    pub(super) breaker_rate: Option<f64>,
+    pub(super) breaker_min_samples: Option<u32>,
+    pub(super) breaker_window: Option<String>,
+    pub(super) breaker_cooldown: Option<String>,
+}
+
+impl StageSettings {
+    pub(super) fn or(&self, defaults: &StageSettings) -> StageSettings {
+        StageSettings {
+            workers: self.workers.or(defaults.workers),
+            processes: self.processes.or(defaults.processes),
+            timeout: self.timeout.clone().or_else(|| defaults.timeout.clone()),
+            out_limit: self.out_limit.or(defaults.out_limit),
+            on_fail: self.on_fail.clone().or_else(|| defaults.on_fail.clone()),
+            retries: self.retries.or(defaults.retries),
+            drain_timeout: self
+                .drain_timeout
+                .clone()
+                .or_else(|| defaults.drain_timeout.clone()),
+            commit_batch: self.commit_batch.or(defaults.commit_batch),
+            commit_delay: self
+                .commit_delay
+                .clone()
+                .or_else(|| defaults.commit_delay.clone()),
+            max_age: self.max_age.clone().or_else(|| defaults.max_age.clone()),
+            out_resume: self.out_resume.or(defaults.out_resume),
+            out_limit_bytes: self.out_limit_bytes.or(defaults.out_limit_bytes),
+            out_resume_bytes: self.out_resume_bytes.or(defaults.out_resume_bytes),
+            breaker: self.breaker.or(defaults.breaker),
+            breaker_failures: self.breaker_failures.or(defaults.breaker_failures),
+            breaker_rate: self.breaker_rate.or(defaults.breaker_rate),
+            breaker_min_samples: self.breaker_min_samples.or(defaults.breaker_min_samples),
+            breaker_window: self
+                .breaker_window
+                .clone()
+                .or_else(|| defaults.breaker_window.clone()),
+            breaker_cooldown: self
+                .breaker_cooldown
+                .clone()
+                .or_else(|| defaults.breaker_cooldown.clone()),
+        }
+    }
+}
+
+/// The most processes a stage may have: a mistyped count must not fork-bomb the host.
+pub(super) const MAX_PROCESSES: usize = 1024;
+
+/// A pipeline file read, resolved and checked: what `dirq run --check` validates.
+pub(super) struct Loaded {
+    pub(super) pipeline: Pipeline,
+    /// The file's directory, absolute.
+    pub(super) base: PathBuf,
+    /// The `dirq exec` arguments of each stage.
+    pub(super) commands: Vec<Vec<String>>,
+}
+
+pub(super) fn load(
+    file: &Path,
+    opener: &Opener,
+) -> Result<Loaded, Box<dyn std::error::Error + Send + Sync>> {
+    let text = std::fs::read_to_string(file).map_err(context(format!(
+        "failed to read pipeline file {}",
+        file.display()
+    )))?;
+    let pipeline: Pipeline = toml::from_str(&text)
+        .map_err(|e| format!("invalid pipeline file {}: {e}", file.display()))?;
+    if pipeline.stages.is_empty() {
+        return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
+    }
+    // Queue paths in the file are relative to its directory, and stage processes run
+    // in that directory (for commands like ./deliver.sh). The directory is made absolute
+    // first: joined as a relative path and then also changed into, it would apply twice
+    // (sub/pipeline.toml reading sub/sub/spool/input).
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(base).map_err(context(format!(
+        "failed to resolve the directory of pipeline file {}",
+        file.display()
+    )))?;
+    let base = base.as_path();
+    let commands = pipeline
+        .stages
+        .iter()
+        .map(|stage| exec_command(stage, &stage.settings.or(&pipeline.defaults), base, opener))
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Loaded {
+        pipeline,
+        base: base.to_path_buf(),
+        commands,
+    })
+}
+
+/// The first input of a stage and the ones after it, in priority order.
+pub(super) fn stage_inputs(stage: &Stage) -> Result<(&PathBuf, &[PathBuf]), String> {
+    let bad = |what: &str| format!("stage {:?}: {what}", stage.name);
+    match (&stage.input, stage.inputs.split_first()) {
+        (Some(input), None) => Ok((input, &[][..])),
+        (None, Some((first, also))) => Ok((first, also)),
+        (Some(_), Some(_)) => Err(bad("give input or inputs, not both")),
+        (None, None) => Err(bad(
+            "no input: give input = \"QUEUE\" or inputs = [\"FIRST\", \"SECOND\"]",
+        )),
+    }
+}
+
+/// The `dirq exec` arguments of one stage.
+pub(super) fn exec_command(
+    stage: &Stage,
+    settings: &StageSettings,
+    base: &Path,
+    opener: &Opener,
+) -> Result<Vec<String>, String> {
+    let bad = |what: String| format!("stage {:?}: {what}", stage.name);
+    // Checked here, before anything starts: a worker process that refused its `-j`
+    // would only be restarted over and over.
+    let workers = settings.workers.unwrap_or(1);
+    if !(1..=PiperBuilder::MAX_WORKERS).contains(&workers) {
+        return Err(bad(format!(
+            "workers = {workers}: must be from 1 to {}",
+            PiperBuilder::MAX_WORKERS
+        )));
+    }
+    let processes = settings.processes.unwrap_or(1);
+    if !(1..=MAX_PROCESSES).contains(&processes) {
+        return Err(bad(format!(
+            "processes = {processes}: must be from 1 to {MAX_PROCESSES}"
+        )));
+    }
+    if let Some(batch) = settings.commit_batch {
+        if !(1..=PiperBuilder::MAX_COMMIT_BATCH).contains(&batch) {
+            return Err(bad(format!(
+                "commit_batch = {batch}: must be from 1 to {}",
+                PiperBuilder::MAX_COMMIT_BATCH
+            )));
+        }
+    }
+    check_flow_settings(settings).map_err(bad)?;
+    let (first, also) = stage_inputs(stage)?;
+    let mut args = vec![
+        "--durability".to_owned(),
+        match opener.durability {
+            dirq::Durability::Full => "full",
+            dirq::Durability::Batch => "batch",
+            _ => "none",
+        }
+        .to_owned(),
+        "exec".to_owned(),
+        base.join(first).to_string_lossy().into_owned(),
+        "--name".to_owned(),
+        stage.name.clone(),
+        "-j".to_owned(),
+        workers.to_string(),
+    ];
+    for input in also {
+        args.extend([
+            "--also-input".to_owned(),
+            base.join(input).to_string_lossy().into_owned(),
+        ]);
+    }
+    if let Some(output) = &stage.output {
+        args.extend([
+            "--to".to_owned(),
+            base.join(output).to_string_lossy().into_owned(),
+        ]);
+    }
+    for (flag, value) in [
+        ("--timeout", &settings.timeout),
+        ("--drain-timeout", &settings.drain_timeout),
+        ("--commit-delay", &settings.commit_delay),
+        ("--max-age", &settings.max_age),
+        ("--breaker-window", &settings.breaker_window),
+        ("--breaker-cooldown", &settings.breaker_cooldown),
+    ] {
+        if let Some(value) = value {
+            parse_duration(value).map_err(|e| bad(format!("{flag}: {e}")))?;
+            args.extend([flag.to_owned(), value.clone()]);
+        }
+    }
+    for (flag, value) in [
+        ("--out-resume", settings.out_resume.map(|n| n.to_string())),
+        (
+            "--out-limit-bytes",
+            settings.out_limit_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "--out-resume-bytes",
+            settings.out_resume_bytes.map(|n| n.to_string()),
+        ),
+        (
+            "--breaker-failures",
+            settings.breaker_failures.map(|n| n.to_string()),
+        ),
+        (
+            "--breaker-rate",
+            settings.breaker_rate.map(|r| r.to_string()),
+        ),
+        (
+            "--breaker-min-samples",
+            settings.breaker_min_samples.map(|n| n.to_string()),
+        ),
+    ] {
+        if let Some(value) = value {
+            args.extend([flag.to_owned(), value]);
+        }
+    }
+    if settings.breaker == Some(false) {
+        args.push("--no-breaker".to_owned());
+    }
+    if let Some(limit) = settings.out_limit {
+        args.extend(["--out-limit".to_owned(), limit.to_string()]);
+    }
+    if let Some(batch) = settings.commit_batch {
+        args.extend(["--commit-batch".to_owned(), batch.to_string()]);
+    }
+    if let Some(retries) = settings.retries {
+        args.extend(["--retries".to_owned(), retries.to_string()]);
+    }
+    if let Some(hook) = &settings.on_fail {
+        args.extend(["--on-fail".to_owned(), hook.clone()]);
+    }
+    args.push("--".to_owned());
+    match &stage.command {
+        CommandLine::Shell(line) => args.extend(["sh".to_owned(), "-c".to_owned(), line.clone()]),
+        CommandLine::Args(list) if list.is_empty() => {
+            return Err(bad("the command is empty".to_owned()))
+        }
+        CommandLine::Args(list) => args.extend(list.iter().cloned()),
+    }
+    Ok(args)
+}
+
+/// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`
+/// (the queue and Piper builders) would check them: a bad value stops the pipeline
+/// before it starts rather than failing a stage process over and over.
+pub(super) fn check_flow_settings(settings: &StageSettings) -> Result<(), String> {
+    for (key, value) in [
+        ("max_age", &settings.max_age),
+        ("breaker_window", &settings.breaker_window),
+        ("breaker_cooldown", &settings.breaker_cooldown),
+    ] {
+        if let Some(value) = value {
+            let duration = parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+            if duration.is_zero() {
+                return Err(format!("{key} = {value:?}: must be more than zero"));
+            }
+        }
+    }
+    let out_limit = settings.out_limit.unwrap_or(5000);
+    if let Some(low) = settings.out_resume {
+        if low > out_limit {
+            return Err(format!(
+                "out_resume = {low}: must be at most out_limit ({out_limit})"
+            ));
+        }
+    }
+    match (settings.out_limit_bytes, settings.out_resume_bytes) {
+        (Some(0), _) => return Err("out_limit_bytes = 0: must be at least 1".to_owned()),
+        (None, Some(low)) => {
+            return Err(format!(
+                "out_resume_bytes = {low}: is set, but out_limit_bytes is not"
+            ))
+        }
+        (Some(high), Some(low)) if low > high => {
+            return Err(format!(
+                "out_resume_bytes = {low}: must be at most out_limit_bytes ({high})"
+            ))
+        }
+        _ => {}
+    }
+    if settings.breaker == Some(false)
+        && (settings.breaker_failures.is_some() || settings.breaker_rate.is_some())
+    {
+        return Err(
+            "breaker = false: cannot be combined with breaker_failures or breaker_rate".to_owned(),
+        );
+    }
+    if settings.breaker_failures == Some(0) {
+        return Err("breaker_failures = 0: must be at least 1".to_owned());
+    }
+    if let Some(rate) = settings.breaker_rate {
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(format!(
+                "breaker_rate = {rate}: must be more than 0 and at most 1"
+            ));
+        }
+    }
+    if settings.breaker_min_samples == Some(0) {
+        return Err("breaker_min_samples = 0: must be at least 1".to_owned());
+    }
+    Ok(())
+}
