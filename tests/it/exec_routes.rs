@@ -205,3 +205,33 @@ fn dir_and_file_modes_apply_to_what_exec_creates() {
     let file = next.path(State::Incoming).join(ids[0].as_os_str());
     assert_eq!(mode(&file), 0o660 & !umask);
 }
+
+/// `dirq init --mode` creates a queue's directories with the mode, and sets it on a
+/// queue that exists already; without `--mode`, an existing queue keeps its modes.
+#[cfg(unix)]
+#[test]
+fn init_mode_applies_to_new_and_existing_queues() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let t = TestQueue::new();
+    let fresh = t.dir.path().join("fresh");
+    crate::util::run_ok(&["init", "--mode", "2770", s(&fresh), s(t.root())]);
+    for queue in [fresh.as_path(), t.root()] {
+        assert_eq!(mode(queue), 0o2770, "{}", queue.display());
+        for state in State::ALL {
+            let dir = queue.join(state.as_str());
+            if dir.exists() {
+                assert_eq!(mode(&dir), 0o2770, "{}", dir.display());
+            }
+        }
+    }
+    crate::util::run_ok(&["init", s(t.root())]);
+    assert_eq!(
+        mode(&t.root().join("incoming")),
+        0o2770,
+        "re-init without --mode"
+    );
+    let bad = crate::util::run(&["init", "--mode", "0600", s(t.root())]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("dir_mode"));
+}

@@ -58,15 +58,18 @@ pub(crate) enum Command {
     // (`<ID|--all>`) before the positionals, the reverse of the order it parses.
     /// Create queues (the directory and its state directories).
     #[command(
-        after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 0770 /srv/q"
+        after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 2770 /srv/q"
     )]
     Init {
         /// Queue directories to create.
         #[arg(required = true, value_name = "QUEUE")]
         queues: Vec<PathBuf>,
-        /// Permission bits of created directories, in octal.
-        #[arg(long, default_value = "0775", value_parser = parse_mode)]
-        mode: u32,
+        /// Permission bits of the queue's directories, in octal, applied exactly
+        /// (setgid allowed: 2770 for a group of cooperating users, as Mentat's
+        /// queue_in_perms). Given, it is also set on the directories of queues that
+        /// exist already. Default: 0775 for what is created; existing ones unchanged.
+        #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+        mode: Option<u32>,
     },
 
     /// Enqueue each FILE (or standard input) as one message; print one id per line.

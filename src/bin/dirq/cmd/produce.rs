@@ -9,10 +9,43 @@ use dirq::{DirectoryQueue, Message, MessageId};
 
 use crate::output::{context, quiet_broken_pipe, stdout_error, unless_broken_pipe, CliResult};
 
-pub(crate) fn init(queues: &[PathBuf], mode: u32) -> CliResult {
+/// Creates each queue; with `mode`, also sets it on the root and state directories of
+/// a queue that existed (created ones get it from the builder).
+pub(crate) fn init(queues: &[PathBuf], mode: Option<u32>) -> CliResult {
     for queue in queues {
-        DirectoryQueue::builder(queue).dir_mode(mode).open()?;
+        let mut builder = DirectoryQueue::builder(queue);
+        if let Some(mode) = mode {
+            builder.dir_mode(mode);
+        }
+        let queue = builder.open()?;
+        if let Some(mode) = mode {
+            set_dir_modes(&queue, mode)?;
+        }
     }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_dir_modes(queue: &DirectoryQueue, mode: u32) -> CliResult {
+    use std::os::unix::fs::PermissionsExt;
+    let states = dirq::State::ALL
+        .iter()
+        .map(|&state| queue.path(state).to_path_buf());
+    for dir in std::iter::once(queue.root().to_path_buf()).chain(states) {
+        match std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)) {
+            // An optional state directory (hold/, deferred/) this queue does not have.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            result => result.map_err(context(format!(
+                "failed to set mode {mode:o} on {}",
+                dir.display()
+            )))?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_dir_modes(_queue: &DirectoryQueue, _mode: u32) -> CliResult {
     Ok(())
 }
 
