@@ -145,7 +145,14 @@ impl QueueBuilder {
         DirectoryQueue::open_with(&self.root, self.config.clone())
     }
 
-    fn check(&self) -> Result<()> {
+    /// Checks the settings as [`open`](Self::open) does, without touching the
+    /// filesystem: for a tool that validates a configuration before anything starts
+    /// (`dirq run --check`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a setting out of range, naming it.
+    pub fn check(&self) -> Result<()> {
         let target = format!("queue {}", self.root.display());
         let bad = |field: &'static str, reason: String| Err(Error::config(&target, field, reason));
         let c = &self.config;

@@ -145,8 +145,8 @@ fn impossible_routes_are_refused_and_nothing_moves() {
             &["--to", &to, "--route", "3=spam"],
             "no output is named \"spam\"",
         ),
-        (&["--route", "3=spam"], "need outputs"),
-        (&["--route-by-line"], "need outputs"),
+        (&["--route", "3=spam"], "routes need outputs"),
+        (&["--route-by-line"], "routes need outputs"),
         (&["--to", &to, "--to", &to], "two outputs are named \"out\""),
         (&["--to", &to, "--route", "75=out"], "75 retries"),
         (&["--to", &to, "--route", "x"], "not CODE=NAME"),
@@ -234,4 +234,112 @@ fn init_mode_applies_to_new_and_existing_queues() {
     let bad = crate::util::run(&["init", "--mode", "0600", s(t.root())]);
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("dir_mode"));
+}
+
+/// A pipeline stage with `outputs`, `routes`, `route_by_line` and the modes: the
+/// messages reach the outputs the routes name, and the created queue has the mode.
+#[cfg(unix)]
+#[test]
+fn pipeline_outputs_and_routes_reach_the_stage() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestQueue::new();
+    for body in ["ham", "spam", "ham", "odd"] {
+        t.queue.enqueue(body.as_bytes()).unwrap();
+    }
+    let base = t.dir.path();
+    let file = base.join("pipeline.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[defaults]\ndir_mode = 0o2770\n\n\
+             [[stage]]\nname = \"filter\"\ninput = \"{}\"\n\
+             outputs = {{ clean = \"clean\", spam = \"spam\", odd = \"odd\" }}\n\
+             routes = {{ 0 = \"clean\", 3 = \"spam\" }}\nroute_by_line = true\n\
+             command = 'b=$(cat); case $b in spam) exit 3;; odd) echo \"dirq-route: odd\";; esac'\n",
+            s(t.root())
+        ),
+    )
+    .unwrap();
+    crate::util::run_ok(&["run", "--check", s(&file)]);
+    let mut supervisor = dirq()
+        .args(["run", s(&file)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Not opened before the stage creates them: opening would create them first.
+    let names = ["clean", "spam", "odd"];
+    crate::util::wait_until(
+        std::time::Duration::from_secs(60),
+        "every message routed",
+        || {
+            names
+                .iter()
+                .map(|name| {
+                    std::fs::read_dir(base.join(name).join("incoming")).map_or(0, Iterator::count)
+                })
+                .sum::<usize>()
+                == 4
+        },
+    );
+    let mode = std::fs::metadata(base.join("odd"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o2770);
+    let [clean, spam, odd] = names.map(|name| t.sibling(name));
+    crate::util::signal(supervisor.id(), "TERM");
+    assert!(supervisor.wait().unwrap().success());
+    assert_eq!(bodies(&clean), ["ham", "ham"]);
+    assert_eq!(bodies(&spam), ["spam"]);
+    assert_eq!(bodies(&odd), ["odd"]);
+}
+
+/// Outputs and routes that `dirq exec` would refuse stop the pipeline before any stage
+/// starts, with `--check` too, naming the stage.
+#[test]
+fn run_refuses_impossible_routes_before_starting() {
+    let t = TestQueue::new();
+    let file = t.dir.path().join("pipeline.toml");
+    for (keys, want) in [
+        (
+            "output = \"o\"\nroutes = { 3 = \"spam\" }",
+            "route 3=spam: no output is named \"spam\"",
+        ),
+        ("routes = { 3 = \"o\" }", "routes need outputs"),
+        (
+            "outputs = { o = \"o\" }\nroutes = { 75 = \"o\" }",
+            "routes: ",
+        ),
+        (
+            "outputs = { \"a/b\" = \"o\" }",
+            "outputs: \"a/b\" is not an output name",
+        ),
+        ("output = \"o\"\noutputs = { o = \"p\" }", "--to "),
+        (
+            "dir_mode = \"0600\"\noutput = \"o\"",
+            "invalid dir_mode of queue ",
+        ),
+        ("file_mode = \"rw\"", "file_mode: "),
+    ] {
+        std::fs::write(
+            &file,
+            format!(
+                "[[stage]]\nname = \"x\"\ninput = \"{}\"\ncommand = \"cat\"\n{keys}\n",
+                s(t.root())
+            ),
+        )
+        .unwrap();
+        for check in [true, false] {
+            let args: &[&str] = if check {
+                &["run", "--check", s(&file)]
+            } else {
+                &["run", s(&file)]
+            };
+            crate::util::assert_stage_refused(args, keys, want);
+        }
+    }
+    assert!(!t.dir.path().join("o").exists(), "an output was created");
 }

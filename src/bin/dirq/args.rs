@@ -336,7 +336,10 @@ DIRQ_ATTEMPT and DIRQ_PATH are in its environment. Exit 0 commits the message (w
 on the command's standard output, or the message itself when that is empty); exit 75 retries \
 it later with backoff; any other exit moves it to errors/ with the exit code and the end of \
 standard error. SIGTERM drains and exits 0; a second SIGTERM stops at once.\n\n\
+Several --to fan out; --route CODE=NAME sends exit CODE to one output (0 included), and with \
+--route-by-line a first output line \"dirq-route: NAME\" does (the line is not passed on).\n\n\
 Examples:\n  dirq exec q -- ./handle.sh\n  dirq exec input --to parsed -j 4 --timeout 30s -- jq -c .event\n  \
+dirq exec mail --to clean=spool/clean --to spam=spool/spam --route 0=clean --route 3=spam -- ./classify\n  \
 dirq exec q --on-fail 'logger -t dirq \"$DIRQ_ID failed: $DIRQ_REASON\"' -- ./deliver\n  \
 dirq exec q --dry-run -- ./handle.sh"
     )]
@@ -349,7 +352,11 @@ input = \"spool/input\"\n  output = \"spool/parsed\"\n  command = [\"jq\", \"-c\
 [[stage]]\n  name = \"deliver\"\n  input = \"spool/parsed\"\n  command = [\"./deliver.sh\"]\n  \
 processes = 2\n  timeout = \"30s\"\n  commit_batch = 16\n  commit_delay = \"5ms\"\n\n\
 Paths are relative to the file. Instead of input, inputs = [\"a\", \"b\"] reads several \
-queues in strict priority order (dirq exec --also-input). Other stage keys: out_limit, on_fail, retries, drain_timeout, \
+queues in strict priority order (dirq exec --also-input). outputs = { clean = \"spool/clean\", \
+spam = \"spool/spam\" } names several outputs (beside or instead of output), routes = { 0 = \"clean\", \
+3 = \"spam\" } routes exit codes and route_by_line = true lets the command choose (dirq exec \
+--to NAME=QUEUE, --route, --route-by-line). dir_mode and file_mode (octal, 0o2770 or \"2770\") set \
+the permissions of what the stage creates. Other stage keys: out_limit, on_fail, retries, drain_timeout, \
 max_age, out_resume, out_limit_bytes, out_resume_bytes, breaker_failures, breaker_rate, \
 breaker_min_samples, breaker_window, breaker_cooldown \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay; \
@@ -518,7 +525,7 @@ pub(crate) struct ExecArgs {
     pub(crate) command: Vec<OsString>,
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode like 0775"))
 }
@@ -547,7 +554,7 @@ pub(crate) fn is_output_name(name: &str) -> bool {
 }
 
 /// `CODE=NAME` of `dirq exec --route`.
-fn parse_route(s: &str) -> Result<(i32, String), String> {
+pub(crate) fn parse_route(s: &str) -> Result<(i32, String), String> {
     let bad = || format!("{s:?} is not CODE=NAME, like 3=spam");
     let (code, name) = s.split_once('=').ok_or_else(bad)?;
     let code: i32 = code.trim().parse().map_err(|_| bad())?;

@@ -150,8 +150,19 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
 /// The named outputs of `--to`, checked against `--route`: names are unique, and
 /// every route names one of them.
 fn outputs(args: &ExecArgs) -> Result<Vec<(String, PathBuf)>, String> {
+    named_outputs(&args.to, &args.route, args.route_by_line)
+}
+
+/// Names the outputs `to` (an unnamed one after its directory) and checks them against
+/// `routes`: names are unique, and every route names one of them. Shared with the
+/// pipeline file's check, so that a stage that exec would refuse never starts.
+pub(crate) fn named_outputs(
+    to: &[(Option<String>, PathBuf)],
+    routes: &[(i32, String)],
+    route_by_line: bool,
+) -> Result<Vec<(String, PathBuf)>, String> {
     let mut named: Vec<(String, PathBuf)> = Vec::new();
-    for (name, path) in &args.to {
+    for (name, path) in to {
         let name = match name {
             Some(name) => name.clone(),
             None => path
@@ -174,8 +185,10 @@ fn outputs(args: &ExecArgs) -> Result<Vec<(String, PathBuf)>, String> {
         }
         named.push((name, path.clone()));
     }
-    if named.is_empty() && (!args.route.is_empty() || args.route_by_line) {
-        return Err("--route and --route-by-line need outputs: give --to".to_owned());
+    if named.is_empty() && (!routes.is_empty() || route_by_line) {
+        return Err(
+            "routes need outputs: give --to (outputs or output in a pipeline file)".to_owned(),
+        );
     }
     let names = || {
         named
@@ -184,15 +197,15 @@ fn outputs(args: &ExecArgs) -> Result<Vec<(String, PathBuf)>, String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    for (code, output) in &args.route {
+    for (code, output) in routes {
         if !named.iter().any(|(name, _)| name == output) {
             return Err(format!(
-                "--route {code}={output}: no output is named {output:?} (outputs: {})",
+                "route {code}={output}: no output is named {output:?} (outputs: {})",
                 names()
             ));
         }
     }
-    if !args.route.is_empty() && named.len() > 1 && !args.route.iter().any(|(c, _)| *c == 0) {
+    if !routes.is_empty() && named.len() > 1 && !routes.iter().any(|(c, _)| *c == 0) {
         tracing::warn!(
             outputs = %names(),
             "exit 0 passes messages on to every output; give --route 0=NAME to send them to one"

@@ -2,13 +2,14 @@
 //! against the file's directory and checked, down to the `dirq exec` arguments of each
 //! stage.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use dirq::piper::PiperBuilder;
 use serde::Deserialize;
 
 use super::super::Opener;
-use crate::args::parse_duration;
+use crate::args::{parse_duration, parse_mode, parse_route};
 use crate::output::context;
 
 /// A pipeline file.
@@ -30,7 +31,17 @@ pub(super) struct Stage {
     pub(super) input: Option<PathBuf>,
     #[serde(default)]
     pub(super) inputs: Vec<PathBuf>,
+    /// One output queue (named after its directory), and/or `outputs`: named ones.
+    /// Exit 0 passes on to every output (fan-out), unless `routes` sends it elsewhere.
     pub(super) output: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) outputs: BTreeMap<String, PathBuf>,
+    /// Exit code → output name (`dirq exec --route CODE=NAME`).
+    #[serde(default)]
+    pub(super) routes: BTreeMap<String, String>,
+    /// `dirq exec --route-by-line`: a first line `dirq-route: NAME` chooses the output.
+    #[serde(default)]
+    pub(super) route_by_line: bool,
     /// An argument list, or a string run by `sh -c`.
     pub(super) command: CommandLine,
     #[serde(flatten)]
@@ -75,6 +86,28 @@ pub(super) struct StageSettings {
     pub(super) breaker_min_samples: Option<u32>,
     pub(super) breaker_window: Option<String>,
     pub(super) breaker_cooldown: Option<String>,
+    /// Permission bits of the queues and files the stage creates (`--dir-mode`,
+    /// `--file-mode`): an octal integer (`0o2770`) or a string (`"2770"`).
+    pub(super) dir_mode: Option<Mode>,
+    pub(super) file_mode: Option<Mode>,
+}
+
+/// A permission mode in a pipeline file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Mode {
+    Bits(u32),
+    Octal(String),
+}
+
+impl Mode {
+    /// The permission bits; `key` names the setting in an error.
+    fn bits(&self, key: &str) -> Result<u32, String> {
+        match self {
+            Mode::Bits(bits) => Ok(*bits),
+            Mode::Octal(text) => parse_mode(text).map_err(|e| format!("{key}: {e}")),
+        }
+    }
 }
 
 impl StageSettings {
@@ -111,6 +144,11 @@ impl StageSettings {
                 .breaker_cooldown
                 .clone()
                 .or_else(|| defaults.breaker_cooldown.clone()),
+            dir_mode: self.dir_mode.clone().or_else(|| defaults.dir_mode.clone()),
+            file_mode: self
+                .file_mode
+                .clone()
+                .or_else(|| defaults.file_mode.clone()),
         }
     }
 }
@@ -178,6 +216,37 @@ pub(super) fn stage_inputs(stage: &Stage) -> Result<(&PathBuf, &[PathBuf]), Stri
     }
 }
 
+/// The outputs of a stage, named (`output` after its directory), checked as
+/// `dirq exec` checks them against the stage's routes.
+fn stage_outputs(stage: &Stage) -> Result<Vec<(String, PathBuf)>, String> {
+    let bad = |what: String| format!("stage {:?}: {what}", stage.name);
+    let to: Vec<(Option<String>, PathBuf)> = stage
+        .output
+        .iter()
+        .map(|queue| (None, queue.clone()))
+        .chain(
+            stage
+                .outputs
+                .iter()
+                .map(|(name, queue)| (Some(name.clone()), queue.clone())),
+        )
+        .collect();
+    for (name, _) in &to {
+        if let Some(name) = name.as_ref().filter(|n| !crate::args::is_output_name(n)) {
+            return Err(bad(format!(
+                "outputs: {name:?} is not an output name (letters, digits, - and _)"
+            )));
+        }
+    }
+    let routes = stage
+        .routes
+        .iter()
+        .map(|(code, output)| parse_route(&format!("{code}={output}")))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| bad(format!("routes: {e}")))?;
+    super::super::exec::named_outputs(&to, &routes, stage.route_by_line).map_err(bad)
+}
+
 /// The `dirq exec` arguments of one stage.
 pub(super) fn exec_command(
     stage: &Stage,
@@ -232,12 +301,35 @@ pub(super) fn exec_command(
             base.join(input).to_string_lossy().into_owned(),
         ]);
     }
-    if let Some(output) = &stage.output {
+    for (name, queue) in stage_outputs(stage)? {
         args.extend([
             "--to".to_owned(),
-            base.join(output).to_string_lossy().into_owned(),
+            format!("{name}={}", base.join(queue).to_string_lossy()),
         ]);
     }
+    for (code, output) in &stage.routes {
+        args.extend(["--route".to_owned(), format!("{code}={output}")]);
+    }
+    if stage.route_by_line {
+        args.push("--route-by-line".to_owned());
+    }
+    // Checked as the stage's queues will check them: an impossible mode would only
+    // crash-loop the stage.
+    let mut modes = dirq::DirectoryQueue::builder(base.join(first));
+    for (flag, key, mode) in [
+        ("--dir-mode", "dir_mode", &settings.dir_mode),
+        ("--file-mode", "file_mode", &settings.file_mode),
+    ] {
+        if let Some(mode) = mode {
+            let bits = mode.bits(key).map_err(bad)?;
+            match key {
+                "dir_mode" => modes.dir_mode(bits),
+                _ => modes.file_mode(bits),
+            };
+            args.extend([flag.to_owned(), format!("{bits:o}")]);
+        }
+    }
+    modes.check().map_err(|e| bad(e.to_string()))?;
     for (flag, value) in [
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
