@@ -52,6 +52,8 @@ pub enum Operation {
     Unhold,
     /// Moving a failed message from `errors/` back to `incoming/`.
     Requeue,
+    /// Replacing a waiting message's content under the same id.
+    Edit,
     /// Deleting a message (and its sidecar) on an operator's request.
     Delete,
     /// Removing old failed messages and temporary files.
@@ -95,6 +97,7 @@ impl fmt::Display for Operation {
             Operation::Hold => "hold",
             Operation::Unhold => "unhold",
             Operation::Requeue => "requeue",
+            Operation::Edit => "edit",
             Operation::Delete => "delete",
             Operation::Purge => "purge",
             Operation::TakeOver => "take over",

@@ -1,13 +1,13 @@
 //! Operator tools: look at, repair and edit a queue from outside its workers.
 //!
 //! These are the library side of the `dirq` command's `ls`, `cat`, `check`, `hold`,
-//! `unhold`, `flush`, `requeue`, `delete` and `purge`: functions that take a
+//! `unhold`, `flush`, `requeue`, `delete`, `purge` and `edit`: functions that take a
 //! [`DirectoryQueue`](crate::DirectoryQueue) and work on any message in any state.
 //! Workers do not need them; they claim, and recover what dead workers left.
 //!
 //! - listing: [`list`], [`info`], [`failure`], [`peek`], [`ages`], [`pipers`];
 //! - editing: [`hold`], [`unhold`], [`flush`], [`flush_all`], [`requeue`], [`delete`],
-//!   [`purge`];
+//!   [`purge`], [`replace`] (new content for a waiting message);
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout.
 //!
 //! This layer uses the queue API and, for what the queue does not offer, the
@@ -18,9 +18,11 @@ mod edit;
 mod flush;
 mod hold;
 mod listing;
+mod replace;
 
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
 pub use edit::{delete, purge, requeue, PurgeReport};
 pub use flush::{flush, flush_all};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
+pub use replace::replace;

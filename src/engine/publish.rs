@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::durability::Syncer;
+use super::owner::{lock_entry, Entry};
 use super::{Shared, StateDir};
 use crate::error::{Error, Operation, Result};
+use crate::format::attempts;
 use crate::format::deferred::deferred_name;
 use crate::format::id::MessageId;
 use crate::format::state::State;
@@ -309,6 +311,88 @@ impl<'q> TmpFile<'q> {
             io::Error::new(io::ErrorKind::AlreadyExists, "no free id"),
         ))
     }
+}
+
+/// Replaces the content of the waiting message file `name` in `state` by what `reader`
+/// gives, under the same name: the new content is written and synced in `tmp/`, then
+/// swapped with the old file in one `renameat2(RENAME_EXCHANGE)`, so that at every
+/// moment, crash included, the name holds either the old content or the new, never
+/// neither; the old content, now in `tmp/`, is removed. The attempt count goes with the
+/// message. When the message left `state` meanwhile (claimed, held, released), the swap
+/// finds no file and nothing changes: [`Error::Io`] of kind `NotFound`.
+pub(crate) fn replace(
+    inner: &Shared,
+    state: State,
+    name: &OsString,
+    reader: &mut impl Read,
+) -> Result<()> {
+    let dir = inner.require(state)?;
+    let mut tmp = TmpFile::create(inner, None)?;
+    tmp.copy_from(reader)?;
+    if tmp.is_blank() {
+        return Err(empty(inner));
+    }
+    let old_path = dir.join(name);
+    // IMPORTANT: the old file is locked, as a claimer locks it, until the swap is done.
+    // A claimer that locked it first is claiming it: refused. One that comes after
+    // finds it locked and skips it, then finds the new file under the name. Without
+    // the lock, a claimer that locked the old file before the swap would rename the new
+    // one into pending/ unlocked, read the old one, and recovery would later requeue
+    // the new one: processed twice.
+    let moved = |why: &str| {
+        Err(Error::moving(
+            Operation::Edit,
+            &tmp.path,
+            &old_path,
+            io::Error::new(io::ErrorKind::NotFound, why.to_owned()),
+        ))
+    };
+    let old = match lock_entry(dir, name).map_err(|e| Error::io(Operation::Edit, &old_path, e))? {
+        Entry::Locked(old, _) => old,
+        Entry::Held => {
+            return Err(Error::io(
+                Operation::Edit,
+                &old_path,
+                io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "the message is being claimed by a worker",
+                ),
+            ))
+        }
+        Entry::Gone => return moved("the message moved meanwhile"),
+        Entry::NotRegular(kind) => {
+            return Err(Error::io(
+                Operation::Edit,
+                &old_path,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a regular file but a {}", kind.as_str()),
+                ),
+            ))
+        }
+    };
+    // The attempt count lives on the file (an xattr): it moves to the new one.
+    let identity = inner.identity();
+    let count =
+        attempts::read(&old, identity).map_err(|e| Error::io(Operation::Metadata, &old_path, e))?;
+    if count > 0 {
+        attempts::write(&tmp.file, identity, count)
+            .map_err(|e| Error::io(Operation::Metadata, &tmp.path, e))?;
+    }
+    inner.syncer.file(&tmp.file, &tmp.path)?;
+    // Unlocked first: a claimer finding the new content locked would take it for a
+    // claim in progress (see rename_into).
+    lock::unlock(&tmp.file).map_err(|e| Error::io(Operation::Edit, &tmp.path, e))?;
+    let tmp_dir = inner.dir(State::Tmp);
+    tmp_dir
+        .dir
+        .exchange(&tmp.name, &dir.dir, name)
+        .map_err(|e| Error::moving(Operation::Edit, &tmp.path, &old_path, e))?;
+    // tmp.name now holds the old content; dropping `tmp` removes it, then the old
+    // file's lock goes.
+    drop(tmp);
+    drop(old);
+    inner.syncer.changed(&[dir, tmp_dir])
 }
 
 impl Drop for TmpFile<'_> {

@@ -52,6 +52,9 @@ impl Dir {
     ) -> io::Result<()> {
         unsupported()
     }
+    pub(crate) fn exchange(&self, _from: &OsStr, _to_dir: &Dir, _to: &OsStr) -> io::Result<()> {
+        unsupported()
+    }
     pub(crate) fn rename_replace(
         &self,
         _from: &OsStr,

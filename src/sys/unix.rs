@@ -141,6 +141,21 @@ impl Dir {
         }
     }
 
+    /// Swaps `from` in this directory and `to` in `to_dir` atomically
+    /// (`renameat2(RENAME_EXCHANGE)`): both must exist, and at no moment is either name
+    /// missing. `NotFound` when either is gone; `Unsupported` on a filesystem without
+    /// it (NFS, most FUSE).
+    pub(crate) fn exchange(&self, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
+        match rfs::renameat_with(&self.fd, from, &to_dir.fd, to, RenameFlags::EXCHANGE) {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(e) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this filesystem cannot exchange two names atomically (renameat2 RENAME_EXCHANGE)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Plain `renameat`, replacing `to` if it exists (used for sidecar files only).
     pub(crate) fn rename_replace(&self, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
         Ok(rfs::renameat(&self.fd, from, &to_dir.fd, to)?)
