@@ -8,6 +8,7 @@ mod cli_run;
 mod concurrency;
 mod crash;
 mod durability_cli;
+mod edit;
 mod exec;
 mod exec_routes;
 mod exec_settings;

@@ -15,7 +15,7 @@ use crate::Case;
 pub const CASE: Case = Case {
     name: "crash points",
     injects: "SIGKILL at each system call k of enqueue, batch enqueue, claim, commit, forward, \
-              fail, release, retry, hold and requeue (strace inject, full durability)",
+              fail, release, retry, hold, requeue and edit (strace inject, full durability)",
     invariant: "after recover: acknowledged operations took effect, an interrupted one took \
                 effect wholly or not at all (the message exactly once, intact), other messages \
                 untouched, nothing in pending/ or tmp/, a second recover changes nothing",
@@ -23,7 +23,8 @@ pub const CASE: Case = Case {
 };
 
 const OPS: &[&str] = &[
-    "enqueue", "batch", "claim", "commit", "forward", "fail", "release", "retry", "hold", "requeue",
+    "enqueue", "batch", "claim", "commit", "forward", "fail", "release", "retry", "hold",
+    "requeue", "edit",
 ];
 
 /// The payload the operation works on, and the ones beside it.
@@ -31,6 +32,8 @@ const SUBJECT: u64 = 1;
 const BYSTANDERS: [u64; 2] = [2, 3];
 /// The payloads a (batch) enqueue adds.
 const NEW: [u64; 3] = [10, 11, 12];
+/// The content an edit gives the subject.
+const EDITED: u64 = 20;
 const SIZE: usize = 5000;
 
 /// The system call the child makes just before and just after the operation, so that
@@ -203,6 +206,30 @@ impl Setup {
                 "{context}: bystander {seq} moved"
             );
         }
+        if op == "edit" {
+            // Exactly once, under the subject's id: the old content or (always, once
+            // acknowledged) the new; never both, never neither.
+            let old = self.places(&inventory, SUBJECT);
+            let new = self.places(&inventory, EDITED);
+            let either = (old == ["a/incoming"] && new.is_empty())
+                || (old.is_empty() && new == ["a/incoming"]);
+            assert!(either, "{context}: old content in {old:?}, new in {new:?}");
+            assert!(
+                !acked || !new.is_empty(),
+                "{context}: acknowledged, but not edited"
+            );
+            let names: Vec<_> = [SUBJECT, EDITED]
+                .iter()
+                .flat_map(|&seq| inventory.places(seq))
+                .map(|f| f.name.clone())
+                .collect();
+            assert_eq!(
+                names,
+                [std::ffi::OsString::from(self.subject_id.as_os_str())],
+                "{context}: the message changed its id"
+            );
+            return;
+        }
         let (subjects, allowed, done): (&[u64], &[&[&str]], &[&str]) = match op {
             "enqueue" => (&NEW[..1], &[&[], &["a/incoming"]], &["a/incoming"]),
             "batch" => (&NEW, &[&[], &["a/incoming"]], &["a/incoming"]),
@@ -325,6 +352,11 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         ("claim", _) => std::mem::forget(a.try_claim()?.ok_or("nothing to claim")?),
         ("hold", _) => drop(dirq::admin::hold(&a, &subject_id)?),
         ("requeue", _) => dirq::admin::requeue(&a, &subject_id, false)?,
+        ("edit", _) => drop(dirq::admin::replace(
+            &a,
+            &subject_id,
+            &payload(EDITED, SIZE),
+        )?),
         ("commit", Some(m)) => m.commit()?,
         ("forward", Some(m)) => m.forward(&b)?,
         ("fail", Some(m)) => m.fail("crash-point test")?,

@@ -199,6 +199,27 @@ dirq ages /var/spool/dirq/*"
         id: OsString,
     },
 
+    /// Edit a waiting message (incoming, deferred or held) before a worker takes it.
+    #[command(
+        after_help = "Opens $VISUAL (else $EDITOR, else vi) on a copy of the message. The new content \
+replaces the message atomically under the same id, in the same state (a deferred message keeps \
+its due time), and only if no worker claimed it meanwhile; otherwise nothing changes and the \
+path of the edited copy is printed. Without a terminal, give --from.\n\n\
+Examples:\n  dirq edit q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq cat q ID | sed 's/prio=low/prio=high/' | dirq edit q ID --from -"
+    )]
+    Edit {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// The message id (its file name).
+        #[arg(value_name = "ID")]
+        id: OsString,
+        /// Take the new content from FILE ("-" for standard input) instead of an editor.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+    },
+
     /// Move failed messages from errors/ back to incoming/.
     #[command(
         override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all",

@@ -1,6 +1,7 @@
 //! One module per family of subcommands: open queues, call the library, print.
 
 mod admin;
+mod edit;
 mod exec;
 mod metrics;
 mod produce;
@@ -72,6 +73,9 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
                 wait,
                 separator,
             )
+        }
+        Command::Edit { queue, id, from } => {
+            edit::edit(&opener.existing(&queue)?, &id, from.as_deref())
         }
         Command::Cat { queue, id } => produce::cat(&opener.inspect(&queue)?, &id),
         Command::Status {
