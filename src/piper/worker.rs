@@ -9,7 +9,10 @@ use super::backpressure::Change;
 use super::breaker::Transition;
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
-use super::{error_chain, later, lock, Failed, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use super::{
+    error_chain, later, lock, Failed, HistoryLine, Job, Outcome, Shared, Stage, JOB_RUNNING,
+};
+use crate::format::history::HistoryOutcome;
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
 use crate::queue::{FailureDetails, Retried, TerminalError};
@@ -226,7 +229,7 @@ impl<'a> Worker<'a> {
                 .last_retry_reason()
                 .unwrap_or_else(|| "the process handling it died".to_owned());
             let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
-            let processed = self.apply_outcome(message, Outcome::Fail(reason), true);
+            let processed = self.apply_outcome(input, message, Outcome::Fail(reason), true, None);
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             return processed;
         }
@@ -255,7 +258,7 @@ impl<'a> Worker<'a> {
                 Outcome::Retry(format!("stage panicked: {}", panic_message(panic.as_ref())))
             }
         };
-        let processed = self.apply_outcome(message, outcome, false);
+        let processed = self.apply_outcome(input, message, outcome, false, Some(job.started));
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         processed
     }
@@ -264,13 +267,23 @@ impl<'a> Worker<'a> {
     /// outcome could not be carried out.
     fn apply_outcome(
         &mut self,
+        input: usize,
         message: Message,
         outcome: Outcome,
         dead_letter: bool,
+        started: Option<Instant>,
     ) -> Processed {
         let shared = self.shared;
         let counters = &shared.counters;
         let id = message.id().clone();
+        let mut line = HistoryLine {
+            outcome: HistoryOutcome::Committed,
+            attempts: message.attempts().unwrap_or(1),
+            started,
+            reason: None,
+            exit_code: None,
+        };
+        line.set(&outcome, dead_letter);
         let mut failed = false;
         // What to tell the stage's on_failed once the message is in errors/.
         let mut notice: Option<Failed> = None;
@@ -324,6 +337,7 @@ impl<'a> Worker<'a> {
                 message.retry(reason).map(|r| {
                     if r == Retried::DeadLettered {
                         notice = Some(last);
+                        line.outcome = HistoryOutcome::DeadLettered;
                     }
                     self.count_retry(r);
                     Finish::Done
@@ -335,6 +349,7 @@ impl<'a> Worker<'a> {
                     >= message.queue().retry_policy().max_attempts();
                 let retried = if last {
                     notice = Some(failed_notice(&message, &reason, None, true));
+                    line.outcome = HistoryOutcome::DeadLettered;
                     message
                         .fail(reason)
                         .map(|()| self.count_retry(Retried::DeadLettered))
@@ -363,10 +378,17 @@ impl<'a> Worker<'a> {
             let (error, message) = e.into_parts();
             failed = true;
             tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out the outcome");
+            // fall_back fails it (or, failing that, releases it): recorded as failed.
+            line.outcome = HistoryOutcome::Failed;
+            line.reason = Some(format!(
+                "cannot carry out the stage's outcome: {}",
+                error_chain(&error)
+            ));
             if let Some(message) = message {
                 fall_back(message, &error, counters);
             }
         }
+        shared.record(input, &id, line);
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
             log_transition(&shared.name, transition);
         }
@@ -481,6 +503,37 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(Finish::Commit(message))
+    }
+}
+
+impl HistoryLine {
+    /// What the history says of `outcome`, before it is carried out; a retry that
+    /// turns out to be the last is changed to a dead letter by the caller.
+    fn set(&mut self, outcome: &Outcome, dead_letter: bool) {
+        let failed = if dead_letter {
+            HistoryOutcome::DeadLettered
+        } else {
+            HistoryOutcome::Failed
+        };
+        let (kind, reason, exit_code) = match outcome {
+            Outcome::Forward | Outcome::ForwardTo(_) => (HistoryOutcome::Forwarded, None, None),
+            Outcome::Emit(_) => (HistoryOutcome::Emitted, None, None),
+            Outcome::Commit => (HistoryOutcome::Committed, None, None),
+            Outcome::Fail(reason) => (failed, Some(reason.clone()), None),
+            Outcome::FailWith(reason, details) => (failed, Some(reason.clone()), details.exit_code),
+            Outcome::TimedOut(details) => (
+                HistoryOutcome::TimedOut,
+                Some("timeout".to_owned()),
+                details.exit_code,
+            ),
+            Outcome::Stop(reason) => (HistoryOutcome::Stopped, Some(reason.clone()), None),
+            Outcome::Retry(reason) | Outcome::RetryAfter(reason, _) => {
+                (HistoryOutcome::Retried, Some(reason.clone()), None)
+            }
+        };
+        self.outcome = kind;
+        self.reason = reason;
+        self.exit_code = exit_code;
     }
 }
 
