@@ -23,10 +23,10 @@ mod hold;
 mod listing;
 mod replace;
 
+pub use crate::format::history::{HistoryOutcome, HistoryRecord};
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
 pub use edit::{delete, purge, requeue, PurgeReport};
 pub use flush::{flush, flush_all};
-pub use crate::format::history::{HistoryOutcome, HistoryRecord};
 pub use history::{history, history_counts, job_log, HistoryCounts, HistoryFilter};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};

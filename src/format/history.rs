@@ -217,7 +217,11 @@ pub(crate) fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
-    let y = if month <= 2 { year.checked_sub(1)? } else { year };
+    let y = if month <= 2 {
+        year.checked_sub(1)?
+    } else {
+        year
+    };
     let era = y / 400;
     let yoe = y - era * 400;
     let mp = if month > 2 { month - 3 } else { month + 9 };
@@ -230,7 +234,10 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
 /// `20261130T210952.123Z.jsonl`, which sorts by time.
 pub(crate) fn rotated_name(first: SystemTime) -> String {
     let text = super::meta::rfc3339(first); // 2026-11-30T21:09:52.123456Z
-    let compact: String = text[..23].chars().filter(|&c| c != '-' && c != ':').collect();
+    let compact: String = text[..23]
+        .chars()
+        .filter(|&c| c != '-' && c != ':')
+        .collect();
     format!("{compact}Z{SUFFIX}")
 }
 

@@ -150,11 +150,13 @@ impl CommandStage {
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .env("DIRQ_PATH", message.path())
             .stdin(Stdio::piped())
-            .stdout(if self.settings.captures_output() || self.settings.log_output {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
+            .stdout(
+                if self.settings.captures_output() || self.settings.log_output {
+                    Stdio::piped()
+                } else {
+                    Stdio::inherit()
+                },
+            )
             .stderr(Stdio::piped());
         sys::new_process_group(&mut command);
         command.spawn()
@@ -522,9 +524,12 @@ impl CommandStage {
             )
             .as_bytes(),
         );
-        if let Err(e) =
-            super::history::append_job_log(message.queue(), message.id().as_os_str(), &text, settings.log_limit)
-        {
+        if let Err(e) = super::history::append_job_log(
+            message.queue(),
+            message.id().as_os_str(),
+            &text,
+            settings.log_limit,
+        ) {
             tracing::warn!(id = %message.id(), error = %super::error_chain(&e), "cannot write the job log");
         }
     }
@@ -648,7 +653,9 @@ impl Capture {
 
 fn capture(log: Option<&Mutex<Capture>>, chunk: &[u8]) {
     if let Some(log) = log {
-        log.lock().unwrap_or_else(PoisonError::into_inner).push(chunk);
+        log.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(chunk);
     }
 }
 

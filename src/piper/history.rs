@@ -22,9 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Operation, Result};
-use crate::format::history::{
-    self as format, HistoryRecord, CURRENT, HISTORY_DIR, LOCK, LOGS_DIR,
-};
+use crate::format::history::{self as format, HistoryRecord, CURRENT, HISTORY_DIR, LOCK, LOGS_DIR};
 use crate::sys::{self, lock, Dir, FileStat};
 use crate::DirectoryQueue;
 
@@ -101,7 +99,10 @@ impl Journal {
         if due || open.file.is_none() {
             self.check(open)?;
         }
-        let file = open.file.as_ref().ok_or_else(|| io::Error::other("no file"))?;
+        let file = open
+            .file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no file"))?;
         // IMPORTANT: one write of the whole line. Two writes (or a BufWriter flushing a
         // partial buffer) could interleave with another process's line.
         let written = (&*file).write(line)?;
@@ -124,7 +125,10 @@ impl Journal {
         if open.dir.is_none() {
             open.dir = Some(open_or_create(&self.root, HISTORY_DIR, self.dir_mode)?);
         }
-        let dir = open.dir.as_ref().ok_or_else(|| io::Error::other("no dir"))?;
+        let dir = open
+            .dir
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no dir"))?;
         let current = OsStr::new(CURRENT);
         let on_disk = match dir.stat_at(current) {
             Ok(st) => Some(st),
@@ -184,9 +188,7 @@ fn rotate(dir: &Dir, path: &Path, file_mode: u32, rotation: &Rotation) -> io::Re
         Err(e) => return Err(e),
     };
     let first = first_time(dir)?.unwrap_or(st.mtime);
-    let old = first
-        .elapsed()
-        .is_ok_and(|age| age >= rotation.max_age);
+    let old = first.elapsed().is_ok_and(|age| age >= rotation.max_age);
     if st.size < rotation.max_bytes && !old {
         return Ok(());
     }

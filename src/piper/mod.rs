@@ -792,9 +792,9 @@ impl Shared {
             &self.host,
         );
         record.attempts = line.attempts;
-        record.duration_ms = line
-            .started
-            .map_or(0, |s| u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX));
+        record.duration_ms = line.started.map_or(0, |s| {
+            u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)
+        });
         record.reason = line.reason;
         record.exit_code = line.exit_code;
         journal.write(&record);

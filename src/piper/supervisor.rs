@@ -14,11 +14,10 @@ use super::stats::{Counters, PiperStats};
 use super::takeover::{take_over, Action};
 use super::worker;
 use super::{
-    later, lock, Failed, HistoryLine, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED,
-    RUNNING,
+    later, lock, Failed, HistoryLine, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING,
 };
-use crate::format::history::HistoryOutcome;
 use crate::error::{Error, Result};
+use crate::format::history::HistoryOutcome;
 use crate::format::meta::rfc3339;
 use crate::sys::{self, ProcessSignal};
 

@@ -44,7 +44,9 @@ pub(super) fn take_over(
     let _ = attempts::write(&file, inner.identity(), attempts);
     let allowed = inner.config().retry.max_attempts();
     let (target, destination) = match action {
-        Action::Fail(reason) => return fail(queue, id, reason, attempts).map(|()| (attempts, true)),
+        Action::Fail(reason) => {
+            return fail(queue, id, reason, attempts).map(|()| (attempts, true))
+        }
         Action::Retry(reason) if attempts >= allowed => {
             return fail(queue, id, reason, attempts).map(|()| (attempts, true))
         }

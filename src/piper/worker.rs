@@ -12,9 +12,9 @@ use super::stats::Counters;
 use super::{
     error_chain, later, lock, Failed, HistoryLine, Job, Outcome, Shared, Stage, JOB_RUNNING,
 };
-use crate::format::history::HistoryOutcome;
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
+use crate::format::history::HistoryOutcome;
 use crate::queue::{FailureDetails, Retried, TerminalError};
 use crate::{DirectoryQueue, Message, MessageId};
 
