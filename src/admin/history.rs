@@ -82,7 +82,7 @@ pub fn history(queue: &DirectoryQueue, filter: &HistoryFilter) -> Result<Vec<His
 pub fn history_counts(queue: &DirectoryQueue, since: SystemTime) -> Result<HistoryCounts> {
     let mut counts = HistoryCounts::default();
     visit(queue, Some(since), &mut |record| {
-        if !record.when().is_some_and(|t| t >= since) {
+        if record.when().is_none_or(|t| t < since) {
             return;
         }
         let counter = match record.outcome {
