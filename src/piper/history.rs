@@ -18,7 +18,8 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Operation, Result};
@@ -48,12 +49,16 @@ pub(crate) struct Journal {
     file_mode: u32,
     rotation: Rotation,
     state: Mutex<Open>,
+    /// Whether a failure to write was logged already (one warning, not one per line).
+    warned: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Open {
     dir: Option<Dir>,
-    file: Option<File>,
+    /// Shared with the workers writing to it: a rotation replaces it, and a worker
+    /// that still holds the old one finishes its line there (in the rotated file).
+    file: Option<Arc<File>>,
     /// The inode of `file`, to notice a rotation by another process.
     stat: Option<FileStat>,
     /// Time of the first line of the open file, once known.
@@ -61,8 +66,6 @@ struct Open {
     /// Bytes in the file at the last check, plus those this process wrote since.
     size: u64,
     checked: Option<Instant>,
-    /// Whether a failure to write was logged already (one warning, not one per line).
-    warned: bool,
 }
 
 impl Journal {
@@ -74,6 +77,7 @@ impl Journal {
             file_mode: config.file_mode,
             rotation,
             state: Mutex::new(Open::default()),
+            warned: AtomicBool::new(false),
         }
     }
 
@@ -81,42 +85,52 @@ impl Journal {
     /// passed on: the history must not stop a pipeline.
     pub(crate) fn write(&self, record: &HistoryRecord) {
         let line = record.to_line();
-        let mut open = super::lock(&self.state);
-        let result = self.write_line(&mut open, &line);
-        match result {
-            Ok(()) => open.warned = false,
-            Err(e) if !open.warned => {
-                open.warned = true;
-                tracing::warn!(queue = %self.root.display(), error = %e, "cannot write the history");
+        let result = self.file_for(line.len()).and_then(|file| {
+            // IMPORTANT: one write of the whole line. Two writes (or a BufWriter
+            // flushing a partial buffer) could interleave with another writer's line.
+            // Written outside the lock: O_APPEND orders the workers' lines.
+            let written = (&*file).write(&line)?;
+            if written == line.len() {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short write: {written} of {} bytes", line.len()),
+                ))
             }
-            Err(_) => {}
+        });
+        match result {
+            Ok(()) => {
+                if self.warned.load(Ordering::Relaxed) {
+                    self.warned.store(false, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(queue = %self.root.display(), error = %e, "cannot write the history");
+                }
+            }
         }
     }
 
-    fn write_line(&self, open: &mut Open, line: &[u8]) -> io::Result<()> {
+    /// The file to append a line of `len` bytes to, reopened (or rotated) first when
+    /// due.
+    fn file_for(&self, len: usize) -> io::Result<Arc<File>> {
+        let mut open = super::lock(&self.state);
         let due = open.checked.is_none_or(|at| at.elapsed() >= CHECK_EVERY)
-            || open.size + line.len() as u64 >= self.rotation.max_bytes;
+            || open.size + len as u64 >= self.rotation.max_bytes;
         if due || open.file.is_none() {
-            self.check(open)?;
+            self.check(&mut open)?;
         }
         let file = open
             .file
-            .as_ref()
+            .clone()
             .ok_or_else(|| io::Error::other("no file"))?;
-        // IMPORTANT: one write of the whole line. Two writes (or a BufWriter flushing a
-        // partial buffer) could interleave with another process's line.
-        let written = (&*file).write(line)?;
-        if written != line.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short write: {written} of {} bytes", line.len()),
-            ));
-        }
-        open.size += line.len() as u64;
+        open.size += len as u64;
         if open.first.is_none() {
             open.first = Some(SystemTime::now());
         }
-        Ok(())
+        Ok(file)
     }
 
     /// Reopens `current.jsonl` if it is not the file held, and rotates it if due.
@@ -139,7 +153,7 @@ impl Journal {
         if !same {
             let file = dir.open_append(current, self.file_mode)?;
             let st = sys::stat_file(&file)?;
-            open.file = Some(file);
+            open.file = Some(Arc::new(file));
             open.stat = Some(st);
             open.first = None;
             open.size = st.size;
@@ -160,7 +174,7 @@ impl Journal {
             // Whoever rotated, the file to write to now is the new current.jsonl.
             let file = dir.open_append(current, self.file_mode)?;
             let st = sys::stat_file(&file)?;
-            open.file = Some(file);
+            open.file = Some(Arc::new(file));
             open.stat = Some(st);
             open.first = None;
             open.size = st.size;
