@@ -167,11 +167,15 @@ impl HistoryRecord {
         }
     }
 
-    /// The record as one line, `\n` included: what one `write(2)` appends.
-    pub(crate) fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).unwrap_or_default();
-        line.push(b'\n');
-        line
+    /// Appends the record's line, `\n` included, to `out`; nothing if it cannot be
+    /// serialised (it always can: strings and numbers only).
+    pub(crate) fn append_line(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, self).is_ok() {
+            out.push(b'\n');
+        } else {
+            out.truncate(start);
+        }
     }
 
     /// The record of one complete line (without its `\n`); `None` when it is not one.
@@ -300,7 +304,8 @@ mod tests {
     fn lines_round_trip_and_fragments_do_not_parse() {
         let mut record = HistoryRecord::now("a.msg".into(), HistoryOutcome::DeadLettered, "p", "h");
         record.reason = Some("exit 3".into());
-        let line = record.to_line();
+        let mut line = Vec::new();
+        record.append_line(&mut line);
         assert_eq!(line.last(), Some(&b'\n'));
         assert!(String::from_utf8_lossy(&line).contains("\"outcome\":\"dead_lettered\""));
         assert_eq!(

@@ -75,6 +75,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         let now = Instant::now();
         let state = shared.state();
         check_timeouts(shared, state);
+        for journal in &shared.history {
+            journal.flush_due();
+        }
         clock.account_pause(shared, now);
         if due(&mut clock.last_rate, RATE_SAMPLE, now) {
             lock(&shared.rates).record(shared.stats());
@@ -126,6 +129,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     }
     if let Some(barrier) = &shared.barrier {
         barrier.finish(shared, committer);
+    }
+    for journal in &shared.history {
+        journal.flush();
     }
     let stats = shared.stats();
     tracing::info!(stage = %shared.name, ?stats, "piper stopped");
