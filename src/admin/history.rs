@@ -116,7 +116,8 @@ pub fn job_log(queue: &DirectoryQueue, id: &MessageId) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     // Opened through the queue's own directories, not following a symlink planted
     // there.
-    Dir::open(&queue.root().join(HISTORY_DIR))
+    Dir::open(queue.root())
+        .and_then(|root| root.open_child(OsStr::new(HISTORY_DIR)))
         .and_then(|dir| dir.open_child(OsStr::new(LOGS_DIR)))
         .and_then(|logs| logs.open_read(&log_name(id.as_os_str())))
         .and_then(|mut file| file.read_to_end(&mut bytes))
@@ -137,11 +138,13 @@ fn visit(
 ) -> Result<()> {
     let path = queue.root().join(HISTORY_DIR);
     let io = |e, p: PathBuf| Error::io(Operation::Read, p, e);
-    let dir = match Dir::open(&path) {
-        Ok(dir) => dir,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(e, path)),
-    };
+    // Opened from the root without following a symlink planted as history/.
+    let dir =
+        match Dir::open(queue.root()).and_then(|root| root.open_child(OsStr::new(HISTORY_DIR))) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e, path)),
+        };
     // IMPORTANT: current.jsonl is opened before the directory is listed. A rotation
     // between the two then shows the file opened under its rotated name as well (same
     // inode, read once); the other order could miss the rotated file altogether.

@@ -1,10 +1,12 @@
 //! Writing a queue's history (`<queue>/history/`, format in `format::history`) and
 //! its job logs.
 //!
-//! - **One `write(2)` per line** on an `O_APPEND` descriptor: the kernel appends each
-//!   write whole, so lines of several workers and processes never interleave. No
-//!   fsync: a crash loses at most the lines not yet written back, and can leave at
-//!   most its last line incomplete, which readers skip.
+//! - **One `write(2)` per batch of whole lines** on an `O_APPEND` descriptor (see
+//!   [`Journal`]): the kernel appends each write whole, so lines of several workers and
+//!   processes never interleave. No fsync: a crash of the process loses the lines of
+//!   its last 100 ms at most (the batch not yet written), a power cut also those not
+//!   yet written back, and either can leave at most its last line incomplete, which
+//!   readers skip.
 //! - **Rotation** by size and age, by whoever writes: under the lock file
 //!   `history/.lock` (`flock`, tried without waiting: a process that finds it taken
 //!   lets the holder rotate), `current.jsonl` is renamed to the time of its first line.
@@ -99,11 +101,14 @@ impl Journal {
     /// failure is logged (once until a write succeeds), never passed on: the history
     /// must not stop a pipeline.
     pub(crate) fn write(&self, record: &HistoryRecord) {
+        // Serialised before the lock: workers wait for each other only to copy it.
+        let mut line = Vec::with_capacity(256);
+        record.append_line(&mut line);
         let mut open = super::lock(&self.state);
         if open.batch.is_empty() {
             open.since = Some(Instant::now());
         }
-        record.append_line(&mut open.batch);
+        open.batch.extend_from_slice(&line);
         open.lines += 1;
         if open.lines >= BATCH_LINES
             || open.batch.len() >= BATCH_BYTES

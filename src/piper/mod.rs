@@ -414,9 +414,11 @@ impl PiperBuilder {
 
     /// Whether the Piper writes each outcome to its input queue's history,
     /// `<input>/history/current.jsonl`: one JSON line per outcome (id, outcome, time,
-    /// attempts, processing time, reason, Piper name and pid), appended with one
-    /// `write(2)` and never synced. A crash loses at most the lines not yet written
-    /// back and leaves at most one incomplete last line, which readers skip. The line
+    /// attempts, processing time, reason, Piper name and pid), appended in batches of
+    /// whole lines, one `write(2)` each (at 64 lines, or 100 ms after the first), and
+    /// never synced. A crash of the process loses at most the lines of its last 100
+    /// ms, a power cut also those not yet written back; either leaves at most one
+    /// incomplete last line, which readers skip. The line
     /// is written when the worker carries out the outcome, before the
     /// [group commit](Self::commit_batch) syncs it: after a power cut, a message whose
     /// outcome was undone is processed again and gets a second line. Read it with
