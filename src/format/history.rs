@@ -147,12 +147,8 @@ pub struct HistoryRecord {
 
 impl HistoryRecord {
     /// A record of `outcome` for `id`, now, in this process.
-    pub(crate) fn now(
-        id: String,
-        outcome: HistoryOutcome,
-        piper: &str,
-        host: &str,
-    ) -> HistoryRecord {
+    #[cfg(test)]
+    fn now(id: String, outcome: HistoryOutcome, piper: &str, host: &str) -> HistoryRecord {
         HistoryRecord {
             id,
             outcome,
@@ -167,15 +163,10 @@ impl HistoryRecord {
         }
     }
 
-    /// Appends the record's line, `\n` included, to `out`; nothing if it cannot be
-    /// serialised (it always can: strings and numbers only).
-    pub(crate) fn append_line(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        if serde_json::to_writer(&mut *out, self).is_ok() {
-            out.push(b'\n');
-        } else {
-            out.truncate(start);
-        }
+    #[cfg(test)]
+    fn append_line(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(&mut *out, self).unwrap();
+        out.push(b'\n');
     }
 
     /// The record of one complete line (without its `\n`); `None` when it is not one.
@@ -186,6 +177,37 @@ impl HistoryRecord {
     /// When it happened; `None` when [`time`](Self::time) is not RFC 3339 UTC.
     pub fn when(&self) -> Option<SystemTime> {
         parse_rfc3339(&self.time)
+    }
+}
+
+/// A [`HistoryRecord`] borrowed from its writer: the same line, without copying the
+/// strings a Piper keeps for every line (its name, its host).
+#[derive(Debug, Serialize)]
+pub(crate) struct RecordRef<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) outcome: HistoryOutcome,
+    pub(crate) time: &'a str,
+    pub(crate) attempts: u32,
+    pub(crate) duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) piper: &'a str,
+    pub(crate) pid: u32,
+    pub(crate) host: &'a str,
+}
+
+impl RecordRef<'_> {
+    /// Appends the record's line, `\n` included, to `out`; nothing if it cannot be
+    /// serialised (it always can: strings and numbers only).
+    pub(crate) fn append_line(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, self).is_ok() {
+            out.push(b'\n');
+        } else {
+            out.truncate(start);
+        }
     }
 }
 
@@ -298,6 +320,28 @@ mod tests {
             t.duration_since(UNIX_EPOCH).unwrap().as_millis()
         );
         assert_eq!(rotated_time(OsStr::new(CURRENT)), None);
+    }
+
+    #[test]
+    fn borrowed_records_write_the_same_line() {
+        let mut owned = HistoryRecord::now("a.msg".into(), HistoryOutcome::Failed, "p", "h");
+        owned.exit_code = Some(2);
+        let borrowed = RecordRef {
+            id: &owned.id,
+            outcome: owned.outcome,
+            time: &owned.time,
+            attempts: owned.attempts,
+            duration_ms: owned.duration_ms,
+            reason: owned.reason.as_deref(),
+            exit_code: owned.exit_code,
+            piper: &owned.piper,
+            pid: owned.pid,
+            host: &owned.host,
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        owned.append_line(&mut a);
+        borrowed.append_line(&mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

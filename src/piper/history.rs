@@ -24,7 +24,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Operation, Result};
-use crate::format::history::{self as format, HistoryRecord, CURRENT, HISTORY_DIR, LOCK, LOGS_DIR};
+use crate::format::history::{
+    self as format, HistoryRecord, RecordRef, CURRENT, HISTORY_DIR, LOCK, LOGS_DIR,
+};
 use crate::sys::{self, lock, Dir, FileStat};
 use crate::DirectoryQueue;
 
@@ -100,7 +102,7 @@ impl Journal {
     /// Adds `record`'s line to the batch, and writes the batch when it is due. A
     /// failure is logged (once until a write succeeds), never passed on: the history
     /// must not stop a pipeline.
-    pub(crate) fn write(&self, record: &HistoryRecord) {
+    pub(crate) fn write(&self, record: &RecordRef<'_>) {
         // Serialised before the lock: workers wait for each other only to copy it.
         let mut line = Vec::with_capacity(256);
         record.append_line(&mut line);

@@ -579,6 +579,7 @@ impl PiperBuilder {
                 barrier,
                 history,
                 host: crate::sys::hostname(),
+                pid: crate::sys::pid(),
                 factory,
                 config: Settings {
                     workers: self.workers,
@@ -715,8 +716,9 @@ struct Shared {
     barrier: Option<Barrier>,
     /// The history of each input, by index; empty when it is off.
     history: Vec<Journal>,
-    /// This host's name, for history lines.
+    /// This host's name and this process's id, for history lines.
     host: String,
+    pid: u32,
     workers: Mutex<Workers>,
     rates: Mutex<RateWindow>,
     /// The supervisor's thread, unparked when a shutdown is requested.
@@ -787,19 +789,21 @@ impl Shared {
         let Some(journal) = self.history.get(input) else {
             return;
         };
-        let mut record = crate::format::history::HistoryRecord::now(
-            id.as_os_str().to_string_lossy().into_owned(),
-            line.outcome,
-            &self.name,
-            &self.host,
-        );
-        record.attempts = line.attempts;
-        record.duration_ms = line.started.map_or(0, |s| {
-            u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)
+        let time = crate::format::meta::rfc3339(SystemTime::now());
+        journal.write(&crate::format::history::RecordRef {
+            id: &id.as_os_str().to_string_lossy(),
+            outcome: line.outcome,
+            time: &time,
+            attempts: line.attempts,
+            duration_ms: line.started.map_or(0, |s| {
+                u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }),
+            reason: line.reason.as_deref(),
+            exit_code: line.exit_code,
+            piper: &self.name,
+            pid: self.pid,
+            host: &self.host,
         });
-        record.reason = line.reason;
-        record.exit_code = line.exit_code;
-        journal.write(&record);
     }
 
     /// Why intake is paused, if it is.
