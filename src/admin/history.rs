@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -187,10 +187,10 @@ fn visit(
                 continue; // read below, as current.jsonl
             }
         }
-        read_lines(file, each).map_err(|e| io(e, path.join(name)))?;
+        read_lines(file, since, each).map_err(|e| io(e, path.join(name)))?;
     }
     if let Some(file) = current {
-        read_lines(file, each).map_err(|e| io(e, path.join(CURRENT)))?;
+        read_lines(file, since, each).map_err(|e| io(e, path.join(CURRENT)))?;
     }
     Ok(())
 }
@@ -198,9 +198,21 @@ fn visit(
 /// Calls `each` with the record of every complete line of `file`; a last line without
 /// its `\n` is incomplete (a crash, or a write under way) and skipped, as is any line
 /// that is not a record.
-fn read_lines(file: File, each: &mut dyn FnMut(HistoryRecord)) -> io::Result<()> {
+fn read_lines(
+    mut file: File,
+    since: Option<SystemTime>,
+    each: &mut dyn FnMut(HistoryRecord),
+) -> io::Result<()> {
+    let start = match since {
+        Some(since) => start_of(&file, since)?,
+        None => 0,
+    };
+    file.seek(SeekFrom::Start(start))?;
     let mut reader = BufReader::with_capacity(64 * 1024, file);
     let mut line = Vec::with_capacity(512);
+    if start > 0 {
+        reader.read_until(b'\n', &mut line)?; // the end of a line before `start`
+    }
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
@@ -213,6 +225,43 @@ fn read_lines(file: File, each: &mut dyn FnMut(HistoryRecord)) -> io::Result<()>
             each(record);
         }
     }
+}
+
+/// Below this size a file is read whole; above, [`start_of`] skips what is older.
+const SEEK_ABOVE: u64 = 256 * 1024;
+
+/// An offset of `file` before which every line is older than `since` (give or take
+/// [`ROTATION_LAG`]), found by bisection: lines are appended in time order, but for
+/// the batches of several writers, which are less than a second apart. 0 for a small
+/// file, or when a line in the way cannot be read as a record.
+fn start_of(file: &File, since: SystemTime) -> io::Result<u64> {
+    let size = crate::sys::stat_file(file)?.size;
+    if size < SEEK_ABOVE {
+        return Ok(0);
+    }
+    let (mut lo, mut hi) = (0u64, size);
+    let mut buf = vec![0u8; 8 * 1024];
+    while hi - lo > SEEK_ABOVE / 4 {
+        let mid = lo + (hi - lo) / 2;
+        let n = crate::sys::read_at(file, &mut buf, mid)?;
+        let chunk = &buf[..n];
+        // The first whole line after `mid`.
+        let Some(begin) = chunk.iter().position(|&b| b == b'\n').map(|i| i + 1) else {
+            return Ok(lo);
+        };
+        let Some(len) = chunk[begin..].iter().position(|&b| b == b'\n') else {
+            return Ok(lo);
+        };
+        let Some(time) = parse_line(&chunk[begin..begin + len]).and_then(|r| r.when()) else {
+            return Ok(lo);
+        };
+        if time + ROTATION_LAG < since {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
 }
 
 /// The record of a line. A line that does not parse may be the incomplete last line of
@@ -234,6 +283,37 @@ fn parse_line(line: &[u8]) -> Option<HistoryRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_big_file_is_read_from_about_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.jsonl");
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut text = String::new();
+        for i in 0..20_000u64 {
+            let time = crate::format::meta::rfc3339(start + Duration::from_secs(i));
+            text.push_str(&format!(
+                r#"{{"id":"m{i}","outcome":"committed","time":"{time}","attempts":1,"duration_ms":1,"piper":"p","pid":1,"host":"h"}}"#
+            ));
+            text.push('\n');
+        }
+        std::fs::write(&path, &text).unwrap();
+        let since = start + Duration::from_secs(19_000);
+        let offset = start_of(&File::open(&path).unwrap(), since).unwrap();
+        assert!(
+            offset > 0 && offset < text.len() as u64 * 19 / 20,
+            "{offset}"
+        );
+        let mut ids = Vec::new();
+        read_lines(File::open(&path).unwrap(), Some(since), &mut |r| {
+            if r.when().unwrap() >= since {
+                ids.push(r.id)
+            }
+        })
+        .unwrap();
+        assert_eq!(ids.len(), 1000);
+        assert_eq!(ids[0], "m19000");
+    }
 
     #[test]
     fn a_line_glued_to_a_crashed_fragment_is_recovered() {
