@@ -431,3 +431,57 @@ fn job_logs_keep_each_attempt_within_the_limit() {
         "{stderr}"
     );
 }
+
+#[test]
+fn rotation_by_age_keeps_the_newest_files_and_removes_older_job_logs() {
+    let dir = tempdir();
+    let input = DirectoryQueue::open(dir.path().join("q")).unwrap();
+    let logs = input.root().join("history/logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let (old, fresh) = (logs.join("old.msg.log"), logs.join("fresh.msg.log"));
+    std::fs::write(&old, b"ancient").unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let piper = Piper::builder("ager")
+        .input(&input)
+        .history_max_age(Duration::from_millis(200))
+        .history_keep(2)
+        .stage(|_: &Message| Ok(Outcome::Commit))
+        .build()
+        .unwrap();
+    let handle = piper.handle();
+    let runner = std::thread::spawn(move || piper.run());
+    // A writer looks at the age of current.jsonl at most every second: five messages
+    // more than a second apart make four rotations.
+    for round in 1..=5u64 {
+        if round == 5 {
+            // Newer than the first line of the oldest file kept (round 3's).
+            std::fs::write(&fresh, b"recent").unwrap();
+        }
+        input.enqueue(format!("m{round}")).unwrap();
+        wait_until(LONG, "the message committed", || {
+            handle.stats().committed == round
+        });
+        let done = std::time::Instant::now();
+        wait_until(LONG, "a second and a bit", || {
+            done.elapsed() >= Duration::from_millis(1200)
+        });
+    }
+    handle.shutdown();
+    runner.join().unwrap().unwrap();
+    let names = names_in(&input.root().join("history"));
+    let rotated: Vec<_> = names.iter().filter(|n| n.ends_with("Z.jsonl")).collect();
+    assert_eq!(rotated.len(), 2, "{names:?}");
+    assert!(
+        !old.exists(),
+        "a job log older than the history kept is removed"
+    );
+    assert!(fresh.exists());
+    let records = all(&input);
+    assert!((2..=3).contains(&records.len()), "{records:?}");
+    assert_eq!(records.last().unwrap().outcome, HistoryOutcome::Committed);
+}
