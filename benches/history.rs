@@ -18,7 +18,7 @@ use dirq::{DirectoryQueue, Durability, Message};
 mod common;
 
 const MESSAGES: u64 = 20_000;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 
 /// A scratch directory on tmpfs when there is one, else under the target directory.
 fn scratch() -> (PathBuf, Option<tempfile::TempDir>) {
