@@ -485,3 +485,50 @@ fn rotation_by_age_keeps_the_newest_files_and_removes_older_job_logs() {
     assert!((2..=3).contains(&records.len()), "{records:?}");
     assert_eq!(records.last().unwrap().outcome, HistoryOutcome::Committed);
 }
+
+#[test]
+fn pipeline_keys_turn_history_off_and_job_logs_on() {
+    let dir = tempdir();
+    let input = DirectoryQueue::open(dir.path().join("in")).unwrap();
+    let file = dir.path().join("pipeline.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[defaults]\nhistory = false\n{extra}\n[[stage]]\nname = \"logged\"\n\
+                 input = \"in\"\ncommand = \"cat >/dev/null; echo said-on-stderr >&2\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("log_limit = \"10\"");
+    let refused = run(&["run", "--check", s(&file)]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("log_limit"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    write("log_output = true\nlog_limit = \"64KiB\"");
+    run_ok(&["run", "--check", s(&file)]);
+    let id = input.enqueue(b"x").unwrap();
+    let log = input.root().join("history/logs").join(format!("{id}.log"));
+    let supervisor = dirq()
+        .args(["run", s(&file)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(LONG, "the message's job log", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("exit 0 after"))
+    });
+    crate::util::signal(supervisor.id(), "TERM");
+    let status = supervisor.wait_with_output().unwrap().status;
+    assert!(status.success(), "{status}");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("said-on-stderr"));
+    let history = names_in(&input.root().join("history"));
+    assert_eq!(history, ["logs"], "history = false writes no journal");
+}
