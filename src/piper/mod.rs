@@ -73,6 +73,9 @@ pub enum TimeoutAction {
 /// - **Liveness**: each running Piper advertises itself in `<input>/pipers/`, with its
 ///   counters, refreshed every 2 s ([`admin::pipers`](crate::admin::pipers)).
 /// - **Recovery**: the inputs are recovered at start and every minute.
+/// - **History**: each outcome is a JSON line in its input's `history/current.jsonl`
+///   (on by default; see [`history`](PiperBuilder::history)), read with
+///   [`admin::history`](crate::admin::history).
 /// - **Group commit**: unless the inputs' mode is [`Durability::None`], one barrier
 ///   syncs the directories of a batch of outcomes at once (at most
 ///   [`commit_batch`](PiperBuilder::commit_batch) outcomes, or
