@@ -312,16 +312,17 @@ fn prune(dir: &Dir, keep: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The time of the first line of `current.jsonl`; `None` when it has no complete line
-/// with a time.
+/// The time of the first record in `current.jsonl` (within its first 64 KiB); `None`
+/// when there is none.
 fn first_time(dir: &Dir) -> io::Result<Option<SystemTime>> {
     let file = dir.open_read(OsStr::new(CURRENT))?;
     let mut head = Vec::with_capacity(1024);
     file.take(64 * 1024).read_to_end(&mut head)?;
-    let Some(end) = head.iter().position(|&b| b == b'\n') else {
-        return Ok(None);
-    };
-    Ok(HistoryRecord::parse(&head[..end]).and_then(|r| r.when()))
+    // The first line that is a record: a crash may have left a fragment before it.
+    Ok(head
+        .split(|&b| b == b'\n')
+        .filter_map(HistoryRecord::parse)
+        .find_map(|r| r.when()))
 }
 
 /// Opens the directory `name` under `parent`, creating it with `mode` if missing.
