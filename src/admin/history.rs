@@ -3,6 +3,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -65,12 +66,33 @@ pub struct HistoryCounts {
 /// [`Error::Io`] naming the history directory or a file in it that cannot be read.
 pub fn history(queue: &DirectoryQueue, filter: &HistoryFilter) -> Result<Vec<HistoryRecord>> {
     let mut found = Vec::new();
-    visit(queue, filter.since, &mut |record| {
-        if filter.matches(&record) {
-            found.push(record);
-        }
+    visit_history(queue, filter, &mut |record| {
+        found.push(record);
+        ControlFlow::Continue(())
     })?;
     Ok(found)
+}
+
+/// Calls `visit` with each line of `queue`'s history that `filter` matches, in the
+/// order [`history`] returns them, without holding them all in memory (a history can
+/// hold millions of lines); stops early when `visit` returns
+/// [`ControlFlow::Break`].
+///
+/// # Errors
+///
+/// As [`history`].
+pub fn visit_history(
+    queue: &DirectoryQueue,
+    filter: &HistoryFilter,
+    visit: &mut dyn FnMut(HistoryRecord) -> ControlFlow<()>,
+) -> Result<()> {
+    read(queue, filter.since, &mut |record| {
+        if filter.matches(&record) {
+            visit(record)
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
 }
 
 /// Counts the outcomes in `queue`'s history since `since` (what `dirq status` shows
@@ -81,9 +103,9 @@ pub fn history(queue: &DirectoryQueue, filter: &HistoryFilter) -> Result<Vec<His
 /// As [`history`].
 pub fn history_counts(queue: &DirectoryQueue, since: SystemTime) -> Result<HistoryCounts> {
     let mut counts = HistoryCounts::default();
-    visit(queue, Some(since), &mut |record| {
+    read(queue, Some(since), &mut |record| {
         if record.when().is_none_or(|t| t < since) {
-            return;
+            return ControlFlow::Continue(());
         }
         let counter = match record.outcome {
             o if o.is_ok() => &mut counts.ok,
@@ -93,6 +115,7 @@ pub fn history_counts(queue: &DirectoryQueue, since: SystemTime) -> Result<Histo
             _ => &mut counts.released,
         };
         *counter += 1;
+        ControlFlow::Continue(())
     })?;
     Ok(counts)
 }
@@ -130,11 +153,11 @@ pub fn job_log(queue: &DirectoryQueue, id: &MessageId) -> Result<Vec<u8>> {
 const ROTATION_LAG: Duration = Duration::from_secs(60);
 
 /// Calls `each` with every complete record of the files that can hold lines written
-/// at or after `since` (all files when `None`), oldest first.
-fn visit(
+/// at or after `since` (all files when `None`), oldest first, until it breaks.
+fn read(
     queue: &DirectoryQueue,
     since: Option<SystemTime>,
-    each: &mut dyn FnMut(HistoryRecord),
+    each: &mut dyn FnMut(HistoryRecord) -> ControlFlow<()>,
 ) -> Result<()> {
     let path = queue.root().join(HISTORY_DIR);
     let io = |e, p: PathBuf| Error::io(Operation::Read, p, e);
@@ -187,10 +210,16 @@ fn visit(
                 continue; // read below, as current.jsonl
             }
         }
-        read_lines(file, since, each).map_err(|e| io(e, path.join(name)))?;
+        if read_lines(file, since, each)
+            .map_err(|e| io(e, path.join(name)))?
+            .is_break()
+        {
+            return Ok(());
+        }
     }
     if let Some(file) = current {
-        read_lines(file, since, each).map_err(|e| io(e, path.join(CURRENT)))?;
+        // The last file: whether it broke off or not, the read is over.
+        let _ = read_lines(file, since, each).map_err(|e| io(e, path.join(CURRENT)))?;
     }
     Ok(())
 }
@@ -201,8 +230,8 @@ fn visit(
 fn read_lines(
     mut file: File,
     since: Option<SystemTime>,
-    each: &mut dyn FnMut(HistoryRecord),
-) -> io::Result<()> {
+    each: &mut dyn FnMut(HistoryRecord) -> ControlFlow<()>,
+) -> io::Result<ControlFlow<()>> {
     let start = match since {
         Some(since) => start_of(&file, since)?,
         None => 0,
@@ -215,14 +244,13 @@ fn read_lines(
     }
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(());
-        }
-        if line.last() != Some(&b'\n') {
-            return Ok(());
+        if reader.read_until(b'\n', &mut line)? == 0 || line.last() != Some(&b'\n') {
+            return Ok(ControlFlow::Continue(()));
         }
         if let Some(record) = parse_line(&line[..line.len() - 1]) {
-            each(record);
+            if each(record).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
         }
     }
 }
@@ -305,10 +333,11 @@ mod tests {
             "{offset}"
         );
         let mut ids = Vec::new();
-        read_lines(File::open(&path).unwrap(), Some(since), &mut |r| {
+        let _ = read_lines(File::open(&path).unwrap(), Some(since), &mut |r| {
             if r.when().unwrap() >= since {
                 ids.push(r.id)
             }
+            ControlFlow::Continue(())
         })
         .unwrap();
         assert_eq!(ids.len(), 1000);

@@ -9,7 +9,7 @@
 //! - editing: [`hold`], [`unhold`], [`flush`], [`flush_all`], [`requeue`], [`delete`],
 //!   [`purge`], [`replace`] (new content for a waiting message);
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout;
-//! - history: [`history`], [`history_counts`] (the outcomes Pipers wrote in
+//! - history: [`history`], [`visit_history`], [`history_counts`] (the outcomes Pipers wrote in
 //!   `history/`) and [`job_log`] (a command's output, `history/logs/<id>.log`).
 //!
 //! This layer uses the queue API and, for what the queue does not offer, the
@@ -27,7 +27,7 @@ pub use crate::format::history::{HistoryOutcome, HistoryRecord};
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
 pub use edit::{delete, purge, requeue, PurgeReport};
 pub use flush::{flush, flush_all};
-pub use history::{history, history_counts, job_log, HistoryCounts, HistoryFilter};
+pub use history::{history, history_counts, job_log, visit_history, HistoryCounts, HistoryFilter};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
 pub use replace::replace;

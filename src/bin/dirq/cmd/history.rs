@@ -3,6 +3,7 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::{self, Write};
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime};
 
 use dirq::admin::{HistoryFilter, HistoryOutcome, HistoryRecord};
@@ -21,26 +22,37 @@ pub(crate) fn history(
     filter.since = since.map(|d| SystemTime::now() - d);
     filter.outcome = outcome;
     filter.id = id;
-    let records = dirq::admin::history(queue, &filter)?;
-    let mut text = String::new();
-    if json {
-        for record in &records {
-            let line = serde_json::to_string(record).map_err(|e| e.to_string())?;
-            let _ = writeln!(text, "{line}");
+    // Streamed: a history can hold millions of lines, and `| head` stops the read.
+    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut failed = None;
+    let mut write = |text: &str| match writeln!(out, "{text}") {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            failed = Some(e);
+            ControlFlow::Break(())
         }
-    } else {
-        let _ = writeln!(
-            text,
+    };
+    if !json {
+        let _ = write(&format!(
             "{:<24} {:<13} {:>3} {:>9}  {:<20} {:<40}  REASON",
             "TIME", "OUTCOME", "TRY", "DURATION", "PIPER", "ID"
-        );
-        for record in &records {
-            let _ = writeln!(text, "{}", human_line(record));
-        }
+        ));
     }
-    let mut out = io::stdout().lock();
-    quiet_broken_pipe(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
-        .map_err(stdout_error)?;
+    dirq::admin::visit_history(queue, &filter, &mut |record| {
+        if json {
+            match serde_json::to_string(&record) {
+                Ok(line) => write(&line),
+                Err(_) => ControlFlow::Continue(()),
+            }
+        } else {
+            write(&human_line(&record))
+        }
+    })?;
+    let result = match failed {
+        Some(e) => Err(e),
+        None => out.flush(),
+    };
+    quiet_broken_pipe(result).map_err(stdout_error)?;
     Ok(())
 }
 
