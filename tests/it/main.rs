@@ -19,6 +19,7 @@ mod lifecycle;
 mod mentat;
 mod operator;
 mod peerbench;
+mod pipeline_examples;
 mod piper;
 mod queue;
 mod util;
