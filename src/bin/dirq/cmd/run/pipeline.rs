@@ -279,6 +279,7 @@ pub(super) fn exec_command(
         }
     }
     check_flow_settings(settings).map_err(bad)?;
+    check_command(stage, settings, base).map_err(bad)?;
     let (first, also) = stage_inputs(stage)?;
     let mut args = vec![
         "--durability".to_owned(),
@@ -394,6 +395,45 @@ pub(super) fn exec_command(
         CommandLine::Args(list) => args.extend(list.iter().cloned()),
     }
     Ok(args)
+}
+
+/// The command, timeout, on-fail hook, retries and output limit of a stage, checked by
+/// the library's builders as its `dirq exec` will build them: a command that cannot be
+/// run or a zero limit is refused before anything starts, instead of making the stage
+/// process exit at once and be restarted over and over.
+fn check_command(stage: &Stage, settings: &StageSettings, base: &Path) -> Result<(), String> {
+    let (program, args) = match &stage.command {
+        CommandLine::Shell(line) => ("sh", vec!["-c", line.as_str()]),
+        CommandLine::Args(list) => match list.split_first() {
+            Some((program, args)) => (program.as_str(), args.iter().map(String::as_str).collect()),
+            None => return Err("the command is empty".to_owned()),
+        },
+    };
+    // A program path with a slash is relative to the file's directory, where the stage
+    // runs; a bare name is looked up in PATH.
+    let program = if program.contains('/') {
+        base.join(program).into_os_string()
+    } else {
+        program.into()
+    };
+    let mut command = dirq::piper::CommandStage::builder(program, args);
+    if let Some(timeout) = &settings.timeout {
+        command.timeout(parse_duration(timeout).map_err(|e| format!("timeout: {e}"))?);
+    }
+    if let Some(hook) = &settings.on_fail {
+        command.on_fail(hook);
+    }
+    command.build().map_err(|e| e.to_string())?;
+    if let Some(retries) = settings.retries {
+        dirq::queue::RetryPolicy::builder()
+            .max_attempts(retries)
+            .build()
+            .map_err(|e| format!("retries = {retries}: {e}"))?;
+    }
+    if settings.out_limit == Some(0) {
+        return Err("out_limit = 0: must be at least 1".to_owned());
+    }
+    Ok(())
 }
 
 /// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`
