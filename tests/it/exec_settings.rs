@@ -340,7 +340,7 @@ fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
         &file,
         "[defaults]\nmax_age = \"2h\"\nout_resume = 7\nout_limit_bytes = 4096\n\
          out_resume_bytes = 1024\nbreaker_min_samples = 4\nbreaker_window = \"30s\"\n\
-         breaker_cooldown = \"2m\"\n\n\
+         breaker_cooldown = \"2m\"\nkill_grace = \"1s\"\n\n\
          [[stage]]\nname = \"first\"\ninput = \"a\"\noutput = \"out\"\ncommand = \"cat\"\n\
          breaker_failures = 9\nbreaker_rate = 0.25\n\n\
          [[stage]]\nname = \"second\"\ninput = \"b\"\ncommand = \"cat\"\n\
@@ -391,6 +391,7 @@ fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
         " --breaker-min-samples 4 ",
         " --breaker-window 30s ",
         " --breaker-cooldown 2m ",
+        " --kill-grace 1s ",
     ] {
         assert!(first.contains(want), "{want} in {first}");
     }

@@ -379,7 +379,7 @@ spam = \"spool/spam\" } names several outputs (beside or instead of output), rou
 --to NAME=QUEUE, --route, --route-by-line). dir_mode and file_mode (octal, 0o2770 or \"2770\") set \
 the permissions of what the stage creates. Other stage keys: out_limit, on_fail, retries, drain_timeout, \
 max_age, out_resume, out_limit_bytes, out_resume_bytes, breaker_failures, breaker_rate, \
-breaker_min_samples, breaker_window, breaker_cooldown \
+breaker_min_samples, breaker_window, breaker_cooldown, kill_grace \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay; \
 breaker = false is --no-breaker). \
 A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"

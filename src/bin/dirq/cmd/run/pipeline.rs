@@ -68,6 +68,8 @@ pub(super) struct StageSettings {
     pub(super) on_fail: Option<String>,
     pub(super) retries: Option<u32>,
     pub(super) drain_timeout: Option<String>,
+    /// Between SIGTERM and SIGKILL after a timeout (`dirq exec --kill-grace`).
+    pub(super) kill_grace: Option<String>,
     /// Group commit (`dirq exec --commit-batch`, `--commit-delay`).
     pub(super) commit_batch: Option<usize>,
     pub(super) commit_delay: Option<String>,
@@ -119,6 +121,10 @@ impl StageSettings {
             out_limit: self.out_limit.or(defaults.out_limit),
             on_fail: self.on_fail.clone().or_else(|| defaults.on_fail.clone()),
             retries: self.retries.or(defaults.retries),
+            kill_grace: self
+                .kill_grace
+                .clone()
+                .or_else(|| defaults.kill_grace.clone()),
             drain_timeout: self
                 .drain_timeout
                 .clone()
@@ -334,6 +340,7 @@ pub(super) fn exec_command(
     for (flag, value) in [
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
+        ("--kill-grace", &settings.kill_grace),
         ("--commit-delay", &settings.commit_delay),
         ("--max-age", &settings.max_age),
         ("--breaker-window", &settings.breaker_window),
