@@ -22,5 +22,6 @@ mod peerbench;
 mod pipeline_examples;
 mod piper;
 mod queue;
+mod run_supervisor;
 mod util;
 mod wakeup;

@@ -382,7 +382,9 @@ max_age, out_resume, out_limit_bytes, out_resume_bytes, breaker_failures, breake
 breaker_min_samples, breaker_window, breaker_cooldown, kill_grace \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay; \
 breaker = false is --no-breaker). \
-A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
+A [defaults] table sets any of these keys for every stage.\n\n\
+SIGHUP reloads the file: unchanged stages keep running, changed ones drain and restart, removed ones drain, added ones start; a file that fails the checks of --check is logged and changes nothing.\n\n\
+Examples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
     )]
     Run {
         /// The pipeline file.

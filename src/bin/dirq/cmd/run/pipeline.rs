@@ -184,6 +184,16 @@ pub(super) fn load(
     if pipeline.stages.is_empty() {
         return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
     }
+    // A reload matches stages by name (and dirq status shows them by it): two stages
+    // of one name could not be told apart.
+    for (index, stage) in pipeline.stages.iter().enumerate() {
+        if pipeline.stages[..index]
+            .iter()
+            .any(|s| s.name == stage.name)
+        {
+            return Err(format!("stage {:?}: the name is used twice", stage.name).into());
+        }
+    }
     // Queue paths in the file are relative to its directory, and stage processes run
     // in that directory (for commands like ./deliver.sh). The directory is made absolute
     // first: joined as a relative path and then also changed into, it would apply twice
