@@ -1,11 +1,12 @@
-//! `dirq run` reloading its pipeline file on SIGHUP, against the real binary.
+//! `dirq run` reloading its pipeline file on SIGHUP, and speaking systemd's
+//! notification protocol, against the real binary.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dirq::{DirectoryQueue, State};
 
@@ -101,7 +102,19 @@ impl Supervisor {
     /// SIGTERM, and the exit code.
     fn stop(&mut self) -> Option<i32> {
         self.signal("TERM");
-        self.child.wait().unwrap().code()
+        self.wait()
+    }
+
+    /// The exit code, once the supervisor exited and, when it stopped normally, its
+    /// last line was read.
+    fn wait(&mut self) -> Option<i32> {
+        let code = self.child.wait().unwrap().code();
+        if code == Some(0) {
+            wait_until(LONG, "the supervisor's last log line", || {
+                self.log().contains("pipeline stopped")
+            });
+        }
+        code
     }
 }
 
@@ -415,9 +428,6 @@ fn second_sighup_while_draining_applies_the_newest_file() {
         pids.len() == 1 && pids[0] != old && cmdline(pids[0]).contains("tr a-z A-Z")
     });
     assert!(gone(old));
-    let log = supervisor.log();
-    assert_eq!(log.matches("stage worker started").count(), 2, "{log}");
-    assert!(!log.contains("b-za"), "the in-between version ran: {log}");
 
     enqueue(&input, "after", 0..3);
     wait_count(&output, 4, "the messages through the newest version");
@@ -440,13 +450,14 @@ fn second_sighup_while_draining_applies_the_newest_file() {
     assert!(!gone(new), "the stage stopped without draining");
     std::fs::write(&gate, "").unwrap();
     let mut supervisor = supervisor;
-    let code = supervisor.child.wait().unwrap().code();
-    assert_eq!(code, Some(0), "{}", supervisor.log());
+    assert_eq!(supervisor.wait(), Some(0), "{}", supervisor.log());
     let log = supervisor.log();
     assert!(
         !log.contains("stopping now"),
         "a stage got two SIGTERMs: {log}"
     );
+    // The version in between never ran: one start at first, one after the drain.
+    assert_eq!(log.matches("stage worker started").count(), 2, "{log}");
     assert_eq!(log.matches("pipeline reloaded").count(), 2, "{log}");
     let mut want = once((0..3).map(|i| format!("AFTER {i}")));
     want.extend(once(["held 0".to_owned(), "HELD 1".to_owned()]));
@@ -467,4 +478,136 @@ fn two_stages_of_one_name_are_refused() {
     let file = file.to_str().unwrap();
     assert_stage_refused(&["run", "--check", file], "name", "the name is used twice");
     assert_stage_refused(&["run", file], "name", "the name is used twice");
+}
+
+/// Collects what `dirq run` sends to a notification socket, with a deadline per
+/// expected message.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    received: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(address: &std::os::unix::net::SocketAddr) -> NotifySocket {
+        let socket = std::os::unix::net::UnixDatagram::bind_addr(address).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads datagrams until one satisfies `wanted`; returns it. Earlier ones are kept
+    /// in `received`.
+    fn until(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + LONG;
+        let mut buf = vec![0; 4096];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; received {:?}",
+                self.received
+            );
+            let Ok(n) = self.socket.recv(&mut buf) else {
+                continue;
+            };
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.received.push(message.clone());
+            if wanted(&message) {
+                return message;
+            }
+        }
+    }
+}
+
+fn has_line(message: &str, line: &str) -> bool {
+    message.lines().any(|l| l == line)
+}
+
+/// The notification protocol end to end: READY=1 once the stages run, WATCHDOG=1 every
+/// half WATCHDOG_USEC, RELOADING=1 then READY=1 around a SIGHUP, STOPPING=1 at stop;
+/// the stage processes do not inherit NOTIFY_SOCKET.
+fn notifies_the_service_manager(address: &std::os::unix::net::SocketAddr, env_value: &str) {
+    let dir = tempdir();
+    let d = dir.path();
+    let (_input, _output) = (queue(d, "in"), queue(d, "out"));
+    write_pipeline(d, &stage("A", "in", Some("out"), "[\"cat\"]"));
+    let mut socket = NotifySocket::bind(address);
+    let mut supervisor = Supervisor::start(
+        d,
+        &[("NOTIFY_SOCKET", env_value), ("WATCHDOG_USEC", "300000")],
+    );
+    let ready = socket.until("READY=1", |m| has_line(m, "READY=1"));
+    assert!(
+        has_line(&ready, &format!("MAINPID={}", supervisor.pid())),
+        "{ready:?}"
+    );
+    assert!(
+        ready.contains("STATUS=running 1 stages, 1 processes"),
+        "{ready:?}"
+    );
+    assert_eq!(
+        supervisor.stage_pids("A").len(),
+        1,
+        "READY=1 before the stage ran"
+    );
+    let stage_pid = supervisor.stage_pids("A")[0];
+    let environ = std::fs::read(format!("/proc/{stage_pid}/environ")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET="),
+        "a stage process inherited NOTIFY_SOCKET"
+    );
+    for n in 1..=2 {
+        socket.until(&format!("WATCHDOG=1 #{n} after READY=1"), |m| {
+            has_line(m, "WATCHDOG=1")
+        });
+    }
+
+    write_pipeline(
+        d,
+        &stage("A", "in", Some("out"), "[\"tr\", \"a-z\", \"A-Z\"]"),
+    );
+    supervisor.signal("HUP");
+    let reloading = socket.until("RELOADING=1", |m| has_line(m, "RELOADING=1"));
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    socket.until("READY=1 after the reload", |m| has_line(m, "READY=1"));
+    let pids = supervisor.stage_pids("A");
+    assert!(
+        pids.len() == 1 && cmdline(pids[0]).contains("tr a-z A-Z"),
+        "READY=1 before the reload was applied: {pids:?}"
+    );
+
+    supervisor.signal("TERM");
+    socket.until("STOPPING=1", |m| has_line(m, "STOPPING=1"));
+    assert_eq!(supervisor.stop(), Some(0));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn run_notifies_systemd_over_a_socket_path() {
+    let dir = tempdir();
+    let path = dir.path().join("notify.sock");
+    let address = std::os::unix::net::SocketAddr::from_pathname(&path).unwrap();
+    notifies_the_service_manager(&address, path.to_str().unwrap());
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn run_notifies_systemd_over_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let name = format!("dirq-test-{}-{nanos}", std::process::id());
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    notifies_the_service_manager(&address, &format!("@{name}"));
 }

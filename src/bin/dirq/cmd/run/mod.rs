@@ -9,7 +9,11 @@
 //! `dirq exec` arguments and process count are unchanged keeps its processes; a changed
 //! one drains (SIGTERM) and starts anew with its new settings once every old process
 //! has exited; a removed one drains; an added one starts.
+//!
+//! Under systemd (`NOTIFY_SOCKET` set) the supervisor reports readiness, reloads,
+//! stopping and watchdog keep-alives: see `notify.rs`.
 
+mod notify;
 mod pipeline;
 mod signals;
 mod supervisor;

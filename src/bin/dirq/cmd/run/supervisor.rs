@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::notify::{Notifier, ENVIRONMENT};
 use super::pipeline::Loaded;
 use super::signals::{Request, SignalWatch};
 use crate::cmd::Opener;
@@ -81,6 +82,8 @@ struct Worker {
     /// Whether this process was sent SIGTERM: a second one would make it stop at once,
     /// abandoning its running commands, instead of draining.
     terminated: bool,
+    /// Whether a process was ever started in this place: readiness waits for all.
+    launched: bool,
     started: Instant,
     backoff: Duration,
     restart_at: Option<Instant>,
@@ -93,6 +96,7 @@ impl Worker {
         Worker {
             child: None,
             terminated: false,
+            launched: false,
             started: now,
             backoff: Duration::from_secs(1),
             restart_at: Some(now),
@@ -152,6 +156,7 @@ impl Changes {
 /// exited.
 pub(super) fn supervise(file: &Path, loaded: Loaded, opener: &Opener) -> CliResult {
     let mut signals = SignalWatch::new()?;
+    let mut notifier = Notifier::from_env();
     let now = Instant::now();
     let mut base = loaded.base.clone();
     let mut stages: Vec<StageRun> = specs(&loaded)
@@ -162,12 +167,17 @@ pub(super) fn supervise(file: &Path, loaded: Loaded, opener: &Opener) -> CliResu
     let processes: usize = stages.iter().map(|s| s.workers.len()).sum();
     tracing::info!(file = %file.display(), stages = stages.len(), processes, "pipeline starting");
     let mut wanted = Wanted::Running;
+    // READY=1 is owed: at start, and after a reload until it is applied.
+    let mut ready_owed = true;
     loop {
         let now = Instant::now();
         for request in signals.requests() {
             match request {
                 Request::Stop => {
                     let force = wanted != Wanted::Running;
+                    if !force {
+                        notifier.stopping();
+                    }
                     wanted = if force {
                         Wanted::Forcing
                     } else {
@@ -189,16 +199,26 @@ pub(super) fn supervise(file: &Path, loaded: Loaded, opener: &Opener) -> CliResu
                     tracing::info!("SIGHUP ignored: the pipeline is stopping");
                 }
                 Request::Reload => {
+                    notifier.reloading();
                     tracing::info!(file = %file.display(), "reloading the pipeline");
                     match super::load_checked(file, opener) {
                         Err(error) => {
                             let error = one_line(&error.to_string());
                             tracing::error!(file = %file.display(), %error, "pipeline file not reloaded; the pipeline runs on unchanged");
+                            // A reload is still owed READY=1 when the reload before
+                            // this one is not applied yet.
+                            if !ready_owed {
+                                notifier.ready(&format!(
+                                    "running; reload of {} failed: {error}",
+                                    file.display()
+                                ));
+                            }
                         }
                         Ok(loaded) => {
                             base.clone_from(&loaded.base);
                             let changes = reload(&mut stages, specs(&loaded), now);
                             tracing::info!(file = %file.display(), "pipeline reloaded: {}", changes.summary());
+                            ready_owed = true;
                         }
                     }
                 }
@@ -235,16 +255,33 @@ pub(super) fn supervise(file: &Path, loaded: Loaded, opener: &Opener) -> CliResu
                     tracing::info!(stage = %name, pid = child.id(), "stage worker started");
                     worker.child = Some(child);
                     worker.terminated = false;
+                    worker.launched = true;
                     worker.started = now;
                     worker.restart_at = None;
                 }
             }
         }
+        if wanted == Wanted::Running
+            && ready_owed
+            && stages
+                .iter()
+                .all(|s| s.draining.is_none() && s.workers.iter().all(|w| w.launched))
+        {
+            let processes: usize = stages.iter().map(|s| s.workers.len()).sum();
+            notifier.ready(&format!(
+                "running {} stages, {processes} processes",
+                stages.len()
+            ));
+            ready_owed = false;
+        }
         if wanted != Wanted::Running && stages.iter().all(StageRun::exited) {
             tracing::info!(file = %file.display(), "pipeline stopped");
             return Ok(());
         }
-        std::thread::sleep(TICK);
+        let sleep = notifier
+            .watchdog(Instant::now())
+            .map_or(TICK, |due| due.min(TICK));
+        std::thread::sleep(sleep);
     }
 }
 
@@ -360,6 +397,9 @@ fn spawn(args: &[String], base: &Path) -> Result<Child, Box<dyn std::error::Erro
     let exe = std::env::current_exe().map_err(context("failed to find the dirq executable"))?;
     let mut command = Command::new(exe);
     command.args(args).current_dir(base).stdin(Stdio::null());
+    for name in ENVIRONMENT {
+        command.env_remove(name);
+    }
     die_with_parent(&mut command);
     Ok(command
         .spawn()
