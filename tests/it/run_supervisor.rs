@@ -611,3 +611,36 @@ fn run_notifies_systemd_over_an_abstract_socket() {
     let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     notifies_the_service_manager(&address, &format!("@{name}"));
 }
+
+/// Under systemd (JOURNAL_STREAM naming standard error), log lines carry neither
+/// colours nor a timestamp: the journal adds its own.
+#[cfg(unix)]
+#[test]
+fn logs_for_the_journal_have_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let d = dir.path();
+    let (input, _output) = (queue(d, "in"), queue(d, "out"));
+    let log_path = d.join("stderr");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let journal = format!("{}:{}", meta.dev(), meta.ino());
+    let out = dirq()
+        .args(["exec", "--drain"])
+        .arg(input.root())
+        .args(["--", "cat"])
+        .env("JOURNAL_STREAM", &journal)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.is_empty());
+    assert!(!text.contains('\x1b'), "colours: {text:?}");
+    let started = text
+        .lines()
+        .find(|l| l.contains("piper started"))
+        .unwrap_or_else(|| panic!("no start line: {text}"));
+    assert!(started.trim_start().starts_with("INFO "), "{started:?}");
+}
