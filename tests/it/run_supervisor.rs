@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use dirq::{DirectoryQueue, State};
 
-use crate::util::{assert_stage_refused, cmdline, dirq, signal, tempdir, wait_until};
+use crate::util::{assert_stage_refused, cmdline, dirq, signal, skip, tempdir, wait_until};
 
 /// Generous: both CPU cores may be busy with other tests.
 const LONG: Duration = Duration::from_secs(60);
@@ -643,4 +643,77 @@ fn logs_for_the_journal_have_no_timestamp() {
         .find(|l| l.contains("piper started"))
         .unwrap_or_else(|| panic!("no start line: {text}"));
     assert!(started.trim_start().starts_with("INFO "), "{started:?}");
+}
+
+/// The example unit passes `systemd-analyze verify`, with this build's binary and a
+/// real pipeline file in it.
+#[test]
+fn the_example_unit_file_verifies() {
+    let test = "the_example_unit_file_verifies";
+    let Ok(analyze) = which("systemd-analyze") else {
+        skip(
+            test,
+            "systemd-analyze is not installed (Debian package systemd)",
+        );
+        return;
+    };
+    let dir = tempdir();
+    let d = dir.path();
+    queue(d, "in");
+    write_pipeline(d, &stage("A", "in", None, "[\"cat\"]"));
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/systemd/dirq-pipeline.service"),
+    )
+    .unwrap();
+    let pipeline = d.join("pipeline.toml");
+    let mut text = String::new();
+    for line in unit.lines() {
+        // The test host has no dirq user or group, which a verify may look up
+        // (systemd 252's does not): the lines are left out rather than replaced by
+        // root, which the unit must never suggest.
+        if line.starts_with("User=") || line.starts_with("Group=") {
+            continue;
+        }
+        if line.starts_with("ExecStart=") {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.len(), 3, "ExecStart=dirq run FILE: {line}");
+            text.push_str(&format!(
+                "ExecStart={} run {}\n",
+                env!("CARGO_BIN_EXE_dirq"),
+                pipeline.display()
+            ));
+            continue;
+        }
+        if line.starts_with("ReadWritePaths=") {
+            text.push_str(&format!("ReadWritePaths={}\n", d.display()));
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    assert!(text.contains("ExecStart=/"), "no ExecStart= in the unit");
+    let path = d.join("dirq-pipeline.service");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    // Other units of the host may be reported; not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("dirq-pipeline"))
+        .collect();
+    assert!(ours.is_empty(), "systemd-analyze verify: {stderr}");
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
 }
