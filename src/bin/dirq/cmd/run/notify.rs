@@ -121,10 +121,12 @@ mod imp {
                     ))
                 }
             };
-            Ok(Socket {
-                socket: UnixDatagram::unbound()?,
-                address,
-            })
+            let socket = UnixDatagram::unbound()?;
+            // IMPORTANT: the main loop must never wait for the service manager (its
+            // keep-alives come from that loop): a full socket buffer fails the send
+            // with WouldBlock, logged once, instead of blocking it.
+            socket.set_nonblocking(true)?;
+            Ok(Socket { socket, address })
         }
 
         pub(super) fn send(&self, message: &[u8]) -> io::Result<()> {
