@@ -31,7 +31,7 @@ impl Notifier {
     /// `WATCHDOG_PID` (keep-alives only when it is unset or names this process).
     pub(super) fn from_env() -> Notifier {
         let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|address| {
-            imp::Socket::connect(&address)
+            imp::Socket::open(&address)
                 .map_err(|e| {
                     tracing::error!(address = ?address, error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
                 })
@@ -108,7 +108,7 @@ mod imp {
     }
 
     impl Socket {
-        pub(super) fn connect(address: &OsStr) -> io::Result<Socket> {
+        pub(super) fn open(address: &OsStr) -> io::Result<Socket> {
             let bytes = address.as_bytes();
             let address = match bytes.strip_prefix(b"@") {
                 // systemd's spelling of an abstract address: the name after a NUL.
@@ -155,7 +155,7 @@ mod imp {
     pub(super) struct Socket;
 
     impl Socket {
-        pub(super) fn connect(_address: &OsStr) -> io::Result<Socket> {
+        pub(super) fn open(_address: &OsStr) -> io::Result<Socket> {
             Err(io::ErrorKind::Unsupported.into())
         }
 
