@@ -54,6 +54,9 @@ pub enum Operation {
     Requeue,
     /// Replacing a waiting message's content under the same id.
     Edit,
+    /// Cancelling the waiting members of a group whose member failed, or letting the
+    /// next member of an ordered group into `incoming/`.
+    Group,
     /// Deleting a message (and its sidecar) on an operator's request.
     Delete,
     /// Removing old failed messages and temporary files.
@@ -98,6 +101,7 @@ impl fmt::Display for Operation {
             Operation::Unhold => "unhold",
             Operation::Requeue => "requeue",
             Operation::Edit => "edit",
+            Operation::Group => "update group of",
             Operation::Delete => "delete",
             Operation::Purge => "purge",
             Operation::TakeOver => "take over",

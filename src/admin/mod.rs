@@ -7,7 +7,7 @@
 //!
 //! - listing: [`list`], [`info`], [`failure`], [`peek`], [`ages`], [`pipers`];
 //! - editing: [`hold`], [`unhold`], [`flush`], [`flush_all`], [`requeue`], [`delete`],
-//!   [`purge`], [`replace`] (new content for a waiting message);
+//!   [`requeue_group`], [`purge`], [`replace`] (new content for a waiting message);
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout.
 //!
 //! This layer uses the queue API and, for what the queue does not offer, the
@@ -21,7 +21,7 @@ mod listing;
 mod replace;
 
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
-pub use edit::{delete, purge, requeue, PurgeReport};
+pub use edit::{delete, purge, requeue, requeue_group, PurgeReport};
 pub use flush::{flush, flush_all};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};

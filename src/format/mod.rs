@@ -9,6 +9,7 @@
 
 pub(crate) mod attempts;
 pub(crate) mod deferred;
+pub(crate) mod group;
 pub(crate) mod id;
 pub(crate) mod meta;
 pub(crate) mod state;

@@ -14,6 +14,7 @@ mod exec_routes;
 mod exec_settings;
 mod filesystems;
 mod group_commit;
+mod groups;
 mod hostile;
 mod lifecycle;
 mod mentat;

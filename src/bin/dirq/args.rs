@@ -94,6 +94,14 @@ dirq push q --at @$(date -d 'tomorrow 08:00' +%s) report.json"
         /// Deliver after DUR (10m, 2h, 1d).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         delay: Option<Duration>,
+        /// Make each message a member of the group NAME (letters, digits, - and _): when
+        /// one member fails, the members still waiting go to errors/ ("cancelled").
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["at", "delay"])]
+        group: Option<String>,
+        /// With --group: the members run one at a time, in the order pushed; each waits
+        /// in chained/ until the one before it is committed or forwarded.
+        #[arg(long, requires = "group")]
+        ordered: bool,
     },
 
     /// Claim up to N of the oldest messages and print (then commit) or forward them.
@@ -222,10 +230,10 @@ dirq cat q ID | sed 's/prio=low/prio=high/' | dirq edit q ID --from -"
 
     /// Move failed messages from errors/ back to incoming/.
     #[command(
-        override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all",
+        override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all\n       dirq requeue [OPTIONS] <QUEUE> --group NAME",
         after_help = "Attempt counts start over unless --keep-attempts is given; the failure \
 sidecars are removed.\n\nExamples:\n  dirq requeue q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
-dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
+dirq requeue q --all\n  dirq requeue q --all --older-than 1h\n  dirq requeue q --group nightly"
     )]
     Requeue {
         /// The queue.
@@ -233,6 +241,10 @@ dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
         queue: PathBuf,
         #[command(flatten)]
         select: Selection,
+        /// Every member of the group NAME in errors/ (the failed one and those cancelled
+        /// with it); an ordered group's members go back to chained/ and run in order.
+        #[arg(long, value_name = "NAME", group = "Selection")]
+        group: Option<String>,
         /// Only messages that failed longer ago than this.
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,

@@ -94,6 +94,25 @@ pub(crate) fn requeue(
     })
 }
 
+/// `requeue --group NAME`: the members of the group NAME in errors/, of an unordered
+/// group and of an ordered one of that name alike.
+pub(crate) fn requeue_group(queue: &DirectoryQueue, name: &str, keep_attempts: bool) -> CliResult {
+    let mut requeued = 0;
+    for group in [
+        dirq::queue::Group::new(name)?,
+        dirq::queue::Group::ordered(name)?,
+    ] {
+        requeued += dirq::admin::requeue_group(queue, &group, keep_attempts)?;
+    }
+    writeln!(
+        io::stdout(),
+        "requeued {requeued} member(s) of group {name}"
+    )
+    .or_else(unless_broken_pipe)
+    .map_err(stdout_error)?;
+    Ok(())
+}
+
 /// A queue that Mentat created has no `hold/`; `dirq init` adds it. The library's own
 /// error says to open the queue with creation allowed, which an operator cannot do
 /// from `dirq hold`, so the command says what to run instead, before any message.

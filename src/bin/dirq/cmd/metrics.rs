@@ -7,11 +7,12 @@ use dirq::{DirectoryQueue, State};
 use super::report::write_out_text;
 use crate::output::CliResult;
 
-const STATES: [State; 6] = [
+const STATES: [State; 7] = [
     State::Incoming,
     State::Pending,
     State::Deferred,
     State::Hold,
+    State::Chained,
     State::Errors,
     State::Tmp,
 ];

@@ -53,9 +53,20 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
             files,
             at,
             delay,
+            group,
+            ordered,
         } => {
-            let not_before = at.or_else(|| delay.map(|d| std::time::SystemTime::now() + d));
-            produce::push(&opener.create(&queue)?, &files, not_before)
+            let placement = match group {
+                Some(name) if ordered => {
+                    produce::Placement::Group(dirq::queue::Group::ordered(name)?)
+                }
+                Some(name) => produce::Placement::Group(dirq::queue::Group::new(name)?),
+                None => match at.or_else(|| delay.map(|d| std::time::SystemTime::now() + d)) {
+                    Some(when) => produce::Placement::At(when),
+                    None => produce::Placement::Now,
+                },
+            };
+            produce::push(&opener.create(&queue)?, &files, &placement)
         }
         Command::Take {
             queue,
@@ -98,9 +109,16 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Metrics { queues } => metrics::metrics(&opener.inspect_all(&queues)?),
         Command::Requeue {
             queue,
+            group: Some(group),
+            keep_attempts,
+            ..
+        } => admin::requeue_group(&opener.existing(&queue)?, &group, keep_attempts),
+        Command::Requeue {
+            queue,
             select,
             older_than,
             keep_attempts,
+            group: None,
         } => admin::requeue(
             &opener.existing(&queue)?,
             &select,
