@@ -53,6 +53,9 @@ pub struct PiperInfo {
     pub stats: PiperStats,
     /// Rates over the last seconds.
     pub rates: PiperRates,
+    /// Whether it honours cancel requests (`dirq cancel`); false in the adverts of
+    /// versions before cancelling existed.
+    pub cancellable: bool,
     /// Whether the process is alive (it holds the lock on its file). Filled in by the
     /// reader, not stored.
     #[serde(skip)]

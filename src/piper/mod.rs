@@ -3,6 +3,7 @@
 
 mod backpressure;
 mod breaker;
+mod cancel;
 mod command;
 mod commit;
 mod liveness;
@@ -20,6 +21,12 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use breaker::BreakerPolicy;
+pub(crate) use cancel::{
+    dir_path as cancel_dir_path, open_dir as open_cancel_dir, read as read_cancel,
+    remove as remove_cancel, remove_stale as remove_stale_cancels, write as write_cancel,
+    Answer as CancelAnswer, Request as CancelRequest,
+};
+pub use cancel::{Cancellation, CANCELLED_REASON};
 pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL, ROUTE_LINE_PREFIX};
 pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
@@ -593,12 +600,18 @@ struct Job {
     /// Index of the input queue it came from.
     input: usize,
     started: Instant,
-    state: AtomicU8,
+    /// One of `JOB_*`; shared with the stage's [`Cancellation`].
+    state: Arc<AtomicU8>,
 }
 
 const JOB_RUNNING: u8 = 0;
 const JOB_DONE: u8 = 1;
 const JOB_TAKEN: u8 = 2;
+/// The operator cancelled it (to `errors/`); the worker carries that out when the
+/// stage returns.
+const JOB_CANCELLED: u8 = 3;
+/// The operator cancelled it with requeue (back to `incoming/`).
+const JOB_REQUEUE: u8 = 4;
 
 impl Job {
     /// The worker finished: true if the supervisor had not taken the job over.
@@ -608,11 +621,27 @@ impl Job {
             .is_ok()
     }
 
-    /// The supervisor takes the job over: true if the worker had not finished.
+    /// The supervisor takes the job over: true if the worker had not finished. A
+    /// cancelled job can be taken over too: a stage that does not stop when cancelled
+    /// still meets the Piper's timeout (and the drain's).
     fn take_over(&self) -> bool {
-        self.state
-            .compare_exchange(JOB_RUNNING, JOB_TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        [JOB_RUNNING, JOB_CANCELLED, JOB_REQUEUE]
+            .into_iter()
+            .any(|from| {
+                self.state
+                    .compare_exchange(from, JOB_TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            })
+    }
+
+    /// After [`finish`](Self::finish) failed: `Some(requeue)` when the operator
+    /// cancelled the job, `None` when the supervisor took it over.
+    fn cancelled(&self) -> Option<bool> {
+        match self.state.load(Ordering::Acquire) {
+            JOB_CANCELLED => Some(false),
+            JOB_REQUEUE => Some(true),
+            _ => None,
+        }
     }
 }
 

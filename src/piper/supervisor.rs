@@ -1,12 +1,13 @@
 //! The thread that runs [`Piper::run`](super::Piper::run): starts the workers, then
-//! watches them (timeouts), publishes liveness, logs statistics, recovers the inputs,
-//! and drains at shutdown.
+//! watches them (timeouts, operators' cancel requests), publishes liveness, logs
+//! statistics, recovers the inputs, and drains at shutdown.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::cancel::Watcher;
 use super::commit::Finish;
 use super::error_chain;
 use super::liveness::{epoch_ms, Advert, PiperInfo};
@@ -67,11 +68,13 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     );
 
     let mut clock = Clock::new();
+    let mut cancels = Watcher::new();
     let mut drain_deadline = None;
     loop {
         let now = Instant::now();
         let state = shared.state();
         check_timeouts(shared, state);
+        cancels.tick(shared, now);
         clock.account_pause(shared, now);
         if due(&mut clock.last_rate, RATE_SAMPLE, now) {
             lock(&shared.rates).record(shared.stats());
@@ -334,6 +337,7 @@ fn log_stats(shared: &Shared) {
         dead_lettered = s.dead_lettered,
         expired = s.expired,
         timeouts = s.timeouts,
+        cancelled = s.cancelled,
         panics = s.panics,
         wasted_claims = s.wasted_claims,
         paused_ms = s.paused_ms,
@@ -374,6 +378,7 @@ fn info(shared: &Shared, state: u8) -> PiperInfo {
             .collect(),
         stats: shared.stats(),
         rates: lock(&shared.rates).rates(),
+        cancellable: true,
         live: true,
     }
 }

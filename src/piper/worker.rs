@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::backpressure::Change;
 use super::breaker::Transition;
+use super::cancel::{self, Answer as CancelAnswer, Cancellation, CANCELLED_REASON};
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
 use super::{error_chain, later, lock, Failed, Job, Outcome, Shared, Stage, JOB_RUNNING};
@@ -234,13 +235,29 @@ impl<'a> Worker<'a> {
             id: message.id().clone(),
             input,
             started: Instant::now(),
-            state: std::sync::atomic::AtomicU8::new(JOB_RUNNING),
+            state: Arc::new(std::sync::atomic::AtomicU8::new(JOB_RUNNING)),
         });
         lock(&shared.jobs).push(Arc::clone(&job));
-        let result = catch_unwind(AssertUnwindSafe(|| self.stage.process(&message)));
+        let cancel = Cancellation::of(&job.state);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.stage.process_cancellable(&message, &cancel)
+        }));
+        // IMPORTANT: this exchange decides between the stage's outcome and an
+        // operator's cancel. Once it succeeded, the supervisor no longer cancels the
+        // job; once the supervisor marked it cancelled, it fails, and the outcome is
+        // never carried out nor handed to the group commit.
         let finished = job.finish();
         lock(&shared.jobs).retain(|j| !Arc::ptr_eq(j, &job));
         if !finished {
+            if let Some(requeue) = job.cancelled() {
+                let details = match result {
+                    Ok(Ok(Outcome::FailWith(_, details) | Outcome::TimedOut(details))) => details,
+                    _ => FailureDetails::default(),
+                };
+                let processed = self.cancel(input, message, requeue, details);
+                counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return processed;
+            }
             // The supervisor timed it out, moved the message on and started a new
             // worker: discard this outcome and end this thread.
             message.abandon();
@@ -373,6 +390,53 @@ impl<'a> Worker<'a> {
         if let Some(notice) = notice {
             tell_failed(&shared.name, self.stage.as_mut(), &notice);
         }
+        processed
+    }
+
+    /// Carries out an operator's cancel: the message to `errors/` with reason
+    /// [`CANCELLED_REASON`] (`details` from what the stage returned, such as a killed
+    /// command's standard error), or back to `incoming/` with `requeue`; then answers
+    /// the request. Not a failure for the breaker: the stage did nothing wrong.
+    fn cancel(
+        &mut self,
+        input: usize,
+        message: Message,
+        requeue: bool,
+        details: FailureDetails,
+    ) -> Processed {
+        let shared = self.shared;
+        let counters = &shared.counters;
+        let id = message.id().clone();
+        let (applied, notice, answer) = if requeue {
+            (message.release(), None, CancelAnswer::Incoming)
+        } else {
+            let notice = failed_notice(&message, CANCELLED_REASON, details.exit_code, false);
+            let failed = message
+                .fail_with(CANCELLED_REASON, details)
+                .map(|()| Counters::add(&counters.failed, 1));
+            (failed, Some(notice), CancelAnswer::Errors)
+        };
+        Counters::add(&counters.cancelled, 1);
+        lock(&shared.breaker).cancel_probe();
+        let applied = applied.and_then(|()| shared.finish(Finish::Done));
+        let processed = match applied {
+            Ok(()) => {
+                tracing::info!(stage = %shared.name, %id, ?answer, "cancelled");
+                cancel::answer(&shared.inputs[input], &id, answer);
+                if let Some(notice) = notice {
+                    tell_failed(&shared.name, self.stage.as_mut(), &notice);
+                }
+                Processed::Done
+            }
+            Err(e) => {
+                let (error, message) = e.into_parts();
+                tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out a cancel");
+                if let Some(message) = message {
+                    fall_back(message, &error, counters);
+                }
+                Processed::Troubled
+            }
+        };
         processed
     }
 
