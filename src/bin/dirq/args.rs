@@ -228,6 +228,38 @@ dirq cat q ID | sed 's/prio=low/prio=high/' | dirq edit q ID --from -"
         from: Option<PathBuf>,
     },
 
+    /// Stop a running message: the Piper processing it abandons it.
+    #[command(
+        after_help = "The owner of the message (the process holding the lock on pending/ID) must \
+be a Piper reading this queue on this host, such as dirq exec or dirq run. It is asked through a \
+request file in QUEUE/pipers/cancel/; for dirq exec, the command's process group gets SIGTERM, \
+then SIGKILL after the kill grace. The message goes to errors/ with reason \"cancelled by \
+operator\" (the on-fail hook runs), or with --requeue back to incoming/ (not a failure; the \
+cancelled run still counts as an attempt). dirq cancel waits for the Piper's answer and prints \
+where the message went.\n\n\
+Refused (exit 1, nothing changed) for a message that is not running (waiting, failed, unknown), \
+one in pending/ whose owner died (use dirq recover), and one claimed by a process that is not a \
+Piper (dirq take, a library program). With no answer within --wait, the request is withdrawn and \
+dirq cancel exits 1.\n\n\
+Examples:\n  dirq cancel q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq cancel q 1763797920.123456789.host.4242.9f3a1c2b.msg --requeue\n  \
+dirq ls q --state pending --json | jq -r .id | xargs -n1 dirq cancel q --wait 30s"
+    )]
+    Cancel {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// The message id (its file name).
+        #[arg(value_name = "ID")]
+        id: OsString,
+        /// Put the message back into incoming/ instead of errors/.
+        #[arg(long)]
+        requeue: bool,
+        /// How long to wait for the Piper's answer.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+        wait: Duration,
+    },
+
     /// Move failed messages from errors/ back to incoming/.
     #[command(
         override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all\n       dirq requeue [OPTIONS] <QUEUE> --group NAME",

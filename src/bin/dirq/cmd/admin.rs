@@ -1,5 +1,5 @@
 //! Repairing and tidying queues: requeue, hold, unhold, flush, delete, purge, check,
-//! recover.
+//! recover; and cancel, which stops a running message.
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
@@ -250,6 +250,7 @@ pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duratio
                 .orphan_grace(grace.unwrap_or(Duration::ZERO)),
         )?;
         let report = queue.recover()?;
+        let stale_cancels = dirq::admin::remove_stale_cancels(&queue)?;
         writeln!(
             out,
             "{}: requeued {}, left {} with live owners, {} within grace, removed {} from tmp/, \
@@ -264,6 +265,35 @@ pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duratio
         )
         .or_else(unless_broken_pipe)
         .map_err(stdout_error)?;
+        if stale_cancels > 0 {
+            writeln!(
+                out,
+                "{}: removed {stale_cancels} stale cancel requests",
+                path.display()
+            )
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
+        }
     }
+    Ok(())
+}
+
+/// `dirq cancel QUEUE ID [--requeue] [--wait DUR]`.
+pub(crate) fn cancel(
+    queue: &DirectoryQueue,
+    id: &std::ffi::OsStr,
+    requeue: bool,
+    wait: Duration,
+) -> CliResult {
+    let id = MessageId::new(id)?;
+    let to = if requeue {
+        dirq::admin::CancelTo::Incoming
+    } else {
+        dirq::admin::CancelTo::Errors
+    };
+    let state = dirq::admin::cancel_timeout(queue, &id, to, wait)?;
+    writeln!(io::stdout().lock(), "{id}: cancelled, now in {state}/")
+        .or_else(unless_broken_pipe)
+        .map_err(stdout_error)?;
     Ok(())
 }

@@ -128,6 +128,12 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Hold { queue, select } => admin::hold(&opener.existing(&queue)?, &select),
         Command::Unhold { queue, select } => admin::unhold(&opener.existing(&queue)?, &select),
         Command::Flush { queue, select } => admin::flush(&opener.existing(&queue)?, &select),
+        Command::Cancel {
+            queue,
+            id,
+            requeue,
+            wait,
+        } => admin::cancel(&opener.existing(&queue)?, &id, requeue, wait),
         Command::Delete { queue, select } => admin::delete(&opener.existing(&queue)?, &select),
         Command::Purge {
             queue,
