@@ -1,5 +1,5 @@
 //! Cancelling a running message: the request channel between `dirq cancel` (or
-//! [`admin::cancel`](crate::admin::cancel)) and the Piper that owns the message
+//! [`admin::cancel_timeout`](crate::admin::cancel_timeout)) and the Piper that owns the message
 //! (docs/protocol.md, section 6.9).
 //!
 //! A request is a small JSON file, `<queue>/pipers/cancel/<id>`, beside the liveness
@@ -54,7 +54,7 @@ pub(crate) const SCAN_EVERY: Duration = Duration::from_millis(200);
 const ANSWER_KEEP: Duration = Duration::from_secs(600);
 
 /// Whether the [`Stage`](super::Stage) working on a message should stop: the operator
-/// cancelled the message (`dirq cancel`, [`admin::cancel`](crate::admin::cancel)).
+/// cancelled the message (`dirq cancel`, [`admin::cancel_timeout`](crate::admin::cancel_timeout)).
 ///
 /// A stage that runs long polls [`is_cancelled`](Self::is_cancelled) in
 /// [`Stage::process_cancellable`](super::Stage::process_cancellable) and returns early.

@@ -39,7 +39,7 @@ pub trait Stage: Send {
     fn process(&mut self, message: &Message) -> StageResult;
 
     /// Processes one message that the operator may cancel while it runs (`dirq
-    /// cancel`, [`admin::cancel`](crate::admin::cancel)): the Piper calls this, not
+    /// cancel`, [`admin::cancel_timeout`](crate::admin::cancel_timeout)): the Piper calls this, not
     /// [`process`](Self::process). A stage that runs long overrides it and polls
     /// [`cancel.is_cancelled()`](Cancellation::is_cancelled), returning early when it
     /// turns true; [`CommandStage`](crate::piper::CommandStage) kills its command's
