@@ -69,6 +69,11 @@ pub enum TimeoutAction {
 /// - **Timeouts**: a message processed for longer than the timeout is failed with
 ///   reason `timeout` (or retried) at once, and a fresh worker takes the stuck one's
 ///   place; the stuck thread's outcome is discarded when it returns.
+/// - **Cancelling**: an operator can make the Piper abandon one running message
+///   ([`admin::cancel_timeout`](crate::admin::cancel_timeout), `dirq cancel`): its stage
+///   is told through [`Stage::process_cancellable`] (a [`CommandStage`] kills the
+///   command's process group), and the message goes to `errors/` with reason
+///   [`CANCELLED_REASON`] or back to `incoming/`, whatever the stage returns.
 /// - **Failure breaker**: when too many messages fail, intake pauses (and an error is
 ///   logged) instead of burning the queue into `errors/`.
 /// - **Shutdown**: [`PiperHandle::shutdown`] (or SIGTERM/SIGINT with

@@ -87,6 +87,7 @@ pub(crate) fn metrics(queues: &[DirectoryQueue]) -> CliResult {
                 ("dead_lettered", s.dead_lettered),
                 ("expired", s.expired),
                 ("timeouts", s.timeouts),
+                ("cancelled", s.cancelled),
                 ("panics", s.panics),
                 ("wasted_claims", s.wasted_claims),
             ] {
