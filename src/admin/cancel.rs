@@ -34,6 +34,10 @@ const POLL: Duration = Duration::from_millis(20);
 /// # Errors
 ///
 /// As [`cancel_deadline`].
+///
+/// # Durability
+///
+/// As [`cancel_deadline`].
 pub fn cancel_timeout(
     queue: &DirectoryQueue,
     id: &MessageId,

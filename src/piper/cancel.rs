@@ -401,3 +401,49 @@ pub(crate) fn remove_stale(queue: &DirectoryQueue) -> io::Result<usize> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid that no process has now: a child that exited and was reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("run true");
+        let pid = child.id();
+        child.wait().expect("wait for true");
+        pid
+    }
+
+    #[test]
+    fn requests_are_written_whole_and_stale_ones_are_removed() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let queue = DirectoryQueue::open(dir.path().join("q")).expect("open queue");
+        assert!(open_dir(&queue, false).expect("no directory yet").is_none());
+        let cancels = open_dir(&queue, true).expect("create").expect("created");
+        let mine = Request::new(true, sys::pid());
+        write(&cancels, OsStr::new("a"), &mine, 0o644).expect("write a");
+        assert_eq!(
+            read(&cancels, OsStr::new("a")).expect("read a"),
+            Some(mine.clone())
+        );
+        // Only the final names are there: the dot name was renamed away.
+        assert_eq!(names(&cancels).expect("names"), [OsString::from("a")]);
+
+        let orphaned = Request::new(false, dead_pid());
+        write(&cancels, OsStr::new("b"), &orphaned, 0o644).expect("write b");
+        let answered = Request {
+            result: Some(Answer::Errors),
+            by: dead_pid(),
+            ..mine.clone()
+        };
+        write(&cancels, OsStr::new("c"), &answered, 0o644).expect("write c");
+        std::fs::write(dir_path(queue.root()).join("d"), b"not json").expect("write d");
+        assert_eq!(remove_stale(&queue).expect("remove stale"), 3);
+        assert_eq!(names(&cancels).expect("names"), [OsString::from("a")]);
+        remove(&cancels, OsStr::new("a")).expect("remove a");
+        remove(&cancels, OsStr::new("a")).expect("removing twice is fine");
+        assert_eq!(read(&cancels, OsStr::new("a")).expect("read"), None);
+    }
+}

@@ -416,11 +416,11 @@ impl<'a> Worker<'a> {
                 .map(|()| Counters::add(&counters.failed, 1));
             (failed, Some(notice), CancelAnswer::Errors)
         };
-        Counters::add(&counters.cancelled, 1);
         lock(&shared.breaker).cancel_probe();
         let applied = applied.and_then(|()| shared.finish(Finish::Done));
-        let processed = match applied {
+        match applied {
             Ok(()) => {
+                Counters::add(&counters.cancelled, 1);
                 tracing::info!(stage = %shared.name, %id, ?answer, "cancelled");
                 cancel::answer(&shared.inputs[input], &id, answer);
                 if let Some(notice) = notice {
@@ -436,8 +436,7 @@ impl<'a> Worker<'a> {
                 }
                 Processed::Troubled
             }
-        };
-        processed
+        }
     }
 
     fn fail(
