@@ -126,12 +126,13 @@ pub fn cancel_deadline(
         .map_err(io)?
         .ok_or_else(|| io(io::ErrorKind::NotFound.into()))?;
     piper::write_cancel(&dir, name, &request, queue.engine().config().file_mode).map_err(io)?;
+    let ours = |found: &CancelRequest| {
+        found.requested_ms == request.requested_ms && found.by == request.by
+    };
     let mut next_alive_check = Instant::now();
     loop {
         match piper::read_cancel(&dir, name) {
-            Ok(Some(found))
-                if found.requested_ms == request.requested_ms && found.by == request.by =>
-            {
+            Ok(Some(found)) if ours(&found) => {
                 if let Some(answer) = found.result {
                     let _ = piper::remove_cancel(&dir, name);
                     return match answer {
@@ -174,7 +175,7 @@ pub fn cancel_deadline(
         if now >= deadline {
             // One last look: the answer may have come just now.
             if let Ok(Some(found)) = piper::read_cancel(&dir, name) {
-                if found.result.is_some() && found.by == request.by {
+                if found.result.is_some() && ours(&found) {
                     continue;
                 }
             }

@@ -138,10 +138,14 @@ impl Request {
         }
     }
 
-    fn key(&self, input: usize, name: &OsStr) -> (usize, OsString, u64, u32) {
+    fn key(&self, input: usize, name: &OsStr) -> Key {
         (input, name.to_os_string(), self.requested_ms, self.by)
     }
 }
+
+/// Tells one request apart from another for the same message: (input, id,
+/// `requested_ms`, `by`).
+type Key = (usize, OsString, u64, u32);
 
 /// The path of the request directory of the queue at `root`.
 pub(crate) fn dir_path(root: &Path) -> PathBuf {
@@ -256,7 +260,7 @@ pub(super) struct Watcher {
     /// The requests already acted on (input, id, requested_ms, by): a message put back
     /// into `incoming/` and claimed again by this Piper before its answer is written
     /// must not be cancelled twice.
-    taken: HashSet<(usize, OsString, u64, u32)>,
+    taken: HashSet<Key>,
 }
 
 impl Watcher {
@@ -287,7 +291,7 @@ impl Watcher {
         shared: &Shared,
         input: usize,
         queue: &DirectoryQueue,
-        seen: &mut HashSet<(usize, OsString, u64, u32)>,
+        seen: &mut HashSet<Key>,
     ) -> io::Result<()> {
         let Some(dir) = open_dir(queue, false)? else {
             return Ok(());

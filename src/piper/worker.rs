@@ -252,6 +252,12 @@ impl<'a> Worker<'a> {
             if let Some(requeue) = job.cancelled() {
                 let details = match result {
                     Ok(Ok(Outcome::FailWith(_, details) | Outcome::TimedOut(details))) => details,
+                    Err(_) => {
+                        // A stage that panicked is not reused, cancelled or not.
+                        Counters::add(&counters.panics, 1);
+                        self.stage = (shared.factory)();
+                        FailureDetails::default()
+                    }
                     _ => FailureDetails::default(),
                 };
                 let processed = self.cancel(input, message, requeue, details);

@@ -483,3 +483,23 @@ fn without_an_answer_in_time_the_request_is_withdrawn_and_a_begun_cancel_still_w
     let stats = runner.join().unwrap().unwrap();
     assert_eq!((stats.cancelled, stats.committed), (1, 0));
 }
+
+#[test]
+fn recover_removes_a_request_whose_owner_is_gone() {
+    let t = TestQueue::new();
+    // A pid no process has now: a child that exited and was reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let cancels = t.root().join("pipers/cancel");
+    std::fs::create_dir_all(&cancels).unwrap();
+    let request = cancels.join("1763797920.123456789.host.1.00000000.msg");
+    std::fs::write(
+        &request,
+        format!(r#"{{"requeue": false, "by": {dead}, "owner": {dead}, "requested_ms": 1}}"#),
+    )
+    .unwrap();
+    let out = crate::util::run_ok(&["recover", s(t.root())]);
+    assert!(out.contains("removed 1 stale cancel requests"), "{out}");
+    assert!(!request.exists());
+}
