@@ -28,7 +28,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -341,10 +341,17 @@ impl Watcher {
                 remove(&dir, &name)?;
                 continue;
             };
-            if !in_pending(queue, &id)? {
-                let mut answered = request;
-                answered.result = Some(Answer::Finished);
-                write(&dir, &name, &answered, queue.engine().config().file_mode)?;
+            // IMPORTANT: in this order. Another Piper of this process may be carrying
+            // the cancel out: it marks it under way before it cancels the job, and
+            // unmarks it only after its answer. So a message gone from pending/, not
+            // under way, and whose request is still unanswered when read again, was
+            // not cancelled by anyone here, and this answer overwrites no other.
+            if in_pending(queue, &id)? || is_under_way(queue, &id) {
+                continue;
+            }
+            if let Some(mut unanswered) = read(&dir, &name)?.filter(|r| r.result.is_none()) {
+                unanswered.result = Some(Answer::Finished);
+                write(&dir, &name, &unanswered, queue.engine().config().file_mode)?;
             }
         }
         Ok(())
@@ -354,15 +361,55 @@ impl Watcher {
     /// (or it finished or was taken over just now).
     fn cancel_job(&self, shared: &Shared, input: usize, name: &OsStr, requeue: bool) -> bool {
         let target = if requeue { JOB_REQUEUE } else { JOB_CANCELLED };
-        lock(&shared.jobs)
+        let queue = &shared.inputs[input];
+        let jobs = lock(&shared.jobs);
+        let Some(job) = jobs
             .iter()
-            .filter(|job| job.input == input && job.id.as_os_str() == name)
-            .any(|job| {
-                job.state
-                    .compare_exchange(JOB_RUNNING, target, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            })
+            .find(|job| job.input == input && job.id.as_os_str() == name)
+        else {
+            return false;
+        };
+        begin(queue, &job.id);
+        let cancelled = job
+            .state
+            .compare_exchange(JOB_RUNNING, target, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !cancelled {
+            end(queue, &job.id);
+        }
+        cancelled
     }
+}
+
+/// The cancels being carried out in this process, by queue (its identity) and id,
+/// from before the job is marked until after the answer is written.
+///
+/// Process-wide, not per Piper: several Pipers of one process may read one queue, and
+/// a request names the process. One that has no job for the message must not answer
+/// `finished` while another carries the cancel out (see [`Watcher::scan`]).
+static UNDER_WAY: Mutex<Vec<((u64, u64), MessageId)>> = Mutex::new(Vec::new());
+
+fn under_way() -> std::sync::MutexGuard<'static, Vec<((u64, u64), MessageId)>> {
+    UNDER_WAY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn begin(queue: &DirectoryQueue, id: &MessageId) {
+    under_way().push((queue.engine().identity(), id.clone()));
+}
+
+/// Unmarks a cancel: after its answer, or when it did not happen after all (the job
+/// finished first, or the timeout took it over).
+pub(super) fn end(queue: &DirectoryQueue, id: &MessageId) {
+    let key = (queue.engine().identity(), id.clone());
+    let mut cancels = under_way();
+    if let Some(i) = cancels.iter().position(|k| *k == key) {
+        cancels.swap_remove(i);
+    }
+}
+
+fn is_under_way(queue: &DirectoryQueue, id: &MessageId) -> bool {
+    let key = (queue.engine().identity(), id.clone());
+    under_way().contains(&key)
 }
 
 fn in_pending(queue: &DirectoryQueue, id: &MessageId) -> io::Result<bool> {

@@ -265,7 +265,9 @@ impl<'a> Worker<'a> {
                 return processed;
             }
             // The supervisor timed it out, moved the message on and started a new
-            // worker: discard this outcome and end this thread.
+            // worker: discard this outcome and end this thread. (A cancel it had
+            // begun, if any, is over.)
+            cancel::end(&shared.inputs[input], message.id());
             message.abandon();
             return Processed::TakenOver;
         }
@@ -429,6 +431,7 @@ impl<'a> Worker<'a> {
                 Counters::add(&counters.cancelled, 1);
                 tracing::info!(stage = %shared.name, %id, ?answer, "cancelled");
                 cancel::answer(&shared.inputs[input], &id, answer);
+                cancel::end(&shared.inputs[input], &id);
                 if let Some(notice) = notice {
                     tell_failed(&shared.name, self.stage.as_mut(), &notice);
                 }
@@ -440,6 +443,7 @@ impl<'a> Worker<'a> {
                 if let Some(message) = message {
                     fall_back(message, &error, counters);
                 }
+                cancel::end(&shared.inputs[input], &id);
                 Processed::Troubled
             }
         }

@@ -503,3 +503,48 @@ fn recover_removes_a_request_whose_owner_is_gone() {
     assert!(out.contains("removed 1 stale cancel requests"), "{out}");
     assert!(!request.exists());
 }
+
+#[test]
+fn with_two_pipers_in_one_process_the_one_processing_the_message_answers() {
+    let t = TestQueue::new();
+    let ids: Vec<_> = (0..2)
+        .map(|i| t.queue.enqueue(format!("m{i}")).unwrap())
+        .collect();
+    let stage = Polling {
+        started: Arc::default(),
+        told: Arc::default(),
+        saw_cancel: Arc::default(),
+    };
+    // Both name this process in the lock table; each message is in one of them.
+    let pipers: Vec<_> = ["one", "two"]
+        .into_iter()
+        .map(|name| {
+            Piper::builder(name)
+                .input(&t.queue)
+                .stage(stage.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let handles: Vec<_> = pipers.iter().map(Piper::handle).collect();
+    let runners: Vec<_> = pipers
+        .into_iter()
+        .map(|piper| std::thread::spawn(move || piper.run()))
+        .collect();
+    wait_until(LONG, "both messages in a stage", || {
+        stage.started.load(Ordering::SeqCst) == 2
+    });
+    for id in &ids {
+        let went = dirq::admin::cancel_timeout(&t.queue, id, CancelTo::Errors, LONG).unwrap();
+        assert_eq!(went, State::Errors, "{id}");
+    }
+    for handle in &handles {
+        handle.shutdown();
+    }
+    let cancelled: u64 = runners
+        .into_iter()
+        .map(|r| r.join().unwrap().unwrap().cancelled)
+        .sum();
+    assert_eq!(cancelled, 2);
+    assert_eq!(t.queue.counts().unwrap().errors, 2);
+}
