@@ -1,5 +1,5 @@
 //! Cancelling a running message: the operator's side of the request channel of
-//! [`piper`](crate::piper) (docs/protocol.md, section 6.9).
+//! [`piper`](crate::piper) (docs/protocol.md, section 6.10).
 
 use std::ffi::OsStr;
 use std::io;

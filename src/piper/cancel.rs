@@ -1,6 +1,6 @@
 //! Cancelling a running message: the request channel between `dirq cancel` (or
 //! [`admin::cancel_timeout`](crate::admin::cancel_timeout)) and the Piper that owns the message
-//! (docs/protocol.md, section 6.9).
+//! (docs/protocol.md, section 6.10).
 //!
 //! A request is a small JSON file, `<queue>/pipers/cancel/<id>`, beside the liveness
 //! adverts of the Pipers that read the queue. It names the pid of the owner (found
