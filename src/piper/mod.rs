@@ -1,6 +1,7 @@
 //! Pipers: processes that run a [`Stage`] over input queues and feed output queues,
 //! with backpressure, retries, timeouts, a failure breaker and graceful shutdown.
 
+mod alert;
 mod backpressure;
 mod breaker;
 mod cancel;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
+pub use alert::{Alert, AlertKind, AlertPolicy, Alerts};
 pub use breaker::BreakerPolicy;
 pub(crate) use cancel::{
     dir_path as cancel_dir_path, open_dir as open_cancel_dir, read as read_cancel,
@@ -28,8 +30,8 @@ pub(crate) use cancel::{
 };
 pub use cancel::{Cancellation, CANCELLED_REASON};
 pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL, ROUTE_LINE_PREFIX};
-pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
+pub use liveness::{silent_pipers, PiperInfo};
 pub use stage::{Emit, Failed, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 
@@ -145,6 +147,7 @@ pub struct PiperBuilder {
     timeout: Option<Duration>,
     on_timeout: TimeoutAction,
     breaker: BreakerPolicy,
+    alerts: AlertPolicy,
     drain_timeout: Duration,
     stats_interval: Duration,
     recover_interval: Duration,
@@ -172,6 +175,7 @@ impl Piper {
             timeout: None,
             on_timeout: TimeoutAction::Fail,
             breaker: BreakerPolicy::default(),
+            alerts: AlertPolicy::new(),
             drain_timeout: Duration::from_secs(30),
             stats_interval: Duration::from_secs(60),
             recover_interval: Duration::from_secs(60),
@@ -346,6 +350,15 @@ impl PiperBuilder {
         self
     }
 
+    /// Where the Piper's alerts go: a message failed or dead-lettered, a timeout, the
+    /// breaker opening and closing, and (with the policy's limits) an input's oldest
+    /// message over an age or another Piper on an input gone silent. Storms are folded
+    /// into summaries; see [`Alerts`]. Default: no alerts.
+    pub fn alerts(&mut self, policy: &AlertPolicy) -> &mut Self {
+        self.alerts = policy.clone();
+        self
+    }
+
     /// How long a shutdown waits for in-flight messages before releasing them; zero
     /// releases them at once. Default: 30 s.
     pub fn drain_timeout(&mut self, timeout: Duration) -> &mut Self {
@@ -458,6 +471,9 @@ impl PiperBuilder {
         if let Err((field, reason)) = self.breaker.check() {
             return bad(field, reason);
         }
+        if let Err((field, reason)) = self.alerts.problem() {
+            return bad(field, &reason);
+        }
         let mut names = HashSet::new();
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {
             return bad("output", "two outputs have the same name");
@@ -528,6 +544,8 @@ impl PiperBuilder {
                 },
                 counters: Counters::default(),
                 breaker: Mutex::new(Breaker::new(self.breaker)),
+                alert_policy: self.alerts.clone(),
+                alerts: Mutex::new(None),
                 run_state: AtomicU8::new(NOT_STARTED),
                 jobs: Mutex::new(Vec::new()),
                 workers: Mutex::new(Workers::default()),
@@ -666,6 +684,9 @@ struct Shared {
     config: Settings,
     counters: Counters,
     breaker: Mutex<Breaker>,
+    alert_policy: AlertPolicy,
+    /// The alert sender while the Piper runs (started by `run`, stopped at its end).
+    alerts: Mutex<Option<Alerts>>,
     run_state: AtomicU8,
     jobs: Mutex<Vec<Arc<Job>>>,
     /// The group commit; none when nothing is synced ([`Durability::None`]).
@@ -712,6 +733,41 @@ impl Shared {
             wasted += s.collisions;
         }
         self.counters.snapshot(expired, wasted)
+    }
+
+    /// Raises an alert about `queue`, when alerts are on.
+    fn alert(
+        &self,
+        kind: AlertKind,
+        queue: &std::path::Path,
+        reason: String,
+        id: Option<&crate::MessageId>,
+    ) {
+        if let Some(alerts) = lock(&self.alerts).as_ref() {
+            let mut alert = Alert::new(kind, &self.name, queue, reason);
+            if let Some(id) = id {
+                alert = alert.with_id(id.to_string());
+            }
+            alerts.raise(alert);
+        }
+    }
+
+    /// Raises the alert of a message that went to `errors/`.
+    fn alert_failed(&self, failed: &Failed) {
+        let kind = if failed.reason == "timeout" {
+            AlertKind::Timeout
+        } else {
+            AlertKind::Failed
+        };
+        let reason = if failed.dead_letter {
+            format!(
+                "{} (dead letter after attempt {})",
+                failed.reason, failed.attempt
+            )
+        } else {
+            failed.reason.clone()
+        };
+        self.alert(kind, &failed.queue, reason, Some(&failed.id));
     }
 
     /// Every queue handle of the Piper: its inputs, then its outputs.

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::alert::AlertKind;
 use super::backpressure::Change;
 use super::breaker::Transition;
 use super::cancel::{self, Answer as CancelAnswer, Cancellation, CANCELLED_REASON};
@@ -393,9 +394,10 @@ impl<'a> Worker<'a> {
             }
         }
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
-            log_transition(&shared.name, transition);
+            log_transition(shared, transition);
         }
         if let Some(notice) = notice {
+            shared.alert_failed(&notice);
             tell_failed(&shared.name, self.stage.as_mut(), &notice);
         }
         processed
@@ -633,24 +635,36 @@ fn log_change(stage: &str, output: &str, change: Option<Change>) {
     }
 }
 
-pub(super) fn log_transition(stage: &str, transition: Transition) {
-    match transition {
+/// Logs a breaker transition and raises its alert (about the first input).
+pub(super) fn log_transition(shared: &Shared, transition: Transition) {
+    let stage = shared.name.as_str();
+    let (kind, reason) = match transition {
         Transition::Opened {
             failures,
             outcomes,
             cooldown,
-        } => tracing::error!(
-            stage,
-            failures,
-            outcomes,
-            cooldown_s = cooldown.as_secs_f64(),
-            "failure breaker open: {failures} of the last {outcomes} messages failed; \
-             pausing intake for {cooldown:?} before trying one message"
-        ),
-        Transition::Closed => tracing::info!(
-            stage,
-            "failure breaker closed: a probe succeeded, resuming intake"
-        ),
+        } => {
+            let reason = format!(
+                "failure breaker open: {failures} of the last {outcomes} messages failed; \
+                 pausing intake for {cooldown:?} before trying one message"
+            );
+            tracing::error!(
+                stage,
+                failures,
+                outcomes,
+                cooldown_s = cooldown.as_secs_f64(),
+                "{reason}"
+            );
+            (AlertKind::BreakerOpen, reason)
+        }
+        Transition::Closed => {
+            let reason = "failure breaker closed: a probe succeeded, resuming intake".to_owned();
+            tracing::info!(stage, "{reason}");
+            (AlertKind::BreakerClosed, reason)
+        }
+    };
+    if let Some(input) = shared.inputs.first() {
+        shared.alert(kind, input.root(), reason, None);
     }
 }
 

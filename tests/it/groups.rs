@@ -79,7 +79,10 @@ fn a_failed_member_cancels_the_waiting_members() {
     }
     assert_eq!(reason(&t.queue, &all[0]), "exit 3");
     assert_eq!(ids(&t.queue, State::Errors).len(), 4);
-    assert_eq!(ids(&t.queue, State::Incoming), std::slice::from_ref(&outsider));
+    assert_eq!(
+        ids(&t.queue, State::Incoming),
+        std::slice::from_ref(&outsider)
+    );
     // The member in a worker's hands finishes as its worker says.
     busy.commit().unwrap();
 

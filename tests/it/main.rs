@@ -1,6 +1,7 @@
 //! Integration tests: the library across threads and processes, the real binary, and
 //! Mentat's own Python implementation of the protocol.
 
+mod alerts;
 mod cancel;
 mod cli;
 mod cli_admin;

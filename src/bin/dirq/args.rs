@@ -439,6 +439,31 @@ Examples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
         check: bool,
     },
 
+    /// Watch queues and alert when their oldest message is too old or a Piper on them
+    /// goes silent.
+    #[command(
+        after_help = "For queues no Piper watches (a Piper with --alert-max-age or \
+--alert-stale-after watches its own inputs). Without --alert-cmd or --alert-url, each alert \
+is printed as a line of JSON. Runs until SIGTERM or SIGINT; --once looks once and exits \
+(1 when it found something).\n\n\
+Examples:\n  dirq watch spool/* --alert-max-age 1h --alert-stale-after 5m \\\n    \
+--alert-cmd 'mail -s \"dirq: $DIRQ_ALERT $DIRQ_QUEUE\" ops@example.org <<< \"$DIRQ_REASON\"'\n  \
+dirq watch q --alert-max-age 10m --once"
+    )]
+    Watch {
+        /// Queues to watch.
+        #[arg(required = true, value_name = "QUEUE")]
+        queues: Vec<PathBuf>,
+        #[command(flatten)]
+        alerts: AlertArgs,
+        /// How often to look.
+        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+        every: Duration,
+        /// Look once, deliver, and exit.
+        #[arg(long)]
+        once: bool,
+    },
+
     /// Print Prometheus metrics of queues (text exposition format).
     #[command(
         after_help = "For node_exporter's textfile collector or a scraper.\n\nExamples:\n  \
@@ -587,9 +612,35 @@ pub(crate) struct ExecArgs {
     /// at once). Default: 2ms.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub(crate) commit_delay: Option<Duration>,
+    #[command(flatten)]
+    pub(crate) alerts: AlertArgs,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,
+}
+
+/// Where alerts go (`dirq exec`, `dirq watch`).
+#[derive(Debug, Args, Default)]
+pub(crate) struct AlertArgs {
+    /// Alert command (sh -c), run with DIRQ_ALERT (failed, timeout, breaker-open,
+    /// breaker-closed, stale, age), DIRQ_STAGE, DIRQ_QUEUE, DIRQ_ID, DIRQ_REASON,
+    /// DIRQ_COUNT (events it stands for), DIRQ_SINCE, DIRQ_HOST and DIRQ_PID.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) alert_cmd: Option<OsString>,
+    /// POST each alert as JSON to this http:// URL.
+    #[arg(long, value_name = "URL")]
+    pub(crate) alert_url: Option<String>,
+    /// At most one alert per kind and queue in this time; the rest are counted into a
+    /// summary (DIRQ_COUNT). Default: 60s.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_interval: Option<Duration>,
+    /// Alert (age) when a queue's oldest waiting message is older than this.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_max_age: Option<Duration>,
+    /// Alert (stale) when a Piper on the queue has not updated its liveness file for
+    /// this long (at least 10s).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_stale_after: Option<Duration>,
 }
 
 pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {

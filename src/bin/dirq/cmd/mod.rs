@@ -7,6 +7,7 @@ mod metrics;
 mod produce;
 mod report;
 mod run;
+mod watch;
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -143,6 +144,12 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Check { queue, repair } => admin::check(&opener.existing(&queue)?, repair),
         Command::Recover { queues, grace } => admin::recover(opener, &queues, grace),
         Command::Exec(args) => exec::exec(opener, &args),
+        Command::Watch {
+            queues,
+            alerts,
+            every,
+            once,
+        } => watch::watch(opener, &queues, &alerts, every, once),
         Command::Run { file, check } => run::run(&file, check, opener),
         Command::Completions { shell } => {
             // Written here, not by clap_complete, which panics when standard output is

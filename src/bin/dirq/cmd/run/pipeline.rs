@@ -92,6 +92,13 @@ pub(super) struct StageSettings {
     /// `--file-mode`): an octal integer (`0o2770`) or a string (`"2770"`).
     pub(super) dir_mode: Option<Mode>,
     pub(super) file_mode: Option<Mode>,
+    /// Alerts (`--alert-cmd`, `--alert-url`, `--alert-interval`, `--alert-max-age`,
+    /// `--alert-stale-after`).
+    pub(super) alert_cmd: Option<String>,
+    pub(super) alert_url: Option<String>,
+    pub(super) alert_interval: Option<String>,
+    pub(super) alert_max_age: Option<String>,
+    pub(super) alert_stale_after: Option<String>,
 }
 
 /// A permission mode in a pipeline file.
@@ -150,6 +157,26 @@ impl StageSettings {
                 .breaker_cooldown
                 .clone()
                 .or_else(|| defaults.breaker_cooldown.clone()),
+            alert_cmd: self
+                .alert_cmd
+                .clone()
+                .or_else(|| defaults.alert_cmd.clone()),
+            alert_url: self
+                .alert_url
+                .clone()
+                .or_else(|| defaults.alert_url.clone()),
+            alert_interval: self
+                .alert_interval
+                .clone()
+                .or_else(|| defaults.alert_interval.clone()),
+            alert_max_age: self
+                .alert_max_age
+                .clone()
+                .or_else(|| defaults.alert_max_age.clone()),
+            alert_stale_after: self
+                .alert_stale_after
+                .clone()
+                .or_else(|| defaults.alert_stale_after.clone()),
             dir_mode: self.dir_mode.clone().or_else(|| defaults.dir_mode.clone()),
             file_mode: self
                 .file_mode
@@ -351,6 +378,9 @@ pub(super) fn exec_command(
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
         ("--kill-grace", &settings.kill_grace),
+        ("--alert-interval", &settings.alert_interval),
+        ("--alert-max-age", &settings.alert_max_age),
+        ("--alert-stale-after", &settings.alert_stale_after),
         ("--commit-delay", &settings.commit_delay),
         ("--max-age", &settings.max_age),
         ("--breaker-window", &settings.breaker_window),
@@ -403,6 +433,12 @@ pub(super) fn exec_command(
     if let Some(hook) = &settings.on_fail {
         args.extend(["--on-fail".to_owned(), hook.clone()]);
     }
+    if let Some(command) = &settings.alert_cmd {
+        args.extend(["--alert-cmd".to_owned(), command.clone()]);
+    }
+    if let Some(url) = &settings.alert_url {
+        args.extend(["--alert-url".to_owned(), url.clone()]);
+    }
     args.push("--".to_owned());
     match &stage.command {
         CommandLine::Shell(line) => args.extend(["sh".to_owned(), "-c".to_owned(), line.clone()]),
@@ -450,7 +486,33 @@ fn check_command(stage: &Stage, settings: &StageSettings, base: &Path) -> Result
     if settings.out_limit == Some(0) {
         return Err("out_limit = 0: must be at least 1".to_owned());
     }
-    Ok(())
+    check_alerts(settings)
+}
+
+/// The alert settings, checked by the library's [`AlertPolicy`](dirq::piper::AlertPolicy).
+fn check_alerts(settings: &StageSettings) -> Result<(), String> {
+    let mut policy = dirq::piper::AlertPolicy::new();
+    if let Some(command) = &settings.alert_cmd {
+        policy.command(command);
+    }
+    if let Some(url) = &settings.alert_url {
+        policy.url(url);
+    }
+    for (key, value) in [
+        ("alert_interval", &settings.alert_interval),
+        ("alert_max_age", &settings.alert_max_age),
+        ("alert_stale_after", &settings.alert_stale_after),
+    ] {
+        if let Some(value) = value {
+            let duration = parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+            match key {
+                "alert_interval" => policy.interval(duration),
+                "alert_max_age" => policy.max_age(duration),
+                _ => policy.stale_after(duration),
+            };
+        }
+    }
+    policy.check().map_err(|e| e.to_string())
 }
 
 /// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`
