@@ -54,6 +54,9 @@ pub enum Operation {
     Requeue,
     /// Replacing a waiting message's content under the same id.
     Edit,
+    /// Cancelling the waiting members of a group whose member failed, or letting the
+    /// next member of an ordered group into `incoming/`.
+    Group,
     /// Deleting a message (and its sidecar) on an operator's request.
     Delete,
     /// Removing old failed messages and temporary files.
@@ -72,6 +75,8 @@ pub enum Operation {
     Watch,
     /// Starting a thread of a Piper.
     StartThread,
+    /// Asking a Piper to stop processing a message it owns (`dirq cancel`).
+    Cancel,
 }
 
 impl fmt::Display for Operation {
@@ -98,6 +103,7 @@ impl fmt::Display for Operation {
             Operation::Unhold => "unhold",
             Operation::Requeue => "requeue",
             Operation::Edit => "edit",
+            Operation::Group => "update group of",
             Operation::Delete => "delete",
             Operation::Purge => "purge",
             Operation::TakeOver => "take over",
@@ -107,6 +113,7 @@ impl fmt::Display for Operation {
             Operation::Metadata => "update metadata of",
             Operation::Watch => "watch",
             Operation::StartThread => "start thread",
+            Operation::Cancel => "cancel",
         })
     }
 }
@@ -200,6 +207,21 @@ pub enum Error {
         path: PathBuf,
         /// The message id.
         id: MessageId,
+    },
+    /// An operator's request about one message was refused or not answered: the
+    /// message is not in a state the request applies to, its owner cannot honour it, or
+    /// the owner did not answer in time. Nothing was changed by the refusal itself.
+    #[error("failed to {op} message {id} in {}: {reason}", queue.display())]
+    Refused {
+        /// What was asked ([`Operation::Cancel`]).
+        op: Operation,
+        /// The queue's root.
+        queue: PathBuf,
+        /// The message id.
+        id: MessageId,
+        /// Why, and what to do instead (e.g. "it is waiting in incoming/: use dirq
+        /// delete or hold").
+        reason: String,
     },
     /// A batch enqueue failed after some of its messages were already published.
     ///
@@ -314,6 +336,7 @@ impl Error {
             | Error::EmptyMessage { path, .. }
             | Error::Duplicate { path, .. }
             | Error::PartialBatch { path, .. } => Some(path),
+            Error::Refused { queue, .. } => Some(queue),
             Error::Move { from, .. } => Some(from),
             Error::InvalidId { .. } | Error::Config { .. } => None,
         }
@@ -326,7 +349,8 @@ impl Error {
             | Error::Move { op, .. }
             | Error::Json { op, .. }
             | Error::EmptyMessage { op, .. }
-            | Error::Duplicate { op, .. } => Some(*op),
+            | Error::Duplicate { op, .. }
+            | Error::Refused { op, .. } => Some(*op),
             Error::PartialBatch { .. } => Some(Operation::Publish),
             Error::InvalidId { .. } | Error::Layout { .. } | Error::Config { .. } => None,
         }
@@ -353,6 +377,7 @@ impl Error {
                 io::ErrorKind::InvalidData
             }
             Error::Duplicate { .. } => io::ErrorKind::AlreadyExists,
+            Error::Refused { .. } => io::ErrorKind::Other,
         }
     }
 }

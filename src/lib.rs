@@ -55,7 +55,7 @@
 //!   policy, failure details, a message's reader and terminal errors);
 //! - [`piper`]: stages over queues, with backpressure, retries and liveness;
 //! - [`admin`]: the operator's tools (listing, hold, requeue, delete, purge, check and
-//!   repair);
+//!   repair, and cancelling a running message);
 //! - [`error`]: the error type and what it carries.
 //!
 //! The full specification, with every system call, fsync and crash case, is in

@@ -442,8 +442,9 @@ fn check_links(
             State::Pending => 1,
             State::Hold => 2,
             State::Deferred => 3,
-            State::Incoming => 4,
-            State::Tmp => 5,
+            State::Chained => 4,
+            State::Incoming => 5,
+            State::Tmp => 6,
         };
         let keep = names
             .iter()

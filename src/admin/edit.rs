@@ -4,9 +4,11 @@ use std::ffi::OsStr;
 use std::io;
 use std::time::{Duration, SystemTime};
 
+use crate::engine::group;
 use crate::engine::StateDir;
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
+use crate::format::group::Group;
 use crate::format::meta::sidecar_name;
 use crate::sys::EntryKind;
 use crate::{DirectoryQueue, MessageId, State};
@@ -22,7 +24,9 @@ pub struct PurgeReport {
 }
 
 /// Moves the failed message `id` from `errors/` back to `incoming/` and removes its
-/// sidecar. Its attempt count starts over unless `keep_attempts`.
+/// sidecar. Its attempt count starts over unless `keep_attempts`. A member of an
+/// ordered group goes back to `chained/` instead, and waits for its turn there (see
+/// [`requeue_group`]).
 ///
 /// # Errors
 ///
@@ -38,7 +42,11 @@ pub struct PurgeReport {
 pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> Result<()> {
     let inner = queue.engine();
     let errors = inner.dir(State::Errors);
-    let incoming = inner.dir(State::Incoming);
+    let chain = group::group_of(id).filter(Group::is_ordered);
+    let incoming = match chain {
+        Some(_) => inner.require(State::Chained)?,
+        None => inner.dir(State::Incoming),
+    };
     let name = id.as_os_str();
     // Only a regular file is a message. A FIFO, socket, device, symlink or directory
     // that was quarantined stays in errors/: put back into incoming/, it would be
@@ -95,10 +103,36 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
         }
     }
     remove_sidecar(errors, name)?;
-    inner.syncer().changed(&[errors, incoming])
+    inner.syncer().changed(&[errors, incoming])?;
+    if let Some(chain) = chain {
+        group::next_turn(inner, &chain)?;
+    }
+    Ok(())
 }
 
-/// Deletes the message `id` from `incoming/`, `deferred/`, `hold/` or `errors/`
+/// Requeues every member of `group` in `errors/` (the one that failed and those
+/// cancelled with it), as [`requeue`] does each, and returns how many. The members of
+/// an ordered group go back to `chained/` and run again in their order.
+///
+/// # Errors
+///
+/// As [`requeue`], for the first member that could not be requeued; those before it
+/// stay requeued.
+///
+/// # Durability
+///
+/// As [`requeue`].
+pub fn requeue_group(queue: &DirectoryQueue, group: &Group, keep_attempts: bool) -> Result<usize> {
+    let mut members = group::members(queue.engine(), State::Errors, group)?;
+    members.sort_by(|a, b| a.1.cmp(&b.1));
+    for (_, id) in &members {
+        requeue(queue, id, keep_attempts)?;
+    }
+    Ok(members.len())
+}
+
+/// Deletes the message `id` from `incoming/`, `deferred/`, `hold/`, `chained/` or
+/// `errors/`
 /// (with its sidecar) and returns the state it was in. A claimed message is never
 /// deleted from under its worker. A directory that was quarantined into `errors/`
 /// (one with a `.meta` sidecar) is removed with everything in it, never following a
@@ -116,7 +150,13 @@ pub fn requeue(queue: &DirectoryQueue, id: &MessageId, keep_attempts: bool) -> R
 /// [`sync`](DirectoryQueue::sync). `None`: never.
 pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
     let inner = queue.engine();
-    for state in [State::Incoming, State::Deferred, State::Hold, State::Errors] {
+    for state in [
+        State::Incoming,
+        State::Deferred,
+        State::Hold,
+        State::Chained,
+        State::Errors,
+    ] {
         let (Some(dir), Some(name)) = (inner.state_dir(state), queue.engine().find(state, id)?)
         else {
             continue;
@@ -134,6 +174,10 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
             remove_sidecar(dir, &name)?;
         }
         inner.syncer().changed(&[dir])?;
+        // A chain waits while a member is in errors/: deleting it lets the next in.
+        if let Some(chain) = group::group_of(id).filter(Group::is_ordered) {
+            group::next_turn(inner, &chain)?;
+        }
         return Ok(state);
     }
     let pending = inner.dir(State::Pending);

@@ -51,6 +51,8 @@ pub struct HistoryCounts {
     pub retried: u64,
     /// Released or stopped: back in `incoming/` unprocessed.
     pub released: u64,
+    /// Cancelled into `errors/` by an operator.
+    pub cancelled: u64,
 }
 
 /// The lines of `queue`'s history that `filter` matches, oldest file first (rotated
@@ -112,6 +114,7 @@ pub fn history_counts(queue: &DirectoryQueue, since: SystemTime) -> Result<Histo
             HistoryOutcome::TimedOut => &mut counts.timed_out,
             o if o.is_failure() => &mut counts.failed,
             HistoryOutcome::Retried => &mut counts.retried,
+            HistoryOutcome::Cancelled => &mut counts.cancelled,
             _ => &mut counts.released,
         };
         *counter += 1;

@@ -17,7 +17,7 @@ use crate::sys::{Dir, EntryKind};
 pub(super) struct Opened {
     pub(super) root_dir: Dir,
     /// Indexed by [`State::index`]; `None` for an optional state that is missing.
-    pub(super) dirs: [Option<Arc<StateDir>>; 6],
+    pub(super) dirs: [Option<Arc<StateDir>>; 7],
     /// `(st_dev, st_ino)` of the root.
     pub(super) identity: (u64, u64),
 }
@@ -29,7 +29,7 @@ pub(super) fn open(root: &Path, config: &Config) -> Result<Opened> {
     let root_stat = root_dir
         .stat()
         .map_err(|e| Error::io(Operation::Open, root, e))?;
-    let mut dirs: [Option<Arc<StateDir>>; 6] = Default::default();
+    let mut dirs: [Option<Arc<StateDir>>; 7] = Default::default();
     let mut created_state_dir = false;
     for state in State::ALL {
         let required = State::MENTAT.contains(&state);

@@ -18,6 +18,7 @@ pub(crate) mod claim;
 pub(crate) mod config;
 pub(crate) mod deferred;
 pub(crate) mod durability;
+pub(crate) mod group;
 mod layout;
 pub(crate) mod owner;
 pub(crate) mod publish;
@@ -89,9 +90,9 @@ pub(crate) struct Shared {
     root_dir: Arc<Dir>,
     /// Indexed by [`State::index`]. The four Mentat states are always there; `deferred/`
     /// and `hold/` are missing only in a queue opened without permission to create them.
-    dirs: [Option<Arc<StateDir>>; 6],
+    dirs: [Option<Arc<StateDir>>; 7],
     /// `<root>/<state>` for every state, whether or not it exists.
-    paths: [PathBuf; 6],
+    paths: [PathBuf; 7],
     /// `(st_dev, st_ino)` of the root: the queue's identity (see `format::attempts`).
     identity: (u64, u64),
     family: FsFamily,

@@ -157,6 +157,8 @@ pub(crate) fn empty(inner: &Shared) -> Error {
 #[derive(Clone, Copy)]
 pub(crate) enum Destination {
     Incoming,
+    /// `chained/`: a member of an ordered group, waiting for its turn.
+    Chained,
     /// `deferred/`, due at this time.
     Deferred(SystemTime),
 }
@@ -270,6 +272,7 @@ impl<'q> TmpFile<'q> {
         let dir = match destination {
             Destination::Incoming => self.queue.dir(State::Incoming),
             Destination::Deferred(_) => self.queue.require(State::Deferred)?,
+            Destination::Chained => self.queue.require(State::Chained)?,
         };
         let mut id = self.id.take().unwrap_or_else(MessageId::generate);
         // IMPORTANT: unlock before publishing. A claimer that found the new message
@@ -279,7 +282,7 @@ impl<'q> TmpFile<'q> {
         lock::unlock(&self.file).map_err(|e| Error::io(Operation::Publish, &self.path, e))?;
         for _ in 0..16 {
             let name = match destination {
-                Destination::Incoming => id.as_os_str().to_os_string(),
+                Destination::Incoming | Destination::Chained => id.as_os_str().to_os_string(),
                 Destination::Deferred(when) => deferred_name(&id, when),
             };
             match tmp.dir.rename_noreplace(&self.name, &dir.dir, &name) {

@@ -65,11 +65,24 @@ pub(crate) fn move_to_errors(
     info: &FailureInfo,
     op: Operation,
 ) -> Result<Moved> {
+    move_to_errors_as(inner, from, name, name, info, op)
+}
+
+/// [`move_to_errors`] for an entry whose name in `from` is not its id (`deferred/`'s
+/// `<due>@<id>`): in `errors/` it is named after `id`.
+pub(crate) fn move_to_errors_as(
+    inner: &Shared,
+    from: State,
+    name: &OsStr,
+    id: &OsStr,
+    info: &FailureInfo,
+    op: Operation,
+) -> Result<Moved> {
     let source = inner.require(from)?;
     let errors = inner.dir(State::Errors);
     let mut start = 0;
     for _ in 0..8 {
-        let target = free_name(inner, name, start)?;
+        let target = free_name(inner, id, start)?;
         sidecar::write_sidecar(inner, &target, info)?;
         inner.syncer.order_before_next(errors)?;
         match source.dir.rename_noreplace(name, &errors.dir, &target) {

@@ -55,11 +55,14 @@ pub enum HistoryOutcome {
     /// Put back into `incoming/` because the stage cannot work
     /// ([`Outcome::Stop`](crate::piper::Outcome::Stop)).
     Stopped,
+    /// Moved to `errors/` by an operator's cancel while it ran (`dirq cancel`; with
+    /// `--requeue` the line says `released`).
+    Cancelled,
 }
 
 impl HistoryOutcome {
     /// Every outcome, in the order of the documentation.
-    pub const ALL: [HistoryOutcome; 9] = [
+    pub const ALL: [HistoryOutcome; 10] = [
         HistoryOutcome::Committed,
         HistoryOutcome::Forwarded,
         HistoryOutcome::Emitted,
@@ -69,6 +72,7 @@ impl HistoryOutcome {
         HistoryOutcome::Retried,
         HistoryOutcome::Released,
         HistoryOutcome::Stopped,
+        HistoryOutcome::Cancelled,
     ];
 
     /// The name in a history line: `committed`, `dead_lettered`, ...
@@ -83,6 +87,7 @@ impl HistoryOutcome {
             HistoryOutcome::Retried => "retried",
             HistoryOutcome::Released => "released",
             HistoryOutcome::Stopped => "stopped",
+            HistoryOutcome::Cancelled => "cancelled",
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub(crate) mod attempts;
 pub(crate) mod deferred;
+pub(crate) mod group;
 pub(crate) mod history;
 pub(crate) mod id;
 pub(crate) mod meta;

@@ -18,6 +18,7 @@ use super::id::{MessageId, META_SUFFIX};
 ///             └─── retry ────┼─┼────────────────┤
 ///   hold/ ◀── hold ──────────┘ │                ▼
 ///         ─── unhold ─────────▶┘             errors/
+///   chained/ ── its turn in an ordered group ──▶ incoming/
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
@@ -36,17 +37,22 @@ pub enum State {
     /// `hold/`: messages put on hold by an operator; never claimed until released.
     /// Not a Mentat directory.
     Hold,
+    /// `chained/`: members of an ordered group waiting for the member before them to be
+    /// committed or forwarded; each moves to `incoming/` in its turn. Not a Mentat
+    /// directory.
+    Chained,
 }
 
 impl State {
     /// Every state, in the order a message normally passes through them.
-    pub const ALL: [State; 6] = [
+    pub const ALL: [State; 7] = [
         State::Tmp,
         State::Incoming,
         State::Pending,
         State::Errors,
         State::Deferred,
         State::Hold,
+        State::Chained,
     ];
 
     /// The four states of Mentat's protocol, which every queue has.
@@ -62,6 +68,7 @@ impl State {
             State::Errors => "errors",
             State::Deferred => "deferred",
             State::Hold => "hold",
+            State::Chained => "chained",
         }
     }
 
@@ -74,6 +81,7 @@ impl State {
             State::Errors => 3,
             State::Deferred => 4,
             State::Hold => 5,
+            State::Chained => 6,
         }
     }
 }
@@ -92,7 +100,7 @@ impl fmt::Display for ParseStateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "unknown queue state {:?}: expected one of tmp, incoming, pending, errors, deferred, hold",
+            "unknown queue state {:?}: expected one of tmp, incoming, pending, errors, deferred, hold, chained",
             self.0
         )
     }

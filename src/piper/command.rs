@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::cancel::{Cancellation, CANCELLED_REASON};
 use super::stage::{Emit, Failed, Outcome, Stage, StageResult};
 use crate::error::{Error, Result};
 use crate::format::meta::{rfc3339, FailureDetails};
@@ -16,6 +17,9 @@ use crate::{sys, Message};
 
 /// Exit status that asks for a retry (`EX_TEMPFAIL` of `sysexits.h`).
 pub const EX_TEMPFAIL: i32 = 75;
+
+/// How often a running command's stage looks whether its message was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 
 /// How much of a failed command's standard error is kept in the sidecar.
 const STDERR_TAIL_BYTES: usize = 4096;
@@ -169,8 +173,9 @@ impl CommandStage {
         &self,
         message: &Message,
         attempt: u32,
+        cancel: &Cancellation,
         log: Option<&Mutex<Capture>>,
-    ) -> Result<(Option<ExitStatus>, Vec<u8>, String), super::StageError> {
+    ) -> Result<(Ended, Vec<u8>, String), super::StageError> {
         let mut child = match self.spawn(message, attempt) {
             Ok(child) => child,
             Err(e) => {
@@ -211,7 +216,7 @@ impl CommandStage {
                 bytes
             });
             let err = scope.spawn(move || stderr.map(|e| tee_tail(e, log)).unwrap_or_default());
-            let status = self.wait(&mut child, group);
+            let status = self.wait(&mut child, group, cancel);
             let out = out.join().unwrap_or_default();
             let err = err.join().unwrap_or_default();
             (status, out, err)
@@ -224,15 +229,28 @@ impl CommandStage {
         Ok((status?, out, err))
     }
 
-    /// Waits for the command, killing its process group at the timeout. `Ok(None)`
-    /// means it timed out.
-    fn wait(&self, child: &mut Child, group: u32) -> std::io::Result<Option<ExitStatus>> {
-        let Some(timeout) = self.settings.timeout else {
-            return child.wait().map(Some);
+    /// Waits for the command, killing its process group at the timeout or when the
+    /// message is cancelled.
+    fn wait(&self, child: &mut Child, group: u32, cancel: &Cancellation) -> std::io::Result<Ended> {
+        let deadline = self
+            .settings
+            .timeout
+            .and_then(|t| Instant::now().checked_add(t));
+        let ended = loop {
+            if cancel.is_cancelled() {
+                break Ended::Cancelled;
+            }
+            // Short waits, to notice a cancel within CANCEL_POLL.
+            let now = Instant::now();
+            let slice = match deadline {
+                Some(deadline) if deadline <= now => break Ended::TimedOut,
+                Some(deadline) => (deadline - now).min(CANCEL_POLL),
+                None => CANCEL_POLL,
+            };
+            if let Some(status) = wait_timeout(child, slice)? {
+                return Ok(Ended::Exited(status));
+            }
         };
-        if let Some(status) = wait_timeout(child, timeout)? {
-            return Ok(Some(status));
-        }
         sys::signal_group(group, sys::GroupSignal::Terminate);
         if wait_timeout(child, self.settings.kill_grace)?.is_none() {
             sys::signal_group(group, sys::GroupSignal::Kill);
@@ -240,7 +258,7 @@ impl CommandStage {
         }
         // Whatever else is left of the group (a child that ignored SIGTERM) goes too.
         sys::signal_group(group, sys::GroupSignal::Kill);
-        Ok(None)
+        Ok(ended)
     }
 
     /// Runs the on-fail hook, if there is one, for a message that went to `errors/`.
@@ -428,6 +446,13 @@ impl Stage for CommandStage {
     }
 
     fn process(&mut self, message: &Message) -> StageResult {
+        self.process_cancellable(message, &Cancellation::default())
+    }
+
+    /// Runs the command; a cancel kills its process group as the timeout does
+    /// (SIGTERM, then SIGKILL after the [kill grace](CommandStageBuilder::kill_grace)),
+    /// and only this message's group.
+    fn process_cancellable(&mut self, message: &Message, cancel: &Cancellation) -> StageResult {
         let attempt = message.attempts()?;
         let log = self.settings.log_output.then(|| {
             Mutex::new(Capture::new(
@@ -435,12 +460,12 @@ impl Stage for CommandStage {
             ))
         });
         let started = Instant::now();
-        let ran = self.run(message, attempt, log.as_ref());
+        let ran = self.run(message, attempt, cancel, log.as_ref());
         if let Some(log) = log {
             let log = log.into_inner().unwrap_or_else(PoisonError::into_inner);
             self.write_log(message, attempt, started, log, &ran);
         }
-        let (status, stdout, stderr_tail) = match ran {
+        let (ended, stdout, stderr_tail) = match ran {
             Ok(ran) => ran,
             // The command cannot be started at all (it was removed or lost its
             // execute permission since build): failing the message would fail every
@@ -450,26 +475,38 @@ impl Stage for CommandStage {
                 Err(e) => return Err(e),
             },
         };
-        let (reason, exit_code) = match status.map(|s| (s.code(), sys::killed_by(&s))) {
-            None => {
+        let status = match ended {
+            Ended::Exited(status) => status,
+            Ended::TimedOut => {
                 let details = FailureDetails {
                     exit_code: None,
                     stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
                 };
                 return Ok(Outcome::TimedOut(details));
             }
-            Some((Some(code), _)) if code == 0 || self.settings.routes.contains_key(&code) => {
+            Ended::Cancelled => {
+                // Not carried out (the Piper fails or requeues a cancelled message
+                // itself), but its details go into the sidecar.
+                let details = FailureDetails {
+                    exit_code: None,
+                    stderr: (!stderr_tail.is_empty()).then_some(stderr_tail),
+                };
+                return Ok(Outcome::FailWith(CANCELLED_REASON.to_owned(), details));
+            }
+        };
+        let (reason, exit_code) = match (status.code(), sys::killed_by(&status)) {
+            (Some(code), _) if code == 0 || self.settings.routes.contains_key(&code) => {
                 return Ok(self.pass_on(code, stdout));
             }
-            Some((Some(EX_TEMPFAIL), _)) => {
+            (Some(EX_TEMPFAIL), _) => {
                 return Ok(Outcome::Retry(format!(
                     "exit {EX_TEMPFAIL} (temporary failure){}",
                     suffix(&stderr_tail)
                 )));
             }
-            Some((Some(code), _)) => (format!("exit {code}"), Some(code)),
-            Some((None, Some(signal))) => (format!("killed by signal {signal}"), None),
-            Some((None, None)) => ("ended abnormally".to_owned(), None),
+            (Some(code), _) => (format!("exit {code}"), Some(code)),
+            (None, Some(signal)) => (format!("killed by signal {signal}"), None),
+            (None, None) => ("ended abnormally".to_owned(), None),
         };
         let details = FailureDetails {
             exit_code,
@@ -488,7 +525,7 @@ impl CommandStage {
         attempt: u32,
         started: Instant,
         log: Capture,
-        ran: &Result<(Option<ExitStatus>, Vec<u8>, String), super::StageError>,
+        ran: &Result<(Ended, Vec<u8>, String), super::StageError>,
     ) {
         let settings = &self.settings;
         let command = std::iter::once(&settings.program)
@@ -509,8 +546,9 @@ impl CommandStage {
             text.push(b'\n');
         }
         let ended = match ran {
-            Ok((None, ..)) => "timed out".to_owned(),
-            Ok((Some(status), ..)) => match (status.code(), sys::killed_by(status)) {
+            Ok((Ended::TimedOut, ..)) => "timed out".to_owned(),
+            Ok((Ended::Cancelled, ..)) => "cancelled".to_owned(),
+            Ok((Ended::Exited(status), ..)) => match (status.code(), sys::killed_by(status)) {
                 (Some(code), _) => format!("exit {code}"),
                 (None, Some(signal)) => format!("killed by signal {signal}"),
                 (None, None) => "ended abnormally".to_owned(),
@@ -562,6 +600,15 @@ fn take_route_line(stdout: &mut Vec<u8>) -> Option<String> {
     let consumed = ROUTE_LINE_PREFIX.len() + (end + 1).min(rest.len());
     stdout.drain(..consumed);
     Some(name)
+}
+
+/// How a command's run ended.
+enum Ended {
+    Exited(ExitStatus),
+    /// Killed at the timeout.
+    TimedOut,
+    /// Killed because the message was cancelled.
+    Cancelled,
 }
 
 /// The command could not be started; see [`Outcome::Stop`].

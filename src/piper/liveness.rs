@@ -53,6 +53,9 @@ pub struct PiperInfo {
     pub stats: PiperStats,
     /// Rates over the last seconds.
     pub rates: PiperRates,
+    /// Whether it honours cancel requests (`dirq cancel`); false in the adverts of
+    /// versions before cancelling existed.
+    pub cancellable: bool,
     /// Whether the process is alive (it holds the lock on its file). Filled in by the
     /// reader, not stored.
     #[serde(skip)]
@@ -229,6 +232,36 @@ pub(crate) fn read_adverts(root: &Path) -> Result<Vec<PiperInfo>> {
     }
     found.sort_by(|a, b| (&a.stage, a.pid).cmp(&(&b.stage, b.pid)));
     Ok(found)
+}
+
+/// The Pipers on the queue at `root` (other than this process's) whose liveness file
+/// is older than `limit`, each described in a sentence, as
+/// [`AlertKind::Stale`](super::AlertKind::Stale) reports them: a live process that
+/// stopped updating it is hung, a dead one left it behind. An unreadable directory
+/// gives none: staleness is not worth an error.
+pub fn silent_pipers(root: &Path, limit: std::time::Duration) -> Vec<String> {
+    let now = epoch_ms(SystemTime::now());
+    read_adverts(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.pid != crate::sys::pid() && p.heartbeat_ms > 0)
+        .filter_map(|p| {
+            let silent_s = now.saturating_sub(p.heartbeat_ms) / 1000;
+            (silent_s > limit.as_secs()).then(|| {
+                format!(
+                    "Piper {:?} (pid {} on {}) has not updated its liveness file for {silent_s}s: {}",
+                    p.stage,
+                    p.pid,
+                    p.host,
+                    if p.live {
+                        "its process is alive but not working"
+                    } else {
+                        "its process is gone (dirq recover requeues its messages)"
+                    }
+                )
+            })
+        })
+        .collect()
 }
 
 fn read_info(mut file: &File) -> Option<PiperInfo> {

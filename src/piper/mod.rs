@@ -1,8 +1,10 @@
 //! Pipers: processes that run a [`Stage`] over input queues and feed output queues,
 //! with backpressure, retries, timeouts, a failure breaker and graceful shutdown.
 
+mod alert;
 mod backpressure;
 mod breaker;
+mod cancel;
 mod command;
 mod commit;
 mod history;
@@ -20,10 +22,17 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
+pub use alert::{Alert, AlertKind, AlertPolicy, Alerts};
 pub use breaker::BreakerPolicy;
+pub(crate) use cancel::{
+    dir_path as cancel_dir_path, open_dir as open_cancel_dir, read as read_cancel,
+    remove as remove_cancel, remove_stale as remove_stale_cancels, write as write_cancel,
+    Answer as CancelAnswer, Request as CancelRequest,
+};
+pub use cancel::{Cancellation, CANCELLED_REASON};
 pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL, ROUTE_LINE_PREFIX};
-pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
+pub use liveness::{silent_pipers, PiperInfo};
 pub use stage::{Emit, Failed, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 
@@ -64,6 +73,11 @@ pub enum TimeoutAction {
 /// - **Timeouts**: a message processed for longer than the timeout is failed with
 ///   reason `timeout` (or retried) at once, and a fresh worker takes the stuck one's
 ///   place; the stuck thread's outcome is discarded when it returns.
+/// - **Cancelling**: an operator can make the Piper abandon one running message
+///   ([`admin::cancel_timeout`](crate::admin::cancel_timeout), `dirq cancel`): its stage
+///   is told through [`Stage::process_cancellable`] (a [`CommandStage`] kills the
+///   command's process group), and the message goes to `errors/` with reason
+///   [`CANCELLED_REASON`] or back to `incoming/`, whatever the stage returns.
 /// - **Failure breaker**: when too many messages fail, intake pauses (and an error is
 ///   logged) instead of burning the queue into `errors/`.
 /// - **Shutdown**: [`PiperHandle::shutdown`] (or SIGTERM/SIGINT with
@@ -138,6 +152,7 @@ pub struct PiperBuilder {
     timeout: Option<Duration>,
     on_timeout: TimeoutAction,
     breaker: BreakerPolicy,
+    alerts: AlertPolicy,
     drain_timeout: Duration,
     stats_interval: Duration,
     recover_interval: Duration,
@@ -167,6 +182,7 @@ impl Piper {
             timeout: None,
             on_timeout: TimeoutAction::Fail,
             breaker: BreakerPolicy::default(),
+            alerts: AlertPolicy::new(),
             drain_timeout: Duration::from_secs(30),
             stats_interval: Duration::from_secs(60),
             recover_interval: Duration::from_secs(60),
@@ -347,6 +363,15 @@ impl PiperBuilder {
         self
     }
 
+    /// Where the Piper's alerts go: a message failed or dead-lettered, a timeout, the
+    /// breaker opening and closing, and (with the policy's limits) an input's oldest
+    /// message over an age or another Piper on an input gone silent. Storms are folded
+    /// into summaries; see [`Alerts`]. Default: no alerts.
+    pub fn alerts(&mut self, policy: &AlertPolicy) -> &mut Self {
+        self.alerts = policy.clone();
+        self
+    }
+
     /// How long a shutdown waits for in-flight messages before releasing them; zero
     /// releases them at once. Default: 30 s.
     pub fn drain_timeout(&mut self, timeout: Duration) -> &mut Self {
@@ -516,6 +541,9 @@ impl PiperBuilder {
         if let Err((field, reason)) = self.breaker.check() {
             return bad(field, reason);
         }
+        if let Err((field, reason)) = self.alerts.problem() {
+            return bad(field, &reason);
+        }
         let mut names = HashSet::new();
         if !self.outputs.iter().all(|(name, _)| names.insert(name)) {
             return bad("output", "two outputs have the same name");
@@ -597,6 +625,8 @@ impl PiperBuilder {
                 },
                 counters: Counters::default(),
                 breaker: Mutex::new(Breaker::new(self.breaker)),
+                alert_policy: self.alerts.clone(),
+                alerts: Mutex::new(None),
                 run_state: AtomicU8::new(NOT_STARTED),
                 jobs: Mutex::new(Vec::new()),
                 workers: Mutex::new(Workers::default()),
@@ -674,12 +704,18 @@ struct Job {
     /// Index of the input queue it came from.
     input: usize,
     started: Instant,
-    state: AtomicU8,
+    /// One of `JOB_*`; shared with the stage's [`Cancellation`].
+    state: Arc<AtomicU8>,
 }
 
 const JOB_RUNNING: u8 = 0;
 const JOB_DONE: u8 = 1;
 const JOB_TAKEN: u8 = 2;
+/// The operator cancelled it (to `errors/`); the worker carries that out when the
+/// stage returns.
+const JOB_CANCELLED: u8 = 3;
+/// The operator cancelled it with requeue (back to `incoming/`).
+const JOB_REQUEUE: u8 = 4;
 
 impl Job {
     /// The worker finished: true if the supervisor had not taken the job over.
@@ -689,11 +725,27 @@ impl Job {
             .is_ok()
     }
 
-    /// The supervisor takes the job over: true if the worker had not finished.
+    /// The supervisor takes the job over: true if the worker had not finished. A
+    /// cancelled job can be taken over too: a stage that does not stop when cancelled
+    /// still meets the Piper's timeout (and the drain's).
     fn take_over(&self) -> bool {
-        self.state
-            .compare_exchange(JOB_RUNNING, JOB_TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        [JOB_RUNNING, JOB_CANCELLED, JOB_REQUEUE]
+            .into_iter()
+            .any(|from| {
+                self.state
+                    .compare_exchange(from, JOB_TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            })
+    }
+
+    /// After [`finish`](Self::finish) failed: `Some(requeue)` when the operator
+    /// cancelled the job, `None` when the supervisor took it over.
+    fn cancelled(&self) -> Option<bool> {
+        match self.state.load(Ordering::Acquire) {
+            JOB_CANCELLED => Some(false),
+            JOB_REQUEUE => Some(true),
+            _ => None,
+        }
     }
 }
 
@@ -713,6 +765,9 @@ struct Shared {
     config: Settings,
     counters: Counters,
     breaker: Mutex<Breaker>,
+    alert_policy: AlertPolicy,
+    /// The alert sender while the Piper runs (started by `run`, stopped at its end).
+    alerts: Mutex<Option<Alerts>>,
     run_state: AtomicU8,
     jobs: Mutex<Vec<Arc<Job>>>,
     /// The group commit; none when nothing is synced ([`Durability::None`]).
@@ -764,6 +819,41 @@ impl Shared {
             wasted += s.collisions;
         }
         self.counters.snapshot(expired, wasted)
+    }
+
+    /// Raises an alert about `queue`, when alerts are on.
+    fn alert(
+        &self,
+        kind: AlertKind,
+        queue: &std::path::Path,
+        reason: String,
+        id: Option<&crate::MessageId>,
+    ) {
+        if let Some(alerts) = lock(&self.alerts).as_ref() {
+            let mut alert = Alert::new(kind, &self.name, queue, reason);
+            if let Some(id) = id {
+                alert = alert.with_id(id.to_string());
+            }
+            alerts.raise(alert);
+        }
+    }
+
+    /// Raises the alert of a message that went to `errors/`.
+    fn alert_failed(&self, failed: &Failed) {
+        let kind = if failed.reason == "timeout" {
+            AlertKind::Timeout
+        } else {
+            AlertKind::Failed
+        };
+        let reason = if failed.dead_letter {
+            format!(
+                "{} (dead letter after attempt {})",
+                failed.reason, failed.attempt
+            )
+        } else {
+            failed.reason.clone()
+        };
+        self.alert(kind, &failed.queue, reason, Some(&failed.id));
     }
 
     /// Every queue handle of the Piper: its inputs, then its outputs.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::cancel::Cancellation;
 use crate::error::{Error, Operation};
 use crate::{Message, MessageId};
 
@@ -37,11 +38,37 @@ pub trait Stage: Send {
     /// Any error: the message is moved to `errors/` with the error chain as its reason.
     fn process(&mut self, message: &Message) -> StageResult;
 
+    /// Processes one message that the operator may cancel while it runs (`dirq
+    /// cancel`, [`admin::cancel_timeout`](crate::admin::cancel_timeout)): the Piper calls this, not
+    /// [`process`](Self::process). A stage that runs long overrides it and polls
+    /// [`cancel.is_cancelled()`](Cancellation::is_cancelled), returning early when it
+    /// turns true; [`CommandStage`](crate::piper::CommandStage) kills its command's
+    /// process group.
+    ///
+    /// Once the message is cancelled, what this returns is not carried out: the
+    /// message goes to `errors/` with reason
+    /// [`CANCELLED_REASON`](crate::piper::CANCELLED_REASON) (and
+    /// [`on_failed`](Self::on_failed) is called), or back to `incoming/` when the
+    /// operator asked for a requeue. The cancel wins even over
+    /// [`Outcome::Commit`]: nothing a cancelled stage produced is committed. A stage
+    /// that ignores the cancel delays it until it returns (or until the Piper's
+    /// [timeout](crate::piper::PiperBuilder::timeout) takes the message over).
+    ///
+    /// # Errors
+    ///
+    /// As [`process`](Self::process). Default: calls `process`, so a stage that does
+    /// not override this is cancelled when it returns.
+    fn process_cancellable(&mut self, message: &Message, cancel: &Cancellation) -> StageResult {
+        let _ = cancel;
+        self.process(message)
+    }
+
     /// Called after a message of this stage went to `errors/`, whatever the way: a
     /// failure outcome or error of [`process`](Self::process), a dead letter after
     /// the last retry (a stage that kept retrying or panicking, or a message whose
     /// process died on it), a stage timeout ([`Outcome::TimedOut`]), or the Piper's
-    /// own [timeout](crate::piper::PiperBuilder::timeout). For alerting:
+    /// own [timeout](crate::piper::PiperBuilder::timeout), or an operator's cancel
+    /// (reason [`CANCELLED_REASON`](crate::piper::CANCELLED_REASON)). For alerting:
     /// [`CommandStage`](crate::piper::CommandStage) runs its
     /// [`on_fail`](crate::piper::CommandStageBuilder::on_fail) hook here.
     ///

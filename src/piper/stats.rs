@@ -32,6 +32,10 @@ pub struct PiperStats {
     /// them over) or the stage's own ([`Outcome::TimedOut`](crate::piper::Outcome::TimedOut),
     /// as a [`CommandStage`](crate::piper::CommandStage)'s timeout returns).
     pub timeouts: u64,
+    /// Messages the operator cancelled while they were processed (`dirq cancel`):
+    /// those moved to `errors/` are also counted in `failed`, those put back into
+    /// `incoming/` in nothing else.
+    pub cancelled: u64,
     /// Stage panics.
     pub panics: u64,
     /// Claims lost to other claimers.
@@ -69,6 +73,7 @@ pub(crate) struct Counters {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) timeouts: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) paused_ms: AtomicU64,
     pub(crate) in_flight: AtomicU64,
@@ -93,6 +98,7 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             expired,
             timeouts: get(&self.timeouts),
+            cancelled: get(&self.cancelled),
             panics: get(&self.panics),
             wasted_claims,
             paused_ms: get(&self.paused_ms),

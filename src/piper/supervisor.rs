@@ -1,12 +1,14 @@
 //! The thread that runs [`Piper::run`](super::Piper::run): starts the workers, then
-//! watches them (timeouts), publishes liveness, logs statistics, recovers the inputs,
-//! and drains at shutdown.
+//! watches them (timeouts, operators' cancel requests), publishes liveness, logs
+//! statistics, recovers the inputs, and drains at shutdown.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::alert::{AlertKind, Alerts};
+use super::cancel::Watcher;
 use super::commit::Finish;
 use super::error_chain;
 use super::liveness::{epoch_ms, Advert, PiperInfo};
@@ -57,6 +59,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     } else {
         None
     };
+    if shared.alert_policy.is_enabled() {
+        *lock(&shared.alerts) = Some(Alerts::start(&shared.alert_policy)?);
+    }
     let committer = start_committer(shared)?;
     for _ in 0..shared.config.workers {
         worker::spawn(shared);
@@ -70,11 +75,13 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     );
 
     let mut clock = Clock::new();
+    let mut cancels = Watcher::new();
     let mut drain_deadline = None;
     loop {
         let now = Instant::now();
         let state = shared.state();
         check_timeouts(shared, state);
+        cancels.tick(shared, now);
         for journal in &shared.history {
             journal.flush_due();
         }
@@ -89,6 +96,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         }
         if due(&mut clock.last_stats, shared.config.stats_interval, now) {
             log_stats(shared);
+        }
+        if state == RUNNING && due(&mut clock.last_watch, WATCH, now) {
+            watch_inputs(shared);
         }
         if state == RUNNING && due(&mut clock.last_recover, shared.config.recover_interval, now) {
             for input in &shared.inputs {
@@ -130,6 +140,11 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     if let Some(barrier) = &shared.barrier {
         barrier.finish(shared, committer);
     }
+    // The summaries still due go out before run returns.
+    let alerts = lock(&shared.alerts).take();
+    if let Some(alerts) = alerts {
+        alerts.stop();
+    }
     for journal in &shared.history {
         journal.flush();
     }
@@ -169,6 +184,7 @@ struct Clock {
     last_stats: Instant,
     last_recover: Instant,
     last_pause_check: Instant,
+    last_watch: Instant,
 }
 
 impl Clock {
@@ -181,6 +197,40 @@ impl Clock {
             last_stats: now,
             last_recover: now,
             last_pause_check: now,
+            last_watch: now,
+        }
+    }
+}
+
+/// How often a Piper with alert limits looks at its inputs' oldest messages and at the
+/// other Pipers on them.
+const WATCH: Duration = Duration::from_secs(10);
+
+/// The monitoring alerts of the policy's limits: an input whose oldest waiting message
+/// is older than the age limit; another Piper on an input whose liveness file is older
+/// than the silence limit.
+fn watch_inputs(shared: &Shared) {
+    let policy = &shared.alert_policy;
+    if !policy.is_enabled() {
+        return;
+    }
+    for input in &shared.inputs {
+        if let Some(limit) = policy.age_limit() {
+            if let Ok(Some(age)) = input.oldest_age() {
+                if age > limit {
+                    let reason = format!(
+                        "the oldest waiting message is {}s old (limit {}s)",
+                        age.as_secs(),
+                        limit.as_secs()
+                    );
+                    shared.alert(AlertKind::Age, input.root(), reason, None);
+                }
+            }
+        }
+        if let Some(limit) = policy.stale_limit() {
+            for silent in super::liveness::silent_pipers(input.root(), limit) {
+                shared.alert(AlertKind::Stale, input.root(), silent, None);
+            }
         }
     }
 }
@@ -273,7 +323,7 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
         );
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(transition) = lock(&shared.breaker).record(true, Instant::now()) {
-            worker::log_transition(&shared.name, transition);
+            worker::log_transition(shared, transition);
         }
         // The stuck thread ends when its stage returns; keep the worker count.
         lock(&shared.workers).live -= 1;
@@ -287,6 +337,7 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
 /// failed, on a fresh stage instance in a thread of its own: the stuck worker still
 /// has its stage, and the hook must not hold up the supervisor's watch.
 fn tell_failed(shared: &Arc<Shared>, failed: Failed) {
+    shared.alert_failed(&failed);
     let factory = Arc::clone(&shared.factory);
     let name = shared.name.clone();
     let spawned = std::thread::Builder::new()
@@ -363,6 +414,7 @@ fn log_stats(shared: &Shared) {
         dead_lettered = s.dead_lettered,
         expired = s.expired,
         timeouts = s.timeouts,
+        cancelled = s.cancelled,
         panics = s.panics,
         wasted_claims = s.wasted_claims,
         paused_ms = s.paused_ms,
@@ -403,6 +455,7 @@ fn info(shared: &Shared, state: u8) -> PiperInfo {
             .collect(),
         stats: shared.stats(),
         rates: lock(&shared.rates).rates(),
+        cancellable: true,
         live: true,
     }
 }

@@ -81,7 +81,11 @@ fn fail(queue: &DirectoryQueue, id: &MessageId, reason: &str, attempts: u32) -> 
         &info,
         Operation::Fail,
     )? {
-        Moved::To { synced, .. } => synced,
+        Moved::To { synced, .. } => {
+            synced?;
+            crate::engine::group::after_failure(inner, id, reason);
+            Ok(())
+        }
         Moved::Gone => Err(Error::io(
             Operation::Fail,
             inner.dir(State::Pending).join(id.as_os_str()),

@@ -5,8 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::alert::AlertKind;
 use super::backpressure::Change;
 use super::breaker::Transition;
+use super::cancel::{self, Answer as CancelAnswer, Cancellation, CANCELLED_REASON};
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
 use super::{
@@ -237,15 +239,39 @@ impl<'a> Worker<'a> {
             id: message.id().clone(),
             input,
             started: Instant::now(),
-            state: std::sync::atomic::AtomicU8::new(JOB_RUNNING),
+            state: Arc::new(std::sync::atomic::AtomicU8::new(JOB_RUNNING)),
         });
         lock(&shared.jobs).push(Arc::clone(&job));
-        let result = catch_unwind(AssertUnwindSafe(|| self.stage.process(&message)));
+        let cancel = Cancellation::of(&job.state);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.stage.process_cancellable(&message, &cancel)
+        }));
+        // IMPORTANT: this exchange decides between the stage's outcome and an
+        // operator's cancel. Once it succeeded, the supervisor no longer cancels the
+        // job; once the supervisor marked it cancelled, it fails, and the outcome is
+        // never carried out nor handed to the group commit.
         let finished = job.finish();
         lock(&shared.jobs).retain(|j| !Arc::ptr_eq(j, &job));
         if !finished {
+            if let Some(requeue) = job.cancelled() {
+                let details = match result {
+                    Ok(Ok(Outcome::FailWith(_, details) | Outcome::TimedOut(details))) => details,
+                    Err(_) => {
+                        // A stage that panicked is not reused, cancelled or not.
+                        Counters::add(&counters.panics, 1);
+                        self.stage = (shared.factory)();
+                        FailureDetails::default()
+                    }
+                    _ => FailureDetails::default(),
+                };
+                let processed = self.cancel(input, message, requeue, details, job.started);
+                counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return processed;
+            }
             // The supervisor timed it out, moved the message on and started a new
-            // worker: discard this outcome and end this thread.
+            // worker: discard this outcome and end this thread. (A cancel it had
+            // begun, if any, is over.)
+            cancel::end(&shared.inputs[input], message.id());
             message.abandon();
             return Processed::TakenOver;
         }
@@ -390,12 +416,74 @@ impl<'a> Worker<'a> {
         }
         shared.record(input, &id, line);
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
-            log_transition(&shared.name, transition);
+            log_transition(shared, transition);
         }
         if let Some(notice) = notice {
+            shared.alert_failed(&notice);
             tell_failed(&shared.name, self.stage.as_mut(), &notice);
         }
         processed
+    }
+
+    /// Carries out an operator's cancel: the message to `errors/` with reason
+    /// [`CANCELLED_REASON`] (`details` from what the stage returned, such as a killed
+    /// command's standard error), or back to `incoming/` with `requeue`; then answers
+    /// the request. Not a failure for the breaker: the stage did nothing wrong.
+    fn cancel(
+        &mut self,
+        input: usize,
+        message: Message,
+        requeue: bool,
+        details: FailureDetails,
+        started: Instant,
+    ) -> Processed {
+        let shared = self.shared;
+        let counters = &shared.counters;
+        let id = message.id().clone();
+        let line = HistoryLine {
+            outcome: if requeue {
+                HistoryOutcome::Released
+            } else {
+                HistoryOutcome::Cancelled
+            },
+            attempts: message.attempts().unwrap_or(1),
+            started: Some(started),
+            reason: Some(CANCELLED_REASON.to_owned()),
+            exit_code: details.exit_code,
+        };
+        let (applied, notice, answer) = if requeue {
+            (message.release(), None, CancelAnswer::Incoming)
+        } else {
+            let notice = failed_notice(&message, CANCELLED_REASON, details.exit_code, false);
+            let failed = message
+                .fail_with(CANCELLED_REASON, details)
+                .map(|()| Counters::add(&counters.failed, 1));
+            (failed, Some(notice), CancelAnswer::Errors)
+        };
+        lock(&shared.breaker).cancel_probe();
+        let applied = applied.and_then(|()| shared.finish(Finish::Done));
+        match applied {
+            Ok(()) => {
+                Counters::add(&counters.cancelled, 1);
+                tracing::info!(stage = %shared.name, %id, ?answer, "cancelled");
+                shared.record(input, &id, line);
+                cancel::answer(&shared.inputs[input], &id, answer);
+                cancel::end(&shared.inputs[input], &id);
+                if let Some(notice) = notice {
+                    tell_failed(&shared.name, self.stage.as_mut(), &notice);
+                }
+                Processed::Done
+            }
+            Err(e) => {
+                let (error, message) = e.into_parts();
+                tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out a cancel");
+                if let Some(message) = message {
+                    fall_back(message, &error, counters);
+                }
+                cancel::end(&shared.inputs[input], &id);
+                Processed::Troubled
+            }
+        }
     }
 
     fn fail(
@@ -613,24 +701,36 @@ fn log_change(stage: &str, output: &str, change: Option<Change>) {
     }
 }
 
-pub(super) fn log_transition(stage: &str, transition: Transition) {
-    match transition {
+/// Logs a breaker transition and raises its alert (about the first input).
+pub(super) fn log_transition(shared: &Shared, transition: Transition) {
+    let stage = shared.name.as_str();
+    let (kind, reason) = match transition {
         Transition::Opened {
             failures,
             outcomes,
             cooldown,
-        } => tracing::error!(
-            stage,
-            failures,
-            outcomes,
-            cooldown_s = cooldown.as_secs_f64(),
-            "failure breaker open: {failures} of the last {outcomes} messages failed; \
-             pausing intake for {cooldown:?} before trying one message"
-        ),
-        Transition::Closed => tracing::info!(
-            stage,
-            "failure breaker closed: a probe succeeded, resuming intake"
-        ),
+        } => {
+            let reason = format!(
+                "failure breaker open: {failures} of the last {outcomes} messages failed; \
+                 pausing intake for {cooldown:?} before trying one message"
+            );
+            tracing::error!(
+                stage,
+                failures,
+                outcomes,
+                cooldown_s = cooldown.as_secs_f64(),
+                "{reason}"
+            );
+            (AlertKind::BreakerOpen, reason)
+        }
+        Transition::Closed => {
+            let reason = "failure breaker closed: a probe succeeded, resuming intake".to_owned();
+            tracing::info!(stage, "{reason}");
+            (AlertKind::BreakerClosed, reason)
+        }
+    };
+    if let Some(input) = shared.inputs.first() {
+        shared.alert(kind, input.root(), reason, None);
     }
 }
 

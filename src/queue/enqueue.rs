@@ -7,8 +7,10 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::DirectoryQueue;
+use crate::engine::group::next_turn;
 use crate::engine::publish::{empty, publish_batch, write_new, Destination, TmpFile};
 use crate::error::{Error, Operation, Result};
+use crate::format::group::Group;
 use crate::format::id::MessageId;
 use crate::format::state::State;
 
@@ -147,6 +149,91 @@ impl DirectoryQueue {
         // The time is compared once the bytes are in: a slow reader can make a due
         // time pass meanwhile, and a message already due goes straight to incoming/.
         self.enqueue_reader_to(reader, Destination::Deferred(not_before))
+    }
+
+    /// Enqueues `bytes` as a new member of `group` and returns its id, which names the
+    /// group (see [`Group`]).
+    ///
+    /// - When a member fails (moved to `errors/` by a failure, a dead letter after
+    ///   the last retry, a timeout or an expiry), every member still waiting
+    ///   (`incoming/`, `deferred/`, `hold/`, `chained/`) moves to `errors/` with
+    ///   reason `cancelled: <id> failed: <reason>`; members being processed finish.
+    ///   [`admin::requeue_group`](crate::admin::requeue_group) brings the group back.
+    /// - In an [ordered](Group::ordered) group, the member waits in `chained/` until
+    ///   every member before it has been committed or forwarded (none is in
+    ///   `incoming/`, `pending/`, `deferred/`, `hold/` or `errors/`), then moves to
+    ///   `incoming/`. Members are ordered by id, that is by when they were enqueued.
+    ///
+    /// Both hold across processes and crashes: recovery ([`recover`](DirectoryQueue::recover))
+    /// completes a cancellation or a turn that a crash interrupted. Mentat readers see
+    /// members as ordinary messages in `incoming/`, and never a chain member before its
+    /// turn.
+    ///
+    /// ```
+    /// use dirq::{DirectoryQueue, State};
+    /// use dirq::queue::Group;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = DirectoryQueue::open(dir.path().join("q"))?;
+    /// let chain = Group::ordered("nightly")?;
+    /// let first = queue.enqueue_in_group(&chain, b"extract")?;
+    /// let second = queue.enqueue_in_group(&chain, b"load")?;
+    /// assert_eq!(queue.count(State::Chained)?, 1, "load waits for extract");
+    /// let message = queue.try_claim()?.expect("extract");
+    /// assert_eq!(message.id(), &first);
+    /// message.commit()?;
+    /// assert_eq!(queue.try_claim()?.expect("load, now").id(), &second);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue); [`Error::Layout`] for an ordered group
+    /// when the queue has no `chained/` (opened without permission to create it).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue`](DirectoryQueue::enqueue), with `chained/` in place of `incoming/`
+    /// for an ordered group; a member let in at once is synced into `incoming/` as the
+    /// mode says.
+    pub fn enqueue_in_group(&self, group: &Group, bytes: impl AsRef<[u8]>) -> Result<MessageId> {
+        self.enqueue_reader_in_group(group, bytes.as_ref())
+    }
+
+    /// Streams what `reader` yields into a new member of `group`, as
+    /// [`enqueue_reader`](DirectoryQueue::enqueue_reader) does; see
+    /// [`enqueue_in_group`](DirectoryQueue::enqueue_in_group).
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue_in_group`](DirectoryQueue::enqueue_in_group).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue_in_group`](DirectoryQueue::enqueue_in_group).
+    pub fn enqueue_reader_in_group(
+        &self,
+        group: &Group,
+        mut reader: impl Read,
+    ) -> Result<MessageId> {
+        let inner = self.engine();
+        let id = MessageId::from_name(
+            group
+                .member_name(&MessageId::generate().to_string())
+                .as_ref(),
+        );
+        let mut tmp = TmpFile::create(inner, Some(&id))?;
+        tmp.fix_id(&id);
+        tmp.copy_from(&mut reader)?;
+        if tmp.is_blank() {
+            return Err(empty(inner));
+        }
+        if !group.is_ordered() {
+            return tmp.publish(Destination::Incoming);
+        }
+        let id = tmp.publish(Destination::Chained)?;
+        next_turn(inner, group)?;
+        Ok(id)
     }
 
     fn enqueue_reader_to(

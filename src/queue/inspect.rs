@@ -25,6 +25,8 @@ pub struct Counts {
     pub deferred: usize,
     /// Messages on hold.
     pub hold: usize,
+    /// Members of ordered groups waiting for their turn.
+    pub chained: usize,
 }
 
 impl Counts {
@@ -37,16 +39,17 @@ impl Counts {
             State::Errors => self.errors,
             State::Deferred => self.deferred,
             State::Hold => self.hold,
+            State::Chained => self.chained,
         }
     }
 
-    /// Messages not yet done with: incoming, pending, deferred and held.
+    /// Messages not yet done with: incoming, pending, deferred, held and chained.
     ///
     /// From [`DirectoryQueue::counts`], 0 does not prove that the queue is drained
     /// while anything works on it: a message on its way back to `incoming/` can be
     /// missed.
     pub fn unfinished(&self) -> usize {
-        self.incoming + self.pending + self.deferred + self.hold
+        self.incoming + self.pending + self.deferred + self.hold + self.chained
     }
 }
 
@@ -59,7 +62,8 @@ impl DirectoryQueue {
     /// # Consistency
     ///
     /// The counts are not one atomic snapshot: the directories are read one after
-    /// another (`tmp/`, `incoming/`, `pending/`, `errors/`, `deferred/`, `hold/`) while
+    /// another (`tmp/`, `incoming/`, `pending/`, `errors/`, `deferred/`, `hold/`,
+    /// `chained/`) while
     /// messages keep moving.
     ///
     /// - Guaranteed: each count is what its directory held at some moment during the
@@ -91,6 +95,7 @@ impl DirectoryQueue {
             errors: self.count(State::Errors)?,
             deferred: self.count(State::Deferred)?,
             hold: self.count(State::Hold)?,
+            chained: self.count(State::Chained)?,
         })
     }
 

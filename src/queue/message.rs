@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::de::DeserializeOwned;
 
 use super::DirectoryQueue;
+use crate::engine::group;
 use crate::engine::publish::{publish_copy, SyncWhen};
 use crate::engine::quarantine::{move_to_errors, Moved};
 use crate::error::{Error, Operation, Result};
@@ -184,9 +185,11 @@ impl Message {
             let error = Error::io(Operation::Commit, &self.path, e);
             return Err(self.kept(error));
         }
-        let synced = inner
-            .syncer()
-            .changed(&[inner.dir(State::Incoming), pending]);
+        let dirs = [inner.dir(State::Incoming), pending];
+        let synced = inner.syncer().changed(&dirs);
+        if synced.is_ok() {
+            group::after_done(inner, &self.id, &dirs);
+        }
         self.finish(synced)
     }
 
@@ -218,9 +221,11 @@ impl Message {
         let name = self.id.as_os_str();
         match pending.dir.rename_noreplace(name, &target.dir, name) {
             Ok(()) => {
-                let synced = inner
-                    .syncer()
-                    .changed(&[inner.dir(State::Incoming), pending, target]);
+                let dirs = [inner.dir(State::Incoming), pending, target];
+                let synced = inner.syncer().changed(&dirs);
+                if synced.is_ok() {
+                    group::after_done(inner, &self.id, &dirs);
+                }
                 self.finish(synced)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -260,9 +265,11 @@ impl Message {
             let error = Error::io(Operation::Forward, &self.path, e);
             return Err(self.kept(error));
         }
-        let synced = inner
-            .syncer()
-            .changed(&[inner.dir(State::Incoming), pending]);
+        let dirs = [inner.dir(State::Incoming), pending];
+        let synced = inner.syncer().changed(&dirs);
+        if synced.is_ok() {
+            group::after_done(inner, &self.id, &dirs);
+        }
         self.finish(synced)
     }
 
@@ -312,7 +319,12 @@ impl Message {
             &info,
             Operation::Fail,
         ) {
-            Ok(Moved::To { synced, .. }) => self.finish(synced),
+            Ok(Moved::To { synced, .. }) => {
+                if synced.is_ok() {
+                    group::after_failure(inner, &self.id, info.reason.as_deref().unwrap_or(""));
+                }
+                self.finish(synced)
+            }
             Ok(Moved::Gone) => {
                 let error = Error::io(
                     Operation::Fail,

@@ -24,6 +24,7 @@ pub use message::{Message, MessageReader, Retried, TerminalError};
 pub use recover::RecoverReport;
 
 pub use crate::engine::retry::{RetryPolicy, RetryPolicyBuilder};
+pub use crate::format::group::{Group, InvalidGroup};
 pub use crate::format::meta::{FailureDetails, FailureInfo};
 
 use std::time::Instant;

@@ -5,6 +5,7 @@ use std::io;
 use std::time::{Duration, SystemTime};
 
 use super::DirectoryQueue;
+use crate::engine::group;
 use crate::engine::owner::{lock_entry, Entry};
 use crate::engine::quarantine::quarantine;
 use crate::error::{Error, Operation, Result};
@@ -31,6 +32,13 @@ pub struct RecoverReport {
     pub tmp_removed: usize,
     /// Entries moved to `errors/` because they were not messages.
     pub quarantined: usize,
+    /// Waiting members of failed groups moved to `errors/`: a cancellation that a
+    /// crash interrupted, completed (see
+    /// [`enqueue_in_group`](DirectoryQueue::enqueue_in_group)).
+    pub cancelled: usize,
+    /// Members of ordered groups let into `incoming/`: a turn that a crash
+    /// interrupted, given.
+    pub let_in: usize,
 }
 
 impl DirectoryQueue {
@@ -47,6 +55,10 @@ impl DirectoryQueue {
     ///   an already published message.
     /// - `incoming/`: hidden files (names starting with `.`) older than `tmp_max_age`
     ///   are quarantined: no writer finished them.
+    /// - Groups: the waiting members of a group with a failed member in `errors/` are
+    ///   cancelled, and each ordered group with members in `chained/` gets its next
+    ///   member let in if none is current (see
+    ///   [`enqueue_in_group`](DirectoryQueue::enqueue_in_group)).
     ///
     /// Recovery is idempotent, and any number of processes may run it at once: each
     /// orphan is requeued exactly once, because the recoverer holds its lock while it
@@ -69,7 +81,13 @@ impl DirectoryQueue {
                 report.tmp_removed = self.purge_tmp(self.engine().config().tmp_max_age)?;
                 Ok(())
             })
-            .and_then(|()| self.recover_incoming(&mut report));
+            .and_then(|()| self.recover_incoming(&mut report))
+            .and_then(|()| {
+                let repaired = group::repair(self.engine())?;
+                report.cancelled = repaired.cancelled;
+                report.let_in = repaired.let_in;
+                Ok(())
+            });
         let inner = self.engine();
         let synced = if report.requeued + report.duplicates_removed > 0 {
             inner

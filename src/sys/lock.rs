@@ -21,6 +21,14 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes the exclusive lock on `file`, waiting for whoever holds it; unlocked when
+/// the returned [`Locked`] is dropped. For short critical sections shared by
+/// processes (an ordered group's turn), not for message ownership.
+pub(crate) fn lock_waiting(file: File) -> io::Result<Locked> {
+    fs2::FileExt::lock_exclusive(&file)?;
+    Ok(Locked(file))
+}
+
 /// Releases the lock before the file is closed.
 pub(crate) fn unlock(file: &File) -> io::Result<()> {
     fs2::FileExt::unlock(file)

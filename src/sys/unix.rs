@@ -535,6 +535,21 @@ pub(crate) fn signal_group(group: u32, signal: super::GroupSignal) {
     let _ = rustix::process::kill_process_group(pid, signal);
 }
 
+/// Whether a process with this pid exists (in our pid namespace). A process we may not
+/// signal (`EPERM`) exists too.
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e != rustix::io::Errno::SRCH,
+    }
+}
+
 /// Whether this process may execute `path`, as `execve` would: `Ok` for a file with
 /// execute permission for us (`access(X_OK)`), an error (`NotFound`, `PermissionDenied`,
 /// `EISDIR`) otherwise.

@@ -283,6 +283,10 @@ fn help_shows_examples_for_each_command() {
         "run",
         "metrics",
         "completions",
+        "flush",
+        "edit",
+        "cancel",
+        "watch",
     ];
     for command in commands {
         let help = run_ok(&[command, "--help"]);

@@ -400,7 +400,7 @@ fn run_check_validates_a_pipeline_file_without_running_it() {
         ),
         (
             "[[stage]]\nname = \"x\"\ninput = \"spool/input\"\ncommand = \"cat\"\ntimeout = \"soon\"\n",
-            "stage \"x\": --timeout",
+            "stage \"x\": timeout: ",
         ),
         ("[defaults]\nworkers = 2\n", "has no [[stage]]"),
     ] {

@@ -246,6 +246,10 @@ fn run_refuses_out_of_range_settings_before_starting_any_stage() {
             "breaker = false\nbreaker_failures = 3",
             "breaker = false: cannot be combined",
         ),
+        ("timeout = \"0\"", "invalid timeout of command stage"),
+        ("on_fail = \"\"", "invalid on_fail of command stage"),
+        ("retries = 0", "retries = 0: "),
+        ("out_limit = 0", "out_limit = 0: must be at least 1"),
     ] {
         for defaults in [false, true] {
             let file = dir.path().join("pipeline.toml");
@@ -272,6 +276,57 @@ fn run_refuses_out_of_range_settings_before_starting_any_stage() {
     assert!(!marker.exists(), "a stage process was started");
 }
 
+/// A command that cannot be run (a missing program, relative to the file's directory
+/// or in PATH) stops the pipeline before it starts, naming the program.
+#[test]
+fn run_refuses_a_command_that_cannot_be_run() {
+    let dir = tempdir();
+    DirectoryQueue::builder(dir.path().join("q"))
+        .open()
+        .unwrap();
+    let file = dir.path().join("pipeline.toml");
+    for (command, want) in [
+        ("[\"./missing.sh\"]", "missing.sh"),
+        ("[\"no-such-program-dirq\"]", "no-such-program-dirq"),
+        ("[]", "the command is empty"),
+    ] {
+        std::fs::write(
+            &file,
+            format!("[[stage]]\nname = \"x\"\ninput = \"q\"\ncommand = {command}\n"),
+        )
+        .unwrap();
+        for check in [true, false] {
+            let args: &[&str] = if check {
+                &["run", "--check", s(&file)]
+            } else {
+                &["run", s(&file)]
+            };
+            let out = crate::util::run(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+            assert!(stderr.contains("stage \"x\": "), "{stderr}");
+            assert!(
+                stderr.contains(want),
+                "{command}: wanted {want:?} in {stderr}"
+            );
+        }
+    }
+    // The same program, present and executable beside the file, is accepted.
+    let script = dir.path().join("present.sh");
+    std::fs::write(&script, "#!/bin/sh\ncat\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(
+        &file,
+        "[[stage]]\nname = \"x\"\ninput = \"q\"\ncommand = [\"./present.sh\"]\n",
+    )
+    .unwrap();
+    crate::util::run_ok(&["run", "--check", s(&file)]);
+}
+
 #[test]
 fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
     let dir = tempdir();
@@ -285,7 +340,7 @@ fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
         &file,
         "[defaults]\nmax_age = \"2h\"\nout_resume = 7\nout_limit_bytes = 4096\n\
          out_resume_bytes = 1024\nbreaker_min_samples = 4\nbreaker_window = \"30s\"\n\
-         breaker_cooldown = \"2m\"\n\n\
+         breaker_cooldown = \"2m\"\nkill_grace = \"1s\"\n\n\
          [[stage]]\nname = \"first\"\ninput = \"a\"\noutput = \"out\"\ncommand = \"cat\"\n\
          breaker_failures = 9\nbreaker_rate = 0.25\n\n\
          [[stage]]\nname = \"second\"\ninput = \"b\"\ncommand = \"cat\"\n\
@@ -336,6 +391,7 @@ fn pipeline_keys_reach_each_stage_process_per_stage_over_defaults() {
         " --breaker-min-samples 4 ",
         " --breaker-window 30s ",
         " --breaker-cooldown 2m ",
+        " --kill-grace 1s ",
     ] {
         assert!(first.contains(want), "{want} in {first}");
     }

@@ -1,6 +1,8 @@
 //! Integration tests: the library across threads and processes, the real binary, and
 //! Mentat's own Python implementation of the protocol.
 
+mod alerts;
+mod cancel;
 mod cli;
 mod cli_admin;
 mod cli_robust;
@@ -14,13 +16,16 @@ mod exec_routes;
 mod exec_settings;
 mod filesystems;
 mod group_commit;
+mod groups;
 mod history;
 mod hostile;
 mod lifecycle;
 mod mentat;
 mod operator;
 mod peerbench;
+mod pipeline_examples;
 mod piper;
 mod queue;
+mod run_supervisor;
 mod util;
 mod wakeup;

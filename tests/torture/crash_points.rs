@@ -15,7 +15,9 @@ use crate::Case;
 pub const CASE: Case = Case {
     name: "crash points",
     injects: "SIGKILL at each system call k of enqueue, batch enqueue, claim, commit, forward, \
-              fail, release, retry, hold, requeue and edit (strace inject, full durability)",
+              fail, release, retry, hold, requeue, edit, the failure of a group member that \
+              cancels the others, and the commit of a chain member that lets the next in \
+              (strace inject, full durability)",
     invariant: "after recover: acknowledged operations took effect, an interrupted one took \
                 effect wholly or not at all (the message exactly once, intact), other messages \
                 untouched, nothing in pending/ or tmp/, a second recover changes nothing",
@@ -23,8 +25,19 @@ pub const CASE: Case = Case {
 };
 
 const OPS: &[&str] = &[
-    "enqueue", "batch", "claim", "commit", "forward", "fail", "release", "retry", "hold",
-    "requeue", "edit",
+    "enqueue",
+    "batch",
+    "claim",
+    "commit",
+    "forward",
+    "fail",
+    "release",
+    "retry",
+    "hold",
+    "requeue",
+    "edit",
+    "group-fail",
+    "chain-commit",
 ];
 
 /// The payload the operation works on, and the ones beside it.
@@ -34,6 +47,9 @@ const BYSTANDERS: [u64; 2] = [2, 3];
 const NEW: [u64; 3] = [10, 11, 12];
 /// The content an edit gives the subject.
 const EDITED: u64 = 20;
+/// The members of the group whose first member fails, or of the chain whose first
+/// member is committed.
+const MEMBERS: [u64; 3] = [30, 31, 32];
 const SIZE: usize = 5000;
 
 /// The system call the child makes just before and just after the operation, so that
@@ -196,7 +212,9 @@ impl Setup {
         inventory.assert_intact(context);
         inventory.assert_empty(&["pending", "tmp"], context);
         let untouched: &[u64] = match op {
-            "enqueue" | "batch" => &[SUBJECT, BYSTANDERS[0], BYSTANDERS[1]],
+            "enqueue" | "batch" | "group-fail" | "chain-commit" => {
+                &[SUBJECT, BYSTANDERS[0], BYSTANDERS[1]]
+            }
             _ => &BYSTANDERS,
         };
         for &seq in untouched {
@@ -205,6 +223,44 @@ impl Setup {
                 ["a/incoming"],
                 "{context}: bystander {seq} moved"
             );
+        }
+        if op == "group-fail" {
+            // The failure and its cancellations are one step to an observer after
+            // recovery: all members in errors/, or (the failure never happened) all
+            // waiting; never some of each.
+            let places: Vec<Vec<String>> = MEMBERS
+                .iter()
+                .map(|&seq| self.places(&inventory, seq))
+                .collect();
+            let all_in = |place: &str| places.iter().all(|p| p == &[place]);
+            assert!(
+                all_in("a/errors") || (!acked && all_in("a/incoming")),
+                "{context}: group members in {places:?}"
+            );
+            return;
+        }
+        if op == "chain-commit" {
+            // Committed, with the next member let in or about to be by recovery; or
+            // not committed, the next still waiting. Never two current members.
+            let places: Vec<Vec<String>> = MEMBERS
+                .iter()
+                .map(|&seq| self.places(&inventory, seq))
+                .collect();
+            let done = [
+                vec![],
+                vec!["a/incoming".to_owned()],
+                vec!["a/chained".to_owned()],
+            ];
+            let not_done = [
+                vec!["a/incoming".to_owned()],
+                vec!["a/chained".to_owned()],
+                vec!["a/chained".to_owned()],
+            ];
+            assert!(
+                places == done || (!acked && places == not_done),
+                "{context}: chain members in {places:?}"
+            );
+            return;
         }
         if op == "edit" {
             // Exactly once, under the subject's id: the old content or (always, once
@@ -338,8 +394,22 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             .fail("set up for requeue")
             .map_err(|e| e.into_error())?;
     }
+    if *op == "group-fail" || *op == "chain-commit" {
+        // Not part of the operation: the group, and its first member claimed (the
+        // older messages are claimed and kept; recovery puts them back).
+        let group = match *op {
+            "group-fail" => dirq::queue::Group::new("crash")?,
+            _ => dirq::queue::Group::ordered("crash")?,
+        };
+        for seq in MEMBERS {
+            a.enqueue_in_group(&group, payload(seq, SIZE))?;
+        }
+        for _ in 0..3 {
+            std::mem::forget(a.try_claim()?.ok_or("nothing to claim")?);
+        }
+    }
     let claimed = match *op {
-        "commit" | "forward" | "fail" | "release" | "retry" => {
+        "commit" | "forward" | "fail" | "release" | "retry" | "group-fail" | "chain-commit" => {
             Some(a.try_claim()?.ok_or("nothing to claim")?)
         }
         _ => None,
@@ -357,9 +427,9 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             &subject_id,
             &payload(EDITED, SIZE),
         )?),
-        ("commit", Some(m)) => m.commit()?,
+        ("commit" | "chain-commit", Some(m)) => m.commit()?,
         ("forward", Some(m)) => m.forward(&b)?,
-        ("fail", Some(m)) => m.fail("crash-point test")?,
+        ("fail" | "group-fail", Some(m)) => m.fail("crash-point test")?,
         ("release", Some(m)) => m.release()?,
         ("retry", Some(m)) => drop(m.retry("crash-point test")?),
         _ => return Err(format!("unknown operation {op}").into()),

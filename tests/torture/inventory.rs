@@ -7,7 +7,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// The states whose files are messages (or pieces of messages).
-pub const STATES: [&str; 6] = ["tmp", "incoming", "pending", "deferred", "hold", "errors"];
+pub const STATES: [&str; 7] = [
+    "tmp", "incoming", "pending", "deferred", "hold", "chained", "errors",
+];
 
 /// The payload of test message `seq`: a header naming its sequence number and length,
 /// then filler derived from both, so that a truncated, empty or mixed-up file is

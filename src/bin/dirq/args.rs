@@ -94,6 +94,14 @@ dirq push q --at @$(date -d 'tomorrow 08:00' +%s) report.json"
         /// Deliver after DUR (10m, 2h, 1d).
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         delay: Option<Duration>,
+        /// Make each message a member of the group NAME (letters, digits, - and _): when
+        /// one member fails, the members still waiting go to errors/ ("cancelled").
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["at", "delay"])]
+        group: Option<String>,
+        /// With --group: the members run one at a time, in the order pushed; each waits
+        /// in chained/ until the one before it is committed or forwarded.
+        #[arg(long, requires = "group")]
+        ordered: bool,
     },
 
     /// Claim up to N of the oldest messages and print (then commit) or forward them.
@@ -261,12 +269,44 @@ dirq cat q ID | sed 's/prio=low/prio=high/' | dirq edit q ID --from -"
         from: Option<PathBuf>,
     },
 
+    /// Stop a running message: the Piper processing it abandons it.
+    #[command(
+        after_help = "The owner of the message (the process holding the lock on pending/ID) must \
+be a Piper reading this queue on this host, such as dirq exec or dirq run. It is asked through a \
+request file in QUEUE/pipers/cancel/; for dirq exec, the command's process group gets SIGTERM, \
+then SIGKILL after the kill grace. The message goes to errors/ with reason \"cancelled by \
+operator\" (the on-fail hook runs), or with --requeue back to incoming/ (not a failure; the \
+cancelled run still counts as an attempt). dirq cancel waits for the Piper's answer and prints \
+where the message went.\n\n\
+Refused (exit 1, nothing changed) for a message that is not running (waiting, failed, unknown), \
+one in pending/ whose owner died (use dirq recover), and one claimed by a process that is not a \
+Piper (dirq take, a library program). With no answer within --wait, the request is withdrawn and \
+dirq cancel exits 1.\n\n\
+Examples:\n  dirq cancel q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq cancel q 1763797920.123456789.host.4242.9f3a1c2b.msg --requeue\n  \
+dirq ls q --state pending --json | jq -r .id | xargs -n1 dirq cancel q --wait 30s"
+    )]
+    Cancel {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// The message id (its file name).
+        #[arg(value_name = "ID")]
+        id: OsString,
+        /// Put the message back into incoming/ instead of errors/.
+        #[arg(long)]
+        requeue: bool,
+        /// How long to wait for the Piper's answer.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+        wait: Duration,
+    },
+
     /// Move failed messages from errors/ back to incoming/.
     #[command(
-        override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all",
+        override_usage = "dirq requeue [OPTIONS] <QUEUE> <ID>...\n       dirq requeue [OPTIONS] <QUEUE> --all\n       dirq requeue [OPTIONS] <QUEUE> --group NAME",
         after_help = "Attempt counts start over unless --keep-attempts is given; the failure \
 sidecars are removed.\n\nExamples:\n  dirq requeue q 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
-dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
+dirq requeue q --all\n  dirq requeue q --all --older-than 1h\n  dirq requeue q --group nightly"
     )]
     Requeue {
         /// The queue.
@@ -274,6 +314,10 @@ dirq requeue q --all\n  dirq requeue q --all --older-than 1h"
         queue: PathBuf,
         #[command(flatten)]
         select: Selection,
+        /// Every member of the group NAME in errors/ (the failed one and those cancelled
+        /// with it); an ordered group's members go back to chained/ and run in order.
+        #[arg(long, value_name = "NAME", group = "Selection")]
+        group: Option<String>,
         /// Only messages that failed longer ago than this.
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         older_than: Option<Duration>,
@@ -420,10 +464,12 @@ spam = \"spool/spam\" } names several outputs (beside or instead of output), rou
 --to NAME=QUEUE, --route, --route-by-line). dir_mode and file_mode (octal, 0o2770 or \"2770\") set \
 the permissions of what the stage creates. Other stage keys: out_limit, on_fail, retries, drain_timeout, \
 max_age, out_resume, out_limit_bytes, out_resume_bytes, breaker_failures, breaker_rate, \
-breaker_min_samples, breaker_window, breaker_cooldown \
+breaker_min_samples, breaker_window, breaker_cooldown, kill_grace \
 (as for dirq exec; commit_batch and commit_delay are its --commit-batch and --commit-delay; \
 breaker = false is --no-breaker). \
-A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
+A [defaults] table sets any of these keys for every stage.\n\n\
+SIGHUP reloads the file: unchanged stages keep running, changed ones drain and restart, removed ones drain, added ones start; a file that fails the checks of --check is logged and changes nothing.\n\n\
+Examples:\n  dirq run --check pipeline.toml\n  dirq run pipeline.toml"
     )]
     Run {
         /// The pipeline file.
@@ -432,6 +478,31 @@ A [defaults] table sets any of these keys for every stage.\n\nExamples:\n  dirq 
         /// Only check the file (syntax, settings, input queues) and print "ok"; run nothing.
         #[arg(long)]
         check: bool,
+    },
+
+    /// Watch queues and alert when their oldest message is too old or a Piper on them
+    /// goes silent.
+    #[command(
+        after_help = "For queues no Piper watches (a Piper with --alert-max-age or \
+--alert-stale-after watches its own inputs). Without --alert-cmd or --alert-url, each alert \
+is printed as a line of JSON. Runs until SIGTERM or SIGINT; --once looks once and exits \
+(1 when it found something).\n\n\
+Examples:\n  dirq watch spool/* --alert-max-age 1h --alert-stale-after 5m \\\n    \
+--alert-cmd 'mail -s \"dirq: $DIRQ_ALERT $DIRQ_QUEUE\" ops@example.org <<< \"$DIRQ_REASON\"'\n  \
+dirq watch q --alert-max-age 10m --once"
+    )]
+    Watch {
+        /// Queues to watch.
+        #[arg(required = true, value_name = "QUEUE")]
+        queues: Vec<PathBuf>,
+        #[command(flatten)]
+        alerts: AlertArgs,
+        /// How often to look.
+        #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+        every: Duration,
+        /// Look once, deliver, and exit.
+        #[arg(long)]
+        once: bool,
     },
 
     /// Print Prometheus metrics of queues (text exposition format).
@@ -593,9 +664,35 @@ pub(crate) struct ExecArgs {
     /// at once). Default: 2ms.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub(crate) commit_delay: Option<Duration>,
+    #[command(flatten)]
+    pub(crate) alerts: AlertArgs,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub(crate) command: Vec<OsString>,
+}
+
+/// Where alerts go (`dirq exec`, `dirq watch`).
+#[derive(Debug, Args, Default)]
+pub(crate) struct AlertArgs {
+    /// Alert command (sh -c), run with DIRQ_ALERT (failed, timeout, breaker-open,
+    /// breaker-closed, stale, age), DIRQ_STAGE, DIRQ_QUEUE, DIRQ_ID, DIRQ_REASON,
+    /// DIRQ_COUNT (events it stands for), DIRQ_SINCE, DIRQ_HOST and DIRQ_PID.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) alert_cmd: Option<OsString>,
+    /// POST each alert as JSON to this http:// URL.
+    #[arg(long, value_name = "URL")]
+    pub(crate) alert_url: Option<String>,
+    /// At most one alert per kind and queue in this time; the rest are counted into a
+    /// summary (DIRQ_COUNT). Default: 60s.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_interval: Option<Duration>,
+    /// Alert (age) when a queue's oldest waiting message is older than this.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_max_age: Option<Duration>,
+    /// Alert (stale) when a Piper on the queue has not updated its liveness file for
+    /// this long (at least 10s).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) alert_stale_after: Option<Duration>,
 }
 
 /// An outcome of `dirq history --outcome`.

@@ -51,15 +51,40 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("DIRQ_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let journal = stderr_is_journal();
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A log line that cannot be written is dropped: a reader of standard error that
         // went away (`dirq run ... 2>&1 | head`) must not panic a worker holding claimed
         // messages. tracing-subscriber would report the failed write with eprintln!,
         // which panics on a closed pipe, hence no internal error logging either.
         .with_writer(|| output::QuietStderr)
         .log_internal_errors(false)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // The journal stamps each line itself.
+    if journal {
+        subscriber.without_time().init();
+    } else {
+        subscriber.init();
+    }
+}
+
+/// Whether standard error is systemd's journal stream: `JOURNAL_STREAM` holds its
+/// `device:inode`. Compared rather than trusted, since a shell started by a service
+/// passes the variable on to commands whose standard error is a terminal or a file.
+#[cfg(unix)]
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    stream.to_str() == Some(&format!("{}:{}", stat.st_dev, stat.st_ino))
+}
+
+#[cfg(not(unix))]
+fn stderr_is_journal() -> bool {
+    false
 }

@@ -1,5 +1,5 @@
 //! Repairing and tidying queues: requeue, hold, unhold, flush, delete, purge, check,
-//! recover.
+//! recover; and cancel, which stops a running message.
 
 use std::io::{self, BufRead, Write};
 use std::path::PathBuf;
@@ -92,6 +92,25 @@ pub(crate) fn requeue(
     for_each(&ids, "requeued", |id| {
         dirq::admin::requeue(queue, id, keep_attempts)
     })
+}
+
+/// `requeue --group NAME`: the members of the group NAME in errors/, of an unordered
+/// group and of an ordered one of that name alike.
+pub(crate) fn requeue_group(queue: &DirectoryQueue, name: &str, keep_attempts: bool) -> CliResult {
+    let mut requeued = 0;
+    for group in [
+        dirq::queue::Group::new(name)?,
+        dirq::queue::Group::ordered(name)?,
+    ] {
+        requeued += dirq::admin::requeue_group(queue, &group, keep_attempts)?;
+    }
+    writeln!(
+        io::stdout(),
+        "requeued {requeued} member(s) of group {name}"
+    )
+    .or_else(unless_broken_pipe)
+    .map_err(stdout_error)?;
+    Ok(())
 }
 
 /// A queue that Mentat created has no `hold/`; `dirq init` adds it. The library's own
@@ -231,6 +250,7 @@ pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duratio
                 .orphan_grace(grace.unwrap_or(Duration::ZERO)),
         )?;
         let report = queue.recover()?;
+        let stale_cancels = dirq::admin::remove_stale_cancels(&queue)?;
         writeln!(
             out,
             "{}: requeued {}, left {} with live owners, {} within grace, removed {} from tmp/, \
@@ -245,6 +265,35 @@ pub(crate) fn recover(opener: &Opener, queues: &[PathBuf], grace: Option<Duratio
         )
         .or_else(unless_broken_pipe)
         .map_err(stdout_error)?;
+        if stale_cancels > 0 {
+            writeln!(
+                out,
+                "{}: removed {stale_cancels} stale cancel requests",
+                path.display()
+            )
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?;
+        }
     }
+    Ok(())
+}
+
+/// `dirq cancel QUEUE ID [--requeue] [--wait DUR]`.
+pub(crate) fn cancel(
+    queue: &DirectoryQueue,
+    id: &std::ffi::OsStr,
+    requeue: bool,
+    wait: Duration,
+) -> CliResult {
+    let id = MessageId::new(id)?;
+    let to = if requeue {
+        dirq::admin::CancelTo::Incoming
+    } else {
+        dirq::admin::CancelTo::Errors
+    };
+    let state = dirq::admin::cancel_timeout(queue, &id, to, wait)?;
+    writeln!(io::stdout().lock(), "{id}: cancelled, now in {state}/")
+        .or_else(unless_broken_pipe)
+        .map_err(stdout_error)?;
     Ok(())
 }

@@ -113,7 +113,9 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     if let Some(low) = args.out_resume_bytes {
         builder.out_resume_bytes(low);
     }
-    builder.breaker(&breaker_policy(args));
+    builder
+        .breaker(&breaker_policy(args))
+        .alerts(&super::watch::policy(&args.alerts));
     let piper = builder.build()?;
     let handle = piper.handle();
     let drain = args.drain.then(|| {

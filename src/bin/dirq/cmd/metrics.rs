@@ -7,11 +7,12 @@ use dirq::{DirectoryQueue, State};
 use super::report::write_out_text;
 use crate::output::CliResult;
 
-const STATES: [State; 6] = [
+const STATES: [State; 7] = [
     State::Incoming,
     State::Pending,
     State::Deferred,
     State::Hold,
+    State::Chained,
     State::Errors,
     State::Tmp,
 ];
@@ -86,6 +87,7 @@ pub(crate) fn metrics(queues: &[DirectoryQueue]) -> CliResult {
                 ("dead_lettered", s.dead_lettered),
                 ("expired", s.expired),
                 ("timeouts", s.timeouts),
+                ("cancelled", s.cancelled),
                 ("panics", s.panics),
                 ("wasted_claims", s.wasted_claims),
             ] {

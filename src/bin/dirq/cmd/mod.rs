@@ -8,6 +8,7 @@ mod metrics;
 mod produce;
 mod report;
 mod run;
+mod watch;
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -54,9 +55,20 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
             files,
             at,
             delay,
+            group,
+            ordered,
         } => {
-            let not_before = at.or_else(|| delay.map(|d| std::time::SystemTime::now() + d));
-            produce::push(&opener.create(&queue)?, &files, not_before)
+            let placement = match group {
+                Some(name) if ordered => {
+                    produce::Placement::Group(dirq::queue::Group::ordered(name)?)
+                }
+                Some(name) => produce::Placement::Group(dirq::queue::Group::new(name)?),
+                None => match at.or_else(|| delay.map(|d| std::time::SystemTime::now() + d)) {
+                    Some(when) => produce::Placement::At(when),
+                    None => produce::Placement::Now,
+                },
+            };
+            produce::push(&opener.create(&queue)?, &files, &placement)
         }
         Command::Take {
             queue,
@@ -107,9 +119,16 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Metrics { queues } => metrics::metrics(&opener.inspect_all(&queues)?),
         Command::Requeue {
             queue,
+            group: Some(group),
+            keep_attempts,
+            ..
+        } => admin::requeue_group(&opener.existing(&queue)?, &group, keep_attempts),
+        Command::Requeue {
+            queue,
             select,
             older_than,
             keep_attempts,
+            group: None,
         } => admin::requeue(
             &opener.existing(&queue)?,
             &select,
@@ -119,6 +138,12 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Hold { queue, select } => admin::hold(&opener.existing(&queue)?, &select),
         Command::Unhold { queue, select } => admin::unhold(&opener.existing(&queue)?, &select),
         Command::Flush { queue, select } => admin::flush(&opener.existing(&queue)?, &select),
+        Command::Cancel {
+            queue,
+            id,
+            requeue,
+            wait,
+        } => admin::cancel(&opener.existing(&queue)?, &id, requeue, wait),
         Command::Delete { queue, select } => admin::delete(&opener.existing(&queue)?, &select),
         Command::Purge {
             queue,
@@ -128,6 +153,12 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Check { queue, repair } => admin::check(&opener.existing(&queue)?, repair),
         Command::Recover { queues, grace } => admin::recover(opener, &queues, grace),
         Command::Exec(args) => exec::exec(opener, &args),
+        Command::Watch {
+            queues,
+            alerts,
+            every,
+            once,
+        } => watch::watch(opener, &queues, &alerts, every, once),
         Command::Run { file, check } => run::run(&file, check, opener),
         Command::Completions { shell } => {
             // Written here, not by clap_complete, which panics when standard output is

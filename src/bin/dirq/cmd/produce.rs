@@ -51,11 +51,17 @@ fn set_dir_modes(_queue: &DirectoryQueue, _mode: u32) -> CliResult {
 
 /// Enqueues each file (standard input for `-` or none); with `not_before`, for
 /// delivery then, through `deferred/`.
-pub(crate) fn push(
-    queue: &DirectoryQueue,
-    files: &[OsString],
-    not_before: Option<SystemTime>,
-) -> CliResult {
+/// Where `dirq push` puts its messages.
+pub(crate) enum Placement {
+    /// `incoming/`.
+    Now,
+    /// `deferred/`, until then (`--at`, `--delay`).
+    At(SystemTime),
+    /// A group's member (`--group`, `--ordered`).
+    Group(dirq::queue::Group),
+}
+
+pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString], placement: &Placement) -> CliResult {
     let stdin_only = [OsString::from("-")];
     let files = if files.is_empty() {
         &stdin_only[..]
@@ -65,7 +71,7 @@ pub(crate) fn push(
     let mut out = io::stdout().lock();
     for file in files {
         let id = if file == OsStr::new("-") {
-            enqueue_input(queue, io::stdin().lock(), not_before, "standard input")?
+            enqueue_input(queue, io::stdin().lock(), placement, "standard input")?
         } else {
             let path = Path::new(file);
             let input = std::fs::File::open(path).map_err(context(format!(
@@ -73,7 +79,7 @@ pub(crate) fn push(
                 path.display()
             )))?;
             let what = format!("input file {}", path.display());
-            enqueue_input(queue, input, not_before, &what)?
+            enqueue_input(queue, input, placement, &what)?
         };
         writeln!(out, "{id}")
             .or_else(unless_broken_pipe)
@@ -88,16 +94,17 @@ pub(crate) fn push(
 fn enqueue_input(
     queue: &DirectoryQueue,
     input: impl Read,
-    not_before: Option<SystemTime>,
+    placement: &Placement,
     what: &str,
 ) -> Result<MessageId, Box<dyn std::error::Error + Send + Sync>> {
     let mut input = Input {
         inner: input,
         failed: None,
     };
-    let enqueued = match not_before {
-        Some(at) => queue.enqueue_reader_at(&mut input, at),
-        None => queue.enqueue_reader(&mut input),
+    let enqueued = match placement {
+        Placement::Now => queue.enqueue_reader(&mut input),
+        Placement::At(at) => queue.enqueue_reader_at(&mut input, *at),
+        Placement::Group(group) => queue.enqueue_reader_in_group(group, &mut input),
     };
     match enqueued {
         Ok(id) => Ok(id),

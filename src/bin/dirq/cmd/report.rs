@@ -18,11 +18,12 @@ use crate::output::{quiet_broken_pipe, stdout_error, CliResult, ExitStatus};
 use super::Opener;
 
 /// States that hold messages (not `tmp/`), in the order they are shown.
-const MESSAGE_STATES: [State; 5] = [
+const MESSAGE_STATES: [State; 6] = [
     State::Incoming,
     State::Pending,
     State::Deferred,
     State::Hold,
+    State::Chained,
     State::Errors,
 ];
 
@@ -159,13 +160,14 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
             let line = json!({
                 "queue": row.queue.root().to_string_lossy(),
                 "incoming": c.incoming, "pending": c.pending, "errors": c.errors,
-                "tmp": c.tmp, "deferred": c.deferred, "hold": c.hold,
+                "tmp": c.tmp, "deferred": c.deferred, "hold": c.hold, "chained": c.chained,
                 "bytes": row.bytes.iter().map(|(s, b)| (s.as_str().to_owned(), json!(b))).collect::<serde_json::Map<_, _>>(),
                 "oldest_age_s": row.oldest.map(|d| d.as_secs_f64()),
                 "pipers": row.pipers.iter().map(piper_json).collect::<Vec<_>>(),
                 "last_hour": {
                     "ok": row.hour.ok, "fail": row.hour.failed, "timeout": row.hour.timed_out,
                     "retried": row.hour.retried, "released": row.hour.released,
+                    "cancelled": row.hour.cancelled,
                 },
             });
             let _ = writeln!(text, "{line}");
@@ -174,8 +176,17 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
     }
     let _ = writeln!(
         text,
-        "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>5} {:>10} {:>8}",
-        "QUEUE", "INCOMING", "PENDING", "DEFERRED", "HOLD", "ERRORS", "TMP", "BYTES", "OLDEST"
+        "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>5} {:>10} {:>8}",
+        "QUEUE",
+        "INCOMING",
+        "PENDING",
+        "DEFERRED",
+        "HOLD",
+        "CHAINED",
+        "ERRORS",
+        "TMP",
+        "BYTES",
+        "OLDEST"
     );
     for row in &rows {
         let c = &row.counts;
@@ -187,12 +198,13 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
             .sum();
         let _ = writeln!(
             text,
-            "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>5} {:>10} {:>8}",
+            "{:<30} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>5} {:>10} {:>8}",
             row.queue.root().display(),
             c.incoming,
             c.pending,
             c.deferred,
             c.hold,
+            c.chained,
             c.errors,
             c.tmp,
             human::size(waiting),
@@ -202,8 +214,8 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
         if *h != HistoryCounts::default() {
             let _ = writeln!(
                 text,
-                "  last hour: {} ok, {} fail, {} timeout, {} retried, {} released",
-                h.ok, h.failed, h.timed_out, h.retried, h.released
+                "  last hour: {} ok, {} fail, {} timeout, {} retried, {} released, {} cancelled",
+                h.ok, h.failed, h.timed_out, h.retried, h.released, h.cancelled
             );
         }
         for piper in &row.pipers {

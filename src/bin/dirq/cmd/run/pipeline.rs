@@ -68,6 +68,8 @@ pub(super) struct StageSettings {
     pub(super) on_fail: Option<String>,
     pub(super) retries: Option<u32>,
     pub(super) drain_timeout: Option<String>,
+    /// Between SIGTERM and SIGKILL after a timeout (`dirq exec --kill-grace`).
+    pub(super) kill_grace: Option<String>,
     /// Group commit (`dirq exec --commit-batch`, `--commit-delay`).
     pub(super) commit_batch: Option<usize>,
     pub(super) commit_delay: Option<String>,
@@ -90,6 +92,13 @@ pub(super) struct StageSettings {
     /// `--file-mode`): an octal integer (`0o2770`) or a string (`"2770"`).
     pub(super) dir_mode: Option<Mode>,
     pub(super) file_mode: Option<Mode>,
+    /// Alerts (`--alert-cmd`, `--alert-url`, `--alert-interval`, `--alert-max-age`,
+    /// `--alert-stale-after`).
+    pub(super) alert_cmd: Option<String>,
+    pub(super) alert_url: Option<String>,
+    pub(super) alert_interval: Option<String>,
+    pub(super) alert_max_age: Option<String>,
+    pub(super) alert_stale_after: Option<String>,
     /// History and job logs: `history = false` is `--no-history`; `log_output = true`
     /// is `--log-output`, `log_limit` (`"1MiB"`) `--log-limit`.
     pub(super) history: Option<bool>,
@@ -124,6 +133,10 @@ impl StageSettings {
             out_limit: self.out_limit.or(defaults.out_limit),
             on_fail: self.on_fail.clone().or_else(|| defaults.on_fail.clone()),
             retries: self.retries.or(defaults.retries),
+            kill_grace: self
+                .kill_grace
+                .clone()
+                .or_else(|| defaults.kill_grace.clone()),
             drain_timeout: self
                 .drain_timeout
                 .clone()
@@ -149,6 +162,26 @@ impl StageSettings {
                 .breaker_cooldown
                 .clone()
                 .or_else(|| defaults.breaker_cooldown.clone()),
+            alert_cmd: self
+                .alert_cmd
+                .clone()
+                .or_else(|| defaults.alert_cmd.clone()),
+            alert_url: self
+                .alert_url
+                .clone()
+                .or_else(|| defaults.alert_url.clone()),
+            alert_interval: self
+                .alert_interval
+                .clone()
+                .or_else(|| defaults.alert_interval.clone()),
+            alert_max_age: self
+                .alert_max_age
+                .clone()
+                .or_else(|| defaults.alert_max_age.clone()),
+            alert_stale_after: self
+                .alert_stale_after
+                .clone()
+                .or_else(|| defaults.alert_stale_after.clone()),
             dir_mode: self.dir_mode.clone().or_else(|| defaults.dir_mode.clone()),
             history: self.history.or(defaults.history),
             log_output: self.log_output.or(defaults.log_output),
@@ -188,6 +221,16 @@ pub(super) fn load(
         .map_err(|e| format!("invalid pipeline file {}: {e}", file.display()))?;
     if pipeline.stages.is_empty() {
         return Err(format!("pipeline file {} has no [[stage]]", file.display()).into());
+    }
+    // A reload matches stages by name (and dirq status shows them by it): two stages
+    // of one name could not be told apart.
+    for (index, stage) in pipeline.stages.iter().enumerate() {
+        if pipeline.stages[..index]
+            .iter()
+            .any(|s| s.name == stage.name)
+        {
+            return Err(format!("stage {:?}: the name is used twice", stage.name).into());
+        }
     }
     // Queue paths in the file are relative to its directory, and stage processes run
     // in that directory (for commands like ./deliver.sh). The directory is made absolute
@@ -290,6 +333,7 @@ pub(super) fn exec_command(
         }
     }
     check_flow_settings(settings).map_err(bad)?;
+    check_command(stage, settings, base).map_err(bad)?;
     let (first, also) = stage_inputs(stage)?;
     let mut args = vec![
         "--durability".to_owned(),
@@ -344,6 +388,10 @@ pub(super) fn exec_command(
     for (flag, value) in [
         ("--timeout", &settings.timeout),
         ("--drain-timeout", &settings.drain_timeout),
+        ("--kill-grace", &settings.kill_grace),
+        ("--alert-interval", &settings.alert_interval),
+        ("--alert-max-age", &settings.alert_max_age),
+        ("--alert-stale-after", &settings.alert_stale_after),
         ("--commit-delay", &settings.commit_delay),
         ("--max-age", &settings.max_age),
         ("--breaker-window", &settings.breaker_window),
@@ -409,6 +457,12 @@ pub(super) fn exec_command(
     if let Some(hook) = &settings.on_fail {
         args.extend(["--on-fail".to_owned(), hook.clone()]);
     }
+    if let Some(command) = &settings.alert_cmd {
+        args.extend(["--alert-cmd".to_owned(), command.clone()]);
+    }
+    if let Some(url) = &settings.alert_url {
+        args.extend(["--alert-url".to_owned(), url.clone()]);
+    }
     args.push("--".to_owned());
     match &stage.command {
         CommandLine::Shell(line) => args.extend(["sh".to_owned(), "-c".to_owned(), line.clone()]),
@@ -418,6 +472,71 @@ pub(super) fn exec_command(
         CommandLine::Args(list) => args.extend(list.iter().cloned()),
     }
     Ok(args)
+}
+
+/// The command, timeout, on-fail hook, retries and output limit of a stage, checked by
+/// the library's builders as its `dirq exec` will build them: a command that cannot be
+/// run or a zero limit is refused before anything starts, instead of making the stage
+/// process exit at once and be restarted over and over.
+fn check_command(stage: &Stage, settings: &StageSettings, base: &Path) -> Result<(), String> {
+    let (program, args) = match &stage.command {
+        CommandLine::Shell(line) => ("sh", vec!["-c", line.as_str()]),
+        CommandLine::Args(list) => match list.split_first() {
+            Some((program, args)) => (program.as_str(), args.iter().map(String::as_str).collect()),
+            None => return Err("the command is empty".to_owned()),
+        },
+    };
+    // A program path with a slash is relative to the file's directory, where the stage
+    // runs; a bare name is looked up in PATH.
+    let program = if program.contains('/') {
+        base.join(program).into_os_string()
+    } else {
+        program.into()
+    };
+    let mut command = dirq::piper::CommandStage::builder(program, args);
+    if let Some(timeout) = &settings.timeout {
+        command.timeout(parse_duration(timeout).map_err(|e| format!("timeout: {e}"))?);
+    }
+    if let Some(hook) = &settings.on_fail {
+        command.on_fail(hook);
+    }
+    command.build().map_err(|e| e.to_string())?;
+    if let Some(retries) = settings.retries {
+        dirq::queue::RetryPolicy::builder()
+            .max_attempts(retries)
+            .build()
+            .map_err(|e| format!("retries = {retries}: {e}"))?;
+    }
+    if settings.out_limit == Some(0) {
+        return Err("out_limit = 0: must be at least 1".to_owned());
+    }
+    check_alerts(settings)
+}
+
+/// The alert settings, checked by the library's [`AlertPolicy`](dirq::piper::AlertPolicy).
+fn check_alerts(settings: &StageSettings) -> Result<(), String> {
+    let mut policy = dirq::piper::AlertPolicy::new();
+    if let Some(command) = &settings.alert_cmd {
+        policy.command(command);
+    }
+    if let Some(url) = &settings.alert_url {
+        policy.url(url);
+    }
+    for (key, value) in [
+        ("alert_interval", &settings.alert_interval),
+        ("alert_max_age", &settings.alert_max_age),
+        ("alert_stale_after", &settings.alert_stale_after),
+    ] {
+        if let Some(value) = value {
+            let duration = parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
+            match key {
+                "alert_interval" => policy.interval(duration),
+                "alert_max_age" => policy.max_age(duration),
+                _ => policy.stale_after(duration),
+            };
+        }
+    }
+    policy.check().map_err(|e| e.to_string())
 }
 
 /// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`

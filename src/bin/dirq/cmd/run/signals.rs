@@ -7,6 +7,8 @@ pub(super) enum Request {
     Stop,
     /// SIGUSR1.
     Statistics,
+    /// SIGHUP: read the pipeline file again and apply it.
+    Reload,
 }
 
 /// The supervisor's signals, read by its main loop.
@@ -33,13 +35,10 @@ impl SignalWatch {
         use signal_hook::consts::{SIGHUP, SIGUSR1};
         self.0
             .pending()
-            .filter_map(|signal| match signal {
-                SIGHUP => {
-                    tracing::info!("SIGHUP ignored: restart dirq run to reload the pipeline");
-                    None
-                }
-                SIGUSR1 => Some(Request::Statistics),
-                _ => Some(Request::Stop),
+            .map(|signal| match signal {
+                SIGHUP => Request::Reload,
+                SIGUSR1 => Request::Statistics,
+                _ => Request::Stop,
             })
             .collect()
     }
