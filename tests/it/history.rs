@@ -532,3 +532,39 @@ fn pipeline_keys_turn_history_off_and_job_logs_on() {
     let history = names_in(&input.root().join("history"));
     assert_eq!(history, ["logs"], "history = false writes no journal");
 }
+
+#[test]
+fn an_operators_cancel_is_a_cancelled_line() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"slow").unwrap().to_string();
+    let mut exec = dirq()
+        .args(["exec", s(t.root()), "--", "sh", "-c", "exec sleep 60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(LONG, "the command running", || {
+        t.queue.counts().unwrap().pending == 1
+    });
+    let out = run(&["cancel", s(t.root()), &id]);
+    let stopped = |exec: &mut std::process::Child| {
+        let _ = exec.kill();
+        let _ = exec.wait();
+    };
+    if !out.status.success() {
+        stopped(&mut exec);
+        panic!("dirq cancel: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    wait_until(LONG, "the cancelled line", || {
+        all(&t.queue)
+            .iter()
+            .any(|r| r.id == id && r.outcome == HistoryOutcome::Cancelled)
+    });
+    stopped(&mut exec);
+    let line = all(&t.queue).into_iter().find(|r| r.id == id).unwrap();
+    assert_eq!(line.reason.as_deref(), Some(dirq::piper::CANCELLED_REASON));
+    let status = run_ok(&["status", "--json", s(t.root())]);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["last_hour"]["cancelled"], 1, "{status}");
+}
