@@ -33,6 +33,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Operation, Result};
+use crate::format::history::HISTORY_DIR;
 use crate::piper::PIPERS_DIR;
 use crate::State;
 
@@ -313,7 +314,9 @@ fn is_hidden(name: &OsStr) -> bool {
 
 /// Whether `name` is one of the directories a queue keeps in its root.
 fn is_queue_dir_name(name: &OsStr) -> bool {
-    State::ALL.iter().any(|s| OsStr::new(s.as_str()) == name) || name == PIPERS_DIR
+    State::ALL.iter().any(|s| OsStr::new(s.as_str()) == name)
+        || name == PIPERS_DIR
+        || name == HISTORY_DIR
 }
 
 fn name_of(relative: &Path) -> String {

@@ -17,6 +17,7 @@ use crate::engine::quarantine::quarantine;
 use crate::engine::StateDir;
 use crate::error::{Error, Operation, Result};
 use crate::format::deferred::parse_deferred_name;
+use crate::format::history::HISTORY_DIR;
 use crate::format::id::META_SUFFIX;
 use crate::format::meta::sidecar_name;
 use crate::piper::PIPERS_DIR;
@@ -312,7 +313,10 @@ fn check_root(queue: &DirectoryQueue, problems: &mut Vec<Problem>) -> Result<()>
     root.scan(&mut buf, |entry| found.push(entry.name.to_os_string()))
         .map_err(|e| Error::io(Operation::Scan, inner.root(), e))?;
     for name in found {
-        let known = State::ALL.iter().any(|s| OsStr::new(s.as_str()) == name) || name == PIPERS_DIR;
+        // pipers/ and history/ are dirq's, beside the states: no message is ever there.
+        let known = State::ALL.iter().any(|s| OsStr::new(s.as_str()) == name)
+            || name == PIPERS_DIR
+            || name == HISTORY_DIR;
         if !known {
             problems.push(Problem {
                 kind: ProblemKind::Unknown,

@@ -10,7 +10,9 @@
 //!   [`requeue_group`], [`purge`], [`replace`] (new content for a waiting message);
 //! - running messages: [`cancel_timeout`] and [`cancel_deadline`] make the Piper
 //!   processing a message abandon it (`dirq cancel`);
-//! - checking: [`check`] and [`repair`], `postsuper -s` for this layout.
+//! - checking: [`check`] and [`repair`], `postsuper -s` for this layout;
+//! - history: [`history`], [`visit_history`], [`history_counts`] (the outcomes Pipers
+//!   wrote in `history/`) and [`job_log`] (a command's output, `history/logs/<id>.log`).
 //!
 //! This layer uses the queue API and, for what the queue does not offer, the
 //! engine's methods; the queue layer never imports it.
@@ -19,14 +21,17 @@ mod cancel;
 mod check;
 mod edit;
 mod flush;
+mod history;
 mod hold;
 mod listing;
 mod replace;
 
+pub use crate::format::history::{HistoryOutcome, HistoryRecord};
 pub use cancel::{cancel_deadline, cancel_timeout, remove_stale_cancels, CancelTo};
 pub use check::{check, repair, Problem, ProblemKind, RepairReport};
 pub use edit::{delete, purge, requeue, requeue_group, PurgeReport};
 pub use flush::{flush, flush_all};
+pub use history::{history, history_counts, job_log, visit_history, HistoryCounts, HistoryFilter};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
 pub use replace::replace;

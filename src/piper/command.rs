@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::cancel::{Cancellation, CANCELLED_REASON};
 use super::stage::{Emit, Failed, Outcome, Stage, StageResult};
 use crate::error::{Error, Result};
-use crate::format::meta::FailureDetails;
+use crate::format::meta::{rfc3339, FailureDetails};
 use crate::{sys, Message};
 
 /// Exit status that asks for a retry (`EX_TEMPFAIL` of `sysexits.h`).
@@ -54,7 +54,8 @@ const STDERR_TAIL_BYTES: usize = 4096;
 ///
 /// Standard error is passed through to the Piper's standard error as well. With
 /// `forward` or any routing, standard output is collected in memory; without, it is
-/// passed through.
+/// passed through. With [`log_output`](CommandStageBuilder::log_output), what is passed
+/// through is also kept in a job log per message, beside the queue's history.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -106,6 +107,8 @@ pub struct CommandStageBuilder {
     /// Exit code → the one output it routes to.
     routes: BTreeMap<i32, String>,
     route_by_line: bool,
+    log_output: bool,
+    log_limit: u64,
 }
 
 /// The first line of standard output that names an output; see
@@ -128,6 +131,8 @@ impl CommandStage {
             on_fail: None,
             routes: BTreeMap::new(),
             route_by_line: false,
+            log_output: false,
+            log_limit: CommandStageBuilder::DEFAULT_LOG_LIMIT,
         }
     }
 
@@ -149,11 +154,13 @@ impl CommandStage {
             .env("DIRQ_ATTEMPT", attempt.to_string())
             .env("DIRQ_PATH", message.path())
             .stdin(Stdio::piped())
-            .stdout(if self.settings.captures_output() {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
+            .stdout(
+                if self.settings.captures_output() || self.settings.log_output {
+                    Stdio::piped()
+                } else {
+                    Stdio::inherit()
+                },
+            )
             .stderr(Stdio::piped());
         sys::new_process_group(&mut command);
         command.spawn()
@@ -167,6 +174,7 @@ impl CommandStage {
         message: &Message,
         attempt: u32,
         cancel: &Cancellation,
+        log: Option<&Mutex<Capture>>,
     ) -> Result<(Ended, Vec<u8>, String), super::StageError> {
         let mut child = match self.spawn(message, attempt) {
             Ok(child) => child,
@@ -193,14 +201,21 @@ impl CommandStage {
                     let _ = std::io::copy(&mut message.reader(), &mut stdin);
                 }
             });
+            let captures = self.settings.captures_output();
             let out = scope.spawn(move || {
                 let mut bytes = Vec::new();
-                if let Some(mut stdout) = stdout {
-                    let _ = stdout.read_to_end(&mut bytes);
+                match stdout {
+                    // Passed on as a message: not part of the log.
+                    Some(mut stdout) if captures => {
+                        let _ = stdout.read_to_end(&mut bytes);
+                    }
+                    // Piped only for the log: passed through as well.
+                    Some(stdout) => tee(stdout, &mut std::io::stdout(), log),
+                    None => {}
                 }
                 bytes
             });
-            let err = scope.spawn(move || stderr.map(tee_tail).unwrap_or_default());
+            let err = scope.spawn(move || stderr.map(|e| tee_tail(e, log)).unwrap_or_default());
             let status = self.wait(&mut child, group, cancel);
             let out = out.join().unwrap_or_default();
             let err = err.join().unwrap_or_default();
@@ -339,6 +354,31 @@ impl CommandStageBuilder {
         self
     }
 
+    /// The default [`log_limit`](Self::log_limit): 1 MiB.
+    pub const DEFAULT_LOG_LIMIT: u64 = 1 << 20;
+
+    /// Whether each command's standard error, and its standard output when it is not
+    /// passed on as a message, are kept in a job log per message,
+    /// `<queue>/history/logs/<id>.log`: each attempt appended after a header line
+    /// (attempt, time, pid, command) and followed by a line saying how it ended. Both
+    /// streams are still passed through to the Piper's own. Read it with
+    /// [`admin::job_log`](crate::admin::job_log) or `dirq log`. Logs are removed with
+    /// the history files they are older than (see
+    /// [`PiperBuilder::history_keep`](super::PiperBuilder::history_keep)). Not synced.
+    /// Default: `false`.
+    pub fn log_output(&mut self, enabled: bool) -> &mut Self {
+        self.log_output = enabled;
+        self
+    }
+
+    /// The most bytes a message's job log holds, all attempts together; at least 1024.
+    /// Past it the log keeps its head and its tail, with a line saying how many bytes
+    /// were left out between them. Default: 1 MiB.
+    pub fn log_limit(&mut self, bytes: u64) -> &mut Self {
+        self.log_limit = bytes;
+        self
+    }
+
     /// Whether the command's standard output is collected (to be passed on) rather than
     /// passed through.
     fn captures_output(&self) -> bool {
@@ -351,7 +391,8 @@ impl CommandStageBuilder {
     ///
     /// [`Error::Config`] when the program is empty or cannot be executed (a path
     /// that is not an executable file, or a bare name not found in `PATH`, looked up
-    /// as `execvp` does), the timeout is zero, the on-fail hook is empty, or a route is
+    /// as `execvp` does), the timeout is zero, the log limit is below 1024 bytes, the
+    /// on-fail hook is empty, or a route is
     /// for exit 75 or a code outside 0 to 255, or names an empty output.
     pub fn build(&self) -> Result<CommandStage> {
         let target = format!("command stage {:?}", self.program);
@@ -361,6 +402,9 @@ impl CommandStageBuilder {
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout", "must be more than zero");
+        }
+        if self.log_limit < 1024 {
+            return bad("log_limit", "must be at least 1024 bytes");
         }
         if self.on_fail.as_ref().is_some_and(|hook| hook.is_empty()) {
             return bad("on_fail", "must not be empty");
@@ -410,7 +454,18 @@ impl Stage for CommandStage {
     /// and only this message's group.
     fn process_cancellable(&mut self, message: &Message, cancel: &Cancellation) -> StageResult {
         let attempt = message.attempts()?;
-        let (ended, stdout, stderr_tail) = match self.run(message, attempt, cancel) {
+        let log = self.settings.log_output.then(|| {
+            Mutex::new(Capture::new(
+                usize::try_from(self.settings.log_limit).unwrap_or(usize::MAX),
+            ))
+        });
+        let started = Instant::now();
+        let ran = self.run(message, attempt, cancel, log.as_ref());
+        if let Some(log) = log {
+            let log = log.into_inner().unwrap_or_else(PoisonError::into_inner);
+            self.write_log(message, attempt, started, log, &ran);
+        }
+        let (ended, stdout, stderr_tail) = match ran {
             Ok(ran) => ran,
             // The command cannot be started at all (it was removed or lost its
             // execute permission since build): failing the message would fail every
@@ -462,6 +517,61 @@ impl Stage for CommandStage {
 }
 
 impl CommandStage {
+    /// Appends this attempt's output to the message's job log: a header line, what the
+    /// command wrote, and a line saying how it ended.
+    fn write_log(
+        &self,
+        message: &Message,
+        attempt: u32,
+        started: Instant,
+        log: Capture,
+        ran: &Result<(Ended, Vec<u8>, String), super::StageError>,
+    ) {
+        let settings = &self.settings;
+        let command = std::iter::once(&settings.program)
+            .chain(&settings.args)
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut text = format!(
+            "=== dirq: attempt {attempt} of {} at {}, pid {}: {command}\n",
+            message.id(),
+            rfc3339(std::time::SystemTime::now() - started.elapsed()),
+            sys::pid(),
+        )
+        .into_bytes();
+        let output = log.into_bytes();
+        text.extend_from_slice(&output);
+        if !output.is_empty() && output.last() != Some(&b'\n') {
+            text.push(b'\n');
+        }
+        let ended = match ran {
+            Ok((Ended::TimedOut, ..)) => "timed out".to_owned(),
+            Ok((Ended::Cancelled, ..)) => "cancelled".to_owned(),
+            Ok((Ended::Exited(status), ..)) => match (status.code(), sys::killed_by(status)) {
+                (Some(code), _) => format!("exit {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                (None, None) => "ended abnormally".to_owned(),
+            },
+            Err(e) => format!("not run: {e}"),
+        };
+        text.extend_from_slice(
+            format!(
+                "=== dirq: {ended} after {} ms\n",
+                started.elapsed().as_millis()
+            )
+            .as_bytes(),
+        );
+        if let Err(e) = super::history::append_job_log(
+            message.queue(),
+            message.id().as_os_str(),
+            &text,
+            settings.log_limit,
+        ) {
+            tracing::warn!(id = %message.id(), error = %super::error_chain(&e), "cannot write the job log");
+        }
+    }
+
     /// The outcome of a command that exited with `code`, 0 or a routed one: passed on to
     /// the output its route line or its code names, else to every output with
     /// `forward`, else committed.
@@ -547,9 +657,72 @@ fn suffix(stderr_tail: &str) -> String {
     }
 }
 
-/// Copies a command's standard error to ours and returns its last
+/// What a command wrote to its job log during one attempt, within a limit: past twice
+/// the limit, the middle is dropped, keeping the head and the latest tail.
+#[derive(Debug)]
+struct Capture {
+    bytes: Vec<u8>,
+    limit: usize,
+    /// Bytes dropped from the middle, after the first `limit / 2`.
+    skipped: u64,
+}
+
+impl Capture {
+    fn new(limit: usize) -> Capture {
+        Capture {
+            bytes: Vec::new(),
+            limit,
+            skipped: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() > self.limit.saturating_mul(2) {
+            let half = self.limit / 2;
+            let cut = half..self.bytes.len() - half;
+            self.skipped += cut.len() as u64;
+            self.bytes.drain(cut);
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        if self.skipped == 0 {
+            return self.bytes;
+        }
+        let half = self.limit / 2;
+        let mut out = self.bytes[..half].to_vec();
+        out.extend_from_slice(format!("\n[dirq: {} bytes left out]\n", self.skipped).as_bytes());
+        out.extend_from_slice(&self.bytes[half..]);
+        out
+    }
+}
+
+fn capture(log: Option<&Mutex<Capture>>, chunk: &[u8]) {
+    if let Some(log) = log {
+        log.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(chunk);
+    }
+}
+
+/// Copies a command's standard output to ours and to its log.
+fn tee(mut from: impl Read, to: &mut impl Write, log: Option<&Mutex<Capture>>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let _ = to.write_all(&buf[..n]);
+                capture(log, &buf[..n]);
+            }
+        }
+    }
+}
+
+/// Copies a command's standard error to ours (and its log) and returns its last
 /// [`STDERR_TAIL_BYTES`] as text.
-fn tee_tail(mut stderr: impl Read) -> String {
+fn tee_tail(mut stderr: impl Read, log: Option<&Mutex<Capture>>) -> String {
     let mut tail: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -557,6 +730,7 @@ fn tee_tail(mut stderr: impl Read) -> String {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let _ = std::io::stderr().write_all(&buf[..n]);
+                capture(log, &buf[..n]);
                 tail.extend_from_slice(&buf[..n]);
                 if tail.len() > 2 * STDERR_TAIL_BYTES {
                     tail.drain(..tail.len() - STDERR_TAIL_BYTES);

@@ -7,6 +7,7 @@ mod breaker;
 mod cancel;
 mod command;
 mod commit;
+mod history;
 mod liveness;
 mod stage;
 mod stats;
@@ -40,6 +41,7 @@ use crate::{DirectoryQueue, Durability};
 use backpressure::{Gauge, Limits};
 use breaker::Breaker;
 use commit::{Barrier, Finish};
+use history::{Journal, Rotation};
 use stats::{Counters, RateWindow};
 
 type Factory = Arc<dyn Fn() -> Box<dyn Stage> + Send + Sync>;
@@ -85,6 +87,9 @@ pub enum TimeoutAction {
 /// - **Liveness**: each running Piper advertises itself in `<input>/pipers/`, with its
 ///   counters, refreshed every 2 s ([`admin::pipers`](crate::admin::pipers)).
 /// - **Recovery**: the inputs are recovered at start and every minute.
+/// - **History**: each outcome is a JSON line in its input's `history/current.jsonl`
+///   (on by default; see [`history`](PiperBuilder::history)), read with
+///   [`admin::history`](crate::admin::history).
 /// - **Group commit**: unless the inputs' mode is [`Durability::None`], one barrier
 ///   syncs the directories of a batch of outcomes at once (at most
 ///   [`commit_batch`](PiperBuilder::commit_batch) outcomes, or
@@ -155,6 +160,8 @@ pub struct PiperBuilder {
     advertise: bool,
     commit_batch: usize,
     commit_delay: Duration,
+    history: bool,
+    rotation: Rotation,
 }
 
 impl Piper {
@@ -183,6 +190,12 @@ impl Piper {
             advertise: true,
             commit_batch: PiperBuilder::DEFAULT_COMMIT_BATCH,
             commit_delay: PiperBuilder::DEFAULT_COMMIT_DELAY,
+            history: true,
+            rotation: Rotation {
+                max_bytes: PiperBuilder::DEFAULT_HISTORY_MAX_BYTES,
+                max_age: PiperBuilder::DEFAULT_HISTORY_MAX_AGE,
+                keep: PiperBuilder::DEFAULT_HISTORY_KEEP,
+            },
         }
     }
 
@@ -427,6 +440,58 @@ impl PiperBuilder {
         self
     }
 
+    /// Whether the Piper writes each outcome to its input queue's history,
+    /// `<input>/history/current.jsonl`: one JSON line per outcome (id, outcome, time,
+    /// attempts, processing time, reason, Piper name and pid), appended in batches of
+    /// whole lines, one `write(2)` each (at 64 lines, or 100 ms after the first), and
+    /// never synced. A crash of the process loses at most the lines of its last 100
+    /// ms, a power cut also those not yet written back; either leaves at most one
+    /// incomplete last line, which readers skip. The line
+    /// is written when the worker carries out the outcome, before the
+    /// [group commit](Self::commit_batch) syncs it: after a power cut, a message whose
+    /// outcome was undone is processed again and gets a second line. Read it with
+    /// [`admin::history`](crate::admin::history) or `dirq history`. Default: `true`.
+    ///
+    /// It is a setting of the Piper, not of the queue, because the Piper is what writes
+    /// it: each stage of a pipeline can turn it off for itself, and a queue read by
+    /// Mentat daemons or other tools costs nothing.
+    pub fn history(&mut self, enabled: bool) -> &mut Self {
+        self.history = enabled;
+        self
+    }
+
+    /// The default [`history_max_bytes`](Self::history_max_bytes): 64 MiB.
+    pub const DEFAULT_HISTORY_MAX_BYTES: u64 = 64 << 20;
+    /// The default [`history_max_age`](Self::history_max_age): one day.
+    pub const DEFAULT_HISTORY_MAX_AGE: Duration = Duration::from_secs(86_400);
+    /// The default [`history_keep`](Self::history_keep): 7 rotated files.
+    pub const DEFAULT_HISTORY_KEEP: usize = 7;
+
+    /// The history is rotated (`current.jsonl` renamed after the time of its first
+    /// line) once it holds this many bytes; at least 1. Several processes may write
+    /// and rotate one history: rotation takes a lock file, and writers reopen
+    /// `current.jsonl` within a second of a rotation (lines written meanwhile go to the
+    /// rotated file, none is lost). Default: 64 MiB.
+    pub fn history_max_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.rotation.max_bytes = bytes;
+        self
+    }
+
+    /// The history is rotated once its first line is this old; more than zero.
+    /// Default: one day.
+    pub fn history_max_age(&mut self, age: Duration) -> &mut Self {
+        self.rotation.max_age = age;
+        self
+    }
+
+    /// Rotated history files kept; older ones are removed, and with them the job logs
+    /// (see [`CommandStageBuilder::log_output`]) older than the oldest file kept.
+    /// Default: 7.
+    pub fn history_keep(&mut self, files: usize) -> &mut Self {
+        self.rotation.keep = files;
+        self
+    }
+
     /// Checks the settings and makes the Piper.
     ///
     /// # Errors
@@ -435,7 +500,8 @@ impl PiperBuilder {
     /// outputs share a name, or a setting is out of the range its setter states: no
     /// worker or more than [`MAX_WORKERS`](Self::MAX_WORKERS), a watermark of zero or a
     /// low one above its high one, a low byte watermark without a byte limit, a zero
-    /// timeout or interval, or a setting of the [breaker](Self::breaker) (field
+    /// timeout, interval, history size or age, or a setting of the
+    /// [breaker](Self::breaker) (field
     /// `breaker.<setter>`).
     pub fn build(&self) -> Result<Piper> {
         let target = format!("Piper {:?}", self.name);
@@ -463,10 +529,14 @@ impl PiperBuilder {
             ("timeout", self.timeout),
             ("stats_interval", Some(self.stats_interval)),
             ("recover_interval", Some(self.recover_interval)),
+            ("history_max_age", Some(self.rotation.max_age)),
         ] {
             if value.is_some_and(|d| d.is_zero()) {
                 return bad(field, "must be more than zero");
             }
+        }
+        if self.rotation.max_bytes == 0 {
+            return bad("history_max_bytes", "must be at least 1");
         }
         if let Err((field, reason)) = self.breaker.check() {
             return bad(field, reason);
@@ -524,12 +594,23 @@ impl PiperBuilder {
             .chain(outputs.iter().map(|o| o.gauge.queue()))
             .any(|q| q.durability() != Durability::None);
         let barrier = syncs.then(|| Barrier::new(self.commit_batch, self.commit_delay));
+        let history = if self.history {
+            inputs
+                .iter()
+                .map(|q| Journal::new(q, self.rotation))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Piper {
             shared: Arc::new(Shared {
                 name: self.name.clone(),
                 inputs,
                 outputs,
                 barrier,
+                history,
+                host: crate::sys::hostname(),
+                pid: crate::sys::pid(),
                 factory,
                 config: Settings {
                     workers: self.workers,
@@ -691,6 +772,11 @@ struct Shared {
     jobs: Mutex<Vec<Arc<Job>>>,
     /// The group commit; none when nothing is synced ([`Durability::None`]).
     barrier: Option<Barrier>,
+    /// The history of each input, by index; empty when it is off.
+    history: Vec<Journal>,
+    /// This host's name and this process's id, for history lines.
+    host: String,
+    pid: u32,
     workers: Mutex<Workers>,
     rates: Mutex<RateWindow>,
     /// The supervisor's thread, unparked when a shutdown is requested.
@@ -791,6 +877,28 @@ impl Shared {
         }
     }
 
+    /// Writes a history line for message `id` of input `input`, if history is on.
+    fn record(&self, input: usize, id: &crate::MessageId, line: HistoryLine) {
+        let Some(journal) = self.history.get(input) else {
+            return;
+        };
+        let time = crate::format::meta::rfc3339(SystemTime::now());
+        journal.write(&crate::format::history::RecordRef {
+            id: &id.as_os_str().to_string_lossy(),
+            outcome: line.outcome,
+            time: &time,
+            attempts: line.attempts,
+            duration_ms: line.started.map_or(0, |s| {
+                u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }),
+            reason: line.reason.as_deref(),
+            exit_code: line.exit_code,
+            piper: &self.name,
+            pid: self.pid,
+            host: &self.host,
+        });
+    }
+
     /// Why intake is paused, if it is.
     fn pause_reason(&self) -> Option<&'static str> {
         if lock(&self.breaker).is_open() {
@@ -838,6 +946,16 @@ impl fmt::Debug for PiperBuilder {
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
+}
+
+/// What a history line says beyond the message and the Piper; see [`Shared::record`].
+struct HistoryLine {
+    outcome: crate::format::history::HistoryOutcome,
+    attempts: u32,
+    /// When its stage started; `None` when it did not run.
+    started: Option<Instant>,
+    reason: Option<String>,
+    exit_code: Option<i32>,
 }
 
 /// How far off [`later`] puts a time that cannot be represented.

@@ -15,8 +15,11 @@ use super::liveness::{epoch_ms, Advert, PiperInfo};
 use super::stats::{Counters, PiperStats};
 use super::takeover::{take_over, Action};
 use super::worker;
-use super::{later, lock, Failed, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING};
+use super::{
+    later, lock, Failed, HistoryLine, Shared, TimeoutAction, DRAINING, FORCED, NOT_STARTED, RUNNING,
+};
 use crate::error::{Error, Result};
+use crate::format::history::HistoryOutcome;
 use crate::format::meta::rfc3339;
 use crate::sys::{self, ProcessSignal};
 
@@ -79,6 +82,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         let state = shared.state();
         check_timeouts(shared, state);
         cancels.tick(shared, now);
+        for journal in &shared.history {
+            journal.flush_due();
+        }
         clock.account_pause(shared, now);
         if due(&mut clock.last_rate, RATE_SAMPLE, now) {
             lock(&shared.rates).record(shared.stats());
@@ -138,6 +144,9 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     let alerts = lock(&shared.alerts).take();
     if let Some(alerts) = alerts {
         alerts.stop();
+    }
+    for journal in &shared.history {
+        journal.flush();
     }
     let stats = shared.stats();
     tracing::info!(stage = %shared.name, ?stats, "piper stopped");
@@ -267,9 +276,21 @@ fn check_timeouts(shared: &Arc<Shared>, state: u8) {
         };
         let queue = &shared.inputs[job.input];
         match take_over(queue, &job.id, action) {
-            Ok(failed) => {
+            Ok((attempt, failed)) => {
                 tracing::warn!(stage = %shared.name, id = %job.id, ?timeout, "processing timed out");
-                if let Some(attempt) = failed {
+                let line = HistoryLine {
+                    outcome: if failed {
+                        HistoryOutcome::TimedOut
+                    } else {
+                        HistoryOutcome::Retried
+                    },
+                    attempts: attempt,
+                    started: Some(job.started),
+                    reason: Some("timeout".to_owned()),
+                    exit_code: None,
+                };
+                shared.record(job.input, &job.id, line);
+                if failed {
                     tell_failed(
                         shared,
                         Failed {
@@ -339,8 +360,16 @@ fn release_in_flight(shared: &Shared) {
             continue;
         }
         match take_over(&shared.inputs[job.input], &job.id, Action::Release) {
-            Ok(_) => {
-                tracing::warn!(stage = %shared.name, id = %job.id, "released a message still in progress at shutdown")
+            Ok((attempts, _)) => {
+                tracing::warn!(stage = %shared.name, id = %job.id, "released a message still in progress at shutdown");
+                let line = HistoryLine {
+                    outcome: HistoryOutcome::Released,
+                    attempts,
+                    started: Some(job.started),
+                    reason: Some("shutdown".to_owned()),
+                    exit_code: None,
+                };
+                shared.record(job.input, &job.id, line);
             }
             Err(e) => {
                 tracing::warn!(stage = %shared.name, id = %job.id, error = %error_chain(&e), "cannot release a message at shutdown; recovery will requeue it")

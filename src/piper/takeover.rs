@@ -24,13 +24,13 @@ pub(super) enum Action {
     Release,
 }
 
-/// Carries out `action` on the message `id` in `queue`'s `pending/`: `Some(attempts)`
-/// when it went to `errors/` (after that many attempts), `None` when it went elsewhere.
+/// Carries out `action` on the message `id` in `queue`'s `pending/`: its attempt count,
+/// and whether it went to `errors/`.
 pub(super) fn take_over(
     queue: &DirectoryQueue,
     id: &MessageId,
     action: Action,
-) -> Result<Option<u32>> {
+) -> Result<(u32, bool)> {
     let inner = queue.engine();
     let pending = inner.dir(State::Pending);
     let name = id.as_os_str();
@@ -44,9 +44,11 @@ pub(super) fn take_over(
     let _ = attempts::write(&file, inner.identity(), attempts);
     let allowed = inner.config().retry.max_attempts();
     let (target, destination) = match action {
-        Action::Fail(reason) => return fail(queue, id, reason, attempts).map(|()| Some(attempts)),
+        Action::Fail(reason) => {
+            return fail(queue, id, reason, attempts).map(|()| (attempts, true))
+        }
         Action::Retry(reason) if attempts >= allowed => {
-            return fail(queue, id, reason, attempts).map(|()| Some(attempts))
+            return fail(queue, id, reason, attempts).map(|()| (attempts, true))
         }
         Action::Retry(reason) => {
             let _ = attempts::write_reason(&file, reason);
@@ -63,7 +65,10 @@ pub(super) fn take_over(
         .dir
         .rename_noreplace(name, &target.dir, &destination)
         .map_err(|e| Error::moving(Operation::TakeOver, &path, target.join(&destination), e))?;
-    inner.syncer().changed(&[pending, target]).map(|()| None)
+    inner
+        .syncer()
+        .changed(&[pending, target])
+        .map(|()| (attempts, false))
 }
 
 fn fail(queue: &DirectoryQueue, id: &MessageId, reason: &str, attempts: u32) -> Result<()> {

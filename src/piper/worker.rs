@@ -11,9 +11,12 @@ use super::breaker::Transition;
 use super::cancel::{self, Answer as CancelAnswer, Cancellation, CANCELLED_REASON};
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
-use super::{error_chain, later, lock, Failed, Job, Outcome, Shared, Stage, JOB_RUNNING};
+use super::{
+    error_chain, later, lock, Failed, HistoryLine, Job, Outcome, Shared, Stage, JOB_RUNNING,
+};
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
+use crate::format::history::HistoryOutcome;
 use crate::queue::{FailureDetails, Retried, TerminalError};
 use crate::{DirectoryQueue, Message, MessageId};
 
@@ -228,7 +231,7 @@ impl<'a> Worker<'a> {
                 .last_retry_reason()
                 .unwrap_or_else(|| "the process handling it died".to_owned());
             let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
-            let processed = self.apply_outcome(message, Outcome::Fail(reason), true);
+            let processed = self.apply_outcome(input, message, Outcome::Fail(reason), true, None);
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             return processed;
         }
@@ -261,7 +264,7 @@ impl<'a> Worker<'a> {
                     }
                     _ => FailureDetails::default(),
                 };
-                let processed = self.cancel(input, message, requeue, details);
+                let processed = self.cancel(input, message, requeue, details, job.started);
                 counters.in_flight.fetch_sub(1, Ordering::Relaxed);
                 return processed;
             }
@@ -281,7 +284,7 @@ impl<'a> Worker<'a> {
                 Outcome::Retry(format!("stage panicked: {}", panic_message(panic.as_ref())))
             }
         };
-        let processed = self.apply_outcome(message, outcome, false);
+        let processed = self.apply_outcome(input, message, outcome, false, Some(job.started));
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         processed
     }
@@ -290,13 +293,23 @@ impl<'a> Worker<'a> {
     /// outcome could not be carried out.
     fn apply_outcome(
         &mut self,
+        input: usize,
         message: Message,
         outcome: Outcome,
         dead_letter: bool,
+        started: Option<Instant>,
     ) -> Processed {
         let shared = self.shared;
         let counters = &shared.counters;
         let id = message.id().clone();
+        let mut line = HistoryLine {
+            outcome: HistoryOutcome::Committed,
+            attempts: message.attempts().unwrap_or(1),
+            started,
+            reason: None,
+            exit_code: None,
+        };
+        line.set(&outcome, dead_letter);
         let mut failed = false;
         // What to tell the stage's on_failed once the message is in errors/.
         let mut notice: Option<Failed> = None;
@@ -350,6 +363,7 @@ impl<'a> Worker<'a> {
                 message.retry(reason).map(|r| {
                     if r == Retried::DeadLettered {
                         notice = Some(last);
+                        line.outcome = HistoryOutcome::DeadLettered;
                     }
                     self.count_retry(r);
                     Finish::Done
@@ -361,6 +375,7 @@ impl<'a> Worker<'a> {
                     >= message.queue().retry_policy().max_attempts();
                 let retried = if last {
                     notice = Some(failed_notice(&message, &reason, None, true));
+                    line.outcome = HistoryOutcome::DeadLettered;
                     message
                         .fail(reason)
                         .map(|()| self.count_retry(Retried::DeadLettered))
@@ -389,10 +404,17 @@ impl<'a> Worker<'a> {
             let (error, message) = e.into_parts();
             failed = true;
             tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot carry out the outcome");
+            // fall_back fails it (or, failing that, releases it): recorded as failed.
+            line.outcome = HistoryOutcome::Failed;
+            line.reason = Some(format!(
+                "cannot carry out the stage's outcome: {}",
+                error_chain(&error)
+            ));
             if let Some(message) = message {
                 fall_back(message, &error, counters);
             }
         }
+        shared.record(input, &id, line);
         if let Some(transition) = lock(&shared.breaker).record(failed, Instant::now()) {
             log_transition(shared, transition);
         }
@@ -413,10 +435,22 @@ impl<'a> Worker<'a> {
         message: Message,
         requeue: bool,
         details: FailureDetails,
+        started: Instant,
     ) -> Processed {
         let shared = self.shared;
         let counters = &shared.counters;
         let id = message.id().clone();
+        let line = HistoryLine {
+            outcome: if requeue {
+                HistoryOutcome::Released
+            } else {
+                HistoryOutcome::Cancelled
+            },
+            attempts: message.attempts().unwrap_or(1),
+            started: Some(started),
+            reason: Some(CANCELLED_REASON.to_owned()),
+            exit_code: details.exit_code,
+        };
         let (applied, notice, answer) = if requeue {
             (message.release(), None, CancelAnswer::Incoming)
         } else {
@@ -432,6 +466,7 @@ impl<'a> Worker<'a> {
             Ok(()) => {
                 Counters::add(&counters.cancelled, 1);
                 tracing::info!(stage = %shared.name, %id, ?answer, "cancelled");
+                shared.record(input, &id, line);
                 cancel::answer(&shared.inputs[input], &id, answer);
                 cancel::end(&shared.inputs[input], &id);
                 if let Some(notice) = notice {
@@ -556,6 +591,37 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(Finish::Commit(message))
+    }
+}
+
+impl HistoryLine {
+    /// What the history says of `outcome`, before it is carried out; a retry that
+    /// turns out to be the last is changed to a dead letter by the caller.
+    fn set(&mut self, outcome: &Outcome, dead_letter: bool) {
+        let failed = if dead_letter {
+            HistoryOutcome::DeadLettered
+        } else {
+            HistoryOutcome::Failed
+        };
+        let (kind, reason, exit_code) = match outcome {
+            Outcome::Forward | Outcome::ForwardTo(_) => (HistoryOutcome::Forwarded, None, None),
+            Outcome::Emit(_) => (HistoryOutcome::Emitted, None, None),
+            Outcome::Commit => (HistoryOutcome::Committed, None, None),
+            Outcome::Fail(reason) => (failed, Some(reason.clone()), None),
+            Outcome::FailWith(reason, details) => (failed, Some(reason.clone()), details.exit_code),
+            Outcome::TimedOut(details) => (
+                HistoryOutcome::TimedOut,
+                Some("timeout".to_owned()),
+                details.exit_code,
+            ),
+            Outcome::Stop(reason) => (HistoryOutcome::Stopped, Some(reason.clone()), None),
+            Outcome::Retry(reason) | Outcome::RetryAfter(reason, _) => {
+                (HistoryOutcome::Retried, Some(reason.clone()), None)
+            }
+        };
+        self.outcome = kind;
+        self.reason = reason;
+        self.exit_code = exit_code;
     }
 }
 

@@ -41,6 +41,9 @@ impl Dir {
     pub(crate) fn open_write(&self, _name: &OsStr) -> io::Result<File> {
         unsupported()
     }
+    pub(crate) fn open_append(&self, _name: &OsStr, _mode: u32) -> io::Result<File> {
+        unsupported()
+    }
     pub(crate) fn create_new(&self, _name: &OsStr, _mode: u32) -> io::Result<File> {
         unsupported()
     }

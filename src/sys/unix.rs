@@ -91,6 +91,25 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Opens `name` for appending, creating it with `mode` if missing (`O_APPEND`:
+    /// every `write` goes to the end, atomically with respect to other appenders), not
+    /// following a symlink.
+    pub(crate) fn open_append(&self, name: &OsStr, mode: u32) -> io::Result<File> {
+        let fd = rfs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY
+                | OFlags::APPEND
+                | OFlags::CREATE
+                | OFlags::NOFOLLOW
+                | OFlags::NONBLOCK
+                | OFlags::NOCTTY
+                | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        Ok(File::from(fd))
+    }
+
     /// Creates `name`, failing if it exists (`O_CREAT|O_EXCL`, which never follows a symlink).
     pub(crate) fn create_new(&self, name: &OsStr, mode: u32) -> io::Result<File> {
         let fd = rfs::openat(

@@ -17,6 +17,7 @@ mod exec_settings;
 mod filesystems;
 mod group_commit;
 mod groups;
+mod history;
 mod hostile;
 mod lifecycle;
 mod mentat;

@@ -157,7 +157,9 @@ dirq status --json q1 | jq .incoming"
         #[arg(long, value_name = "N", requires = "spool")]
         depth: Option<usize>,
         /// One JSON object per queue per line: queue, incoming, pending, errors, tmp,
-        /// deferred, hold, bytes, oldest_age_s, and the Pipers that advertise under it.
+        /// deferred, hold, bytes, oldest_age_s, the Pipers that advertise under it, and
+        /// last_hour: the outcomes of the last hour from its history (ok, fail, timeout,
+        /// retried, released).
         #[arg(long)]
         json: bool,
         /// Refresh every SECS seconds, in place (until interrupted); at least 0.1.
@@ -194,6 +196,45 @@ dirq ages /var/spool/dirq/*"
         /// Queues to report on.
         #[arg(required = true, value_name = "QUEUE")]
         queues: Vec<PathBuf>,
+    },
+
+    /// The outcomes Pipers recorded in a queue's history, oldest first.
+    #[command(
+        after_help = "Pipers (dirq exec, dirq run) append one line per outcome to QUEUE/history/ \
+current.jsonl, rotated into files named by their first time; every file is read, the \
+rotated ones first. Outcomes: committed, forwarded, emitted, failed, dead_lettered, \
+timed_out, retried, released, stopped.\n\nExamples:\n  dirq history q --since 1h\n  \
+dirq history q --outcome failed --since 1d\n  dirq history q --id 1763797920.123456789.host.4242.9f3a1c2b.msg\n  \
+dirq history q --json | jq -r 'select(.duration_ms > 1000) | .id'"
+    )]
+    History {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// Only outcomes of the last DUR (30m, 1h, 2d).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Only this outcome (committed, failed, dead_lettered, timed_out, ...).
+        #[arg(long, value_name = "OUTCOME", value_parser = parse_outcome)]
+        outcome: Option<dirq::admin::HistoryOutcome>,
+        /// Only this message id.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// The JSON lines as written: id, outcome, time, attempts, duration_ms,
+        /// reason, exit_code, piper, pid, host.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Print the job log of a message (dirq exec --log-output): each attempt's output.
+    #[command(after_help = "Example:\n  dirq log q 1763797920.123456789.host.4242.9f3a1c2b.msg")]
+    Log {
+        /// The queue.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        /// The message id.
+        #[arg(value_name = "ID")]
+        id: OsString,
     },
 
     /// Print one message without claiming it.
@@ -604,6 +645,17 @@ pub(crate) struct ExecArgs {
     /// How long SIGTERM waits for running commands before putting their messages back.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
+    /// Write no history (QUEUE/history/; see dirq history).
+    #[arg(long)]
+    pub(crate) no_history: bool,
+    /// Keep each command's standard error, and its standard output when it is not
+    /// passed on, in QUEUE/history/logs/ID.log (see dirq log).
+    #[arg(long)]
+    pub(crate) log_output: bool,
+    /// The most a message's job log holds (all attempts; head and tail kept): bytes,
+    /// or with a unit, 64KiB, 1MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub(crate) log_limit: u64,
     /// Group commit: outcomes per directory sync (1 to 65536; 1 syncs each message).
     /// A crash can make the last unsynced batch be processed again, with the same ids.
     #[arg(long, value_name = "N", default_value_t = dirq::piper::PiperBuilder::DEFAULT_COMMIT_BATCH)]
@@ -641,6 +693,43 @@ pub(crate) struct AlertArgs {
     /// this long (at least 10s).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub(crate) alert_stale_after: Option<Duration>,
+}
+
+/// An outcome of `dirq history --outcome`.
+pub(crate) fn parse_outcome(s: &str) -> Result<dirq::admin::HistoryOutcome, String> {
+    dirq::admin::HistoryOutcome::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = dirq::admin::HistoryOutcome::ALL
+            .iter()
+            .map(|o| o.as_str())
+            .collect();
+        format!("{s:?} is not an outcome: {}", names.join(", "))
+    })
+}
+
+/// A size: bytes, or a number with a unit (`KiB`, `MiB`, `GiB`, or `K`, `M`, `G`, all
+/// powers of 1024).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1048576, 64KiB or 1MiB"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use KiB, MiB or GiB"
+            ))
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {

@@ -80,6 +80,7 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     if let Some(hook) = &args.on_fail {
         stage.on_fail(hook);
     }
+    stage.log_output(args.log_output).log_limit(args.log_limit);
     let stage = stage.build()?;
     let mut builder = Piper::builder(&name);
     builder
@@ -92,6 +93,7 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
                 .unwrap_or(PiperBuilder::DEFAULT_COMMIT_DELAY),
         )
         .handle_signals(true)
+        .history(!args.no_history)
         .stage(stage.clone());
     for queue in &also {
         builder.input(queue);

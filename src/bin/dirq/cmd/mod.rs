@@ -3,6 +3,7 @@
 mod admin;
 mod edit;
 mod exec;
+mod history;
 mod metrics;
 mod produce;
 mod report;
@@ -89,6 +90,14 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
         Command::Edit { queue, id, from } => {
             edit::edit(&opener.existing(&queue)?, &id, from.as_deref())
         }
+        Command::History {
+            queue,
+            since,
+            outcome,
+            id,
+            json,
+        } => history::history(&opener.inspect(&queue)?, since, outcome, id, json),
+        Command::Log { queue, id } => history::log(&opener.inspect(&queue)?, &id),
         Command::Cat { queue, id } => produce::cat(&opener.inspect(&queue)?, &id),
         Command::Status {
             queues,

@@ -5,7 +5,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dirq::admin::MessageInfo;
+use dirq::admin::{HistoryCounts, MessageInfo};
 use dirq::piper::PiperInfo;
 use dirq::queue::Counts;
 use dirq::{DirectoryQueue, State};
@@ -122,7 +122,12 @@ struct Row<'q> {
     bytes: Vec<(State, u64)>,
     oldest: Option<Duration>,
     pipers: Vec<PiperInfo>,
+    /// Outcomes of the last hour, from the queue's history.
+    hour: HistoryCounts,
 }
+
+/// The period `status` counts outcomes over.
+const HOUR: Duration = Duration::from_secs(3600);
 
 fn gather(queue: &DirectoryQueue) -> Result<Row<'_>, dirq::Error> {
     let mut bytes = Vec::new();
@@ -135,6 +140,7 @@ fn gather(queue: &DirectoryQueue) -> Result<Row<'_>, dirq::Error> {
         bytes,
         oldest: queue.oldest_age()?,
         pipers: dirq::admin::pipers(queue)?,
+        hour: dirq::admin::history_counts(queue, SystemTime::now() - HOUR)?,
     })
 }
 
@@ -158,6 +164,11 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
                 "bytes": row.bytes.iter().map(|(s, b)| (s.as_str().to_owned(), json!(b))).collect::<serde_json::Map<_, _>>(),
                 "oldest_age_s": row.oldest.map(|d| d.as_secs_f64()),
                 "pipers": row.pipers.iter().map(piper_json).collect::<Vec<_>>(),
+                "last_hour": {
+                    "ok": row.hour.ok, "fail": row.hour.failed, "timeout": row.hour.timed_out,
+                    "retried": row.hour.retried, "released": row.hour.released,
+                    "cancelled": row.hour.cancelled,
+                },
             });
             let _ = writeln!(text, "{line}");
         }
@@ -199,6 +210,14 @@ fn render_status(targets: &Targets<'_>, json: bool) -> (String, Vec<dirq::Error>
             human::size(waiting),
             row.oldest.map_or_else(|| "-".to_owned(), human::duration)
         );
+        let h = &row.hour;
+        if *h != HistoryCounts::default() {
+            let _ = writeln!(
+                text,
+                "  last hour: {} ok, {} fail, {} timeout, {} retried, {} released, {} cancelled",
+                h.ok, h.failed, h.timed_out, h.retried, h.released, h.cancelled
+            );
+        }
         for piper in &row.pipers {
             let _ = writeln!(text, "  {}", piper_line(piper));
         }

@@ -99,6 +99,11 @@ pub(super) struct StageSettings {
     pub(super) alert_interval: Option<String>,
     pub(super) alert_max_age: Option<String>,
     pub(super) alert_stale_after: Option<String>,
+    /// History and job logs: `history = false` is `--no-history`; `log_output = true`
+    /// is `--log-output`, `log_limit` (`"1MiB"`) `--log-limit`.
+    pub(super) history: Option<bool>,
+    pub(super) log_output: Option<bool>,
+    pub(super) log_limit: Option<String>,
 }
 
 /// A permission mode in a pipeline file.
@@ -178,6 +183,12 @@ impl StageSettings {
                 .clone()
                 .or_else(|| defaults.alert_stale_after.clone()),
             dir_mode: self.dir_mode.clone().or_else(|| defaults.dir_mode.clone()),
+            history: self.history.or(defaults.history),
+            log_output: self.log_output.or(defaults.log_output),
+            log_limit: self
+                .log_limit
+                .clone()
+                .or_else(|| defaults.log_limit.clone()),
             file_mode: self
                 .file_mode
                 .clone()
@@ -420,6 +431,19 @@ pub(super) fn exec_command(
     }
     if settings.breaker == Some(false) {
         args.push("--no-breaker".to_owned());
+    }
+    if settings.history == Some(false) {
+        args.push("--no-history".to_owned());
+    }
+    if settings.log_output == Some(true) {
+        args.push("--log-output".to_owned());
+    }
+    if let Some(limit) = &settings.log_limit {
+        let bytes = crate::args::parse_size(limit).map_err(|e| bad(format!("log_limit: {e}")))?;
+        if bytes < 1024 {
+            return Err(bad(format!("log_limit = {limit:?}: must be at least 1KiB")));
+        }
+        args.extend(["--log-limit".to_owned(), limit.clone()]);
     }
     if let Some(limit) = settings.out_limit {
         args.extend(["--out-limit".to_owned(), limit.to_string()]);
