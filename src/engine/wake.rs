@@ -254,6 +254,12 @@ impl Wake {
         }
     }
 
+    /// Whether filesystem events can be trusted here; `false` once the handle fell
+    /// back to polling (NFS, FUSE, inotify limits).
+    pub(crate) fn events(&self) -> bool {
+        !lock(&self.watch).polling_only
+    }
+
     /// Starts recording the names that arrive, forgetting those recorded so far.
     /// Returns `false` when no watch for arrivals is active, so nothing is recorded.
     ///

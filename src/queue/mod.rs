@@ -174,6 +174,24 @@ impl DirectoryQueue {
         self.shared.next_wake(now)
     }
 
+    /// A new, non-blocking watch on `incoming/` for arrivals, for a reactor to poll
+    /// (the async claimers of `aio`); `None` where events cannot be trusted or are not
+    /// available, so that the caller polls at the rescan interval instead.
+    #[cfg_attr(not(feature = "tokio"), expect(dead_code, reason = "used by aio only"))]
+    pub(crate) fn arrivals_watch(&self) -> Option<ArrivalsWatch> {
+        if !self.shared.wake().events() {
+            return None;
+        }
+        let dir = self.shared.path(State::Incoming);
+        match crate::sys::arrivals_watch(dir) {
+            Ok(fd) => Some(ArrivalsWatch { fd }),
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "no arrival events; polling only");
+                None
+            }
+        }
+    }
+
     /// The retry policy the queue was opened with.
     pub(crate) fn retry_policy(&self) -> &RetryPolicy {
         &self.shared.config().retry
@@ -197,6 +215,34 @@ impl DirectoryQueue {
     /// Whether two handles refer to the same queue directory.
     pub fn same_queue(&self, other: &DirectoryQueue) -> bool {
         self.shared.identity() == other.shared.identity()
+    }
+}
+
+impl AsRef<DirectoryQueue> for DirectoryQueue {
+    fn as_ref(&self) -> &DirectoryQueue {
+        self
+    }
+}
+
+/// An inotify descriptor watching a queue's `incoming/` for arrivals; see
+/// [`DirectoryQueue::arrivals_watch`]. Readable when something arrived.
+#[derive(Debug)]
+pub(crate) struct ArrivalsWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+#[cfg_attr(not(feature = "tokio"), expect(dead_code, reason = "used by aio only"))]
+impl ArrivalsWatch {
+    /// Reads and discards the pending events: they only say "look". `WouldBlock`
+    /// when there were none.
+    pub(crate) fn drain(&self) -> std::io::Result<usize> {
+        crate::sys::drain_events(&self.fd)
+    }
+}
+
+impl std::os::fd::AsRawFd for ArrivalsWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
