@@ -66,6 +66,7 @@ ALLOWED = {
     "admin": {"sys", "format", "error", "engine", "queue", "piper"},
     "piper": {"sys", "format", "error", "engine", "queue"},
     "spool": {"sys", "format", "error", "piper"},
+    "aio": {"format", "error", "queue"},
 }
 layer = lambda m: m.split("::")[0]
 wrong = []

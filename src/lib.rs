@@ -155,6 +155,8 @@
 // The layers, bottom up: sys, format, error, engine, queue; on top admin, piper
 // and spool. Each imports only from the layers below it (docs/architecture.md).
 pub mod admin;
+#[cfg(feature = "tokio")]
+pub mod aio;
 mod engine;
 pub mod error;
 mod format;

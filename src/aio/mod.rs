@@ -1,0 +1,323 @@
+//! The async queue API on tokio (feature `tokio`): [`AsyncQueue`] and
+//! [`AsyncMessage`], over the sync [`DirectoryQueue`].
+//!
+//! Nothing here blocks a runtime thread: every file operation (claim, read, rename,
+//! sync) runs on tokio's blocking pool through [`spawn_blocking`](tokio::task::spawn_blocking),
+//! at most [`BLOCKING_CLAIMS`] claims of one queue at a time. An idle claimer does not
+//! hold a thread either: it waits on an inotify descriptor of `incoming/` registered
+//! with the runtime's reactor (one per queue, shared by all its waiters), on the same
+//! events as sync claimers, and rescans at the queue's
+//! [rescan interval](crate::QueueBuilder::rescan_interval) and when a deferred message
+//! falls due, in case an event was missed (events are a hint; the scan decides).
+//!
+//! # Runtime
+//!
+//! The runtime needs its I/O and time drivers (`enable_all()`, which
+//! `#[tokio::main]` does). An [`AsyncQueue`] registers its watch with the runtime in
+//! which it first waits: use it within that runtime.
+//!
+//! # Cancellation
+//!
+//! Every future of this module may be dropped at any await point without losing a
+//! message:
+//!
+//! - a claim ([`claim`](AsyncQueue::claim), [`claim_timeout`](AsyncQueue::claim_timeout),
+//!   [`try_claim`](AsyncQueue::try_claim), the [`messages`](AsyncQueue::messages)
+//!   stream) either claimed nothing, or the message it claimed is released back into
+//!   `incoming/`, counting the attempt;
+//! - a terminal ([`commit`](AsyncMessage::commit) and the others) that has started
+//!   runs to completion on the blocking pool; if it failed and handed the message back,
+//!   that message is released;
+//! - an enqueue that has started completes: the message is published, but its id is
+//!   not returned.
+//!
+//! A release that a runtime shutting down drops unrun is done in place by the thread
+//! that drops it. If the process dies first, the message stays in `pending/`, and the
+//! next [`recover`](DirectoryQueue::recover) requeues it, as for a sync
+//! [`Message`](crate::Message) dropped without a terminal.
+
+mod message;
+mod stream;
+mod wake;
+
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+pub use message::{AsyncMessage, TerminalError};
+pub use stream::Messages;
+
+use crate::error::Result;
+use crate::format::id::MessageId;
+use crate::queue::DirectoryQueue;
+use wake::AsyncWake;
+
+/// How many claims of one queue run on the blocking pool at once. A thousand idle
+/// claimers woken by one arrival would otherwise ask the pool for a thousand threads;
+/// one claim takes microseconds, so a few lanes keep up.
+pub const BLOCKING_CLAIMS: usize = 4;
+
+/// A [`DirectoryQueue`] for async code: the same queue, the same protocol, other
+/// processes and sync handles included; its futures do their file I/O on tokio's
+/// blocking pool and wait for messages on the reactor.
+///
+/// Cheap to clone; clones share the sync handle, its snapshot and one watch.
+///
+/// # Example
+///
+/// ```
+/// use dirq::{DirectoryQueue, aio::AsyncQueue};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> dirq::Result<()> {
+/// let dir = tempfile::tempdir().expect("tempdir");
+/// let queue = AsyncQueue::from(DirectoryQueue::open(dir.path().join("q"))?);
+/// let id = queue.enqueue(b"hello".to_vec()).await?;
+/// let message = queue.claim().await?;          // waits for a message; no thread parked
+/// assert_eq!(message.id(), &id);
+/// assert_eq!(message.bytes().await?, b"hello");
+/// message.commit().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: DirectoryQueue,
+    /// Created in the runtime of the first claimer that waits.
+    wake: OnceLock<AsyncWake>,
+    /// Lanes of the blocking pool for claims ([`BLOCKING_CLAIMS`]).
+    claims: Arc<Semaphore>,
+}
+
+impl From<DirectoryQueue> for AsyncQueue {
+    fn from(queue: DirectoryQueue) -> AsyncQueue {
+        AsyncQueue {
+            inner: Arc::new(Inner {
+                queue,
+                wake: OnceLock::new(),
+                claims: Arc::new(Semaphore::new(BLOCKING_CLAIMS)),
+            }),
+        }
+    }
+}
+
+impl AsRef<DirectoryQueue> for AsyncQueue {
+    fn as_ref(&self) -> &DirectoryQueue {
+        &self.inner.queue
+    }
+}
+
+impl AsyncQueue {
+    /// The sync handle underneath, for what this type does not offer (counts,
+    /// listings, recovery).
+    pub fn sync_queue(&self) -> &DirectoryQueue {
+        &self.inner.queue
+    }
+
+    /// Adds a message; see [`DirectoryQueue::enqueue`].
+    ///
+    /// If this future is dropped once it has started, the message is still published.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::enqueue`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::enqueue`].
+    pub async fn enqueue(&self, bytes: impl AsRef<[u8]> + Send + 'static) -> Result<MessageId> {
+        let queue = self.inner.queue.clone();
+        blocking(move || queue.enqueue(bytes)).await
+    }
+
+    /// Adds several messages at once, syncing once for all; see
+    /// [`DirectoryQueue::enqueue_batch`].
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::enqueue_batch`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::enqueue_batch`].
+    pub async fn enqueue_batch<I>(&self, items: I) -> Result<Vec<MessageId>>
+    where
+        I: IntoIterator + Send + 'static,
+        I::Item: AsRef<[u8]>,
+    {
+        let queue = self.inner.queue.clone();
+        blocking(move || queue.enqueue_batch(items)).await
+    }
+
+    /// Claims the oldest message in `incoming/` if there is one, without waiting for
+    /// one to arrive; see [`DirectoryQueue::try_claim`].
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the future never strands a message: the claim runs on the blocking
+    /// pool, and a message it claimed for a future that is gone is released.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    pub async fn try_claim(&self) -> Result<Option<AsyncMessage>> {
+        let permit = Arc::clone(&self.inner.claims)
+            .acquire_owned()
+            .await
+            .expect("the claim semaphore is never closed");
+        let queue = self.inner.queue.clone();
+        // IMPORTANT: the message becomes an AsyncMessage on the blocking thread, before
+        // it is handed over: if this future is gone by then, dropping the result
+        // releases the message instead of leaving it in pending/.
+        blocking(move || {
+            let claimed = queue.try_claim().map(|m| m.map(AsyncMessage::new));
+            drop(permit);
+            claimed
+        })
+        .await
+    }
+
+    /// Claims the oldest message, waiting as long as it takes for one to arrive,
+    /// without holding a thread while it waits.
+    ///
+    /// # Cancellation
+    ///
+    /// Cancel-safe: dropped at any await point (a `select!`, a timeout, an aborted
+    /// task), the future either claimed nothing or its message is released back into
+    /// `incoming/` (counting the attempt), never left in `pending/`.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    pub async fn claim(&self) -> Result<AsyncMessage> {
+        loop {
+            if let Some(message) = self.claim_until(None).await? {
+                return Ok(message);
+            }
+        }
+    }
+
+    /// Claims the oldest message, waiting at most `timeout` for one; `None` when none
+    /// came.
+    ///
+    /// # Cancellation
+    ///
+    /// As [`claim`](AsyncQueue::claim).
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    pub async fn claim_timeout(&self, timeout: Duration) -> Result<Option<AsyncMessage>> {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.claim_until(Some(deadline)).await,
+            None => self.claim().await.map(Some),
+        }
+    }
+
+    /// The claimed messages, one after another, as a [`Stream`](futures_core::Stream)
+    /// that waits like [`claim`](AsyncQueue::claim). It never ends; an error is an item
+    /// and the stream goes on.
+    ///
+    /// Dropping the stream while it waits is safe, as dropping a `claim()` future is.
+    pub fn messages(&self) -> Messages {
+        Messages::new(self.clone())
+    }
+
+    /// The claim loop: look, then wait for an arrival, a rescan or a due time.
+    async fn claim_until(&self, deadline: Option<Instant>) -> Result<Option<AsyncMessage>> {
+        let wake = self.wake();
+        let mut seen = wake.subscribe();
+        loop {
+            // Marked seen before looking, so an arrival during the look wakes us.
+            seen.borrow_and_update();
+            if let Some(message) = self.try_claim().await? {
+                return Ok(Some(message));
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            let next = Instant::from_std(self.inner.queue.next_wake(now.into_std()));
+            let until = deadline.map_or(next, |d| d.min(next));
+            first_of(
+                async {
+                    // An error means the sender is gone, which it is not while we
+                    // borrow it; either way, looking again is right.
+                    let _ = seen.changed().await;
+                },
+                wake.arrival(),
+                tokio::time::sleep_until(until),
+            )
+            .await;
+        }
+    }
+
+    fn wake(&self) -> &AsyncWake {
+        self.inner
+            .wake
+            .get_or_init(|| AsyncWake::new(self.inner.queue.arrivals_watch()))
+    }
+}
+
+impl fmt::Debug for AsyncQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncQueue")
+            .field("queue", &self.inner.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Waits for the first of three futures, dropping the others (`select!` without the
+/// `macros` feature).
+async fn first_of(
+    a: impl Future<Output = ()>,
+    b: impl Future<Output = ()>,
+    c: impl Future<Output = ()>,
+) {
+    let (mut a, mut b, mut c) = (pin!(a), pin!(b), pin!(c));
+    poll_fn(|cx| {
+        if a.as_mut().poll(cx).is_ready()
+            || b.as_mut().poll(cx).is_ready()
+            || c.as_mut().poll(cx).is_ready()
+        {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// Runs `work` on the blocking pool and waits for it. Its panic is resumed here; if
+/// the runtime shuts down before it ran, this future never completes (the runtime is
+/// dropping it anyway).
+async fn blocking<T, F>(work: F) -> T
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => std::future::pending().await,
+    }
+}
