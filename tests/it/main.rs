@@ -1,6 +1,8 @@
 //! Integration tests: the library across threads and processes, the real binary, and
 //! Mentat's own Python implementation of the protocol.
 
+#[cfg(feature = "tokio")]
+mod aio;
 mod alerts;
 mod cancel;
 mod cli;

@@ -1,0 +1,397 @@
+//! The async API (`dirq::aio`, feature `tokio`): the sync tests' mirror, wake-ups by
+//! another process, many idle claimers on few threads, and cancellation under load.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dirq::aio::{AsyncMessage, AsyncQueue};
+use dirq::queue::Retried;
+use dirq::{DirectoryQueue, MessageId, State};
+
+use crate::util::{run_with_input, wait_until, TestQueue};
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn async_queue(t: &TestQueue) -> AsyncQueue {
+    AsyncQueue::from(t.queue.clone())
+}
+
+/// Threads of this process now (`Threads:` of /proc/self/status).
+fn threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn enqueue_claim_commit_round_trip() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let id = q.enqueue(b"hello".to_vec()).await.unwrap();
+        let message = q.claim().await.unwrap();
+        assert_eq!(message.id(), &id);
+        assert_eq!(message.bytes().await.unwrap(), b"hello");
+        assert_eq!(message.attempts().await.unwrap(), 1);
+        assert_eq!(t.names(State::Pending), [id.to_string()]);
+        message.commit().await.unwrap();
+    });
+    assert!(t.names(State::Pending).is_empty());
+    assert!(t.names(State::Incoming).is_empty());
+}
+
+#[test]
+fn claims_oldest_first_and_batches_keep_order() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let ids = q
+            .enqueue_batch((0..20).map(|i| format!("m{i}")).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while let Some(message) = q.try_claim().await.unwrap() {
+            assert_eq!(
+                message.bytes().await.unwrap(),
+                format!("m{}", seen.len()).as_bytes()
+            );
+            seen.push(message.id().clone());
+            message.commit().await.unwrap();
+        }
+        assert_eq!(seen, ids);
+    });
+}
+
+#[test]
+fn forward_to_an_async_or_a_sync_queue_keeps_the_id() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    let next_sync = t.sibling("next-sync");
+    let next_async = AsyncQueue::from(t.sibling("next-async"));
+    current_thread().block_on(async {
+        let a = q.enqueue(b"a".to_vec()).await.unwrap();
+        let b = q.enqueue(b"b".to_vec()).await.unwrap();
+        q.claim().await.unwrap().forward(&next_async).await.unwrap();
+        q.claim().await.unwrap().forward(&next_sync).await.unwrap();
+        assert_eq!(next_async.claim().await.unwrap().id(), &a);
+        assert_eq!(next_sync.count(State::Incoming).unwrap(), 1);
+        assert_eq!(next_sync.try_claim().unwrap().unwrap().id(), &b);
+    });
+}
+
+#[test]
+fn fail_writes_the_sidecar_with_the_reason() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    let id = current_thread().block_on(async {
+        let id = q.enqueue(b"bad".to_vec()).await.unwrap();
+        q.claim().await.unwrap().fail("cannot parse").await.unwrap();
+        id
+    });
+    assert_eq!(
+        t.names(State::Errors),
+        [id.to_string(), format!("{id}.meta")]
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(t.path(State::Errors).join(format!("{id}.meta"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["reason"], "cannot parse");
+    assert_eq!(meta["attempts"], 1);
+}
+
+#[test]
+fn retry_defers_and_release_returns_counting_attempts() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let id = q.enqueue(b"again".to_vec()).await.unwrap();
+        q.claim().await.unwrap().release().await.unwrap();
+        assert_eq!(t.names(State::Incoming), [id.to_string()]);
+        let message = q.claim().await.unwrap();
+        assert_eq!(message.attempts().await.unwrap(), 2);
+        match message.retry("busy").await.unwrap() {
+            Retried::Deferred(_) => {}
+            other => panic!("expected a deferral, got {other:?}"),
+        }
+        assert!(t.names(State::Incoming).is_empty());
+        assert!(t.names(State::Pending).is_empty());
+        assert_eq!(t.queue.count(State::Deferred).unwrap(), 1);
+    });
+}
+
+#[test]
+fn claim_timeout_returns_none_on_an_empty_queue() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let start = Instant::now();
+        let claimed = q.claim_timeout(Duration::from_millis(200)).await.unwrap();
+        assert!(claimed.is_none());
+        assert!(start.elapsed() >= Duration::from_millis(200));
+    });
+}
+
+#[test]
+fn idle_claimer_is_woken_by_another_process_push() {
+    let t = TestQueue::new();
+    // An hour-long rescan: only the inotify event, through the reactor, can wake the
+    // claimer before the deadline.
+    let claimer = DirectoryQueue::builder(t.root())
+        .rescan_interval(Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    let stats = claimer.clone();
+    let q = AsyncQueue::from(claimer);
+    let root = t.root().to_str().unwrap().to_owned();
+    current_thread().block_on(async move {
+        let waiting = tokio::spawn(async move { q.claim_timeout(Duration::from_secs(60)).await });
+        let scanned = tokio::task::spawn_blocking(move || {
+            wait_until(Duration::from_secs(10), "the claimer's first scan", || {
+                stats.claim_stats().scans >= 1
+            });
+        });
+        scanned.await.unwrap();
+        let start = Instant::now();
+        let pushed = tokio::task::spawn_blocking(move || run_with_input(&["push", &root], b"wake"));
+        assert!(pushed.await.unwrap().status.success());
+        let message = waiting
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("woken with a message");
+        assert!(start.elapsed() < Duration::from_secs(30));
+        assert_eq!(message.bytes().await.unwrap(), b"wake");
+        message.commit().await.unwrap();
+    });
+}
+
+#[test]
+fn dropped_message_goes_back_to_incoming() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    let id = current_thread().block_on(async {
+        let id = q.enqueue(b"dropped".to_vec()).await.unwrap();
+        let message = q.claim().await.unwrap();
+        drop(message);
+        id
+    });
+    // The release ran on the blocking pool, or where the runtime's shutdown dropped it.
+    wait_until(Duration::from_secs(10), "the release", || {
+        t.names(State::Incoming) == [id.to_string()]
+    });
+    assert!(t.names(State::Pending).is_empty());
+    let again = t.queue.try_claim().unwrap().unwrap();
+    assert_eq!(again.attempts().unwrap(), 2, "the drop counted the attempt");
+    again.commit().unwrap();
+}
+
+#[test]
+fn messages_stream_yields_claims_in_order() {
+    use std::future::poll_fn;
+    use std::pin::Pin;
+
+    use futures_core::Stream;
+
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let ids = q.enqueue_batch(vec![b"1", b"2", b"3"]).await.unwrap();
+        let mut stream = q.messages();
+        for id in &ids {
+            let message: AsyncMessage = poll_fn(|cx| Pin::new(&mut stream).poll_next(cx))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(message.id(), id);
+            message.commit().await.unwrap();
+        }
+    });
+}
+
+/// A thousand idle claimers on one thread: no thread per waiter, and every one gets a
+/// message once they arrive.
+#[test]
+fn a_thousand_waiting_claimers_use_few_threads() {
+    const CLAIMERS: usize = 1000;
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    let before = threads();
+    current_thread().block_on(async {
+        let mut claimers = Vec::new();
+        for _ in 0..CLAIMERS {
+            let q = q.clone();
+            claimers.push(tokio::spawn(async move {
+                let message = q.claim().await.unwrap();
+                let id = message.id().clone();
+                message.commit().await.unwrap();
+                id
+            }));
+        }
+        // Let every claimer look once and go to sleep (it does not matter for
+        // correctness when the messages come; this is to count the sleepers' threads).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = threads();
+        // The blocking pool's lanes for claims, plus what the other tests of this
+        // binary, running beside this one, start meanwhile: far from one per claimer.
+        assert!(
+            waiting <= before + 32,
+            "{CLAIMERS} waiting claimers took {} threads (from {before} to {waiting})",
+            waiting.saturating_sub(before)
+        );
+        let producer = AsyncQueue::from(DirectoryQueue::open(t.root()).unwrap());
+        let ids = producer
+            .enqueue_batch((0..CLAIMERS).map(|i| i.to_string()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let mut claimed = Vec::new();
+        for claimer in claimers {
+            claimed.push(
+                tokio::time::timeout(Duration::from_secs(60), claimer)
+                    .await
+                    .expect("every claimer gets a message")
+                    .unwrap(),
+            );
+        }
+        claimed.sort();
+        let mut ids = ids;
+        ids.sort();
+        assert_eq!(claimed, ids);
+        // Committing uses the blocking pool too, a thread per fsync under way (tokio
+        // caps the pool at 512): many fewer than a thread per claimer.
+        let after = threads();
+        assert!(
+            after <= before + 64,
+            "threads grew from {before} to {after} while the claimers worked"
+        );
+    });
+}
+
+/// A small PRNG for the cancellation test (xorshift; the seed is printed on failure).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Claims cancelled at random points (timeouts, races against a timer, aborted tasks)
+/// while producers enqueue: every message is committed exactly once, and nothing is
+/// left in `pending/` or `incoming/`.
+#[test]
+fn cancelled_claims_never_lose_or_strand_a_message() {
+    const MESSAGES: usize = 400;
+    const CONSUMERS: u64 = 8;
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    let committed: Arc<Mutex<HashMap<MessageId, usize>>> = Arc::default();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let produced = runtime.block_on(async {
+        let producer = {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for round in 0..MESSAGES / 10 {
+                    let batch: Vec<String> = (0..10).map(|i| format!("{round}-{i}")).collect();
+                    ids.extend(q.enqueue_batch(batch).await.unwrap());
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                ids
+            })
+        };
+        let mut consumers = Vec::new();
+        for c in 0..CONSUMERS {
+            let q = q.clone();
+            let committed = Arc::clone(&committed);
+            consumers.push(tokio::spawn(async move {
+                let mut rng = Rng(seed.wrapping_mul(c + 1) | 1);
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while committed.lock().unwrap().len() < MESSAGES {
+                    assert!(Instant::now() < deadline, "stuck; seed {seed}");
+                    let tiny = Duration::from_micros(rng.below(3000));
+                    let claimed = match rng.below(3) {
+                        0 => tokio::time::timeout(tiny, q.claim())
+                            .await
+                            .ok()
+                            .map(Result::unwrap),
+                        1 => {
+                            let claim = q.claim();
+                            let timer = tokio::time::sleep(tiny);
+                            tokio::pin!(claim, timer);
+                            std::future::poll_fn(|cx| {
+                                use std::future::Future;
+                                use std::task::Poll;
+                                if let Poll::Ready(m) = claim.as_mut().poll(cx) {
+                                    return Poll::Ready(Some(m.unwrap()));
+                                }
+                                timer.as_mut().poll(cx).map(|()| None)
+                            })
+                            .await
+                        }
+                        _ => {
+                            let task = {
+                                let q = q.clone();
+                                tokio::spawn(async move { q.claim().await })
+                            };
+                            tokio::time::sleep(tiny).await;
+                            task.abort();
+                            match task.await {
+                                Ok(m) => Some(m.unwrap()),
+                                Err(e) => {
+                                    assert!(e.is_cancelled(), "{e}");
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    if let Some(message) = claimed {
+                        let id = message.id().clone();
+                        message.commit().await.unwrap();
+                        *committed.lock().unwrap().entry(id).or_default() += 1;
+                    }
+                }
+            }));
+        }
+        for consumer in consumers {
+            consumer.await.unwrap();
+        }
+        producer.await.unwrap()
+    });
+    drop(runtime);
+    let committed = committed.lock().unwrap();
+    assert_eq!(committed.len(), MESSAGES, "seed {seed}");
+    for id in &produced {
+        assert_eq!(
+            committed.get(id),
+            Some(&1),
+            "{id} committed once; seed {seed}"
+        );
+    }
+    t.queue.recover().unwrap();
+    let counts = t.queue.counts().unwrap();
+    assert_eq!((counts.incoming, counts.pending), (0, 0), "seed {seed}");
+}
