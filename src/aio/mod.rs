@@ -180,12 +180,12 @@ impl AsyncQueue {
         // IMPORTANT: the message becomes an AsyncMessage on the blocking thread, before
         // it is handed over: if this future is gone by then, dropping the result
         // releases the message instead of leaving it in pending/.
-        blocking(move || {
-            let claimed = queue.try_claim().map(|m| m.map(AsyncMessage::new));
-            drop(permit);
-            claimed
-        })
-        .await
+        let claimed = blocking(move || queue.try_claim().map(|m| m.map(AsyncMessage::new))).await;
+        // Held until the result is back, not just until the claim returned on the
+        // pool: by then its thread is idle again, so the next claim reuses it rather
+        // than asking tokio for a new one. (A dropped future frees its lane early.)
+        drop(permit);
+        claimed
     }
 
     /// Claims the oldest message, waiting as long as it takes for one to arrive,
