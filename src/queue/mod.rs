@@ -37,6 +37,7 @@ use crate::engine::Shared;
 use crate::error::Result;
 use crate::format::id::MessageId;
 use crate::format::state::State;
+pub(crate) use crate::sys::ArrivalsWatch;
 
 /// A message queue kept as a directory, shared by any number of processes.
 ///
@@ -183,8 +184,8 @@ impl DirectoryQueue {
             return None;
         }
         let dir = self.shared.path(State::Incoming);
-        match crate::sys::arrivals_watch(dir) {
-            Ok(fd) => Some(ArrivalsWatch { fd }),
+        match ArrivalsWatch::new(dir) {
+            Ok(watch) => Some(watch),
             Err(e) => {
                 tracing::debug!(dir = %dir.display(), error = %e, "no arrival events; polling only");
                 None
@@ -221,28 +222,6 @@ impl DirectoryQueue {
 impl AsRef<DirectoryQueue> for DirectoryQueue {
     fn as_ref(&self) -> &DirectoryQueue {
         self
-    }
-}
-
-/// An inotify descriptor watching a queue's `incoming/` for arrivals; see
-/// [`DirectoryQueue::arrivals_watch`]. Readable when something arrived.
-#[derive(Debug)]
-pub(crate) struct ArrivalsWatch {
-    fd: std::os::fd::OwnedFd,
-}
-
-#[cfg_attr(not(feature = "tokio"), expect(dead_code, reason = "used by aio only"))]
-impl ArrivalsWatch {
-    /// Reads and discards the pending events: they only say "look". `WouldBlock`
-    /// when there were none.
-    pub(crate) fn drain(&self) -> std::io::Result<usize> {
-        crate::sys::drain_events(&self.fd)
-    }
-}
-
-impl std::os::fd::AsRawFd for ArrivalsWatch {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
     }
 }
 

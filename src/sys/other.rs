@@ -201,3 +201,18 @@ pub(crate) fn wait_child_timeout(
 pub(crate) fn os_string(bytes: Vec<u8>) -> std::ffi::OsString {
     String::from_utf8_lossy(&bytes).into_owned().into()
 }
+
+/// No inotify here: async claimers poll at the rescan interval.
+#[derive(Debug)]
+pub(crate) struct ArrivalsWatch;
+
+impl ArrivalsWatch {
+    pub(crate) fn new(_dir: &Path) -> io::Result<ArrivalsWatch> {
+        unsupported()
+    }
+
+    #[cfg_attr(not(feature = "tokio"), expect(dead_code, reason = "used by aio only"))]
+    pub(crate) fn drain(&self) -> io::Result<usize> {
+        unsupported()
+    }
+}

@@ -740,39 +740,54 @@ fn convert_kind(ft: FileType) -> EntryKind {
     }
 }
 
-/// A non-blocking, close-on-exec inotify descriptor watching `dir` for entries arriving
-/// (created or moved in), for a reactor to poll (the async claimers' wake-up). The
-/// kernel always reports an overflow of its event queue, which also reads as "look".
-#[cfg(target_os = "linux")]
-pub(crate) fn arrivals_watch(dir: &Path) -> io::Result<OwnedFd> {
-    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
-    let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
-    inotify::add_watch(
-        &fd,
-        dir,
-        WatchFlags::CREATE | WatchFlags::MOVED_TO | WatchFlags::ONLYDIR,
-    )?;
-    Ok(fd)
+/// A non-blocking, close-on-exec inotify descriptor watching a directory for entries
+/// arriving (created or moved in), for a reactor to poll (the async claimers'
+/// wake-up). The kernel always reports an overflow of its event queue, which also
+/// reads as "look". The descriptor is private and never replaced, and closes on drop.
+#[derive(Debug)]
+pub(crate) struct ArrivalsWatch {
+    fd: OwnedFd,
 }
 
-/// Other Unix systems have no inotify: async claimers poll at the rescan interval.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn arrivals_watch(_dir: &Path) -> io::Result<OwnedFd> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
+impl ArrivalsWatch {
+    #[cfg(target_os = "linux")]
+    pub(crate) fn new(dir: &Path) -> io::Result<ArrivalsWatch> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+        inotify::add_watch(
+            &fd,
+            dir,
+            WatchFlags::CREATE | WatchFlags::MOVED_TO | WatchFlags::ONLYDIR,
+        )?;
+        Ok(ArrivalsWatch { fd })
+    }
 
-/// Reads and discards every pending event of a descriptor from [`arrivals_watch`];
-/// returns whether there was any. `WouldBlock` once it is empty, as the reactor expects.
-pub(crate) fn drain_events(fd: &OwnedFd) -> io::Result<usize> {
-    let mut buf = [0u8; 4096];
-    let mut total = 0;
-    loop {
-        match rustix::io::read(fd, &mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => total += n,
-            Err(e) if e == rustix::io::Errno::AGAIN && total > 0 => return Ok(total),
-            Err(e) => return Err(e.into()),
+    /// Other Unix systems have no inotify: async claimers poll at the rescan interval.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn new(_dir: &Path) -> io::Result<ArrivalsWatch> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Reads and discards every pending event (they only say "look"); returns how many
+    /// bytes there were. `WouldBlock` when there were none, as a reactor expects.
+    #[cfg_attr(not(feature = "tokio"), expect(dead_code, reason = "used by aio only"))]
+    pub(crate) fn drain(&self) -> io::Result<usize> {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) if e == rustix::io::Errno::AGAIN && total > 0 => return Ok(total),
+                Err(e) => return Err(e.into()),
+            }
         }
+    }
+}
+
+impl std::os::fd::AsRawFd for ArrivalsWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
