@@ -56,7 +56,10 @@
 //! - [`piper`]: stages over queues, with backpressure, retries and liveness;
 //! - [`admin`]: the operator's tools (listing, hold, requeue, delete, purge, check and
 //!   repair, and cancelling a running message);
-//! - [`error`]: the error type and what it carries.
+//! - [`error`]: the error type and what it carries;
+//! - `aio` (feature `tokio`): the queue API for tokio, `AsyncQueue` and
+//!   `AsyncMessage`, waiting on the runtime's reactor and doing file I/O on its
+//!   blocking pool.
 //!
 //! The full specification, with every system call, fsync and crash case, is in
 //! `docs/protocol.md`.
@@ -134,6 +137,10 @@
 //!   failures. See `docs/protocol.md`.
 //! - **Filesystem events are hints.** inotify can overflow and some filesystems
 //!   (FUSE, NFS) send none; a claimer then finds new messages at its next rescan.
+//! - **The async API** (`aio`, feature `tokio`) is for Unix (its wake-up is an
+//!   `AsyncFd`); it polls at the rescan interval off Linux. Each operation is a hop to
+//!   the blocking pool, which costs more than the operation itself when nothing is
+//!   synced ([`Durability::None`]).
 //! - **Cross-filesystem forwards** are at-least-once (copy, sync, publish, delete).
 //! - **Attempt counts** need user extended attributes; where the filesystem has none,
 //!   every claim counts as the first.

@@ -3,7 +3,7 @@
 //!
 //! Nothing here blocks a runtime thread: every file operation (claim, read, rename,
 //! sync) runs on tokio's blocking pool through [`spawn_blocking`](tokio::task::spawn_blocking),
-//! at most [`BLOCKING_CLAIMS`] claims of one queue at a time. An idle claimer does not
+//! at most 4 claims of one queue at a time. An idle claimer does not
 //! hold a thread either: it waits on an inotify descriptor of `incoming/` registered
 //! with the runtime's reactor (one per queue, shared by all its waiters), on the same
 //! events as sync claimers, and rescans at the queue's
@@ -61,7 +61,7 @@ use wake::AsyncWake;
 /// How many claims of one queue run on the blocking pool at once. A thousand idle
 /// claimers woken by one arrival would otherwise ask the pool for a thousand threads;
 /// one claim takes microseconds, so a few lanes keep up.
-pub const BLOCKING_CLAIMS: usize = 4;
+const BLOCKING_CLAIMS: usize = 4;
 
 /// A [`DirectoryQueue`] for async code: the same queue, the same protocol, other
 /// processes and sync handles included; its futures do their file I/O on tokio's
