@@ -172,10 +172,24 @@ impl AsyncQueue {
     ///
     /// As [`DirectoryQueue::try_claim`].
     pub async fn try_claim(&self) -> Result<Option<AsyncMessage>> {
+        self.look(None).await
+    }
+
+    /// One claim attempt on the blocking pool, through a lane. With `Some(events)`,
+    /// skipped (`None`) when a look that began at that event count or later, perhaps
+    /// while this one waited for its lane, found nothing; a look that finds nothing
+    /// says so.
+    async fn look(&self, events: Option<u64>) -> Result<Option<AsyncMessage>> {
         let permit = Arc::clone(&self.inner.claims)
             .acquire_owned()
             .await
             .expect("the claim semaphore is never closed");
+        let wake = self.inner.wake.get();
+        if let (Some(wake), Some(events)) = (wake, events) {
+            if wake.looked_empty(events) {
+                return Ok(None);
+            }
+        }
         let queue = self.inner.queue.clone();
         // IMPORTANT: the message becomes an AsyncMessage on the blocking thread, before
         // it is handed over: if this future is gone by then, dropping the result
@@ -185,6 +199,9 @@ impl AsyncQueue {
         // pool: by then its thread is idle again, so the next claim reuses it rather
         // than asking tokio for a new one. (A dropped future frees its lane early.)
         drop(permit);
+        if let (Some(wake), Some(events), Ok(None)) = (wake, events, &claimed) {
+            wake.found_empty(events);
+        }
         claimed
     }
 
@@ -246,10 +263,14 @@ impl AsyncQueue {
     async fn claim_until(&self, deadline: Option<Instant>) -> Result<Option<AsyncMessage>> {
         let wake = self.wake();
         let mut seen = wake.subscribe();
+        // Whether the last wake-up was a timer's (rescan, due time): then look even if
+        // another waiter's look just found nothing, since the point is to look anew.
+        let mut timer = false;
         loop {
             // Marked seen before looking, so an arrival during the look wakes us.
             seen.borrow_and_update();
-            if let Some(message) = self.try_claim().await? {
+            let events = wake.events();
+            if let Some(message) = self.look((!timer).then_some(events)).await? {
                 return Ok(Some(message));
             }
             let now = Instant::now();
@@ -258,14 +279,21 @@ impl AsyncQueue {
             }
             let next = Instant::from_std(self.inner.queue.next_wake(now.into_std()));
             let until = deadline.map_or(next, |d| d.min(next));
-            first_of(
+            timer = first_of(
                 async {
                     // An error means the sender is gone, which it is not while we
                     // borrow it; either way, looking again is right.
                     let _ = seen.changed().await;
+                    false
                 },
-                wake.arrival(),
-                tokio::time::sleep_until(until),
+                async {
+                    wake.arrival().await;
+                    false
+                },
+                async {
+                    tokio::time::sleep_until(until).await;
+                    true
+                },
             )
             .await;
         }
@@ -286,25 +314,27 @@ impl fmt::Debug for AsyncQueue {
     }
 }
 
-/// Waits for the first of three futures, dropping the others (`select!` without the
-/// `macros` feature).
-async fn first_of(
-    a: impl Future<Output = ()>,
-    b: impl Future<Output = ()>,
-    c: impl Future<Output = ()>,
-) {
+/// Waits for the first of three futures and returns its output, dropping the others
+/// (`select!` without the `macros` feature).
+async fn first_of<T>(
+    a: impl Future<Output = T>,
+    b: impl Future<Output = T>,
+    c: impl Future<Output = T>,
+) -> T {
     let (mut a, mut b, mut c) = (pin!(a), pin!(b), pin!(c));
     poll_fn(|cx| {
-        if a.as_mut().poll(cx).is_ready()
-            || b.as_mut().poll(cx).is_ready()
-            || c.as_mut().poll(cx).is_ready()
-        {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        for poll in [
+            a.as_mut().poll(cx),
+            b.as_mut().poll(cx),
+            c.as_mut().poll(cx),
+        ] {
+            if poll.is_ready() {
+                return poll;
+            }
         }
+        Poll::Pending
     })
-    .await;
+    .await
 }
 
 /// Runs `work` on the blocking pool and waits for it. Its panic is resumed here; if

@@ -5,8 +5,15 @@
 //! watches, so an event drained by one waiter still wakes the others (it may be for
 //! a second message). A waiter marks the generation seen before it looks, so an event
 //! between its look and its wait is not lost.
+//!
+//! A woken herd looks once, not once per waiter: a waiter woken by an event (or
+//! starting to claim) skips its look when another look that began at the same
+//! generation or later found nothing. An arrival after that look leaves the
+//! descriptor readable, and whoever drains it bumps the generation, so the skipper
+//! looks then. A waiter woken by its timer (rescan, due time) always looks.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -17,6 +24,11 @@ pub(super) struct AsyncWake {
     /// `None` where events are unavailable: waiters poll at the rescan interval.
     fd: Option<AsyncFd<ArrivalsWatch>>,
     generation: watch::Sender<()>,
+    /// Bumped with `generation`; a number to compare looks by.
+    events: AtomicU64,
+    /// One more than the greatest `events` value at the start of a look that found
+    /// nothing (0: none yet).
+    empty_from: AtomicU64,
 }
 
 impl AsyncWake {
@@ -37,12 +49,38 @@ impl AsyncWake {
         AsyncWake {
             fd,
             generation: watch::Sender::new(()),
+            events: AtomicU64::new(0),
+            empty_from: AtomicU64::new(0),
         }
     }
 
     /// A receiver of the generation, current one marked seen.
     pub(super) fn subscribe(&self) -> watch::Receiver<()> {
         self.generation.subscribe()
+    }
+
+    /// The event count, read before a look.
+    pub(super) fn events(&self) -> u64 {
+        self.events.load(Ordering::Acquire)
+    }
+
+    /// Whether a look that began at event count `events` or later found nothing, so
+    /// that another look now would find the same. Never without the descriptor: the
+    /// count then stands still, and only looking finds what arrived.
+    pub(super) fn looked_empty(&self, events: u64) -> bool {
+        self.fd.is_some() && self.empty_from.load(Ordering::Acquire) > events
+    }
+
+    /// A look that began at event count `events` found nothing.
+    pub(super) fn found_empty(&self, events: u64) {
+        self.empty_from.fetch_max(events + 1, Ordering::AcqRel);
+    }
+
+    fn bump(&self) {
+        // IMPORTANT: the count before the watch: a waiter woken by the watch must not
+        // read the old count and skip its look on the strength of an older empty look.
+        self.events.fetch_add(1, Ordering::AcqRel);
+        self.generation.send_replace(());
     }
 
     /// Completes when events were drained from the descriptor (and the generation was
@@ -59,7 +97,7 @@ impl AsyncWake {
             // non-blocking, and WouldBlock clears the readiness for the next wait.
             match guard.try_io(|fd| fd.get_ref().drain()) {
                 Ok(Ok(_)) => {
-                    self.generation.send_replace(());
+                    self.bump();
                     return;
                 }
                 Ok(Err(e)) => {
@@ -67,7 +105,7 @@ impl AsyncWake {
                     // must not spin its waiters, who still rescan on their timer.
                     guard.clear_ready();
                     tracing::debug!(error = %e, "cannot read the watch; looking anyway");
-                    self.generation.send_replace(());
+                    self.bump();
                     return;
                 }
                 // Another waiter drained it first and bumped the generation.
