@@ -378,6 +378,8 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
     let t = TestQueue::new();
     let q = async_queue(&t);
     let committed: Arc<Mutex<HashMap<MessageId, usize>>> = Arc::default();
+    // Messages claimed more than once: released by a cancelled claim (or a drop).
+    let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -405,6 +407,7 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
         for c in 0..CONSUMERS {
             let q = q.clone();
             let committed = Arc::clone(&committed);
+            let released = Arc::clone(&released);
             consumers.push(tokio::spawn(async move {
                 let mut rng = Rng(seed.wrapping_mul(c + 1) | 1);
                 let deadline = Instant::now() + Duration::from_secs(120);
@@ -447,6 +450,9 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
                         }
                     };
                     if let Some(message) = claimed {
+                        if message.attempts().await.unwrap() > 1 {
+                            released.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         let id = message.id().clone();
                         message.commit().await.unwrap();
                         *committed.lock().unwrap().entry(id).or_default() += 1;
@@ -472,4 +478,8 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
     t.queue.recover().unwrap();
     let counts = t.queue.counts().unwrap();
     assert_eq!((counts.incoming, counts.pending), (0, 0), "seed {seed}");
+    eprintln!(
+        "{MESSAGES} messages, {} claimed again after a cancelled claim released them",
+        released.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
