@@ -2,14 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 
 use super::blocking;
 use crate::error::{Error, Result};
 use crate::format::id::MessageId;
-use crate::queue::{DirectoryQueue, Message, Retried};
+use crate::queue::{DirectoryQueue, FailureDetails, Message, Retried};
 
 /// A message claimed through an [`AsyncQueue`](super::AsyncQueue): the async face of a
 /// [`Message`], with the same consuming terminals, each run on tokio's blocking pool.
@@ -138,6 +138,43 @@ impl AsyncMessage {
     pub async fn fail(self, reason: impl Into<String>) -> Result<(), TerminalError> {
         let reason = reason.into();
         self.terminal(move |m| m.fail(reason)).await
+    }
+
+    /// Like [`fail`](AsyncMessage::fail), with more details in the sidecar; see
+    /// [`Message::fail_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Message::fail_with`].
+    ///
+    /// # Durability
+    ///
+    /// As [`Message::fail_with`].
+    pub async fn fail_with(
+        self,
+        reason: impl Into<String>,
+        details: FailureDetails,
+    ) -> Result<(), TerminalError> {
+        let reason = reason.into();
+        self.terminal(move |m| m.fail_with(reason, details)).await
+    }
+
+    /// Defers the message until `not_before`; see [`Message::retry_at`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Message::retry_at`].
+    ///
+    /// # Durability
+    ///
+    /// As [`Message::retry_at`].
+    pub async fn retry_at(
+        self,
+        reason: impl Into<String>,
+        not_before: SystemTime,
+    ) -> Result<(), TerminalError> {
+        let reason = reason.into();
+        self.terminal(move |m| m.retry_at(reason, not_before)).await
     }
 
     /// Puts the message back into `incoming/`; see [`Message::release`].

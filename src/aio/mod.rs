@@ -45,7 +45,7 @@ use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -53,8 +53,9 @@ use tokio::time::Instant;
 pub use message::{AsyncMessage, TerminalError};
 pub use stream::Messages;
 
-use crate::error::Result;
+use crate::error::{Error, Operation, Result};
 use crate::format::id::MessageId;
+use crate::format::state::State;
 use crate::queue::DirectoryQueue;
 use wake::AsyncWake;
 
@@ -134,6 +135,42 @@ impl AsyncQueue {
     /// As [`DirectoryQueue::enqueue`].
     pub async fn enqueue(&self, bytes: impl AsRef<[u8]> + Send + 'static) -> Result<MessageId> {
         let queue = self.inner.queue.clone();
+        blocking(move || queue.enqueue(bytes)).await
+    }
+
+    /// Adds a message that waits in `deferred/` until `not_before`; see
+    /// [`DirectoryQueue::enqueue_at`].
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::enqueue_at`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::enqueue_at`].
+    pub async fn enqueue_at(
+        &self,
+        bytes: impl AsRef<[u8]> + Send + 'static,
+        not_before: SystemTime,
+    ) -> Result<MessageId> {
+        let queue = self.inner.queue.clone();
+        blocking(move || queue.enqueue_at(bytes, not_before)).await
+    }
+
+    /// Adds `value` as a JSON message; see [`DirectoryQueue::enqueue_json`]. The value
+    /// is serialized before the file work moves to the blocking pool.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::enqueue_json`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::enqueue_json`].
+    pub async fn enqueue_json<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<MessageId> {
+        let queue = self.inner.queue.clone();
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| Error::json(Operation::Encode, queue.path(State::Incoming), e))?;
         blocking(move || queue.enqueue(bytes)).await
     }
 
@@ -244,10 +281,31 @@ impl AsyncQueue {
     ///
     /// As [`DirectoryQueue::try_claim`].
     pub async fn claim_timeout(&self, timeout: Duration) -> Result<Option<AsyncMessage>> {
-        match Instant::now().checked_add(timeout) {
-            Some(deadline) => self.claim_until(Some(deadline)).await,
+        match std::time::Instant::now().checked_add(timeout) {
+            Some(deadline) => self.claim_deadline(deadline).await,
             None => self.claim().await.map(Some),
         }
+    }
+
+    /// Claims the oldest message, waiting until `deadline` for one; `None` when none
+    /// came.
+    ///
+    /// # Cancellation
+    ///
+    /// As [`claim`](AsyncQueue::claim).
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::try_claim`].
+    pub async fn claim_deadline(
+        &self,
+        deadline: std::time::Instant,
+    ) -> Result<Option<AsyncMessage>> {
+        self.claim_until(Some(Instant::from_std(deadline))).await
     }
 
     /// The claimed messages, one after another, as a [`Stream`](futures_core::Stream)

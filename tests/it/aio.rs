@@ -142,6 +142,40 @@ fn retry_defers_and_release_returns_counting_attempts() {
 }
 
 #[test]
+fn json_delayed_enqueue_fail_with_and_retry_at() {
+    let t = TestQueue::new();
+    let q = async_queue(&t);
+    current_thread().block_on(async {
+        let id = q
+            .enqueue_json(&serde_json::json!({"user": "alice"}))
+            .await
+            .unwrap();
+        let message = q.claim().await.unwrap();
+        assert_eq!(message.id(), &id);
+        let value: serde_json::Value = message.json().await.unwrap();
+        assert_eq!(value["user"], "alice");
+        let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+        message.retry_at("later", later).await.unwrap();
+        assert_eq!(t.queue.count(State::Deferred).unwrap(), 1);
+
+        q.enqueue_at(b"soon".to_vec(), std::time::SystemTime::now())
+            .await
+            .unwrap();
+        let message = q
+            .claim_deadline(Instant::now() + Duration::from_secs(20))
+            .await
+            .unwrap()
+            .expect("the message due now");
+        assert_eq!(message.bytes().await.unwrap(), b"soon");
+        message
+            .fail_with("no", dirq::queue::FailureDetails::default())
+            .await
+            .unwrap();
+        assert_eq!(t.queue.count(State::Errors).unwrap(), 1);
+    });
+}
+
+#[test]
 fn claim_timeout_returns_none_on_an_empty_queue() {
     let t = TestQueue::new();
     let q = async_queue(&t);
