@@ -4,26 +4,15 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dirq::MessageId;
 
-use crate::util::{assert_succeeded, dirq, wait_until, TestQueue};
+use crate::util::{assert_succeeded, dirq, exec_drain, wait_until, TestQueue};
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// `dirq exec --drain QUEUE [extra...] -- sh -c SCRIPT`, to completion.
-fn exec_drain(queue: &Path, extra: &[&str], script: &str) -> Output {
-    dirq()
-        .args(["exec", "--drain", "--retries", "1", s(queue)])
-        .args(extra)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// An alert command that appends "KIND COUNT ID" to `log`.

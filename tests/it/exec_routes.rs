@@ -3,25 +3,14 @@
 //! permission modes of the queues and files exec creates.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 
 use dirq::{DirectoryQueue, State};
 
-use crate::util::{assert_succeeded, dirq, TestQueue};
+use crate::util::{assert_succeeded, dirq, exec_drain, TestQueue};
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// `dirq exec --drain QUEUE [extra...] -- sh -c SCRIPT`, to completion.
-fn exec_drain(queue: &Path, extra: &[&str], script: &str) -> Output {
-    dirq()
-        .args(["exec", "--drain", "--retries", "1", s(queue)])
-        .args(extra)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// The ids of `state`.

@@ -82,6 +82,18 @@ pub fn dirq() -> Command {
     command
 }
 
+/// `dirq exec --drain --retries 1 QUEUE [extra...] -- sh -c SCRIPT`, to completion.
+pub fn exec_drain(queue: &Path, extra: &[&str], script: &str) -> Output {
+    dirq()
+        .args(["exec", "--drain", "--retries", "1"])
+        .arg(queue)
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dirq exec")
+}
+
 /// Runs `dirq` with `args` to completion.
 pub fn run(args: &[&str]) -> Output {
     dirq()
