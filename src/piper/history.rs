@@ -148,6 +148,10 @@ impl Journal {
             }
             Err(_) => {}
         }
+        // Closed between batches: a file held open for writing would make the
+        // filesystem refuse `mount -o remount,ro` (EBUSY) for as long as the Piper runs.
+        // Reopening costs an openat and an fstat per batch of up to BATCH_LINES lines.
+        open.file = None;
         batch.clear();
         open.batch = batch; // keeps its allocation
     }
@@ -199,12 +203,14 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let same = matches!((&open.stat, &on_disk), (Some(a), Some(b)) if a.same_file(b));
-        if !same {
+        if !same || open.file.is_none() {
             let file = dir.open_append(current, self.file_mode)?;
             let st = sys::stat_file(&file)?;
+            if !same {
+                open.first = None;
+            }
             open.file = Some(file);
             open.stat = Some(st);
-            open.first = None;
             open.size = st.size;
         } else if let Some(st) = on_disk {
             open.size = st.size;
