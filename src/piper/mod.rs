@@ -2,6 +2,8 @@
 //! with backpressure, retries, timeouts, a failure breaker and graceful shutdown.
 
 mod alert;
+#[cfg(feature = "tokio")]
+mod async_stage;
 mod backpressure;
 mod breaker;
 mod cancel;
@@ -23,6 +25,8 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use alert::{Alert, AlertKind, AlertPolicy, Alerts};
+#[cfg(feature = "tokio")]
+pub use async_stage::AsyncStage;
 pub use breaker::BreakerPolicy;
 pub(crate) use cancel::{
     dir_path as cancel_dir_path, open_dir as open_cancel_dir, read as read_cancel,
@@ -162,6 +166,11 @@ pub struct PiperBuilder {
     commit_delay: Duration,
     history: bool,
     rotation: Rotation,
+    /// The async stage and its futures in flight per worker.
+    #[cfg(feature = "tokio")]
+    async_stage: Option<(async_stage::Run, usize)>,
+    #[cfg(feature = "tokio")]
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Piper {
@@ -196,6 +205,10 @@ impl Piper {
                 max_age: PiperBuilder::DEFAULT_HISTORY_MAX_AGE,
                 keep: PiperBuilder::DEFAULT_HISTORY_KEEP,
             },
+            #[cfg(feature = "tokio")]
+            async_stage: None,
+            #[cfg(feature = "tokio")]
+            runtime: None,
         }
     }
 
@@ -268,6 +281,10 @@ impl PiperBuilder {
 
     /// The stage; each worker gets its own clone.
     pub fn stage<S: Stage + Clone + Sync + 'static>(&mut self, stage: S) -> &mut Self {
+        #[cfg(feature = "tokio")]
+        {
+            self.async_stage = None;
+        }
         self.factory = Some(Arc::new(move || Box::new(stage.clone()) as Box<dyn Stage>));
         self
     }
@@ -279,7 +296,48 @@ impl PiperBuilder {
         S: Stage + 'static,
         F: Fn() -> S + Send + Sync + 'static,
     {
+        #[cfg(feature = "tokio")]
+        {
+            self.async_stage = None;
+        }
         self.factory = Some(Arc::new(move || Box::new(factory()) as Box<dyn Stage>));
+        self
+    }
+
+    /// The most futures in flight per worker of an
+    /// [`async_stage`](Self::async_stage).
+    #[cfg(feature = "tokio")]
+    pub const MAX_IN_FLIGHT: usize = 65_536;
+
+    /// An [`AsyncStage`] instead of a sync one (feature `tokio`): each worker claims
+    /// messages and runs up to `in_flight` of the stage's futures at once (from 1 to
+    /// [`MAX_IN_FLIGHT`](Self::MAX_IN_FLIGHT)), on the [`runtime`](Self::runtime) or,
+    /// without one, a multi-threaded runtime the Piper makes for itself. One instance
+    /// serves every worker and future.
+    ///
+    /// Claims and outcomes run on the worker threads, as for a sync stage, so retries,
+    /// backpressure, the breaker, the group commit, history, statistics and drains work
+    /// the same. The differences: the [`timeout`](Self::timeout) drops the future (the
+    /// worker goes on; no thread is replaced), a drain that runs out of time drops the
+    /// futures still in flight and releases their messages, and operators cannot
+    /// cancel a single message of an async stage (`dirq cancel`).
+    #[cfg(feature = "tokio")]
+    pub fn async_stage<S: AsyncStage>(&mut self, stage: S, in_flight: usize) -> &mut Self {
+        self.async_stage = Some((async_stage::erase(stage), in_flight));
+        self.factory = Some(Arc::new(|| {
+            Box::new(|_: &crate::Message| -> StageResult {
+                Ok(Outcome::Stop("the Piper's stage is async".to_owned()))
+            }) as Box<dyn Stage>
+        }));
+        self
+    }
+
+    /// The tokio runtime an [`async_stage`](Self::async_stage) runs on (feature
+    /// `tokio`); it needs its time driver (`enable_all()`). Default: the Piper makes a
+    /// multi-threaded runtime when it starts and shuts it down when it stops.
+    #[cfg(feature = "tokio")]
+    pub fn runtime(&mut self, handle: tokio::runtime::Handle) -> &mut Self {
+        self.runtime = Some(handle);
         self
     }
 
@@ -524,6 +582,15 @@ impl PiperBuilder {
                 &format!("must be from 1 to {}", Self::MAX_WORKERS),
             );
         }
+        #[cfg(feature = "tokio")]
+        if let Some((_, in_flight)) = &self.async_stage {
+            if !(1..=Self::MAX_IN_FLIGHT).contains(in_flight) {
+                return bad(
+                    "async_stage",
+                    &format!("in_flight must be from 1 to {}", Self::MAX_IN_FLIGHT),
+                );
+            }
+        }
         for (field, value) in [
             ("resume_wait", Some(self.resume_wait)),
             ("timeout", self.timeout),
@@ -634,6 +701,10 @@ impl PiperBuilder {
                 supervisor: Mutex::new(None),
                 started: SystemTime::now(),
                 stopped: Mutex::new(None),
+                #[cfg(feature = "tokio")]
+                async_mode: self.async_stage.as_ref().map(|(run, in_flight)| {
+                    async_stage::Mode::new(Arc::clone(run), *in_flight, self.runtime.clone())
+                }),
             }),
         })
     }
@@ -785,6 +856,9 @@ struct Shared {
     /// Why the stage asked to stop ([`Outcome::Stop`]); [`Piper::run`] returns it as
     /// an error.
     stopped: Mutex<Option<String>>,
+    /// The async stage, when the Piper runs one.
+    #[cfg(feature = "tokio")]
+    async_mode: Option<async_stage::Mode>,
 }
 
 impl Shared {
@@ -982,4 +1056,13 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }

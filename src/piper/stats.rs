@@ -47,6 +47,10 @@ pub struct PiperStats {
     /// Batches of outcomes the group commit synced (see
     /// [`PiperBuilder::commit_batch`](crate::piper::PiperBuilder::commit_batch)).
     pub synced_batches: u64,
+    /// Polls of an [`AsyncStage`](crate::piper::AsyncStage)'s future that held their
+    /// runtime thread for more than a second (each is logged as a warning): a stage
+    /// that blocks its runtime by mistake.
+    pub runtime_stalls: u64,
 }
 
 /// Per-second rates over the last few seconds.
@@ -78,6 +82,8 @@ pub(crate) struct Counters {
     pub(crate) paused_ms: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) synced_batches: AtomicU64,
+    /// Shared with the futures of an async stage, which count their stalls.
+    pub(crate) runtime_stalls: std::sync::Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -104,6 +110,7 @@ impl Counters {
             paused_ms: get(&self.paused_ms),
             in_flight: get(&self.in_flight),
             synced_batches: get(&self.synced_batches),
+            runtime_stalls: get(&self.runtime_stalls),
         }
     }
 }

@@ -62,6 +62,10 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     if shared.alert_policy.is_enabled() {
         *lock(&shared.alerts) = Some(Alerts::start(&shared.alert_policy)?);
     }
+    #[cfg(feature = "tokio")]
+    if let Some(mode) = &shared.async_mode {
+        mode.start(&shared.name)?;
+    }
     let committer = start_committer(shared)?;
     for _ in 0..shared.config.workers {
         worker::spawn(shared);
@@ -113,7 +117,7 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
                 if let Some(advert) = advert.as_mut() {
                     advert.update(&info(shared, state));
                 }
-                later(now, shared.config.drain_timeout)
+                later(now, drain_timeout(shared))
             });
             if state == FORCED || now >= deadline {
                 release_in_flight(shared);
@@ -140,6 +144,10 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
     if let Some(barrier) = &shared.barrier {
         barrier.finish(shared, committer);
     }
+    #[cfg(feature = "tokio")]
+    if let Some(mode) = &shared.async_mode {
+        mode.stop();
+    }
     // The summaries still due go out before run returns.
     let alerts = lock(&shared.alerts).take();
     if let Some(alerts) = alerts {
@@ -158,6 +166,20 @@ pub(super) fn run(shared: &Arc<Shared>) -> Result<PiperStats> {
         ));
     }
     Ok(stats)
+}
+
+/// How long the supervisor waits for the workers to drain. The workers of an async
+/// stage keep the drain timeout themselves and then stop their futures and release
+/// their messages: the supervisor gives them a few seconds more for that.
+fn drain_timeout(shared: &Shared) -> Duration {
+    #[cfg(feature = "tokio")]
+    if shared.async_mode.is_some() {
+        return shared
+            .config
+            .drain_timeout
+            .saturating_add(Duration::from_secs(5));
+    }
+    shared.config.drain_timeout
 }
 
 /// Starts the group commit's thread, when there is one.

@@ -12,7 +12,8 @@ use super::cancel::{self, Answer as CancelAnswer, Cancellation, CANCELLED_REASON
 use super::commit::{self, fall_back, Finish};
 use super::stats::Counters;
 use super::{
-    error_chain, later, lock, Failed, HistoryLine, Job, Outcome, Shared, Stage, JOB_RUNNING,
+    error_chain, later, lock, panic_message, Failed, HistoryLine, Job, Outcome, Shared, Stage,
+    JOB_RUNNING,
 };
 use crate::engine::wake::{self, Interest};
 use crate::error::{Error, Result};
@@ -40,6 +41,15 @@ enum Processed {
     Troubled,
     /// The supervisor took it over after a timeout; this worker was replaced.
     TakenOver,
+}
+
+/// A message whose async stage's future ended, sent back to its worker.
+#[cfg(feature = "tokio")]
+struct Landed {
+    input: usize,
+    message: Message,
+    done: super::async_stage::Done,
+    started: Instant,
 }
 
 /// Starts one more worker thread.
@@ -92,6 +102,10 @@ impl<'a> Worker<'a> {
     }
 
     fn run(&mut self) -> Exit {
+        #[cfg(feature = "tokio")]
+        if let Some(mode) = &self.shared.async_mode {
+            return self.run_async(mode);
+        }
         while self.shared.intake_open() {
             let seen = wake::generation();
             if !self.admit() {
@@ -126,6 +140,180 @@ impl<'a> Worker<'a> {
             }
         }
         Exit::Stopped
+    }
+
+    /// The loop of a worker of an async stage: claims while fewer than `in_flight`
+    /// futures run, spawns each on the runtime, and carries out the outcomes they send
+    /// back here. Finished futures wake it through [`wake::wake_all`], like a
+    /// shutdown. At shutdown it claims no more, waits for the futures in flight until
+    /// the drain timeout (or a forced stop), then stops them and releases their
+    /// messages.
+    #[cfg(feature = "tokio")]
+    fn run_async(&mut self, mode: &super::async_stage::Mode) -> Exit {
+        use super::async_stage::Control;
+        use super::{DRAINING, RUNNING};
+        use std::sync::mpsc;
+
+        let shared = self.shared;
+        let name: Arc<str> = Arc::from(shared.name.as_str());
+        let (landed_tx, landed_rx) = mpsc::channel::<Landed>();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut in_flight = 0usize;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let seen = wake::generation();
+            while let Ok(landed) = landed_rx.try_recv() {
+                in_flight -= 1;
+                self.land(landed);
+            }
+            let state = shared.state();
+            if state != RUNNING {
+                if in_flight == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                let until =
+                    *drain_until.get_or_insert_with(|| later(now, shared.config.drain_timeout));
+                if state > DRAINING || now >= until {
+                    let _ = stop_tx.send(true);
+                }
+                let tick = later(now, Duration::from_millis(100));
+                wake::wait_any(
+                    &[],
+                    seen,
+                    if *stop_tx.borrow() {
+                        tick
+                    } else {
+                        tick.min(until)
+                    },
+                );
+                continue;
+            }
+            if in_flight >= mode.in_flight {
+                wake::wait_any(&[], seen, later(Instant::now(), Duration::from_secs(1)));
+                continue;
+            }
+            if !self.admit() {
+                self.wait_for_outputs(seen);
+                continue;
+            }
+            match self.claim() {
+                Ok(Some((input, message))) => {
+                    self.errors = 0;
+                    let Some(runtime) = mode.handle() else {
+                        let _ = message.release();
+                        break;
+                    };
+                    let counters = &shared.counters;
+                    Counters::add(&counters.claimed, 1);
+                    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let attempts = message.attempts().unwrap_or(1);
+                    if attempts > shared.inputs[input].retry_policy().max_attempts() {
+                        // As in process: the process died on its earlier attempts.
+                        let reason = message
+                            .last_retry_reason()
+                            .unwrap_or_else(|| "the process handling it died".to_owned());
+                        let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
+                        self.apply_outcome(input, message, Outcome::Fail(reason), true, None);
+                        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let future = (mode.run)(
+                        message,
+                        Control {
+                            timeout: shared.config.timeout,
+                            stop: stop_rx.clone(),
+                            name: Arc::clone(&name),
+                            stalls: Arc::clone(&counters.runtime_stalls),
+                        },
+                    );
+                    let landed = landed_tx.clone();
+                    runtime.spawn(async move {
+                        let (message, done) = future.await;
+                        let _ = landed.send(Landed {
+                            input,
+                            message,
+                            done,
+                            started,
+                        });
+                        wake::wake_all();
+                    });
+                    in_flight += 1;
+                }
+                Ok(None) => {
+                    self.errors = 0;
+                    lock(&shared.breaker).cancel_probe();
+                    self.wait_for_input(seen);
+                }
+                Err(e) => {
+                    lock(&shared.breaker).cancel_probe();
+                    tracing::warn!(stage = %shared.name, error = %error_chain(&e), "cannot claim");
+                    self.back_off(seen);
+                }
+            }
+        }
+        Exit::Stopped
+    }
+
+    /// Carries out how an async stage's future ended.
+    #[cfg(feature = "tokio")]
+    fn land(&mut self, landed: Landed) {
+        use super::async_stage::Done;
+        use super::TimeoutAction;
+
+        let shared = self.shared;
+        let counters = &shared.counters;
+        let Landed {
+            input,
+            message,
+            done,
+            started,
+        } = landed;
+        let outcome = match done {
+            Done::Finished(Ok(outcome)) => outcome,
+            Done::Finished(Err(e)) => Outcome::Fail(error_chain(e.as_ref())),
+            Done::Panicked(panic) => {
+                Counters::add(&counters.panics, 1);
+                Outcome::Retry(format!("stage panicked: {panic}"))
+            }
+            Done::TimedOut => {
+                tracing::warn!(stage = %shared.name, id = %message.id(), timeout = ?shared.config.timeout, "processing timed out");
+                match shared.config.on_timeout {
+                    TimeoutAction::Retry => {
+                        Counters::add(&counters.timeouts, 1);
+                        Outcome::Retry("timeout".to_owned())
+                    }
+                    _ => Outcome::TimedOut(FailureDetails::default()),
+                }
+            }
+            Done::Stopped => {
+                let id = message.id().clone();
+                let attempts = message.attempts().unwrap_or(1);
+                match message.release() {
+                    Ok(()) => {
+                        tracing::warn!(stage = %shared.name, %id, "released a message still in progress at shutdown");
+                        let line = HistoryLine {
+                            outcome: HistoryOutcome::Released,
+                            attempts,
+                            started: Some(started),
+                            reason: Some("shutdown".to_owned()),
+                            exit_code: None,
+                        };
+                        shared.record(input, &id, line);
+                    }
+                    Err(e) => {
+                        let (error, _message) = e.into_parts();
+                        tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot release a message at shutdown; recovery will requeue it");
+                    }
+                }
+                let _ = shared.finish(Finish::Done);
+                counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        self.apply_outcome(input, message, outcome, false, Some(started));
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Waits after an error, exponentially longer (10 ms to 5 s) the more errors came
@@ -732,12 +920,4 @@ pub(super) fn log_transition(shared: &Shared, transition: Transition) {
     if let Some(input) = shared.inputs.first() {
         shared.alert(kind, input.root(), reason, None);
     }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }

@@ -4,6 +4,8 @@
 #[cfg(feature = "tokio")]
 mod aio;
 mod alerts;
+#[cfg(feature = "tokio")]
+mod async_piper;
 mod cancel;
 mod cli;
 mod cli_admin;

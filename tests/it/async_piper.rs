@@ -1,0 +1,312 @@
+//! Pipers running an `AsyncStage` (feature `tokio`): many messages in flight on one
+//! worker, outcomes, the timeout dropping the future, drains, and a stage that blocks
+//! its runtime.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dirq::piper::{AsyncStage, Emit, Outcome, Piper, PiperHandle, PiperStats, StageResult};
+use dirq::{Message, State};
+
+use crate::util::{wait_until, TestQueue};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Sleeps `delay` on the runtime, counting how many run at once, then forwards.
+struct Sleeper(Arc<Seen>);
+
+#[derive(Default)]
+struct Seen {
+    delay: Duration,
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl AsyncStage for Sleeper {
+    async fn process(&self, _message: &Message) -> StageResult {
+        let seen = &self.0;
+        let now = seen.now.fetch_add(1, Ordering::SeqCst) + 1;
+        seen.max.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(seen.delay).await;
+        seen.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(Outcome::Forward)
+    }
+}
+
+/// Decides by the message's text: `fail`, `retry`, `emit` (two messages), `panic`,
+/// anything else commits.
+struct ByText;
+
+impl AsyncStage for ByText {
+    async fn process(&self, message: &Message) -> StageResult {
+        let text = String::from_utf8(message.bytes()?)?;
+        tokio::task::yield_now().await;
+        Ok(match text.as_str() {
+            "fail" => Outcome::Fail("said so".to_owned()),
+            "retry" => Outcome::Retry("later".to_owned()),
+            "emit" => Outcome::Emit(vec![Emit::new("a"), Emit::new("b")]),
+            "error" => return Err("an error".into()),
+            _ => Outcome::Commit,
+        })
+    }
+}
+
+fn start(piper: Piper) -> (PiperHandle, JoinHandle<dirq::Result<PiperStats>>) {
+    let handle = piper.handle();
+    (handle, std::thread::spawn(move || piper.run()))
+}
+
+fn stop(handle: &PiperHandle, runner: JoinHandle<dirq::Result<PiperStats>>) -> PiperStats {
+    handle.shutdown();
+    runner.join().expect("the piper thread").expect("run")
+}
+
+#[test]
+fn one_worker_runs_many_futures_at_once_and_forwards_each_message_once() {
+    let t = TestQueue::new();
+    let output = t.sibling("out");
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        ids.push(
+            t.queue
+                .enqueue(format!("{i}").as_bytes())
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let stage = Arc::new(Seen {
+        delay: Duration::from_millis(10),
+        ..Seen::default()
+    });
+    let piper = Piper::builder("sleeper")
+        .input(&t.queue)
+        .output("out", &output)
+        .workers(1)
+        .advertise(false)
+        .async_stage(Sleeper(Arc::clone(&stage)), 64)
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "500 messages forwarded", || {
+        handle.stats().forwarded == 500
+    });
+    let stats = stop(&handle, runner);
+    assert_eq!(
+        (
+            stats.claimed,
+            stats.forwarded,
+            stats.failed,
+            stats.in_flight
+        ),
+        (500, 500, 0, 0)
+    );
+    let max = stage.max.load(Ordering::SeqCst);
+    assert!(max > 8, "at most {max} futures ran at once");
+    assert!(max <= 64, "{max} futures ran at once, over in_flight");
+    let mut forwarded = crate::util::names_in(output.path(State::Incoming));
+    forwarded.sort();
+    ids.sort();
+    assert_eq!(forwarded, ids, "each message forwarded once, under its id");
+    for state in [State::Incoming, State::Pending, State::Errors] {
+        assert!(t.names(state).is_empty(), "{state:?} is not empty");
+    }
+}
+
+#[test]
+fn outcomes_emit_fail_retry_and_error() {
+    let t = TestQueue::new();
+    let output = t.sibling("out");
+    for text in ["emit", "fail", "retry", "error", "commit"] {
+        t.queue.enqueue(text.as_bytes()).unwrap();
+    }
+    let piper = Piper::builder("bytext")
+        .input(&t.queue)
+        .output("out", &output)
+        .advertise(false)
+        .async_stage(ByText, 8)
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "five outcomes", || {
+        let s = handle.stats();
+        s.committed + s.failed + s.retried == 5
+    });
+    let stats = stop(&handle, runner);
+    assert_eq!(
+        (stats.committed, stats.emitted, stats.failed, stats.retried),
+        (2, 2, 2, 1)
+    );
+    assert_eq!(output.count(State::Incoming).unwrap(), 2);
+    // Two messages and their sidecars.
+    assert_eq!(t.names(State::Errors).len(), 4);
+    assert_eq!(t.names(State::Deferred).len(), 1);
+}
+
+/// Waits for the release flag, or forever.
+struct Forever {
+    dropped: Arc<AtomicUsize>,
+}
+
+struct CountDrop(Arc<AtomicUsize>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl AsyncStage for Forever {
+    async fn process(&self, _message: &Message) -> StageResult {
+        let _guard = CountDrop(Arc::clone(&self.dropped));
+        std::future::pending::<()>().await;
+        Ok(Outcome::Commit)
+    }
+}
+
+#[test]
+fn the_timeout_drops_the_future_and_fails_the_message() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"slow").unwrap();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let piper = Piper::builder("forever")
+        .input(&t.queue)
+        .timeout(Duration::from_millis(100))
+        .advertise(false)
+        .async_stage(
+            Forever {
+                dropped: Arc::clone(&dropped),
+            },
+            4,
+        )
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "a timeout", || handle.stats().timeouts == 1);
+    let stats = stop(&handle, runner);
+    assert_eq!((stats.timeouts, stats.failed, stats.in_flight), (1, 1, 0));
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the future was dropped");
+    let failure = dirq::admin::failure(&t.queue, &id)
+        .unwrap()
+        .expect("a failure sidecar");
+    assert_eq!(failure.reason.as_deref(), Some("timeout"));
+}
+
+/// Waits until `go` is set, then commits.
+struct Gate {
+    go: Arc<AtomicBool>,
+    started: Arc<AtomicUsize>,
+}
+
+impl AsyncStage for Gate {
+    async fn process(&self, _message: &Message) -> StageResult {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        while !self.go.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Outcome::Commit)
+    }
+}
+
+#[test]
+fn shutdown_waits_for_the_futures_in_flight() {
+    let t = TestQueue::new();
+    for _ in 0..20 {
+        t.queue.enqueue(b"x").unwrap();
+    }
+    let go = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    let piper = Piper::builder("gate")
+        .input(&t.queue)
+        .advertise(false)
+        .async_stage(
+            Gate {
+                go: Arc::clone(&go),
+                started: Arc::clone(&started),
+            },
+            10,
+        )
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "10 futures started", || {
+        started.load(Ordering::SeqCst) == 10
+    });
+    handle.shutdown();
+    // The drain is under way: nothing more is claimed, and the ten still run.
+    wait_until(LONG, "the drain to start", || {
+        handle.stats().in_flight == 10 && t.queue.count(State::Pending).unwrap() == 10
+    });
+    go.store(true, Ordering::SeqCst);
+    let stats = runner.join().expect("the piper thread").expect("run");
+    assert_eq!(
+        (stats.claimed, stats.committed, stats.in_flight),
+        (10, 10, 0)
+    );
+    assert_eq!(t.queue.count(State::Incoming).unwrap(), 10);
+    assert_eq!(t.queue.count(State::Pending).unwrap(), 0);
+}
+
+#[test]
+fn a_drain_that_runs_out_of_time_releases_the_futures_messages() {
+    let t = TestQueue::new();
+    for _ in 0..3 {
+        t.queue.enqueue(b"x").unwrap();
+    }
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let piper = Piper::builder("forever")
+        .input(&t.queue)
+        .drain_timeout(Duration::from_millis(200))
+        .advertise(false)
+        .async_stage(
+            Forever {
+                dropped: Arc::clone(&dropped),
+            },
+            4,
+        )
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "three in flight", || handle.stats().in_flight == 3);
+    let stats = stop(&handle, runner);
+    assert_eq!((stats.claimed, stats.in_flight), (3, 0));
+    assert_eq!(dropped.load(Ordering::SeqCst), 3);
+    assert_eq!(t.queue.count(State::Incoming).unwrap(), 3);
+    assert_eq!(t.queue.count(State::Pending).unwrap(), 0);
+}
+
+/// Blocks its runtime thread for 2 s: the mistake the Piper reports.
+struct Blocking;
+
+impl AsyncStage for Blocking {
+    async fn process(&self, _message: &Message) -> StageResult {
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(Outcome::Commit)
+    }
+}
+
+#[test]
+fn a_stage_that_blocks_its_runtime_is_reported() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"x").unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let piper = Piper::builder("blocking")
+        .input(&t.queue)
+        .advertise(false)
+        .runtime(runtime.handle().clone())
+        .async_stage(Blocking, 4)
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "the message committed", || {
+        handle.stats().committed == 1
+    });
+    let stats = stop(&handle, runner);
+    assert_eq!(stats.runtime_stalls, 1);
+    drop(runtime);
+}
