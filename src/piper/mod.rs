@@ -88,6 +88,9 @@ pub enum TimeoutAction {
 ///   [`handle_signals`](PiperBuilder::handle_signals)) stops intake, lets in-flight
 ///   messages finish within the drain timeout, releases the rest, and returns from
 ///   [`run`](Piper::run). A second signal releases in-flight messages at once.
+/// - **Async stages** (feature `tokio`): an `AsyncStage` set with
+///   `PiperBuilder::async_stage` runs up to N futures per worker on a
+///   tokio runtime, with everything above unchanged.
 /// - **Liveness**: each running Piper advertises itself in `<input>/pipers/`, with its
 ///   counters, refreshed every 2 s ([`admin::pipers`](crate::admin::pipers)).
 /// - **Recovery**: the inputs are recovered at start and every minute.

@@ -47,7 +47,7 @@ pub struct PiperStats {
     /// Batches of outcomes the group commit synced (see
     /// [`PiperBuilder::commit_batch`](crate::piper::PiperBuilder::commit_batch)).
     pub synced_batches: u64,
-    /// Polls of an [`AsyncStage`](crate::piper::AsyncStage)'s future that held their
+    /// Polls of an async stage's future (`AsyncStage`, feature `tokio`) that held their
     /// runtime thread for more than a second (each is logged as a warning): a stage
     /// that blocks its runtime by mistake.
     pub runtime_stalls: u64,
