@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dirq::piper::{AsyncStage, Emit, Outcome, Piper, PiperHandle, PiperStats, StageResult};
+use dirq::piper::{
+    AsyncStage, Emit, Outcome, Piper, PiperHandle, PiperStats, StageResult, TimeoutAction,
+};
 use dirq::{Message, State};
 
 use crate::util::{wait_until, TestQueue};
@@ -35,8 +37,8 @@ impl AsyncStage for Sleeper {
     }
 }
 
-/// Decides by the message's text: `fail`, `retry`, `emit` (two messages), `panic`,
-/// anything else commits.
+/// Decides by the message's text: `fail`, `retry`, `emit` (two messages), `error`,
+/// `panic`; anything else commits.
 struct ByText;
 
 impl AsyncStage for ByText {
@@ -48,6 +50,7 @@ impl AsyncStage for ByText {
             "retry" => Outcome::Retry("later".to_owned()),
             "emit" => Outcome::Emit(vec![Emit::new("a"), Emit::new("b")]),
             "error" => return Err("an error".into()),
+            "panic" => panic!("a bug in the stage"),
             _ => Outcome::Commit,
         })
     }
@@ -118,7 +121,7 @@ fn one_worker_runs_many_futures_at_once_and_forwards_each_message_once() {
 fn outcomes_emit_fail_retry_and_error() {
     let t = TestQueue::new();
     let output = t.sibling("out");
-    for text in ["emit", "fail", "retry", "error", "commit"] {
+    for text in ["emit", "fail", "retry", "error", "panic", "commit"] {
         t.queue.enqueue(text.as_bytes()).unwrap();
     }
     let piper = Piper::builder("bytext")
@@ -129,19 +132,21 @@ fn outcomes_emit_fail_retry_and_error() {
         .build()
         .unwrap();
     let (handle, runner) = start(piper);
-    wait_until(LONG, "five outcomes", || {
+    wait_until(LONG, "six outcomes", || {
         let s = handle.stats();
-        s.committed + s.failed + s.retried == 5
+        s.committed + s.failed + s.retried == 6
     });
     let stats = stop(&handle, runner);
     assert_eq!(
         (stats.committed, stats.emitted, stats.failed, stats.retried),
-        (2, 2, 2, 1)
+        (2, 2, 2, 2)
     );
+    assert_eq!((stats.panics, stats.in_flight), (1, 0));
     assert_eq!(output.count(State::Incoming).unwrap(), 2);
     // Two messages and their sidecars.
     assert_eq!(t.names(State::Errors).len(), 4);
-    assert_eq!(t.names(State::Deferred).len(), 1);
+    // The retry and the panic.
+    assert_eq!(t.names(State::Deferred).len(), 2);
 }
 
 /// Waits for the release flag, or forever.
@@ -191,6 +196,32 @@ fn the_timeout_drops_the_future_and_fails_the_message() {
         .unwrap()
         .expect("a failure sidecar");
     assert_eq!(failure.reason.as_deref(), Some("timeout"));
+}
+
+#[test]
+fn a_timeout_can_retry_the_message_instead() {
+    let t = TestQueue::new();
+    t.queue.enqueue(b"slow").unwrap();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let piper = Piper::builder("forever")
+        .input(&t.queue)
+        .timeout(Duration::from_millis(100))
+        .on_timeout(TimeoutAction::Retry)
+        .advertise(false)
+        .async_stage(
+            Forever {
+                dropped: Arc::clone(&dropped),
+            },
+            4,
+        )
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "a timeout", || handle.stats().timeouts == 1);
+    let stats = stop(&handle, runner);
+    assert_eq!((stats.timeouts, stats.retried, stats.failed), (1, 1, 0));
+    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the future was dropped");
+    assert_eq!(t.names(State::Deferred).len(), 1);
 }
 
 /// Waits until `go` is set, then commits.
