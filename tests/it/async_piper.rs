@@ -341,3 +341,52 @@ fn a_stage_that_blocks_its_runtime_is_reported() {
     assert_eq!(stats.runtime_stalls, 1);
     drop(runtime);
 }
+
+#[test]
+fn backpressure_pauses_an_async_stage_within_in_flight_of_the_limit() {
+    let t = TestQueue::new();
+    let output = t.sibling("out");
+    for _ in 0..60 {
+        t.queue.enqueue(b"x").unwrap();
+    }
+    let stage = Arc::new(Seen::default());
+    let piper = Piper::builder("sleeper")
+        .input(&t.queue)
+        .output("out", &output)
+        .out_limit(10)
+        .advertise(false)
+        .async_stage(Sleeper(Arc::clone(&stage)), 8)
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "intake paused by backpressure", || {
+        handle.is_paused() && handle.stats().in_flight == 0
+    });
+    // Admission is checked before each claim: the futures claimed while the output was
+    // under its limit may finish after it filled, at most in_flight of them.
+    let waiting = output.count(State::Incoming).unwrap();
+    assert!((10..=18).contains(&waiting), "{waiting} in the output");
+    // Downstream drains: intake resumes and everything goes through.
+    let mut drained = 0;
+    wait_until(LONG, "all 60 through", || {
+        while let Ok(Some(message)) = output.try_claim() {
+            message.commit().unwrap();
+            drained += 1;
+        }
+        drained == 60
+    });
+    let stats = stop(&handle, runner);
+    assert_eq!((stats.forwarded, stats.in_flight), (60, 0));
+    assert!(stats.paused_ms > 0, "no pause was counted");
+}
+
+#[test]
+fn in_flight_must_be_at_least_one() {
+    let t = TestQueue::new();
+    let error = Piper::builder("none")
+        .input(&t.queue)
+        .async_stage(ByText, 0)
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("async_stage"), "{error}");
+}
