@@ -323,7 +323,8 @@ impl PiperBuilder {
     /// the same. The differences: the [`timeout`](Self::timeout) drops the future (the
     /// worker goes on; no thread is replaced), a drain that runs out of time drops the
     /// futures still in flight and releases their messages, and operators cannot
-    /// cancel a single message of an async stage (`dirq cancel`).
+    /// cancel a single message of an async stage: its liveness file says it is not
+    /// cancellable, so `dirq cancel` refuses at once.
     #[cfg(feature = "tokio")]
     pub fn async_stage<S: AsyncStage>(&mut self, stage: S, in_flight: usize) -> &mut Self {
         self.async_stage = Some((async_stage::erase(stage), in_flight));
@@ -865,6 +866,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether `dirq cancel` can reach this Piper's messages: not those of an async
+    /// stage, which are not registered as cancellable jobs.
+    fn cancellable(&self) -> bool {
+        #[cfg(feature = "tokio")]
+        if self.async_mode.is_some() {
+            return false;
+        }
+        true
+    }
+
     fn state(&self) -> u8 {
         self.run_state.load(Ordering::Acquire)
     }

@@ -477,7 +477,7 @@ fn info(shared: &Shared, state: u8) -> PiperInfo {
             .collect(),
         stats: shared.stats(),
         rates: lock(&shared.rates).rates(),
-        cancellable: true,
+        cancellable: shared.cancellable(),
         live: true,
     }
 }
