@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Message queues kept as plain directories (the filer protocol).
 ///
 /// A queue is a directory with tmp/, incoming/, pending/ and errors/ (and dirq's
-/// deferred/ and hold/). Any number of processes share it; nothing acknowledged is lost
+/// deferred/, hold/ and chained/). Any number of processes share it; nothing acknowledged is lost
 /// in a crash.
 #[derive(Debug, Parser)]
 #[command(name = "dirq", version, propagate_version = true, max_term_width = 100)]
