@@ -163,26 +163,25 @@ pub(crate) fn after_failure(inner: &Shared, id: &MessageId, reason: &str) {
     }
 }
 
-/// After message `id` left the queue (committed or forwarded): if it is a member of an
-/// ordered group, makes that durable (`dirs`, the directories the terminal changed)
-/// and lets the next member in. A failure is logged; recovery completes it.
-pub(crate) fn after_done(
+/// Syncs `dirs`, the directories a terminal that took message `id` out of the queue
+/// (a commit or a forward) changed, as the durability mode says; for a member of an
+/// ordered group, syncs them now whatever the mode (a crash must not bring the member
+/// back beside the next one, out of order) and lets the next member in. The sync's
+/// result is the terminal's; a turn that cannot be taken is logged, and recovery takes
+/// it.
+pub(crate) fn sync_leaving(
     inner: &Shared,
     id: &MessageId,
     dirs: &[&std::sync::Arc<super::StateDir>],
-) {
+) -> Result<()> {
     let Some(chain) = group_of(id).filter(Group::is_ordered) else {
-        return;
+        return inner.syncer.changed(dirs);
     };
-    // Synced now even when the queue defers its syncs (group commit): a crash must not
-    // bring this member back beside the next one, out of order.
-    let turn = inner
-        .syncer
-        .changed_now(dirs)
-        .and_then(|()| next_turn(inner, &chain));
-    if let Err(e) = turn {
+    inner.syncer.changed_now(dirs)?;
+    if let Err(e) = next_turn(inner, &chain) {
         tracing::warn!(chain = %chain, %id, error = %e, "cannot let the chain's next member in; recovery will");
     }
+    Ok(())
 }
 
 /// What [`repair`] did.

@@ -186,10 +186,7 @@ impl Message {
             return Err(self.kept(error));
         }
         let dirs = [inner.dir(State::Incoming), pending];
-        let synced = inner.syncer().changed(&dirs);
-        if synced.is_ok() {
-            group::after_done(inner, &self.id, &dirs);
-        }
+        let synced = group::sync_leaving(inner, &self.id, &dirs);
         self.finish(synced)
     }
 
@@ -222,10 +219,7 @@ impl Message {
         match pending.dir.rename_noreplace(name, &target.dir, name) {
             Ok(()) => {
                 let dirs = [inner.dir(State::Incoming), pending, target];
-                let synced = inner.syncer().changed(&dirs);
-                if synced.is_ok() {
-                    group::after_done(inner, &self.id, &dirs);
-                }
+                let synced = group::sync_leaving(inner, &self.id, &dirs);
                 self.finish(synced)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -266,10 +260,7 @@ impl Message {
             return Err(self.kept(error));
         }
         let dirs = [inner.dir(State::Incoming), pending];
-        let synced = inner.syncer().changed(&dirs);
-        if synced.is_ok() {
-            group::after_done(inner, &self.id, &dirs);
-        }
+        let synced = group::sync_leaving(inner, &self.id, &dirs);
         self.finish(synced)
     }
 
