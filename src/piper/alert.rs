@@ -212,16 +212,6 @@ impl AlertPolicy {
         self.command.is_some() || self.url.is_some()
     }
 
-    /// The age limit, if any.
-    pub fn age_limit(&self) -> Option<Duration> {
-        self.max_age
-    }
-
-    /// The silence limit, if any.
-    pub fn stale_limit(&self) -> Option<Duration> {
-        self.stale_after
-    }
-
     /// Checks the settings, as [`Alerts::start`] and
     /// [`PiperBuilder::build`](super::PiperBuilder::build) do, for a tool that validates
     /// a configuration before anything starts.
@@ -261,6 +251,39 @@ impl AlertPolicy {
         }
         Ok(())
     }
+}
+
+/// The monitoring alerts `policy`'s limits find in `queue` now, raised by `stage`: an
+/// [`AlertKind::Age`] when its oldest waiting message is older than the
+/// [age limit](AlertPolicy::max_age), an [`AlertKind::Stale`] for each other Piper on it
+/// silent for longer than the [silence limit](AlertPolicy::stale_after). A Piper with
+/// these limits checks its inputs every 10 s; `dirq watch` checks any queue.
+///
+/// # Errors
+///
+/// [`Error::Io`] when `incoming/` cannot be read for the oldest message's age.
+pub fn queue_alerts(
+    queue: &crate::DirectoryQueue,
+    policy: &AlertPolicy,
+    stage: &str,
+) -> Result<Vec<Alert>> {
+    let mut found = Vec::new();
+    if let Some(limit) = policy.max_age {
+        if let Some(age) = queue.oldest_age()?.filter(|age| *age > limit) {
+            let reason = format!(
+                "the oldest waiting message is {}s old (limit {}s)",
+                age.as_secs(),
+                limit.as_secs()
+            );
+            found.push(Alert::new(AlertKind::Age, stage, queue.root(), reason));
+        }
+    }
+    if let Some(limit) = policy.stale_after {
+        for reason in super::liveness::silent_pipers(queue.root(), limit) {
+            found.push(Alert::new(AlertKind::Stale, stage, queue.root(), reason));
+        }
+    }
+    Ok(found)
 }
 
 /// A running alert sender.

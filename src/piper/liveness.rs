@@ -239,7 +239,7 @@ pub(crate) fn read_adverts(root: &Path) -> Result<Vec<PiperInfo>> {
 /// [`AlertKind::Stale`](super::AlertKind::Stale) reports them: a live process that
 /// stopped updating it is hung, a dead one left it behind. An unreadable directory
 /// gives none: staleness is not worth an error.
-pub fn silent_pipers(root: &Path, limit: std::time::Duration) -> Vec<String> {
+pub(crate) fn silent_pipers(root: &Path, limit: std::time::Duration) -> Vec<String> {
     let now = epoch_ms(SystemTime::now());
     read_adverts(root)
         .unwrap_or_default()

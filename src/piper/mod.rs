@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use alert::{Alert, AlertKind, AlertPolicy, Alerts};
+pub use alert::{queue_alerts, Alert, AlertKind, AlertPolicy, Alerts};
 #[cfg(feature = "tokio")]
 pub use async_stage::AsyncStage;
 pub use breaker::BreakerPolicy;
@@ -35,8 +35,8 @@ pub(crate) use cancel::{
 };
 pub use cancel::{Cancellation, CANCELLED_REASON};
 pub use command::{CommandStage, CommandStageBuilder, EX_TEMPFAIL, ROUTE_LINE_PREFIX};
+pub use liveness::PiperInfo;
 pub(crate) use liveness::{read_adverts, PIPERS_DIR};
-pub use liveness::{silent_pipers, PiperInfo};
 pub use stage::{Emit, Failed, Outcome, Stage, StageError, StageResult};
 pub use stats::{PiperRates, PiperStats};
 
@@ -917,11 +917,16 @@ impl Shared {
         reason: String,
         id: Option<&crate::MessageId>,
     ) {
+        let mut alert = Alert::new(kind, &self.name, queue, reason);
+        if let Some(id) = id {
+            alert = alert.with_id(id.to_string());
+        }
+        self.raise(alert);
+    }
+
+    /// Raises `alert`, when alerts are on.
+    fn raise(&self, alert: Alert) {
         if let Some(alerts) = lock(&self.alerts).as_ref() {
-            let mut alert = Alert::new(kind, &self.name, queue, reason);
-            if let Some(id) = id {
-                alert = alert.with_id(id.to_string());
-            }
             alerts.raise(alert);
         }
     }

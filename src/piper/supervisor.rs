@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::alert::{AlertKind, Alerts};
+use super::alert::Alerts;
 use super::cancel::Watcher;
 use super::commit::Finish;
 use super::error_chain;
@@ -237,21 +237,10 @@ fn watch_inputs(shared: &Shared) {
         return;
     }
     for input in &shared.inputs {
-        if let Some(limit) = policy.age_limit() {
-            if let Ok(Some(age)) = input.oldest_age() {
-                if age > limit {
-                    let reason = format!(
-                        "the oldest waiting message is {}s old (limit {}s)",
-                        age.as_secs(),
-                        limit.as_secs()
-                    );
-                    shared.alert(AlertKind::Age, input.root(), reason, None);
-                }
-            }
-        }
-        if let Some(limit) = policy.stale_limit() {
-            for silent in super::liveness::silent_pipers(input.root(), limit) {
-                shared.alert(AlertKind::Stale, input.root(), silent, None);
+        match super::alert::queue_alerts(input, policy, &shared.name) {
+            Ok(found) => found.into_iter().for_each(|alert| shared.raise(alert)),
+            Err(e) => {
+                tracing::debug!(stage = %shared.name, error = %error_chain(&e), "cannot check an input for alerts")
             }
         }
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dirq::piper::{Alert, AlertKind, AlertPolicy, Alerts};
+use dirq::piper::{AlertPolicy, Alerts};
 
 use super::Opener;
 use crate::args::AlertArgs;
@@ -64,7 +64,7 @@ pub(crate) fn watch(
         let started = Instant::now();
         for root in queues {
             let queue = opener.inspect(root)?;
-            for alert in findings(&queue, &policy)? {
+            for alert in dirq::piper::queue_alerts(&queue, &policy, "watch")? {
                 found_any = true;
                 match &alerts {
                     Some(alerts) => alerts.raise(alert),
@@ -93,25 +93,4 @@ pub(crate) fn watch(
         return Err(ExitStatus(1).into());
     }
     Ok(())
-}
-
-/// What the policy's limits find in `queue` now.
-fn findings(queue: &dirq::DirectoryQueue, policy: &AlertPolicy) -> Result<Vec<Alert>, dirq::Error> {
-    let mut found = Vec::new();
-    if let Some(limit) = policy.age_limit() {
-        if let Some(age) = queue.oldest_age()?.filter(|age| *age > limit) {
-            let reason = format!(
-                "the oldest waiting message is {}s old (limit {}s)",
-                age.as_secs(),
-                limit.as_secs()
-            );
-            found.push(Alert::new(AlertKind::Age, "watch", queue.root(), reason));
-        }
-    }
-    if let Some(limit) = policy.stale_limit() {
-        for reason in dirq::piper::silent_pipers(queue.root(), limit) {
-            found.push(Alert::new(AlertKind::Stale, "watch", queue.root(), reason));
-        }
-    }
-    Ok(found)
 }
