@@ -515,28 +515,23 @@ fn check_command(stage: &Stage, settings: &StageSettings, base: &Path) -> Result
 
 /// The alert settings, checked by the library's [`AlertPolicy`](dirq::piper::AlertPolicy).
 fn check_alerts(settings: &StageSettings) -> Result<(), String> {
-    let mut policy = dirq::piper::AlertPolicy::new();
-    if let Some(command) = &settings.alert_cmd {
-        policy.command(command);
-    }
-    if let Some(url) = &settings.alert_url {
-        policy.url(url);
-    }
-    for (key, value) in [
-        ("alert_interval", &settings.alert_interval),
-        ("alert_max_age", &settings.alert_max_age),
-        ("alert_stale_after", &settings.alert_stale_after),
-    ] {
-        if let Some(value) = value {
-            let duration = parse_duration(value).map_err(|e| format!("{key}: {e}"))?;
-            match key {
-                "alert_interval" => policy.interval(duration),
-                "alert_max_age" => policy.max_age(duration),
-                _ => policy.stale_after(duration),
-            };
-        }
-    }
-    policy.check().map_err(|e| e.to_string())
+    let duration = |key: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|v| parse_duration(v).map_err(|e| format!("{key}: {e}")))
+            .transpose()
+    };
+    // The stage's `dirq exec` flags, turned into a policy the way exec turns them.
+    let flags = crate::args::AlertArgs {
+        alert_cmd: settings.alert_cmd.clone().map(Into::into),
+        alert_url: settings.alert_url.clone(),
+        alert_interval: duration("alert_interval", &settings.alert_interval)?,
+        alert_max_age: duration("alert_max_age", &settings.alert_max_age)?,
+        alert_stale_after: duration("alert_stale_after", &settings.alert_stale_after)?,
+    };
+    super::super::watch::policy(&flags)
+        .check()
+        .map_err(|e| e.to_string())
 }
 
 /// The expiry, watermarks and breaker settings of a stage, checked as its `dirq exec`
