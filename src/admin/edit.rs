@@ -180,19 +180,13 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         }
         return Ok(state);
     }
-    let pending = inner.dir(State::Pending);
-    let (kind, why) = if pending.dir.stat_at(id.as_os_str()).is_ok() {
-        (
-            io::ErrorKind::ResourceBusy,
-            "the message is claimed by a worker",
-        )
-    } else {
-        (io::ErrorKind::NotFound, "no message with this id")
-    };
-    Err(Error::io(
+    Err(super::not_waiting(
+        queue,
         Operation::Delete,
         inner.root().join(id.as_os_str()),
-        io::Error::new(kind, why),
+        id,
+        "the message is claimed by a worker",
+        "no message with this id",
     ))
 }
 

@@ -35,3 +35,23 @@ pub use history::{history, history_counts, job_log, visit_history, HistoryCounts
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
 pub use replace::replace;
+
+/// The error of `op` on message `id` when no state it acts on holds it: kind
+/// `ResourceBusy` saying `claimed` when the message is in `pending/` (a worker has it),
+/// else kind `NotFound` saying `missing`; `path` names where it was looked for.
+fn not_waiting(
+    queue: &crate::DirectoryQueue,
+    op: crate::error::Operation,
+    path: std::path::PathBuf,
+    id: &crate::MessageId,
+    claimed: &str,
+    missing: &str,
+) -> crate::Error {
+    let pending = queue.engine().dir(crate::State::Pending);
+    let (kind, why) = if pending.dir.stat_at(id.as_os_str()).is_ok() {
+        (std::io::ErrorKind::ResourceBusy, claimed)
+    } else {
+        (std::io::ErrorKind::NotFound, missing)
+    };
+    crate::Error::io(op, path, std::io::Error::new(kind, why))
+}

@@ -61,21 +61,12 @@ pub fn replace(queue: &DirectoryQueue, id: &MessageId, bytes: &[u8]) -> Result<S
             break;
         }
     }
-    let pending = inner.dir(State::Pending);
-    let (kind, why) = if pending.dir.stat_at(id.as_os_str()).is_ok() {
-        (
-            io::ErrorKind::ResourceBusy,
-            "the message is claimed by a worker; only a waiting message can be edited",
-        )
-    } else {
-        (
-            io::ErrorKind::NotFound,
-            "no message with this id is waiting (incoming, deferred or hold)",
-        )
-    };
-    Err(Error::io(
+    Err(super::not_waiting(
+        queue,
         Operation::Edit,
         inner.dir(State::Incoming).join(id.as_os_str()),
-        io::Error::new(kind, why),
+        id,
+        "the message is claimed by a worker; only a waiting message can be edited",
+        "no message with this id is waiting (incoming, deferred or hold)",
     ))
 }
