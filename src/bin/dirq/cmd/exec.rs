@@ -43,7 +43,7 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
         return dry_run(&input, program.as_ref(), rest);
     }
     let refuse = |why: String| format!("failed to start exec on {}: {why}", args.queue.display());
-    let outputs = outputs(args).map_err(refuse)?;
+    let outputs = named_outputs(&args.to, &args.route, args.route_by_line).map_err(refuse)?;
     let mut next = Vec::new();
     for (name, path) in outputs {
         let queue = opener.open(&mut with_modes(&path))?;
@@ -149,12 +149,6 @@ pub(crate) fn exec(opener: &Opener, args: &ExecArgs) -> CliResult {
     let stats = result?;
     tracing::info!(stage = %name, ?stats, "exec finished");
     Ok(())
-}
-
-/// The named outputs of `--to`, checked against `--route`: names are unique, and
-/// every route names one of them.
-fn outputs(args: &ExecArgs) -> Result<Vec<(String, PathBuf)>, String> {
-    named_outputs(&args.to, &args.route, args.route_by_line)
 }
 
 /// Names the outputs `to` (an unnamed one after its directory) and checks them against
