@@ -321,14 +321,7 @@ fn run_refuses_impossible_routes_before_starting() {
             ),
         )
         .unwrap();
-        for check in [true, false] {
-            let args: &[&str] = if check {
-                &["run", "--check", s(&file)]
-            } else {
-                &["run", s(&file)]
-            };
-            crate::util::assert_stage_refused(args, keys, want);
-        }
+        crate::util::assert_run_refuses(&file, keys, want);
     }
     assert!(!t.dir.path().join("o").exists(), "an output was created");
 }

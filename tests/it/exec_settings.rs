@@ -263,14 +263,7 @@ fn run_refuses_out_of_range_settings_before_starting_any_stage() {
                 format!("{stage}{key}\n")
             };
             std::fs::write(&file, text).unwrap();
-            for check in [true, false] {
-                let args: &[&str] = if check {
-                    &["run", "--check", s(&file)]
-                } else {
-                    &["run", s(&file)]
-                };
-                crate::util::assert_stage_refused(args, key, want);
-            }
+            crate::util::assert_run_refuses(&file, key, want);
         }
     }
     assert!(!marker.exists(), "a stage process was started");

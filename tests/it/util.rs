@@ -310,6 +310,15 @@ pub fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Checks that both `dirq run --check FILE` and `dirq run FILE` refuse the pipeline
+/// file whose stage `x` has a bad `key`, as [`assert_stage_refused`] does.
+pub fn assert_run_refuses(file: &Path, key: &str, want: &str) {
+    let file = file.to_str().expect("a UTF-8 path");
+    for args in [&["run", "--check", file][..], &["run", file][..]] {
+        assert_stage_refused(args, key, want);
+    }
+}
+
 /// Runs `dirq ARGS` on a pipeline file whose stage `x` has a bad `key`, and checks that
 /// it is refused: exit 1, and standard error names the stage and says `want`.
 pub fn assert_stage_refused(args: &[&str], key: &str, want: &str) {
