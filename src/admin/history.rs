@@ -105,10 +105,11 @@ pub fn visit_history(
 /// As [`history`].
 pub fn history_counts(queue: &DirectoryQueue, since: SystemTime) -> Result<HistoryCounts> {
     let mut counts = HistoryCounts::default();
-    read(queue, Some(since), &mut |record| {
-        if record.when().is_none_or(|t| t < since) {
-            return ControlFlow::Continue(());
-        }
+    let filter = HistoryFilter {
+        since: Some(since),
+        ..HistoryFilter::default()
+    };
+    visit_history(queue, &filter, &mut |record| {
         let counter = match record.outcome {
             o if o.is_ok() => &mut counts.ok,
             HistoryOutcome::TimedOut => &mut counts.timed_out,

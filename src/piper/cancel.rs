@@ -346,7 +346,7 @@ impl Watcher {
             // unmarks it only after its answer. So a message gone from pending/, not
             // under way, and whose request is still unanswered when read again, was
             // not cancelled by anyone here, and this answer overwrites no other.
-            if in_pending(queue, &id)? || is_under_way(queue, &id) {
+            if queue.engine().find(State::Pending, &id)?.is_some() || is_under_way(queue, &id) {
                 continue;
             }
             if let Some(mut unanswered) = read(&dir, &name)?.filter(|r| r.result.is_none()) {
@@ -410,15 +410,6 @@ pub(super) fn end(queue: &DirectoryQueue, id: &MessageId) {
 fn is_under_way(queue: &DirectoryQueue, id: &MessageId) -> bool {
     let key = (queue.engine().identity(), id.clone());
     under_way().contains(&key)
-}
-
-fn in_pending(queue: &DirectoryQueue, id: &MessageId) -> io::Result<bool> {
-    let pending = Dir::open(queue.path(State::Pending))?;
-    match pending.stat_at(id.as_os_str()) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Removes the stale requests of `queue`: unanswered ones whose owner process is gone,

@@ -11,7 +11,7 @@ use dirq::admin::CancelTo;
 use dirq::piper::{Cancellation, Failed, Outcome, Piper, Stage, StageResult, CANCELLED_REASON};
 use dirq::{Message, State};
 
-use crate::util::{dirq, names_in, run, wait_until, TestQueue};
+use crate::util::{assert_succeeded, dirq, names_in, run, wait_until, TestQueue};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -120,6 +120,13 @@ fn cancel(queue: &Path, id: &str, extra: &[&str]) -> Output {
     run(&args)
 }
 
+/// `dirq cancel`, asserted to succeed; its standard output.
+fn cancel_ok(queue: &Path, id: &str, extra: &[&str]) -> String {
+    let out = cancel(queue, id, extra);
+    assert_succeeded(&out, "dirq cancel");
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn reason(t: &TestQueue, id: &str) -> Option<String> {
     let id = dirq::MessageId::new(id).unwrap();
     dirq::admin::failure(&t.queue, &id).unwrap()?.reason
@@ -146,15 +153,8 @@ fn cancel_kills_only_that_command_and_fails_its_message_with_the_hook() {
     let (victim, _, group) = runs[1].clone();
     assert!(group_alive(group));
 
-    let out = cancel(t.root(), &victim, &[]);
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        cancel_ok(t.root(), &victim, &[]),
         format!("{victim}: cancelled, now in errors/\n")
     );
     assert_eq!(reason(&t, &victim).as_deref(), Some(CANCELLED_REASON));
@@ -193,15 +193,8 @@ fn requeue_puts_the_message_back_and_it_runs_again_with_its_attempt_counted() {
     );
     wait_until(LONG, "the first attempt running", || exec.runs().len() == 1);
     let group = exec.group_of(&id);
-    let out = cancel(t.root(), &id, &["--requeue"]);
     assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        cancel_ok(t.root(), &id, &["--requeue"]),
         format!("{id}: cancelled, now in incoming/\n")
     );
     wait_until(LONG, "the first attempt's group to be gone", || {
@@ -229,13 +222,7 @@ fn with_two_execs_on_one_queue_only_the_owner_acts() {
         a.runs().len() == 2 && b.runs().len() == 2
     });
     let victim = b.runs()[0].0.clone();
-    let out = cancel(t.root(), &victim, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cancel_ok(t.root(), &victim, &[]);
     assert_eq!(reason(&t, &victim).as_deref(), Some(CANCELLED_REASON));
     wait_until(LONG, "the cancelled command's group to be gone", || {
         !group_alive(b.group_of(&victim))
