@@ -53,17 +53,18 @@ impl AsyncMessage {
     /// The sync message, for its accessors (`path`, `size`, `queue`). Its reads block:
     /// call them on the blocking pool.
     pub fn as_sync(&self) -> &Message {
-        self.message
-            .as_deref()
-            .expect("a message is only taken by a terminal, which consumes self")
+        self.claimed()
     }
 
+    /// Another handle on the message, for a read on the blocking pool.
     fn shared(&self) -> Arc<Message> {
-        Arc::clone(
-            self.message
-                .as_ref()
-                .expect("a message is only taken by a terminal, which consumes self"),
-        )
+        Arc::clone(self.claimed())
+    }
+
+    fn claimed(&self) -> &Arc<Message> {
+        self.message
+            .as_ref()
+            .expect("a message is only taken by a terminal, which consumes self")
     }
 
     /// Reads the whole message; see [`Message::bytes`].

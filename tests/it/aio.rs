@@ -22,6 +22,15 @@ fn async_queue(t: &TestQueue) -> AsyncQueue {
     AsyncQueue::from(t.queue.clone())
 }
 
+/// `t`'s queue opened again with an hour-long rescan: only an event or a due time can
+/// wake its claimers within a test.
+fn without_rescan(t: &TestQueue) -> DirectoryQueue {
+    DirectoryQueue::builder(t.root())
+        .rescan_interval(Duration::from_secs(3600))
+        .open()
+        .unwrap()
+}
+
 /// Threads of this process now (`Threads:` of /proc/self/status).
 fn threads() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -192,10 +201,7 @@ fn idle_claimer_is_woken_by_another_process_push() {
     let t = TestQueue::new();
     // An hour-long rescan: only the inotify event, through the reactor, can wake the
     // claimer before the deadline.
-    let claimer = DirectoryQueue::builder(t.root())
-        .rescan_interval(Duration::from_secs(3600))
-        .open()
-        .unwrap();
+    let claimer = without_rescan(&t);
     let stats = claimer.clone();
     let q = AsyncQueue::from(claimer);
     let root = t.root().to_str().unwrap().to_owned();
@@ -226,11 +232,7 @@ fn idle_claimer_wakes_when_a_deferred_message_falls_due() {
     let t = TestQueue::new();
     // No event announces a due time and the rescan is an hour away: only next_wake can
     // bring the claimer back in time.
-    let claimer = DirectoryQueue::builder(t.root())
-        .rescan_interval(Duration::from_secs(3600))
-        .open()
-        .unwrap();
-    let q = AsyncQueue::from(claimer);
+    let q = AsyncQueue::from(without_rescan(&t));
     let due = std::time::SystemTime::now() + Duration::from_millis(300);
     let id = t.queue.enqueue_at(b"later", due).unwrap();
     current_thread().block_on(async {
@@ -251,12 +253,7 @@ fn idle_claimer_wakes_when_a_deferred_message_falls_due() {
 #[test]
 fn a_claim_after_an_empty_look_sees_what_arrived_since() {
     let t = TestQueue::new();
-    let q = AsyncQueue::from(
-        DirectoryQueue::builder(t.root())
-            .rescan_interval(Duration::from_secs(3600))
-            .open()
-            .unwrap(),
-    );
+    let q = AsyncQueue::from(without_rescan(&t));
     current_thread().block_on(async {
         for round in 0..20 {
             let empty = q.claim_timeout(Duration::from_millis(5)).await.unwrap();

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dirq::piper::{
-    AsyncStage, Emit, Outcome, Piper, PiperHandle, PiperStats, StageResult, TimeoutAction,
+    AsyncStage, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperStats, StageResult,
+    TimeoutAction,
 };
 use dirq::{Message, State};
 
@@ -108,8 +109,7 @@ fn one_worker_runs_many_futures_at_once_and_forwards_each_message_once() {
     let max = stage.max.load(Ordering::SeqCst);
     assert!(max > 8, "at most {max} futures ran at once");
     assert!(max <= 64, "{max} futures ran at once, over in_flight");
-    let mut forwarded = crate::util::names_in(output.path(State::Incoming));
-    forwarded.sort();
+    let forwarded = crate::util::names_in(output.path(State::Incoming));
     ids.sort();
     assert_eq!(forwarded, ids, "each message forwarded once, under its id");
     for state in [State::Incoming, State::Pending, State::Errors] {
@@ -170,15 +170,21 @@ impl AsyncStage for Forever {
     }
 }
 
-#[test]
-fn the_timeout_drops_the_future_and_fails_the_message() {
-    let t = TestQueue::new();
-    let id = t.queue.enqueue(b"slow").unwrap();
+/// Starts a `Forever` Piper (in flight 4) on `t`'s queue, with `configure` applied;
+/// also returns how many of its futures have been dropped.
+fn start_forever(
+    t: &TestQueue,
+    configure: impl FnOnce(&mut PiperBuilder),
+) -> (
+    PiperHandle,
+    JoinHandle<dirq::Result<PiperStats>>,
+    Arc<AtomicUsize>,
+) {
     let dropped = Arc::new(AtomicUsize::new(0));
-    let piper = Piper::builder("forever")
-        .input(&t.queue)
-        .timeout(Duration::from_millis(100))
-        .advertise(false)
+    let mut builder = Piper::builder("forever");
+    builder.input(&t.queue).advertise(false);
+    configure(&mut builder);
+    let piper = builder
         .async_stage(
             Forever {
                 dropped: Arc::clone(&dropped),
@@ -188,6 +194,16 @@ fn the_timeout_drops_the_future_and_fails_the_message() {
         .build()
         .unwrap();
     let (handle, runner) = start(piper);
+    (handle, runner, dropped)
+}
+
+#[test]
+fn the_timeout_drops_the_future_and_fails_the_message() {
+    let t = TestQueue::new();
+    let id = t.queue.enqueue(b"slow").unwrap();
+    let (handle, runner, dropped) = start_forever(&t, |b| {
+        b.timeout(Duration::from_millis(100));
+    });
     wait_until(LONG, "a timeout", || handle.stats().timeouts == 1);
     let stats = stop(&handle, runner);
     assert_eq!((stats.timeouts, stats.failed, stats.in_flight), (1, 1, 0));
@@ -202,21 +218,10 @@ fn the_timeout_drops_the_future_and_fails_the_message() {
 fn a_timeout_can_retry_the_message_instead() {
     let t = TestQueue::new();
     t.queue.enqueue(b"slow").unwrap();
-    let dropped = Arc::new(AtomicUsize::new(0));
-    let piper = Piper::builder("forever")
-        .input(&t.queue)
-        .timeout(Duration::from_millis(100))
-        .on_timeout(TimeoutAction::Retry)
-        .advertise(false)
-        .async_stage(
-            Forever {
-                dropped: Arc::clone(&dropped),
-            },
-            4,
-        )
-        .build()
-        .unwrap();
-    let (handle, runner) = start(piper);
+    let (handle, runner, dropped) = start_forever(&t, |b| {
+        b.timeout(Duration::from_millis(100))
+            .on_timeout(TimeoutAction::Retry);
+    });
     wait_until(LONG, "a timeout", || handle.stats().timeouts == 1);
     let stats = stop(&handle, runner);
     assert_eq!((stats.timeouts, stats.retried, stats.failed), (1, 1, 0));
@@ -285,20 +290,9 @@ fn a_drain_that_runs_out_of_time_releases_the_futures_messages() {
     for _ in 0..3 {
         t.queue.enqueue(b"x").unwrap();
     }
-    let dropped = Arc::new(AtomicUsize::new(0));
-    let piper = Piper::builder("forever")
-        .input(&t.queue)
-        .drain_timeout(Duration::from_millis(200))
-        .advertise(false)
-        .async_stage(
-            Forever {
-                dropped: Arc::clone(&dropped),
-            },
-            4,
-        )
-        .build()
-        .unwrap();
-    let (handle, runner) = start(piper);
+    let (handle, runner, dropped) = start_forever(&t, |b| {
+        b.drain_timeout(Duration::from_millis(200));
+    });
     wait_until(LONG, "three in flight", || handle.stats().in_flight == 3);
     let stats = stop(&handle, runner);
     assert_eq!((stats.claimed, stats.in_flight), (3, 0));
