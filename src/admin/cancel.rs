@@ -44,11 +44,7 @@ pub fn cancel_timeout(
     to: CancelTo,
     wait: Duration,
 ) -> Result<State> {
-    let now = Instant::now();
-    // A wait too long to add to the clock waits a century instead of panicking.
-    let deadline = now
-        .checked_add(wait)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+    let deadline = crate::piper::later(Instant::now(), wait);
     cancel_deadline(queue, id, to, deadline)
 }
 

@@ -1057,7 +1057,7 @@ const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// `now + wait`, or a century on when `wait` is too long to add: a caller's way of
 /// saying "as long as it takes" (`Duration::MAX` as a drain timeout or cooldown) must
 /// not panic on the addition.
-fn later(now: Instant, wait: Duration) -> Instant {
+pub(crate) fn later(now: Instant, wait: Duration) -> Instant {
     now.checked_add(wait).unwrap_or_else(|| now + CENTURY)
 }
 
