@@ -406,3 +406,86 @@ fn cli_init_seen_ttl_and_push_id() {
     let two = crate::util::run(&["push", "--id", "x", q, "a", "b"]);
     assert!(!two.status.success(), "one id cannot name two messages");
 }
+
+/// Runs `dirq ARGS` under strace with every `renameat2` failing with `EINVAL`, as the
+/// Linux NFS client answers `RENAME_NOREPLACE`; the trace of renames and links goes to
+/// `trace`.
+fn dirq_without_noreplace(
+    trace: &std::path::Path,
+    args: &[&str],
+    input: &[u8],
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(trace)
+        .args([
+            "-e",
+            "trace=renameat2,link,linkat",
+            "-e",
+            "inject=renameat2:error=EINVAL",
+            "--",
+        ])
+        .arg(dirq().get_program())
+        .args(args)
+        .env_remove("DIRQ_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run strace");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Regression guard for docs/scale-out.md: where `RENAME_NOREPLACE` is refused (NFS),
+/// publishing, claiming and idempotent enqueue fall back to `link` + `unlink` and keep
+/// their promises on one host.
+#[test]
+fn no_rename_noreplace_falls_back_to_link_and_unlink() {
+    if let Err(why) = crate::util::strace_works() {
+        crate::util::skip("no_rename_noreplace_falls_back_to_link_and_unlink", &why);
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let t = TestQueue::new();
+    drop(remembering(&t));
+    let q = t.root().to_str().unwrap();
+    let trace = t.dir.path().join("trace");
+    let text = |out: &[u8]| String::from_utf8_lossy(out).into_owned();
+
+    let first = dirq_without_noreplace(&trace, &["push", "--id", "nfs-1", q], b"one");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(text(&first.stdout), "nfs-1\n");
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        calls.contains("EINVAL") && calls.contains("link"),
+        "renameat2 refused, then a link: {calls}"
+    );
+    let again = dirq_without_noreplace(&trace, &["push", "--id", "nfs-1", q], b"two");
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already in incoming/"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(t.names(State::Incoming), ["nfs-1"]);
+    let links = std::fs::metadata(t.path(State::Incoming).join("nfs-1"))
+        .unwrap()
+        .nlink();
+    assert_eq!(links, 1, "the tmp/ name is gone");
+    assert!(t.names(State::Tmp).is_empty());
+
+    let taken = dirq_without_noreplace(&trace, &["take", q], b"");
+    assert!(taken.status.success(), "{}", text(&taken.stderr));
+    assert_eq!(text(&taken.stdout), "one\n");
+    let after = dirq_without_noreplace(&trace, &["push", "--id", "nfs-1", q], b"three");
+    assert!(after.status.success(), "{}", text(&after.stderr));
+    assert!(
+        text(&after.stderr).contains("already processed"),
+        "{}",
+        text(&after.stderr)
+    );
+    assert_eq!(t.queue.counts().unwrap(), dirq::queue::Counts::default());
+    assert!(t.names(State::Tmp).is_empty());
+}
