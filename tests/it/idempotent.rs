@@ -558,3 +558,33 @@ fn writers_remove_expired_records_as_they_go() {
         first[0]
     );
 }
+
+/// Something planted in `seen/` under a bucket's name is not a bucket, and does not
+/// stop idempotent enqueues.
+#[test]
+fn a_file_under_a_buckets_name_is_passed_over() {
+    let t = TestQueue::new();
+    let queue = remembering(&t);
+    queue.enqueue_with_id(&id("before"), b"x").unwrap();
+    std::fs::write(t.root().join("seen/9999999999"), b"planted").unwrap();
+    std::os::unix::fs::symlink("/", t.root().join("seen/9999999998")).unwrap();
+    assert_eq!(
+        queue.enqueue_with_id(&id("after"), b"x").unwrap(),
+        Enqueued::Stored
+    );
+    while let Some(message) = queue.try_claim().unwrap() {
+        message.commit().unwrap();
+    }
+    for name in ["before", "after"] {
+        assert_eq!(
+            queue.enqueue_with_id(&id(name), b"x").unwrap(),
+            Enqueued::AlreadyFinished,
+            "{name}"
+        );
+    }
+    assert_eq!(queue.recover().unwrap().seen_removed, 0);
+    assert!(
+        t.root().join("seen/9999999999").exists(),
+        "left for the operator"
+    );
+}
