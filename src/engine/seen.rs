@@ -72,7 +72,16 @@ impl Seen {
         }
         let dir = match root_dir.open_child(OsStr::new(SEEN_DIR)) {
             Ok(dir) => dir,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(seen),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Made with the queue, as its other directories are, so that the first
+                // idempotent enqueue (a Piper's emit among them) does not sync the root
+                // in the middle of a group commit. Where it cannot be made now (a
+                // read-only share), it is made, or its error reported, when first used.
+                if config.create {
+                    let _ = seen.dir(root_dir, config);
+                }
+                return Ok(seen);
+            }
             Err(e) => return Err(Error::io(Operation::Open, &seen.path, e)),
         };
         let ttl = read_ttl(&dir, &seen.path.join(TTL_FILE))?;
