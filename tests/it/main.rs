@@ -31,5 +31,7 @@ mod pipeline_examples;
 mod piper;
 mod queue;
 mod run_supervisor;
+#[cfg(feature = "serve")]
+mod serve;
 mod util;
 mod wakeup;
