@@ -180,6 +180,7 @@ pub use engine::durability::Durability;
 pub use error::{Error, Result};
 pub use format::id::MessageId;
 pub use format::state::State;
+pub use queue::Enqueued;
 pub use queue::{DirectoryQueue, Message, QueueBuilder};
 
 /// The README's examples, compiled and run as doctests.

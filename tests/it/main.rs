@@ -23,6 +23,7 @@ mod group_commit;
 mod groups;
 mod history;
 mod hostile;
+mod idempotent;
 mod lifecycle;
 mod mentat;
 mod operator;
