@@ -34,5 +34,7 @@ mod queue;
 mod run_supervisor;
 #[cfg(feature = "serve")]
 mod serve;
+#[cfg(feature = "serve")]
+mod serve_load;
 mod util;
 mod wakeup;
