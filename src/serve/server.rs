@@ -94,8 +94,9 @@ impl ServeConfig {
         self
     }
 
-    /// How long a client may take to send a request's head (line and headers). Default:
-    /// 10 s.
+    /// How long a client may take to send a request's head (line and headers), counted
+    /// from when the server starts waiting for it: a connection, new or between
+    /// requests, that stays idle this long is closed. Default: 10 s.
     pub fn header_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.header_timeout = timeout;
         self
