@@ -352,22 +352,13 @@ fn store(
     })
 }
 
-/// An idempotent submit: the message under the id its key maps to, stored unless a
-/// message with that id is in the queue, in any state, or was finished recently
-/// enough that the queue remembers it ([`DirectoryQueue::enqueue_with_id`], which also
-/// makes concurrent calls for one id take turns).
-///
-/// The body is read whole first (it is within the limit): the enqueue under a given id
-/// takes bytes.
-fn store_once(
-    queue: &DirectoryQueue,
-    id: MessageId,
-    mut body: BodyReader,
-) -> Result<Stored, Error> {
-    let mut bytes = Vec::new();
-    body.read_to_end(&mut bytes)
-        .map_err(|e| Error::io(crate::error::Operation::Read, queue.path(State::Tmp), e))?;
-    let (new, state) = match queue.enqueue_with_id(&id, &bytes)? {
+/// An idempotent submit: the message under the id its key maps to, streamed like any
+/// other, and kept unless a message with that id is in the queue, in any state, or was
+/// finished recently enough that the queue remembers it
+/// ([`DirectoryQueue::enqueue_reader_with_id`], which also makes concurrent calls for
+/// one id take turns).
+fn store_once(queue: &DirectoryQueue, id: MessageId, body: BodyReader) -> Result<Stored, Error> {
+    let (new, state) = match queue.enqueue_reader_with_id(&id, body)? {
         Enqueued::Stored => (true, State::Incoming.as_str()),
         Enqueued::AlreadyQueued(state) => (false, state.as_str()),
         Enqueued::AlreadyFinished => (false, FINISHED),
