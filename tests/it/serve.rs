@@ -30,6 +30,11 @@ impl Serve {
         let dir = tempdir();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token file");
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod 600 the token file");
         let stderr = dir.path().join("stderr");
         let mut command = dirq();
         command
@@ -594,6 +599,10 @@ fn changes_need_the_token_and_a_wrong_one_changes_nothing() {
     assert!(
         !log.contains(wrong) && !log.contains(TOKEN),
         "the log never shows a token: {log}"
+    );
+    assert!(
+        !log.contains("readable by others"),
+        "the token file is 0600: {log}"
     );
     let (status, _) = post(&serve.url("/api/v1/queues/a/messages"), Some(TOKEN), b"new");
     assert_eq!(status, 201);
