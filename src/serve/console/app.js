@@ -138,6 +138,10 @@
     return date.toLocaleString() + " (" + rel + ")";
   }
 
+  function capitalised(s) {
+    return s.charAt(0).toUpperCase() + s.slice(1);
+  }
+
   function text(value) {
     if (value === null || value === undefined || value === "") return "—";
     return typeof value === "object" ? JSON.stringify(value) : String(value);
@@ -246,13 +250,28 @@
     const t0 = samples[0].t;
     const t1 = samples[samples.length - 1].t;
     const max = Math.max(1e-9, ...lines.sets.flatMap((set) => set.values));
-    const x = (t) => (t1 === t0 ? 0 : ((t - t0) / (t1 - t0)) * (width - 2) + 1);
-    const y = (v) => height - 2 - (v / max) * (height - 4);
+    const axes = !!(opts && opts.axes);
+    const left = axes ? 30 : 1;
+    const bottom = axes ? 16 : 2;
+    const top = axes ? 8 : 2;
+    const x = (t) => (t1 === t0 ? left : ((t - t0) / (t1 - t0)) * (width - left - 2) + left);
+    const y = (v) => height - bottom - (v / max) * (height - bottom - top);
+    if (axes) {
+      root.append(svg("line", { x1: left, y1: height - bottom, x2: width - 2, y2: height - bottom, class: "axis" }));
+      root.append(svg("text", { x: left - 4, y: top + 4, class: "tick end" }, fmtNumber(max)));
+      root.append(svg("text", { x: left - 4, y: height - bottom, class: "tick end" }, "0"));
+      root.append(svg("text", { x: left, y: height - 3, class: "tick" }, "−" + fmtAge(t1 - t0)));
+      root.append(svg("text", { x: width - 2, y: height - 3, class: "tick end" }, "now"));
+    }
     for (const set of lines.sets) {
       const points = samples.map((s, i) => x(s.t).toFixed(1) + "," + y(set.values[i]).toFixed(1));
       root.append(svg("polyline", { points: points.join(" "), class: "line " + set.cls }));
     }
     return root;
+  }
+
+  function fmtNumber(n) {
+    return Number.isInteger(n) ? String(n) : n < 10 ? n.toFixed(1) : n.toFixed(0);
   }
 
   function seriesLines(samples) {
@@ -262,7 +281,7 @@
     };
     if (samples.length && rate(samples[0], "enqueued_per_second") !== null) {
       return {
-        label: "enqueued (blue) and finished (green) per second over the last minutes",
+        label: "enqueued (blue) and finished (green) per second, last minutes",
         sets: [
           { cls: "in", values: samples.map((s) => rate(s, "enqueued_per_second") || 0) },
           { cls: "out", values: samples.map((s) => rate(s, "finished_per_second") || 0) },
@@ -273,7 +292,7 @@
     // (everything waiting) and the errors.
     const count = (s, states) => states.reduce((sum, k) => sum + ((s.counts || {})[k] || 0), 0);
     return {
-      label: "messages waiting (blue) and in errors (red) over the last minutes",
+      label: "messages waiting (blue) and in errors (red), last minutes",
       sets: [
         { cls: "in", values: samples.map((s) => count(s, ["incoming", "pending", "deferred", "chained"])) },
         { cls: "err", values: samples.map((s) => count(s, ["errors"])) },
@@ -298,9 +317,9 @@
     const totals = hist.buckets.map((_, i) => hist.states.reduce((s, st) => s + (st.counts[i] || 0), 0));
     const max = Math.max(1, ...totals);
     const slot = (width - left - 4) / hist.buckets.length;
-    const barH = (v) => (v / max) * (height - bottom - 10);
+    const barH = (v) => (v / max) * (height - bottom - 18);
     root.append(svg("line", { x1: left, y1: height - bottom, x2: width - 2, y2: height - bottom, class: "axis" }));
-    root.append(svg("text", { x: left - 4, y: 14, class: "tick end" }, String(max)));
+    root.append(svg("text", { x: left - 4, y: 22, class: "tick end" }, String(max)));
     root.append(svg("text", { x: left - 4, y: height - bottom, class: "tick end" }, "0"));
     hist.buckets.forEach((label, i) => {
       let yTop = height - bottom;
@@ -405,7 +424,7 @@
       states.map((s) => el("th", { scope: "col", class: "num" }, s)),
       el("th", { scope: "col", class: "num" }, "Bytes"),
       el("th", { scope: "col", class: "num" }, "Oldest"),
-      el("th", { scope: "col" }, "Rates (last minutes)"),
+      el("th", { scope: "col", title: "chart: messages waiting (blue) and in errors (red); figures: enqueued and finished per second now" }, "Last minutes · rates"),
       el("th", { scope: "col" }, "Health"),
       el("th", { scope: "col" }, "Pipers"));
     $("queues").tHead.replaceChildren(head);
@@ -474,7 +493,9 @@
     item("rates", rateText(q.rates));
     item("health", health(q));
     $("queue-summary").replaceChildren(...summary);
-    $("rates-chart").replaceChildren(sparkline(q.series, { width: 320, height: 120 }));
+    $("rates-chart").replaceChildren(sparkline(q.series, { width: 320, height: 130, axes: true }));
+    const caption = seriesLines(Array.isArray(q.series) ? q.series : []).label;
+    $("rates-caption").textContent = capitalised(caption);
     renderTabs(counts);
     const pipers = Array.isArray(q.pipers) ? q.pipers : [];
     $("pipers-body").replaceChildren(...pipers.map((p) => el("tr", {},
@@ -524,7 +545,7 @@
       el("td", { class: "num" }, text(m.attempts)),
       el("td", {}, fmtDue(m.due)),
       el("td", {}, typeof m.owner === "number" ? "pid " + m.owner : text(m.owner)),
-      el("td", { class: "reason", title: reasonOf(m) || null }, reasonOf(m) || "—"),
+      el("td", {}, el("div", { class: "reason", title: reasonOf(m) || null }, reasonOf(m) || "—")),
       el("td", { class: "actions" }, actions.map((a) => el("button", {
         type: "button", class: "act act-" + a, "data-action": a, "data-id": m.id,
         disabled: view.readOnly === true,
@@ -586,8 +607,8 @@
   function askAction(action, id) {
     const { queue } = view.route;
     view.pending = { action, id, queue };
-    $("confirm-title").textContent = action.charAt(0).toUpperCase() + action.slice(1) + " message";
-    $("confirm-text").textContent = action + " message " + id + " in queue " + queue + "?";
+    $("confirm-title").textContent = capitalised(action) + " message";
+    $("confirm-text").textContent = capitalised(action) + " message " + id + " in queue " + queue + "?";
     const needToken = view.readOnly !== true;
     show($("token-row"), needToken);
     $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
