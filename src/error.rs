@@ -77,6 +77,8 @@ pub enum Operation {
     StartThread,
     /// Asking a Piper to stop processing a message it owns (`dirq cancel`).
     Cancel,
+    /// Listening on a network address (`dirq serve`).
+    Listen,
 }
 
 impl fmt::Display for Operation {
@@ -114,6 +116,7 @@ impl fmt::Display for Operation {
             Operation::Watch => "watch",
             Operation::StartThread => "start thread",
             Operation::Cancel => "cancel",
+            Operation::Listen => "listen on",
         })
     }
 }

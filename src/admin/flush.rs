@@ -165,7 +165,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = DirectoryQueue::open(dir.path().join("q")).unwrap();
         let id = queue.enqueue_at(b"deferred", later()).unwrap();
-        queue.enqueue_with_id(&id, b"waiting").unwrap();
+        // Planted: enqueue_with_id would find the id in deferred/ and store nothing.
+        std::fs::write(queue.path(State::Incoming).join(id.as_os_str()), b"waiting").unwrap();
         assert!(matches!(flush(&queue, &id), Err(Error::Duplicate { .. })));
         assert_eq!(flush_all(&queue).unwrap(), 0);
         assert_eq!(queue.count(State::Deferred).unwrap(), 1);

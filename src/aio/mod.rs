@@ -138,6 +138,27 @@ impl AsyncQueue {
         blocking(move || queue.enqueue(bytes)).await
     }
 
+    /// Adds a message under a given id unless the queue has it or remembers it; see
+    /// [`DirectoryQueue::enqueue_with_id`].
+    ///
+    /// If this future is dropped once it has started, the call still completes.
+    ///
+    /// # Errors
+    ///
+    /// As [`DirectoryQueue::enqueue_with_id`].
+    ///
+    /// # Durability
+    ///
+    /// As [`DirectoryQueue::enqueue_with_id`].
+    pub async fn enqueue_with_id(
+        &self,
+        id: MessageId,
+        bytes: impl AsRef<[u8]> + Send + 'static,
+    ) -> Result<crate::queue::Enqueued> {
+        let queue = self.inner.queue.clone();
+        blocking(move || queue.enqueue_with_id(&id, bytes)).await
+    }
+
     /// Adds a message that waits in `deferred/` until `not_before`; see
     /// [`DirectoryQueue::enqueue_at`].
     ///

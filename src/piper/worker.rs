@@ -769,10 +769,10 @@ impl<'a> Worker<'a> {
             for output in targets {
                 let queue = output.gauge.queue();
                 let id = emitted_id(message.id(), k, total, queue, message.queue());
+                // Already there, or already finished there: a copy made by an attempt
+                // that crashed after it.
                 match queue.enqueue_with_id(&id, &emit.bytes) {
-                    Ok(()) | Err(Error::Duplicate { .. }) => {
-                        output.gauge.added(emit.bytes.len() as u64)
-                    }
+                    Ok(_) => output.gauge.added(emit.bytes.len() as u64),
                     Err(e) => return Err(TerminalError::new(e, Some(message))),
                 }
                 Counters::add(&shared.counters.emitted, 1);

@@ -14,6 +14,27 @@ use crate::format::group::Group;
 use crate::format::id::MessageId;
 use crate::format::state::State;
 
+/// What [`DirectoryQueue::enqueue_with_id`] found, and so whether it stored the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Enqueued {
+    /// The message was stored under the id, in `incoming/`.
+    Stored,
+    /// A message with this id is already in the queue, in this state; nothing was
+    /// written.
+    AlreadyQueued(State),
+    /// A message with this id was finished (committed, forwarded or deleted) recently
+    /// enough that the queue still remembers it in `seen/`; nothing was written.
+    AlreadyFinished,
+}
+
+impl Enqueued {
+    /// Whether this call stored the message (and not an earlier one).
+    pub fn is_stored(self) -> bool {
+        self == Enqueued::Stored
+    }
+}
+
 impl DirectoryQueue {
     /// Enqueues `bytes` as a new message and returns its id.
     ///
@@ -60,21 +81,25 @@ impl DirectoryQueue {
     }
 
     /// Enqueues `bytes` under a given id, so that a producer that may repeat itself
-    /// (after a crash, say) cannot make a duplicate while the first copy is waiting.
+    /// (after a crash, a redelivery by a broker) cannot make a duplicate: the id is the
+    /// idempotency key. Returns what it found; only [`Enqueued::Stored`] wrote anything.
     ///
     /// # Errors
     ///
-    /// [`Error::Duplicate`] when `incoming/` already holds a message with this id (a
-    /// message with this id in another state is not detected); otherwise as
-    /// [`enqueue`](DirectoryQueue::enqueue).
+    /// As [`enqueue`](DirectoryQueue::enqueue). Finding the id already there is not an
+    /// error but an [`Enqueued`] answer.
     ///
     /// # Durability
     ///
     /// As [`enqueue`](DirectoryQueue::enqueue).
-    pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<()> {
+    pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<Enqueued> {
         let mut tmp = write_new(self.engine(), bytes.as_ref(), Some(id))?;
         tmp.fix_id(id);
-        tmp.publish(Destination::Incoming).map(drop)
+        match tmp.publish(Destination::Incoming) {
+            Ok(_) => Ok(Enqueued::Stored),
+            Err(Error::Duplicate { .. }) => Ok(Enqueued::AlreadyQueued(State::Incoming)),
+            Err(e) => Err(e),
+        }
     }
 
     /// Enqueues `value` serialised as JSON.

@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub use builder::QueueBuilder;
+pub use enqueue::Enqueued;
 pub use inspect::{Counts, Ids};
 pub use message::{Message, MessageReader, Retried, TerminalError};
 pub use recover::RecoverReport;

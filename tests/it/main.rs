@@ -23,6 +23,7 @@ mod group_commit;
 mod groups;
 mod history;
 mod hostile;
+mod idempotent;
 mod lifecycle;
 mod mentat;
 mod operator;
@@ -31,5 +32,7 @@ mod pipeline_examples;
 mod piper;
 mod queue;
 mod run_supervisor;
+#[cfg(feature = "serve")]
+mod serve;
 mod util;
 mod wakeup;
