@@ -34,5 +34,9 @@ mod queue;
 mod run_supervisor;
 #[cfg(feature = "serve")]
 mod serve;
+#[cfg(feature = "serve")]
+mod serve_console;
 mod util;
 mod wakeup;
+#[cfg(feature = "serve")]
+mod webdriver;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The key W3C WebDriver uses for an element reference in JSON.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52f-4a4b5e3b2fe1";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// How long one WebDriver command may take before the test fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,6 +36,12 @@ pub fn missing() -> Option<String> {
 pub struct WebDriverError {
     pub code: String,
     pub message: String,
+}
+
+impl std::fmt::Display for WebDriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
 }
 
 /// A headless Chromium session driven through its own chromedriver.
@@ -118,9 +124,10 @@ impl Browser {
                 json!({"capabilities": {"alwaysMatch": {
                     "browserName": "chrome",
                     "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+                    "goog:loggingPrefs": {"browser": "ALL"},
                 }}}),
             )
-            .unwrap_or_else(|e| panic!("start a Chromium session: {e:?}"));
+            .unwrap_or_else(|e| panic!("start a Chromium session: {e}"));
         let id = created["sessionId"]
             .as_str()
             .expect("session id")
@@ -170,7 +177,7 @@ impl Browser {
     fn must(&self, method: &str, rest: &str, body: Value) -> Value {
         let path = self.session_path(rest);
         self.command(method, &path, body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e:?}"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// Opens `url` and waits for it to load.
@@ -187,10 +194,13 @@ impl Browser {
             json!({"using": "css selector", "value": selector}),
         ) {
             Ok(value) => Some(Element(
-                value[ELEMENT_KEY].as_str().expect("element id").to_owned(),
+                value[ELEMENT_KEY]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("find {selector}: no element in {value}"))
+                    .to_owned(),
             )),
             Err(e) if e.code == "no such element" => None,
-            Err(e) => panic!("find {selector}: {e:?}"),
+            Err(e) => panic!("find {selector}: {e}"),
         }
     }
 
@@ -204,12 +214,14 @@ impl Browser {
         )
     }
 
-    /// The rendered text of the first element matching `selector`, or `None`, read in one
+    /// The rendered text of the first element matching `selector` (its text content for
+    /// an SVG element), or `None` when there is none or it is hidden, read in one
     /// step so a redraw between finding and reading cannot fail the test.
     pub fn text(&self, selector: &str) -> Option<String> {
         let value = self.script(
             "const e = document.querySelector(arguments[0]); \
-             return e && !e.closest('[hidden]') ? e.innerText : null;",
+             if (!e || e.closest('[hidden]')) return null; \
+             return e.innerText ?? e.textContent;",
             json!([selector]),
         );
         value.as_str().map(str::to_owned)
@@ -222,7 +234,12 @@ impl Browser {
 
     /// Waits until `condition` holds, polling the page; panics naming `what` after
     /// `timeout`, with the page's text to show what it showed instead.
-    pub fn wait_for(&self, timeout: Duration, what: &str, mut condition: impl FnMut(&Browser) -> bool) {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut condition: impl FnMut(&Browser) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         while !condition(self) {
             if Instant::now() >= deadline {
@@ -253,6 +270,9 @@ impl Browser {
                 &self.session_path(&format!("/element/{}/clear", element.0)),
                 json!({}),
             )?;
+            if text.is_empty() {
+                return Ok(Value::Null);
+            }
             self.command(
                 "POST",
                 &self.session_path(&format!("/element/{}/value", element.0)),
@@ -286,9 +306,25 @@ impl Browser {
                 {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => panic!("act on {selector}: {e:?}"),
+                Err(e) => panic!("act on {selector}: {e}"),
             }
         }
+    }
+
+    /// The browser console's messages at level SEVERE (script errors, refused requests,
+    /// Content-Security-Policy violations) since the last call, as text.
+    pub fn console_errors(&self) -> Vec<String> {
+        let entries = self.must("POST", "/se/log", json!({"type": "browser"}));
+        entries
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| e["level"] == "SEVERE")
+                    .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A PNG screenshot of the window.
@@ -321,7 +357,9 @@ impl Drop for Browser {
         // directory on its command line, which only this browser uses.
         let profile = self.profile.path().to_string_lossy().into_owned();
         for pid in processes_mentioning(&profile) {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }

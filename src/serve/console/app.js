@@ -20,7 +20,7 @@
   const ACTIONS = {
     incoming: ["hold", "delete"],
     pending: ["cancel"],
-    errors: ["requeue", "hold", "delete"],
+    errors: ["requeue", "delete"],
     deferred: ["flush", "hold", "delete"],
     hold: ["release", "delete"],
     chained: ["delete"],
@@ -567,9 +567,9 @@
   // they add to it.
   function reasonOf(m) {
     const parts = [];
-    if (typeof m.exit_code === "number") parts.push("exit " + m.exit_code);
     if (m.reason) parts.push(String(m.reason));
-    if (m.stderr && m.stderr !== m.reason) parts.push(String(m.stderr));
+    else if (typeof m.exit_code === "number") parts.push("exit " + m.exit_code);
+    if (m.stderr && m.stderr !== m.reason) parts.push(String(m.stderr).trim());
     return parts.join(": ");
   }
 
