@@ -36,7 +36,8 @@
     readOnly: null,
     lost: false,
     timer: null,
-    generation: 0, // bumped on navigation so late answers for an old page are dropped
+    generation: 0, // bumped on navigation so a late body for an old page is dropped
+    pollSeq: 0,
     offset: 0,
     lastOverview: "",
     lastQueue: "",
@@ -317,7 +318,8 @@
     const totals = hist.buckets.map((_, i) => hist.states.reduce((s, st) => s + (st.counts[i] || 0), 0));
     const max = Math.max(1, ...totals);
     const slot = (width - left - 4) / hist.buckets.length;
-    const barH = (v) => (v / max) * (height - bottom - 18);
+    // A bucket with a few messages next to one with many still shows: at least 2 px.
+    const barH = (v) => Math.max(2, (v / max) * (height - bottom - 18));
     root.append(svg("line", { x1: left, y1: height - bottom, x2: width - 2, y2: height - bottom, class: "axis" }));
     root.append(svg("text", { x: left - 4, y: 22, class: "tick end" }, String(max)));
     root.append(svg("text", { x: left - 4, y: height - bottom, class: "tick end" }, "0"));
@@ -704,9 +706,12 @@
     poll();
   }
 
+  // One poll at a time counts: a poll started later (a navigation, an action) makes the
+  // answers of any earlier one stale, and only the latest schedules the next.
   async function poll() {
     clearTimeout(view.timer);
-    const gen = view.generation;
+    const seq = ++view.pollSeq;
+    const stale = () => seq !== view.pollSeq;
     try {
       if (view.route.page === "queue") {
         const { queue, state } = view.route;
@@ -720,20 +725,20 @@
           }),
           view.readOnly === null ? getJSON(API + "/queues") : Promise.resolve(null),
         ]);
-        if (gen !== view.generation) return;
+        if (stale()) return;
         if (all) setReadOnly(all.read_only);
         renderQueue(q);
         renderMessages(page);
         if (ages) renderAges(ages);
       } else {
         const all = await getJSON(API + "/queues");
-        if (gen !== view.generation) return;
+        if (stale()) return;
         setReadOnly(all.read_only);
         renderOverview(all);
       }
       connected();
     } catch (err) {
-      if (gen !== view.generation) return;
+      if (stale()) return;
       if (isLost(err)) {
         lostServer(err);
       } else {
@@ -742,7 +747,7 @@
         $("status").className = "status warn";
       }
     } finally {
-      if (gen === view.generation) view.timer = setTimeout(poll, POLL_MS);
+      if (!stale()) view.timer = setTimeout(poll, POLL_MS);
     }
   }
 
