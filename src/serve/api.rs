@@ -13,11 +13,10 @@ use axum::routing::{get, post};
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 
-use super::auth;
+use super::auth::{self, Token};
 use super::console;
 use super::error::ApiError;
 use super::registry::Registry;
-use super::server::ServeConfig;
 use super::submit::{self, SubmitOptions};
 use super::view;
 use crate::{admin, DirectoryQueue, Durability, MessageId};
@@ -33,17 +32,16 @@ const CANCEL_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Peer(pub(super) SocketAddr);
 
-/// What every handler shares.
+/// What every handler shares: the queues and the settings requests need.
 pub(super) struct AppState {
-    pub(super) config: ServeConfig,
     pub(super) registry: Arc<Registry>,
+    /// `None`: read-only.
+    pub(super) token: Option<Token>,
+    pub(super) max_body: u64,
+    pub(super) body_idle_timeout: Duration,
 }
 
 impl AppState {
-    pub(super) fn new(config: ServeConfig, registry: Arc<Registry>) -> AppState {
-        AppState { config, registry }
-    }
-
     fn authorize(
         &self,
         headers: &HeaderMap,
@@ -51,7 +49,7 @@ impl AppState {
         what: &str,
     ) -> Result<(), ApiError> {
         let peer = peer.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |Extension(Peer(p))| p);
-        auth::authorize(self.config.token.as_ref(), headers, peer, what)
+        auth::authorize(self.token.as_ref(), headers, peer, what)
     }
 }
 
@@ -215,7 +213,7 @@ struct QueuesView {
 
 async fn queues(Shared(app): App) -> Result<Response, ApiError> {
     let registry = Arc::clone(&app.registry);
-    let read_only = app.config.token.is_none();
+    let read_only = app.token.is_none();
     let queues = blocking("list queues", move || {
         let mut views = Vec::new();
         for name in registry.names() {
@@ -362,21 +360,14 @@ async fn submit(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
     {
-        if length > app.config.max_body {
-            return Err(submit::too_large(app.config.max_body));
+        if length > app.max_body {
+            return Err(submit::too_large(app.max_body));
         }
     }
     let registry = Arc::clone(&app.registry);
     let lookup_name = name.clone();
     let queue = blocking("submit", move || lookup(&registry, &lookup_name)).await?;
-    let stored = submit::submit(
-        queue,
-        options,
-        body,
-        app.config.max_body,
-        app.config.body_idle_timeout,
-    )
-    .await?;
+    let stored = submit::submit(queue, options, body, app.max_body, app.body_idle_timeout).await?;
     let status = if stored.new {
         StatusCode::CREATED
     } else {
@@ -384,7 +375,7 @@ async fn submit(
     };
     Ok(json(
         status,
-        &serde_json::json!({ "id": stored.id.to_string(), "stored": stored.new, "state": stored.state.as_str() }),
+        &serde_json::json!({ "id": stored.id.to_string(), "stored": stored.new, "state": stored.state }),
     ))
 }
 

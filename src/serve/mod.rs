@@ -42,8 +42,9 @@
 //! - A submitted body is streamed to the queue's `tmp/`, never held in memory whole,
 //!   and cut off with 413 past [`ServeConfig::max_body`]. A message is either stored
 //!   and acknowledged or refused with nothing left behind.
-//! - Slow clients time out: [`ServeConfig::header_timeout`] for a request's head and
-//!   [`ServeConfig::body_idle_timeout`] between pieces of a body. Each connection is
+//! - Slow clients time out: [`ServeConfig::header_timeout`] for a request's head (which
+//!   also closes a connection idle that long) and [`ServeConfig::body_idle_timeout`]
+//!   between pieces of a body. Each connection is
 //!   its own task, so idle ones do not hold up others; at most
 //!   [`ServeConfig::max_connections`] are served at once, the rest wait to be accepted.
 //! - TLS is left to a reverse proxy in front (`docs/operator.md` has an nginx example).
@@ -60,8 +61,14 @@
 //!
 //! - Rates are estimates: finished per second is what live Pipers report, enqueued
 //!   per second adds the change in waiting messages between two samples.
-//! - An idle keep-alive connection is kept until the client closes it or the server
-//!   stops; [`ServeConfig::max_connections`] bounds how many there can be.
+//! - An HTTP client that keeps connections alive longer than
+//!   [`ServeConfig::header_timeout`] between requests finds them closed: the timeout
+//!   runs while the server waits for a request's head, on a new connection and between
+//!   requests alike.
+//! - A message's body (`GET .../messages/{id}`) is read into memory whole before it is
+//!   sent.
+//! - The spool root itself, when it is a queue, has the empty name and cannot be named
+//!   in a URL: serve the directory above it.
 
 mod api;
 mod auth;

@@ -26,16 +26,16 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// limits. Setters take `&mut self` and state their default.
 #[derive(Clone)]
 pub struct ServeConfig {
-    pub(super) root: PathBuf,
-    pub(super) listen: SocketAddr,
-    pub(super) token: Option<Token>,
-    pub(super) max_body: u64,
-    pub(super) header_timeout: Duration,
-    pub(super) body_idle_timeout: Duration,
-    pub(super) max_connections: usize,
-    pub(super) rescan_interval: Duration,
-    pub(super) sample_interval: Duration,
-    pub(super) durability: Durability,
+    root: PathBuf,
+    listen: SocketAddr,
+    token: Option<Token>,
+    max_body: u64,
+    header_timeout: Duration,
+    body_idle_timeout: Duration,
+    max_connections: usize,
+    rescan_interval: Duration,
+    sample_interval: Duration,
+    durability: Durability,
 }
 
 impl fmt::Debug for ServeConfig {
@@ -94,8 +94,9 @@ impl ServeConfig {
         self
     }
 
-    /// How long a client may take to send a request's head (line and headers). Default:
-    /// 10 s.
+    /// How long a client may take to send a request's head (line and headers), counted
+    /// from when the server starts waiting for it: a connection, new or between
+    /// requests, that stays idle this long is closed. Default: 10 s.
     pub fn header_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.header_timeout = timeout;
         self
@@ -243,7 +244,12 @@ impl Server {
             Arc::clone(&registry),
             config.sample_interval,
         ));
-        let router = api::router(Arc::new(api::AppState::new(config.clone(), registry)));
+        let router = api::router(Arc::new(api::AppState {
+            registry,
+            token: config.token.clone(),
+            max_body: config.max_body,
+            body_idle_timeout: config.body_idle_timeout,
+        }));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let mut http = hyper::server::conn::http1::Builder::new();

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use crate::queue::Group;
-use crate::{admin, DirectoryQueue, Error, MessageId, State};
+use crate::{admin, DirectoryQueue, Enqueued, Error, MessageId, State};
 
 /// Frames in flight between the reactor and the writer: enough to keep both busy,
 /// few enough that a slow disk holds back the client (through TCP) rather than memory.
@@ -43,8 +43,12 @@ pub(super) struct Stored {
     pub(super) id: MessageId,
     /// False when an `Idempotency-Key` named a message that was already there.
     pub(super) new: bool,
-    pub(super) state: State,
+    /// Where the message is: a state's name, or [`FINISHED`].
+    pub(super) state: &'static str,
 }
+
+/// The `state` of an idempotent submit whose message was already processed.
+pub(super) const FINISHED: &str = "finished";
 
 impl SubmitOptions {
     /// Checks the query's options and the `Idempotency-Key` header.
@@ -344,12 +348,13 @@ fn store(
     Ok(Stored {
         id,
         new: true,
-        state,
+        state: state.as_str(),
     })
 }
 
 /// An idempotent submit: the message under the id its key maps to, stored unless a
-/// message with that id is already in the queue, in any state.
+/// message with that id is in the queue, in any state, or was finished recently
+/// enough that the queue remembers it ([`Enqueued`]).
 ///
 /// The body is read whole first (it is within the limit): the enqueue under a given id
 /// takes bytes.
@@ -361,30 +366,24 @@ fn store_once(
     let mut bytes = Vec::new();
     body.read_to_end(&mut bytes)
         .map_err(|e| Error::io(crate::error::Operation::Read, queue.path(State::Tmp), e))?;
+    // enqueue_with_id looks at incoming/ (and at the finished ones it remembers);
+    // a copy claimed, held or failed meanwhile is found here.
     if let Some(state) = find(queue, &id)? {
         return Ok(Stored {
             id,
             new: false,
-            state,
+            state: state.as_str(),
         });
     }
-    match queue.enqueue_with_id(&id, &bytes) {
-        Ok(()) => {
-            sync_batch(queue)?;
-            Ok(Stored {
-                id,
-                new: true,
-                state: State::Incoming,
-            })
-        }
-        // A retry racing with the first attempt: the first one stored it.
-        Err(Error::Duplicate { .. }) => Ok(Stored {
-            id,
-            new: false,
-            state: State::Incoming,
-        }),
-        Err(e) => Err(e),
+    let (new, state) = match queue.enqueue_with_id(&id, &bytes)? {
+        Enqueued::Stored => (true, State::Incoming.as_str()),
+        Enqueued::AlreadyQueued(state) => (false, state.as_str()),
+        Enqueued::AlreadyFinished => (false, FINISHED),
+    };
+    if new {
+        sync_batch(queue)?;
     }
+    Ok(Stored { id, new, state })
 }
 
 /// The state holding a message `id`, if any.

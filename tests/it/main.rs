@@ -36,6 +36,8 @@ mod run_supervisor;
 mod serve;
 #[cfg(feature = "serve")]
 mod serve_console;
+#[cfg(feature = "serve")]
+mod serve_load;
 mod util;
 mod wakeup;
 #[cfg(feature = "serve")]

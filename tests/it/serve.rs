@@ -805,7 +805,7 @@ fn sigterm_stops_serve_gracefully() {
 }
 
 /// The library's server, for settings the command line does not offer.
-fn library_server(
+pub(crate) fn library_server(
     root: &Path,
     configure: impl FnOnce(&mut dirq::serve::ServeConfig),
 ) -> (
