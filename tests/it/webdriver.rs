@@ -332,15 +332,6 @@ impl Browser {
         let encoded = self.must("GET", "/screenshot", Value::Null);
         base64_decode(encoded.as_str().expect("base64 screenshot"))
     }
-
-    /// Sets the window's size, to frame a screenshot.
-    pub fn resize(&self, width: u32, height: u32) {
-        self.must(
-            "POST",
-            "/window/rect",
-            json!({"width": width, "height": height}),
-        );
-    }
 }
 
 impl Drop for Browser {
