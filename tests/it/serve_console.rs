@@ -261,6 +261,34 @@ fn console_shows_queues_acts_with_the_token_and_notices_a_lost_server() {
     drop(serve);
 }
 
+#[test]
+fn console_of_a_read_only_serve_offers_no_actions() {
+    if let Some(reason) = webdriver::missing() {
+        skip("serve_console", &reason);
+        return;
+    }
+    let (_dir, root) = spool();
+    let serve = Serve::start(&root, "127.0.0.1:0", None);
+    let browser = Browser::start(1280, 900);
+    browser.goto(&format!("{}/#/queue/site-a%2Fenrich/incoming", serve.url));
+    browser.wait_for(WAIT, "the queue's messages, read-only", |b| {
+        b.text("#mode").as_deref() == Some("read-only")
+            && b.visible("#messages-body tr[data-id] button[data-action=\"hold\"]")
+    });
+    let enabled = browser.script(
+        "return [...document.querySelectorAll('#messages-body button[data-action]')] \
+         .filter((b) => !b.disabled).length",
+        json!([]),
+    );
+    assert_eq!(enabled, json!(0), "every action button is disabled");
+    // The message bodies can still be read.
+    browser.click("#messages-body button[data-view]");
+    browser.wait_for(WAIT, "the message body", |b| {
+        b.text("#body-text")
+            .is_some_and(|t| t.starts_with("{\"user\": "))
+    });
+}
+
 /// Not a test: how `docs/console.png` is made. Point it at a `dirq serve` over a spool
 /// with some life in it (a queue `site-a/enrich` with failures and a Piper at work):
 /// `DIRQ_CONSOLE_URL=http://127.0.0.1:PORT cargo test --test it console_screenshot --

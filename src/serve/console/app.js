@@ -539,6 +539,7 @@
     }
     view.lastMessages = key;
     const state = view.route.state;
+    $("messages-caption").textContent = "Messages in " + state + " of " + view.route.queue;
     const actions = ACTIONS[state] || ["delete"];
     const rows = messages.map((m) => el("tr", { "data-id": m.id },
       el("td", {}, el("button", { type: "button", class: "link id", "data-view": m.id, title: "show the body" }, m.id)),
