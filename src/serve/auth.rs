@@ -54,7 +54,11 @@ pub(super) fn authorize(
     let given = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.as_bytes())
-        .and_then(|value| value.strip_prefix(b"Bearer "));
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        .and_then(|value| {
+            let (scheme, rest) = value.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+        });
     match given {
         Some(given) if token.matches(given.trim_ascii()) => Ok(()),
         Some(_) => {

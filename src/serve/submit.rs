@@ -352,30 +352,13 @@ fn store(
     })
 }
 
-/// An idempotent submit: the message under the id its key maps to, stored unless a
-/// message with that id is in the queue, in any state, or was finished recently
-/// enough that the queue remembers it ([`Enqueued`]).
-///
-/// The body is read whole first (it is within the limit): the enqueue under a given id
-/// takes bytes.
-fn store_once(
-    queue: &DirectoryQueue,
-    id: MessageId,
-    mut body: BodyReader,
-) -> Result<Stored, Error> {
-    let mut bytes = Vec::new();
-    body.read_to_end(&mut bytes)
-        .map_err(|e| Error::io(crate::error::Operation::Read, queue.path(State::Tmp), e))?;
-    // enqueue_with_id looks at incoming/ (and at the finished ones it remembers);
-    // a copy claimed, held or failed meanwhile is found here.
-    if let Some(state) = find(queue, &id)? {
-        return Ok(Stored {
-            id,
-            new: false,
-            state: state.as_str(),
-        });
-    }
-    let (new, state) = match queue.enqueue_with_id(&id, &bytes)? {
+/// An idempotent submit: the message under the id its key maps to, streamed like any
+/// other, and kept unless a message with that id is in the queue, in any state, or was
+/// finished recently enough that the queue remembers it
+/// ([`DirectoryQueue::enqueue_reader_with_id`], which also makes concurrent calls for
+/// one id take turns).
+fn store_once(queue: &DirectoryQueue, id: MessageId, body: BodyReader) -> Result<Stored, Error> {
+    let (new, state) = match queue.enqueue_reader_with_id(&id, body)? {
         Enqueued::Stored => (true, State::Incoming.as_str()),
         Enqueued::AlreadyQueued(state) => (false, state.as_str()),
         Enqueued::AlreadyFinished => (false, FINISHED),
@@ -384,25 +367,6 @@ fn store_once(
         sync_batch(queue)?;
     }
     Ok(Stored { id, new, state })
-}
-
-/// The state holding a message `id`, if any.
-fn find(queue: &DirectoryQueue, id: &MessageId) -> Result<Option<State>, Error> {
-    for state in [
-        State::Incoming,
-        State::Pending,
-        State::Deferred,
-        State::Hold,
-        State::Chained,
-        State::Errors,
-    ] {
-        match admin::info(queue, state, id) {
-            Ok(_) => return Ok(Some(state)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(None)
 }
 
 fn sync_batch(queue: &DirectoryQueue) -> Result<(), Error> {

@@ -658,6 +658,10 @@ fn a_body_over_the_limit_gets_413_and_nothing_is_stored() {
 #[test]
 fn an_idempotency_key_stores_a_retried_submit_once() {
     let (dir, a, _b) = spool();
+    let remembers = DirectoryQueue::builder(dir.path().join("remembers"))
+        .remember_finished(Duration::from_secs(3600))
+        .open()
+        .expect("a queue remembering finished ids");
     let serve = Serve::start(dir.path(), true, &[]);
     let key = "7f6c1e0a-52d3-4a8e-9c1b-1234567890ab";
     let submit = |body: &[u8]| {
@@ -698,6 +702,36 @@ fn an_idempotency_key_stores_a_retried_submit_once() {
         assert!(error_of(&json).contains("Idempotency-Key"), "{json}");
     }
     assert_eq!(a.counts().expect("counts").unfinished(), 0);
+
+    // A queue that remembers finished ids refuses the retry of a processed message too.
+    let url = serve.url("/api/v1/queues/remembers/messages");
+    let submit = || {
+        post_with(
+            &url,
+            Some(TOKEN),
+            &[("Idempotency-Key", "order-17")],
+            b"ship it",
+        )
+    };
+    let (status, first) = submit();
+    assert_eq!(status, 201, "{first}");
+    remembers
+        .try_claim()
+        .expect("claim")
+        .expect("the order")
+        .commit()
+        .expect("commit");
+    let (status, again) = submit();
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        (again["id"].as_str(), again["state"].as_str()),
+        (Some("order-17"), Some("finished"))
+    );
+    assert_eq!(
+        remembers.counts().expect("counts").unfinished(),
+        0,
+        "not stored again"
+    );
 }
 
 #[test]
