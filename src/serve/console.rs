@@ -98,10 +98,27 @@ mod tests {
         assert!(!page.contains("<script>"), "no inline <script>");
         assert!(!page.contains("<style"), "no <style> element");
         assert!(!page.contains(" style="), "no style attribute");
-        assert!(!page.contains(" onclick="), "no inline handlers");
+        assert!(!page.contains("javascript:"), "no javascript: URLs");
+        // No inline event handler: no attribute named on<letters>.
+        let handler = page.split(|c: char| c.is_whitespace()).find(|word| {
+            word.strip_prefix("on").is_some_and(|rest| {
+                rest.split_once('=').is_some_and(|(name, _)| {
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphabetic())
+                })
+            })
+        });
+        assert_eq!(handler, None, "no inline event handlers");
         let (_, script) = asset("app.js").expect("script");
         let script = std::str::from_utf8(script).expect("UTF-8");
-        for forbidden in ["innerHTML", "eval(", "new Function", "insertAdjacentHTML"] {
+        for forbidden in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+            ".style.",
+        ] {
             assert!(
                 !script.contains(forbidden),
                 "app.js must not use {forbidden}"

@@ -35,6 +35,10 @@ mod run_supervisor;
 #[cfg(feature = "serve")]
 mod serve;
 #[cfg(feature = "serve")]
+mod serve_console;
+#[cfg(feature = "serve")]
 mod serve_load;
 mod util;
 mod wakeup;
+#[cfg(feature = "serve")]
+mod webdriver;
