@@ -67,6 +67,7 @@ ALLOWED = {
     "piper": {"sys", "format", "error", "engine", "queue"},
     "spool": {"sys", "format", "error", "piper"},
     "aio": {"format", "error", "queue"},
+    "serve": {"format", "error", "queue", "admin", "piper", "spool"},
 }
 layer = lambda m: m.split("::")[0]
 wrong = []

@@ -80,6 +80,8 @@ pub enum Operation {
     /// Recording a finished message's id in `seen/`, looking one up there, or
     /// removing expired records.
     Remember,
+    /// Listening on a network address (`dirq serve`).
+    Listen,
 }
 
 impl fmt::Display for Operation {
@@ -118,6 +120,7 @@ impl fmt::Display for Operation {
             Operation::StartThread => "start thread",
             Operation::Cancel => "cancel",
             Operation::Remember => "remember finished id in",
+            Operation::Listen => "listen on",
         })
     }
 }

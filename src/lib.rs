@@ -60,6 +60,8 @@
 //! - `aio` (feature `tokio`): the queue API for tokio, `AsyncQueue` and
 //!   `AsyncMessage`, waiting on the runtime's reactor and doing file I/O on its
 //!   blocking pool.
+//! - `serve` (feature `serve`): the HTTP API and web console of `dirq serve` over
+//!   every queue under a spool root.
 //!
 //! The full specification, with every system call, fsync and crash case, is in
 //! `docs/protocol.md`.
@@ -169,6 +171,8 @@ pub mod error;
 mod format;
 pub mod piper;
 pub mod queue;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod spool;
 mod sys;
 

@@ -10,6 +10,7 @@
 //!   [`requeue_group`], [`purge`], [`replace`] (new content for a waiting message);
 //! - running messages: [`cancel_timeout`] and [`cancel_deadline`] make the Piper
 //!   processing a message abandon it (`dirq cancel`);
+//! - metrics: [`metrics`], the Prometheus exposition of `dirq metrics`;
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout;
 //! - history: [`history`], [`visit_history`], [`history_counts`] (the outcomes Pipers
 //!   wrote in `history/`) and [`job_log`] (a command's output, `history/logs/<id>.log`).
@@ -24,6 +25,7 @@ mod flush;
 mod history;
 mod hold;
 mod listing;
+mod metrics;
 mod replace;
 
 pub use crate::format::history::{HistoryOutcome, HistoryRecord};
@@ -34,6 +36,7 @@ pub use flush::{flush, flush_all};
 pub use history::{history, history_counts, job_log, visit_history, HistoryCounts, HistoryFilter};
 pub use hold::{hold, unhold};
 pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
+pub use metrics::metrics;
 pub use replace::replace;
 
 /// The error of `op` on message `id` when no state it acts on holds it: kind

@@ -32,5 +32,13 @@ mod pipeline_examples;
 mod piper;
 mod queue;
 mod run_supervisor;
+#[cfg(feature = "serve")]
+mod serve;
+#[cfg(feature = "serve")]
+mod serve_console;
+#[cfg(feature = "serve")]
+mod serve_load;
 mod util;
 mod wakeup;
+#[cfg(feature = "serve")]
+mod webdriver;

@@ -529,6 +529,45 @@ mv /var/lib/node_exporter/dirq.prom.$$ /var/lib/node_exporter/dirq.prom"
         queues: Vec<PathBuf>,
     },
 
+    /// Serve an HTTP API and web console for every queue under a spool root.
+    #[cfg(feature = "serve")]
+    #[command(
+        after_help = "Prints `listening on http://ADDR` as its first line (and `read-only: no \
+--token-file` without a token), then serves until SIGTERM or SIGINT. Queues are found under ROOT \
+at start, every few seconds and when a request names an unknown one. Requests that change \
+anything need `Authorization: Bearer <token>` with the token in --token-file; without one the \
+server is read-only. No TLS: put a reverse proxy in front (docs/operator.md).\n\nExamples:\n  \
+dirq serve /var/spool/dirq\n  dirq serve /var/spool/dirq --listen 0.0.0.0:8080 --token-file /etc/dirq/token\n  \
+curl -s localhost:8080/api/v1/queues | jq ."
+    )]
+    Serve {
+        /// The spool root whose queues are served.
+        #[arg(value_name = "ROOT")]
+        root: PathBuf,
+        /// Address and port to listen on; port 0 picks a free one.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// File holding the bearer token that changes need (surrounding whitespace is
+        /// ignored). Without it, serve is read-only.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Largest message a submit may carry (bytes, or with KiB, MiB, GiB).
+        #[arg(long, value_name = "BYTES", default_value = "16MiB", value_parser = parse_size)]
+        max_body: u64,
+    },
+
+    /// Serve an HTTP API and web console (needs a build with `--features serve`).
+    #[cfg(not(feature = "serve"))]
+    #[command(
+        after_help = "This dirq was built without the `serve` feature. Build the full binary with \
+`cargo install --path . --all-features` (or `--features serve`)."
+    )]
+    Serve {
+        /// Ignored: the command is not built in.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<OsString>,
+    },
+
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  dirq completions bash > /etc/bash_completion.d/dirq\n  \

@@ -8,6 +8,7 @@ mod metrics;
 mod produce;
 mod report;
 mod run;
+mod serve;
 mod watch;
 
 use std::cell::RefCell;
@@ -172,6 +173,21 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
             once,
         } => watch::watch(opener, &queues, &alerts, every, once),
         Command::Run { file, check } => run::run(&file, check, opener),
+        #[cfg(feature = "serve")]
+        Command::Serve {
+            root,
+            listen,
+            token_file,
+            max_body,
+        } => serve::serve(
+            &root,
+            listen,
+            token_file.as_deref(),
+            max_body,
+            opener.durability,
+        ),
+        #[cfg(not(feature = "serve"))]
+        Command::Serve { .. } => serve::not_built(),
         Command::Completions { shell } => {
             // Written here, not by clap_complete, which panics when standard output is
             // closed.
