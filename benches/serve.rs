@@ -1,6 +1,7 @@
 //! Submit latency of `dirq serve`: p50 and p99 of `POST /api/v1/queues/{name}/messages`
-//! over HTTP/1.1 keep-alive, against the baseline of `DirectoryQueue::enqueue` on the
-//! same disk in the same run (docs/performance.md, "Submit latency").
+//! over HTTP/1.1 keep-alive from 1 and 16 clients, against the baseline of
+//! `DirectoryQueue::enqueue` from as many threads, on the same disk in the same run
+//! (docs/performance.md, "Submit latency"), and the rates of both.
 //!
 //! `cargo bench --features serve --bench serve` (set `DIRQ_BENCH_DIR` to put the spool
 //! on another filesystem; default: a temporary directory under `target/`).
@@ -73,14 +74,27 @@ fn http_submits(url: &str, clients: usize, body: &[u8]) -> Vec<Duration> {
     })
 }
 
-fn direct_enqueues(queue: &DirectoryQueue, body: &[u8]) -> Vec<Duration> {
-    (0..PER_CLIENT)
-        .map(|_| {
-            let start = Instant::now();
-            queue.enqueue(body).expect("enqueue");
-            start.elapsed()
-        })
-        .collect()
+/// Enqueues `PER_CLIENT` messages from each of `threads` threads; every latency.
+fn direct_enqueues(queue: &DirectoryQueue, threads: usize, body: &[u8]) -> Vec<Duration> {
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..PER_CLIENT)
+                        .map(|_| {
+                            let start = Instant::now();
+                            queue.enqueue(body).expect("enqueue");
+                            start.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a thread"))
+            .collect()
+    })
 }
 
 fn main() {
@@ -101,11 +115,6 @@ fn main() {
             .durability(durability)
             .open()
             .expect("queue");
-        let baseline = report(
-            &format!("{name}: DirectoryQueue::enqueue (baseline)"),
-            direct_enqueues(&queue, &body),
-            None,
-        );
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -125,10 +134,24 @@ fn main() {
             let _ = stopped.await;
         }));
         for clients in [1, 16] {
+            let start = Instant::now();
+            let baseline = report(
+                &format!("{name}: enqueue, {clients} thread(s) (baseline)"),
+                direct_enqueues(&queue, clients, &body),
+                None,
+            );
+            let direct_rate = (clients * PER_CLIENT) as f64 / start.elapsed().as_secs_f64();
+            let start = Instant::now();
             report(
                 &format!("{name}: POST, {clients} client(s)"),
                 http_submits(&url, clients, &body),
                 Some(baseline),
+            );
+            let http_rate = (clients * PER_CLIENT) as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "{:<44} {direct_rate:.0} msg/s direct, {http_rate:.0} msg/s over HTTP ({:.2}x)",
+                "",
+                http_rate / direct_rate
             );
         }
         let _ = stop.send(());

@@ -30,6 +30,11 @@ impl Serve {
         let dir = tempdir();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token file");
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod 600 the token file");
         let stderr = dir.path().join("stderr");
         let mut command = dirq();
         command
@@ -595,6 +600,10 @@ fn changes_need_the_token_and_a_wrong_one_changes_nothing() {
         !log.contains(wrong) && !log.contains(TOKEN),
         "the log never shows a token: {log}"
     );
+    assert!(
+        !log.contains("readable by others"),
+        "the token file is 0600: {log}"
+    );
     let (status, _) = post(&serve.url("/api/v1/queues/a/messages"), Some(TOKEN), b"new");
     assert_eq!(status, 201);
 }
@@ -920,4 +929,78 @@ fn slow_clients_time_out_and_store_nothing() {
         .expect("a runtime");
     let error = runtime.block_on(config.bind()).expect_err("an empty token");
     assert!(error.to_string().contains("token"), "{error}");
+}
+
+#[test]
+fn pipers_show_in_the_queue_and_cancel_stops_a_running_message() {
+    let (dir, a, _b) = spool();
+    let id = a.enqueue(b"slow job").expect("enqueue").to_string();
+    let mut piper = dirq()
+        .arg("exec")
+        .arg(dir.path().join("a"))
+        // Slow the first time only: once cancelled back to incoming/, the message is
+        // claimed again and finishes, so that the Piper stops at once at the end.
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "if [ \"$DIRQ_ATTEMPT\" = 1 ]; then exec sleep 60; fi",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dirq exec");
+    let serve = Serve::start(dir.path(), true, &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the Piper to claim the message",
+        || {
+            a.count(State::Pending).expect("count") == 1
+                && get_json(&serve.url("/api/v1/queues/a"))["pipers"]
+                    .as_array()
+                    .is_some_and(|p| !p.is_empty())
+        },
+    );
+    let q = get_json(&serve.url("/api/v1/queues/a"));
+    let p = &q["pipers"][0];
+    assert_eq!(p["pid"].as_u64(), Some(u64::from(piper.id())), "{p}");
+    assert_eq!(
+        (
+            p["alive"].as_bool(),
+            p["breaker"].as_str(),
+            p["backpressure"].as_bool()
+        ),
+        (Some(true), Some("closed"), Some(false)),
+        "{p}"
+    );
+    assert!(p["name"].is_string() && p["host"].is_string(), "{p}");
+    assert!(
+        p["heartbeat_age_seconds"]
+            .as_f64()
+            .is_some_and(|age| age >= 0.0),
+        "{p}"
+    );
+    assert_eq!(q["backpressure"], false, "a live Piper, not paused");
+
+    let (status, json) = post(
+        &serve.url(&format!(
+            "/api/v1/queues/a/messages/{id}/cancel?requeue=true&wait=30"
+        )),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(
+        (json["from"].as_str(), json["state"].as_str()),
+        (Some("pending"), Some("incoming")),
+        "{json}"
+    );
+    // Stop the Piper (and the command it may have started again) gracefully.
+    signal(piper.id(), "TERM");
+    let status = piper.wait().expect("wait for dirq exec");
+    assert!(
+        status.code().is_some(),
+        "dirq exec exited on its own: {status}"
+    );
 }

@@ -14,6 +14,9 @@ pub(crate) fn serve(
 
     use crate::output::{context, stdout_error, unless_broken_pipe};
 
+    if let Some(path) = token_file {
+        warn_if_readable_by_others(path);
+    }
     let token = token_file
         .map(|path| {
             std::fs::read_to_string(path).map_err(context(format!(
@@ -59,6 +62,26 @@ pub(crate) fn serve(
         CliResult::Ok(())
     })
 }
+
+/// Warns when the token file can be read by users other than its owner: anyone who can
+/// read it can change every queue.
+#[cfg(all(feature = "serve", unix))]
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "the token file is readable by others: chmod 600 it"
+            );
+        }
+    }
+}
+
+#[cfg(all(feature = "serve", not(unix)))]
+fn warn_if_readable_by_others(_path: &std::path::Path) {}
 
 /// Completes at the first SIGTERM or SIGINT.
 #[cfg(all(feature = "serve", unix))]
