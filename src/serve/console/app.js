@@ -525,6 +525,12 @@
 
   function renderMessages(page) {
     const messages = Array.isArray(page.messages) ? page.messages : [];
+    if (!messages.length && view.offset > 0) {
+      // The page emptied under us (messages taken or acted on): go back one.
+      view.offset = Math.max(0, view.offset - PAGE);
+      setTimeout(poll, 0);
+      return;
+    }
     // Ages change on every poll: update them in place, and redraw the rows (and their
     // buttons) only when something else changed.
     const key = JSON.stringify(Object.assign({}, page, {
