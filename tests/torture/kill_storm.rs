@@ -78,7 +78,11 @@ fn run_async(figures: &mut Figures) -> Outcome {
 
 /// The storm, with stage processes running an async stage when `asynchronous`.
 fn storm_over(figures: &mut Figures, asynchronous: bool) -> Outcome {
-    let name = if asynchronous { ASYNC_CASE.name } else { CASE.name };
+    let name = if asynchronous {
+        ASYNC_CASE.name
+    } else {
+        CASE.name
+    };
     let dir = support::tempdir();
     let queues: Vec<PathBuf> = (0..=STAGES)
         .map(|i| dir.path().join(format!("q{i}")))
