@@ -11,7 +11,8 @@
 //!    runtime), samples interleaved. Target: async p99 ≤ 1.5x sync p99.
 //! 3. **Round trip**: enqueue, claim and commit, one after another, in one thread
 //!    (sync) and in one task (async), for each durability mode; then the same with 8
-//!    threads against 8 tasks. Target: async ≥ 0.8x sync.
+//!    threads against 8 tasks; the two sides take turns in 10 slices. Target: async
+//!    ≥ 0.8x sync.
 //!
 //! ```text
 //! cargo bench --features tokio --bench async               # everything
@@ -282,9 +283,12 @@ async fn async_rounds(q: &AsyncQueue, rounds: usize) {
     }
 }
 
-/// Messages per second of `tasks` concurrent loops of `rounds` round trips, sync
-/// (threads) and async (tasks on a 2-thread runtime), each on a queue of its own.
+/// Seconds taken by `tasks` concurrent loops of `rounds` round trips in all, sync
+/// (threads) and async (tasks on a 2-thread runtime), each on a queue of its own. The
+/// machine is shared and its load changes by the second: the two sides take turns in
+/// `slices` short runs, going first in turn.
 fn roundtrip_pair(durability: Durability, tasks: usize, rounds: usize) -> (f64, f64) {
+    const SLICES: usize = 10;
     let name = format!("{durability:?}").to_lowercase();
     let sync_q = queue(&scratch(&format!("async-rt-sync-{name}")), durability);
     let async_q = AsyncQueue::from(queue(
@@ -300,21 +304,36 @@ fn roundtrip_pair(durability: Durability, tasks: usize, rounds: usize) -> (f64, 
     sync_rounds(&sync_q, rounds / 10 + 1);
     runtime.block_on(async_rounds(&async_q, rounds / 10 + 1));
 
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..tasks {
-            s.spawn(|| sync_rounds(&sync_q, rounds));
+    let per_task = rounds / tasks / SLICES;
+    let run_sync = || {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..tasks {
+                s.spawn(|| sync_rounds(&sync_q, per_task));
+            }
+        });
+        start.elapsed().as_secs_f64()
+    };
+    let run_async = || {
+        let start = Instant::now();
+        runtime.block_on(join_all((0..tasks).map(|_| {
+            let q = async_q.clone();
+            async move { async_rounds(&q, per_task).await }
+        })));
+        start.elapsed().as_secs_f64()
+    };
+    let (mut sync_seconds, mut async_seconds) = (0.0, 0.0);
+    for slice in 0..SLICES {
+        if slice % 2 == 0 {
+            sync_seconds += run_sync();
+            async_seconds += run_async();
+        } else {
+            async_seconds += run_async();
+            sync_seconds += run_sync();
         }
-    });
-    let sync_rate = (tasks * rounds) as f64 / start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
-    runtime.block_on(join_all((0..tasks).map(|_| {
-        let q = async_q.clone();
-        async move { async_rounds(&q, rounds).await }
-    })));
-    let async_rate = (tasks * rounds) as f64 / start.elapsed().as_secs_f64();
-    (sync_rate, async_rate)
+    }
+    let messages = (per_task * tasks * SLICES) as f64;
+    (messages / sync_seconds, messages / async_seconds)
 }
 
 /// Runs the futures as tasks and waits for all.
@@ -332,17 +351,11 @@ fn roundtrip(durability: Durability) {
     let rounds = match durability {
         Durability::None => 20_000,
         Durability::Batch => 2_000,
-        _ => 400,
+        _ => 800,
     };
     println!("\n## roundtrip: enqueue + claim + commit, {durability:?}");
     for tasks in [1, 8] {
-        // Three tries, the best of each side: the machine is shared.
-        let mut best = (0.0f64, 0.0f64);
-        for _ in 0..3 {
-            let (s, a) = roundtrip_pair(durability, tasks, rounds / tasks);
-            best = (best.0.max(s), best.1.max(a));
-        }
-        let (sync_rate, async_rate) = best;
+        let (sync_rate, async_rate) = roundtrip_pair(durability, tasks, rounds);
         println!(
             "{tasks} {}: sync {sync_rate:>8.0} msg/s, async {async_rate:>8.0} msg/s",
             if tasks == 1 {
