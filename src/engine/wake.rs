@@ -175,10 +175,6 @@ impl Bell {
 
 /// As [`wait_any`], but also woken (alone) when `bell` rings, or at once if it rang
 /// since the last wait with it returned.
-#[cfg_attr(
-    not(any(feature = "tokio", test)),
-    expect(dead_code, reason = "used only by the workers of async stages")
-)]
 pub(crate) fn wait_any_or(wakes: &[&Wake], seen: u64, until: Instant, bell: &Arc<Bell>) {
     for wake in wakes {
         lock(&wake.watch).waiters += 1;
