@@ -7,7 +7,10 @@
 //! One signal serves the whole process: any watched directory's event wakes every
 //! waiter, which rescans what it waits for. That lets a waiter wait on several queues
 //! at once (a Piper's inputs, and its outputs while backpressure holds it), and lets
-//! a shutdown wake everyone; a spurious wake-up costs a directory `stat`.
+//! a shutdown wake everyone; a spurious wake-up costs a directory `stat`. A thread
+//! that also waits for work handed to it alone (the worker of an async stage, whose
+//! futures end on a runtime) waits with a [`Bell`] of its own, so that this work wakes
+//! it and nobody else.
 //!
 //! While a claimer trusts the watch, it also records the names that arrive (see
 //! [`Wake::arm`]), so that a claimer woken on a long directory (ext4 never shrinks
@@ -134,6 +137,71 @@ impl Signal {
     fn bump(&self) {
         *lock(&self.generation) += 1;
         self.cond.notify_all();
+        // Waiters with a bell sleep on its condition variable, not on ours.
+        // IMPORTANT: the generation's lock is released first: a waiter holds its bell's
+        // lock while it reads the generation.
+        for bell in lock(&BELLS).iter() {
+            let _rung = lock(&bell.rung);
+            bell.cond.notify_one();
+        }
+    }
+}
+
+/// A waiter's own wake-up, for a thread that waits for the signal *or* for work handed
+/// to it alone (a Piper worker whose async stage's futures finish on a runtime).
+/// Ringing it wakes that one thread, where [`wake_all`] would make every waiter of the
+/// process look at its queues again.
+#[derive(Debug, Default)]
+pub(crate) struct Bell {
+    rung: Mutex<bool>,
+    cond: Condvar,
+}
+
+/// The bells of the threads now in [`wait_any_or`], which the signal also rings.
+static BELLS: Mutex<Vec<Arc<Bell>>> = Mutex::new(Vec::new());
+
+#[cfg_attr(
+    not(any(feature = "tokio", test)),
+    expect(dead_code, reason = "rung only by the futures of async stages")
+)]
+impl Bell {
+    /// Wakes the thread waiting with this bell, or, if none is waiting, makes its next
+    /// wait return at once.
+    pub(crate) fn ring(&self) {
+        *lock(&self.rung) = true;
+        self.cond.notify_one();
+    }
+}
+
+/// As [`wait_any`], but also woken (alone) when `bell` rings, or at once if it rang
+/// since the last wait with it returned.
+pub(crate) fn wait_any_or(wakes: &[&Wake], seen: u64, until: Instant, bell: &Arc<Bell>) {
+    for wake in wakes {
+        lock(&wake.watch).waiters += 1;
+    }
+    lock(&BELLS).push(Arc::clone(bell));
+    {
+        let mut rung = lock(&bell.rung);
+        // A bump after this read of the generation rings the bell, which waits for
+        // this thread to sleep (it holds the bell's lock until then): not missed.
+        while !*rung && generation() == seen {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            rung = bell
+                .cond
+                .wait_timeout(rung, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *rung = false;
+    }
+    lock(&BELLS).retain(|b| !Arc::ptr_eq(b, bell));
+    for wake in wakes {
+        let mut state = lock(&wake.watch);
+        state.waiters -= 1;
+        state.last_waiter = Instant::now();
     }
 }
 
@@ -361,6 +429,56 @@ mod tests {
             "woken by the event, not the deadline"
         );
         assert!(generation() > seen);
+    }
+
+    #[test]
+    fn a_bell_wakes_its_waiter_and_a_ring_is_kept_until_a_wait() {
+        let bell = Arc::new(Bell::default());
+        let seen = generation();
+        let waiter = {
+            let bell = Arc::clone(&bell);
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
+                start.elapsed()
+            })
+        };
+        bell.ring();
+        let slept = waiter.join().unwrap();
+        assert!(
+            slept < Duration::from_secs(60),
+            "woken by the bell, not the deadline"
+        );
+        // A ring before the wait makes it return at once; once consumed, it does not
+        // again (the deadline ends the second wait).
+        bell.ring();
+        let seen = generation();
+        wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
+        let start = Instant::now();
+        let seen = generation();
+        wait_any_or(&[], seen, Instant::now() + Duration::from_millis(50), &bell);
+        assert!(
+            start.elapsed() >= Duration::from_millis(50) || generation() != seen,
+            "a consumed ring woke the waiter again"
+        );
+    }
+
+    #[test]
+    fn the_signal_wakes_a_waiter_with_a_bell() {
+        let bell = Arc::new(Bell::default());
+        let seen = generation();
+        let waiter = {
+            let bell = Arc::clone(&bell);
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
+                start.elapsed()
+            })
+        };
+        wake_all();
+        let slept = waiter.join().unwrap();
+        assert!(slept < Duration::from_secs(60), "woken by the signal");
+        assert!(lock(&BELLS).iter().all(|b| !Arc::ptr_eq(b, &bell)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::watch;
 
-use super::{lock, StageResult};
+use super::{lock, Failed, Outcome, Stage, StageResult};
 use crate::error::{Error, Operation, Result};
 use crate::{Message, MessageId};
 
@@ -87,6 +87,35 @@ pub trait AsyncStage: Send + Sync + 'static {
     ///
     /// Any error: the message is moved to `errors/` with the error chain as its reason.
     fn process(&self, message: &Message) -> impl Future<Output = StageResult> + Send;
+
+    /// Called after a message of this stage went to `errors/`, whatever the way, as
+    /// [`Stage::on_failed`] is for a sync stage: a failure outcome or an error of
+    /// [`process`](Self::process), a dead letter after the last retry (a future that
+    /// kept retrying or panicking, or a message whose process died on it), or the
+    /// Piper's [timeout](crate::piper::PiperBuilder::timeout). For alerting.
+    ///
+    /// It runs on the worker thread that carries out the outcomes, not on the runtime,
+    /// after the move: it may block briefly (a log line, a short command), but the
+    /// outcomes of the worker's other futures wait meanwhile. A panic in it is logged
+    /// and ignored. Default: nothing.
+    fn on_failed(&self, failure: &Failed) {
+        let _ = failure;
+    }
+}
+
+/// The sync face of an async stage that each worker holds: what the worker calls where
+/// it would call a sync stage, which only ever happens for
+/// [`on_failed`](Stage::on_failed) (the worker runs the futures, never `process`).
+pub(super) struct Facade<S>(pub(super) Arc<S>);
+
+impl<S: AsyncStage> Stage for Facade<S> {
+    fn process(&mut self, _message: &Message) -> StageResult {
+        Ok(Outcome::Stop("the Piper's stage is async".to_owned()))
+    }
+
+    fn on_failed(&mut self, failure: &Failed) {
+        self.0.on_failed(failure);
+    }
 }
 
 /// How long one poll of a stage's future may hold its thread before it is reported.
@@ -119,8 +148,7 @@ type Boxed = Pin<Box<dyn Future<Output = (Message, Done)> + Send>>;
 pub(super) type Run = Arc<dyn Fn(Message, Control) -> Boxed + Send + Sync>;
 
 /// Erases `stage`'s type (the trait returns `impl Future`, so it has no `dyn` form).
-pub(super) fn erase<S: AsyncStage>(stage: S) -> Run {
-    let stage = Arc::new(stage);
+pub(super) fn erase<S: AsyncStage>(stage: Arc<S>) -> Run {
     Arc::new(move |message: Message, control: Control| -> Boxed {
         let stage = Arc::clone(&stage);
         Box::pin(async move {

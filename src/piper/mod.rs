@@ -327,11 +327,10 @@ impl PiperBuilder {
     /// cancellable, so `dirq cancel` refuses at once.
     #[cfg(feature = "tokio")]
     pub fn async_stage<S: AsyncStage>(&mut self, stage: S, in_flight: usize) -> &mut Self {
-        self.async_stage = Some((async_stage::erase(stage), in_flight));
-        self.factory = Some(Arc::new(|| {
-            Box::new(|_: &crate::Message| -> StageResult {
-                Ok(Outcome::Stop("the Piper's stage is async".to_owned()))
-            }) as Box<dyn Stage>
+        let stage = Arc::new(stage);
+        self.async_stage = Some((async_stage::erase(Arc::clone(&stage)), in_flight));
+        self.factory = Some(Arc::new(move || {
+            Box::new(async_stage::Facade(Arc::clone(&stage))) as Box<dyn Stage>
         }));
         self
     }

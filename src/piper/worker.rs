@@ -89,6 +89,9 @@ struct Worker<'a> {
     errors: u32,
     /// While paused by backpressure: when an output asked to be counted again.
     ask_again: Option<Instant>,
+    /// The worker of an async stage: rung by each of its futures that ends, so that
+    /// the outcome is carried out at once without waking other waiters.
+    bell: Option<Arc<wake::Bell>>,
 }
 
 impl<'a> Worker<'a> {
@@ -98,6 +101,7 @@ impl<'a> Worker<'a> {
             stage: (shared.factory)(),
             errors: 0,
             ask_again: None,
+            bell: None,
         }
     }
 
@@ -144,10 +148,12 @@ impl<'a> Worker<'a> {
 
     /// The loop of a worker of an async stage: claims while fewer than `in_flight`
     /// futures run, spawns each on the runtime, and carries out the outcomes they send
-    /// back here. Finished futures wake it through [`wake::wake_all`], like a
-    /// shutdown. At shutdown it claims no more, waits for the futures in flight until
-    /// the drain timeout (or a forced stop), then stops them and releases their
-    /// messages.
+    /// back here. A future that ends rings this worker's bell, which wakes this thread
+    /// and no other (a sync stage's end wakes nobody either). After an outcome or a
+    /// claim that failed, it claims nothing for the back-off time, as a sync worker
+    /// would wait, but goes on carrying out the outcomes of the futures that end. At
+    /// shutdown it claims no more, waits for the futures in flight until the drain
+    /// timeout (or a forced stop), then stops them and releases their messages.
     #[cfg(feature = "tokio")]
     fn run_async(&mut self, mode: &super::async_stage::Mode) -> Exit {
         use super::async_stage::Control;
@@ -156,15 +162,24 @@ impl<'a> Worker<'a> {
 
         let shared = self.shared;
         let name: Arc<str> = Arc::from(shared.name.as_str());
+        let bell = Arc::new(wake::Bell::default());
+        self.bell = Some(Arc::clone(&bell));
         let (landed_tx, landed_rx) = mpsc::channel::<Landed>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut in_flight = 0usize;
         let mut drain_until: Option<Instant> = None;
+        // After an error: no claim before this.
+        let mut paused_until: Option<Instant> = None;
         loop {
             let seen = wake::generation();
             while let Ok(landed) = landed_rx.try_recv() {
                 in_flight -= 1;
-                self.land(landed);
+                match self.land(landed) {
+                    Processed::Done => self.errors = 0,
+                    Processed::Troubled => paused_until = Some(self.pause()),
+                    // Only a sync stage's thread is taken over.
+                    Processed::TakenOver => {}
+                }
             }
             let state = shared.state();
             if state != RUNNING {
@@ -178,19 +193,24 @@ impl<'a> Worker<'a> {
                     let _ = stop_tx.send(true);
                 }
                 let tick = later(now, Duration::from_millis(100));
-                wake::wait_any(
-                    &[],
-                    seen,
-                    if *stop_tx.borrow() {
-                        tick
-                    } else {
-                        tick.min(until)
-                    },
-                );
+                let until = if *stop_tx.borrow() {
+                    tick
+                } else {
+                    tick.min(until)
+                };
+                wake::wait_any_or(&[], seen, until, &bell);
                 continue;
             }
+            if let Some(until) = paused_until {
+                if Instant::now() < until {
+                    wake::wait_any_or(&[], seen, until, &bell);
+                    continue;
+                }
+                paused_until = None;
+            }
             if in_flight >= mode.in_flight {
-                wake::wait_any(&[], seen, later(Instant::now(), Duration::from_secs(1)));
+                let until = later(Instant::now(), Duration::from_secs(1));
+                wake::wait_any_or(&[], seen, until, &bell);
                 continue;
             }
             if !self.admit() {
@@ -199,7 +219,6 @@ impl<'a> Worker<'a> {
             }
             match self.claim() {
                 Ok(Some((input, message))) => {
-                    self.errors = 0;
                     let Some(runtime) = mode.handle() else {
                         let _ = message.release();
                         break;
@@ -214,8 +233,12 @@ impl<'a> Worker<'a> {
                             .last_retry_reason()
                             .unwrap_or_else(|| "the process handling it died".to_owned());
                         let reason = format!("{reason} (gave up after {} attempts)", attempts - 1);
-                        self.apply_outcome(input, message, Outcome::Fail(reason), true, None);
+                        let processed =
+                            self.apply_outcome(input, message, Outcome::Fail(reason), true, None);
                         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if processed == Processed::Troubled {
+                            paused_until = Some(self.pause());
+                        }
                         continue;
                     }
                     let started = Instant::now();
@@ -229,6 +252,7 @@ impl<'a> Worker<'a> {
                         },
                     );
                     let landed = landed_tx.clone();
+                    let bell = Arc::clone(&bell);
                     runtime.spawn(async move {
                         let (message, done) = future.await;
                         let _ = landed.send(Landed {
@@ -237,7 +261,7 @@ impl<'a> Worker<'a> {
                             done,
                             started,
                         });
-                        wake::wake_all();
+                        bell.ring();
                     });
                     in_flight += 1;
                 }
@@ -249,16 +273,17 @@ impl<'a> Worker<'a> {
                 Err(e) => {
                     lock(&shared.breaker).cancel_probe();
                     tracing::warn!(stage = %shared.name, error = %error_chain(&e), "cannot claim");
-                    self.back_off(seen);
+                    paused_until = Some(self.pause());
                 }
             }
         }
         Exit::Stopped
     }
 
-    /// Carries out how an async stage's future ended.
+    /// Carries out how an async stage's future ended. `Troubled` when the outcome (or
+    /// the release at shutdown) could not be carried out.
     #[cfg(feature = "tokio")]
-    fn land(&mut self, landed: Landed) {
+    fn land(&mut self, landed: Landed) -> Processed {
         use super::async_stage::Done;
         use super::TimeoutAction;
 
@@ -290,6 +315,7 @@ impl<'a> Worker<'a> {
             Done::Stopped => {
                 let id = message.id().clone();
                 let attempts = message.attempts().unwrap_or(1);
+                let mut processed = Processed::Done;
                 match message.release() {
                     Ok(()) => {
                         tracing::warn!(stage = %shared.name, %id, "released a message still in progress at shutdown");
@@ -305,23 +331,41 @@ impl<'a> Worker<'a> {
                     Err(e) => {
                         let (error, _message) = e.into_parts();
                         tracing::warn!(stage = %shared.name, %id, error = %error_chain(&error), "cannot release a message at shutdown; recovery will requeue it");
+                        processed = Processed::Troubled;
                     }
                 }
                 let _ = shared.finish(Finish::Done);
                 counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                return;
+                return processed;
             }
         };
-        self.apply_outcome(input, message, outcome, false, Some(started));
+        let processed = self.apply_outcome(input, message, outcome, false, Some(started));
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        processed
     }
 
     /// Waits after an error, exponentially longer (10 ms to 5 s) the more errors came
     /// in a row, instead of spinning on it. Shutdown cuts the wait short.
     fn back_off(&mut self, seen: u64) {
+        let until = self.pause();
+        wake::wait_any(&[], seen, until);
+    }
+
+    /// Counts one more error in a row; until when to claim nothing: 10 ms, doubling
+    /// with each error in a row, up to 5 s.
+    fn pause(&mut self) -> Instant {
         self.errors += 1;
         let backoff = Duration::from_millis(10 << self.errors.min(9)).min(Duration::from_secs(5));
-        wake::wait_any(&[], seen, Instant::now() + backoff);
+        later(Instant::now(), backoff)
+    }
+
+    /// Sleeps as [`wake::wait_any`], or, for the worker of an async stage, until its
+    /// bell rings too.
+    fn sleep(&self, wakes: &[&wake::Wake], seen: u64, until: Instant) {
+        match &self.bell {
+            Some(bell) => wake::wait_any_or(wakes, seen, until, bell),
+            None => wake::wait_any(wakes, seen, until),
+        }
     }
 
     /// Whether intake may go on: the failure breaker and every output's backpressure.
@@ -379,7 +423,7 @@ impl<'a> Worker<'a> {
             .min()
             .unwrap_or(now + Duration::from_secs(1));
         let wakes: Vec<_> = inputs.iter().map(DirectoryQueue::waker).collect();
-        wake::wait_any(&wakes, seen, until);
+        self.sleep(&wakes, seen, until);
     }
 
     /// Sleeps while intake is paused, until an output's `incoming/` changes (downstream
@@ -396,7 +440,7 @@ impl<'a> Worker<'a> {
         }
         let wakes: Vec<_> = outputs.iter().map(|o| o.gauge.queue().waker()).collect();
         let fallback = later(Instant::now(), self.shared.config.resume_wait);
-        wake::wait_any(
+        self.sleep(
             &wakes,
             seen,
             self.ask_again.map_or(fallback, |at| at.min(fallback)),

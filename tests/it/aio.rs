@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dirq::aio::{AsyncMessage, AsyncQueue};
 use dirq::queue::Retried;
-use dirq::{DirectoryQueue, MessageId, State};
+use dirq::{DirectoryQueue, Durability, MessageId, State};
 
 use crate::util::{run_with_input, wait_until, TestQueue};
 
@@ -275,7 +275,21 @@ fn a_claim_after_an_empty_look_sees_what_arrived_since() {
 #[test]
 fn dropped_message_goes_back_to_incoming() {
     let t = TestQueue::new();
-    let q = async_queue(&t);
+    dropped_message_is_released(&t, async_queue(&t));
+}
+
+/// The same without syncs.
+#[test]
+fn dropped_message_goes_back_to_incoming_without_syncs() {
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .durability(Durability::None)
+        .open()
+        .unwrap();
+    dropped_message_is_released(&t, AsyncQueue::from(queue));
+}
+
+fn dropped_message_is_released(t: &TestQueue, q: AsyncQueue) {
     let id = current_thread().block_on(async {
         let id = q.enqueue(b"dropped".to_vec()).await.unwrap();
         let message = q.claim().await.unwrap();
@@ -404,10 +418,25 @@ impl Rng {
 /// left in `pending/` or `incoming/`.
 #[test]
 fn cancelled_claims_never_lose_or_strand_a_message() {
+    let t = TestQueue::new();
+    cancel_claims_at_random(&t.queue);
+}
+
+/// The same without syncs, where claims and releases are fastest and so race most.
+#[test]
+fn cancelled_claims_never_lose_or_strand_a_message_without_syncs() {
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .durability(Durability::None)
+        .open()
+        .unwrap();
+    cancel_claims_at_random(&queue);
+}
+
+fn cancel_claims_at_random(queue: &DirectoryQueue) {
     const MESSAGES: usize = 400;
     const CONSUMERS: u64 = 8;
-    let t = TestQueue::new();
-    let q = async_queue(&t);
+    let q = AsyncQueue::from(queue.clone());
     let committed: Arc<Mutex<HashMap<MessageId, usize>>> = Arc::default();
     // Messages claimed more than once: released by a cancelled claim (or a drop).
     let released = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -506,8 +535,8 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
             "{id} committed once; seed {seed}"
         );
     }
-    t.queue.recover().unwrap();
-    let counts = t.queue.counts().unwrap();
+    queue.recover().unwrap();
+    let counts = queue.counts().unwrap();
     assert_eq!((counts.incoming, counts.pending), (0, 0), "seed {seed}");
     eprintln!(
         "{MESSAGES} messages, {} claimed again after a cancelled claim released them",

@@ -1,17 +1,18 @@
 //! Pipers running an `AsyncStage` (feature `tokio`): many messages in flight on one
-//! worker, outcomes, the timeout dropping the future, drains, and a stage that blocks
-//! its runtime.
+//! worker, outcomes, the timeout dropping the future, drains, a stage that blocks its
+//! runtime, `on_failed`, and the back-off after outcomes that fail.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dirq::piper::{
-    AsyncStage, Emit, Outcome, Piper, PiperBuilder, PiperHandle, PiperStats, StageResult,
-    TimeoutAction,
+    AsyncStage, BreakerPolicy, Emit, Failed, Outcome, Piper, PiperBuilder, PiperHandle, PiperStats,
+    StageResult, TimeoutAction,
 };
-use dirq::{Message, State};
+use dirq::queue::RetryPolicy;
+use dirq::{DirectoryQueue, Message, State};
 
 use crate::util::{wait_until, TestQueue};
 
@@ -382,4 +383,131 @@ fn in_flight_must_be_at_least_one() {
         .build()
         .unwrap_err();
     assert!(error.to_string().contains("async_stage"), "{error}");
+}
+
+/// As [`ByText`] (with `sleep`: waits forever, for the timeout), recording what
+/// `on_failed` is told.
+struct Reporting {
+    failed: Arc<Mutex<Vec<Failed>>>,
+}
+
+impl AsyncStage for Reporting {
+    async fn process(&self, message: &Message) -> StageResult {
+        if message.bytes()? == b"sleep" {
+            std::future::pending::<()>().await;
+        }
+        ByText.process(message).await
+    }
+
+    fn on_failed(&self, failure: &Failed) {
+        self.failed.lock().unwrap().push(failure.clone());
+    }
+}
+
+#[test]
+fn on_failed_hears_of_failures_errors_timeouts_and_dead_letters() {
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial(Duration::from_millis(10))
+                .jitter(0.0)
+                .max_attempts(2)
+                .build()
+                .unwrap(),
+        )
+        .open()
+        .unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for text in ["fail", "error", "sleep", "retry", "commit"] {
+        ids.insert(queue.enqueue(text.as_bytes()).unwrap(), text);
+    }
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let piper = Piper::builder("reporting")
+        .input(&queue)
+        .advertise(false)
+        .timeout(Duration::from_millis(200))
+        .async_stage(
+            Reporting {
+                failed: Arc::clone(&failed),
+            },
+            8,
+        )
+        .build()
+        .unwrap();
+    let (handle, runner) = start(piper);
+    wait_until(LONG, "four failures told and one commit", || {
+        failed.lock().unwrap().len() == 4 && handle.stats().committed == 1
+    });
+    let stats = stop(&handle, runner);
+    assert_eq!((stats.failed, stats.dead_lettered), (4, 1), "{stats:?}");
+    let mut told: Vec<(&str, String, u32, bool)> = failed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|f| (ids[&f.id], f.reason.clone(), f.attempt, f.dead_letter))
+        .collect();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            ("error", "an error".to_owned(), 1, false),
+            ("fail", "said so".to_owned(), 1, false),
+            ("retry", "later".to_owned(), 2, true),
+            ("sleep", "timeout".to_owned(), 1, false),
+        ]
+    );
+    for f in failed.lock().unwrap().iter() {
+        assert_eq!(f.queue, t.root(), "the input's root");
+    }
+}
+
+#[test]
+fn an_outcome_that_cannot_be_carried_out_backs_the_worker_off() {
+    let t = TestQueue::new();
+    let output = t.sibling("out");
+    for _ in 0..40 {
+        t.queue.enqueue(b"emit").unwrap();
+    }
+    let piper = Piper::builder("troubled")
+        .input(&t.queue)
+        .output("out", &output)
+        .advertise(false)
+        // The breaker would pause intake too, which is not what this test is about.
+        .breaker(&BreakerPolicy::disabled())
+        .async_stage(ByText, 4)
+        .build()
+        .unwrap();
+    // The output is gone: every emit fails, and the Piper moves its message to
+    // errors/. Without a back-off the worker would burn all 40 at once.
+    std::fs::remove_dir_all(output.root()).unwrap();
+    let (handle, runner) = start(piper);
+    // The pauses double from 20 ms: the ninth error in a row comes after 5 s.
+    wait_until(LONG, "nine outcomes that failed", || {
+        handle.stats().failed >= 9
+    });
+    // Nine errors in a row: no claim for 5 s, while the few still in flight (at most
+    // 3: each failed outcome stops the claims) land. A measurement window, not a
+    // synchronisation: a worker that does not back off fails all 40 in it.
+    let window = std::time::Instant::now();
+    while window.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = handle.stats();
+    assert!(
+        stats.failed <= 12 && stats.claimed <= 12,
+        "the worker did not back off: {stats:?}"
+    );
+    assert!(t.queue.count(State::Incoming).unwrap() >= 28);
+    let stats = stop(&handle, runner);
+    assert_eq!(stats.in_flight, 0);
+    assert_eq!(
+        stats.claimed, stats.failed,
+        "each claimed message failed once"
+    );
+    assert_eq!(
+        t.queue.count(State::Pending).unwrap(),
+        0,
+        "nothing stranded"
+    );
 }

@@ -1,5 +1,6 @@
 //! A three-stage forwarding pipeline and a producer, SIGKILLed at random for a minute
-//! and respawned each time.
+//! and respawned each time: once with sync stages, once with async stages (several
+//! futures in flight per process when the kill comes).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -20,7 +21,16 @@ pub const CASE: Case = Case {
               3-stage forwarding pipeline (2 processes x 2 workers per stage), respawned",
     invariant: "after draining, every acknowledged message is in the sink exactly once and \
                 intact; no payload under two names; pending/ and tmp/ empty",
-    run,
+    run: run_sync,
+};
+
+pub const ASYNC_CASE: Case = Case {
+    name: "kill -9 storm, async stages",
+    injects: "as the kill -9 storm, but each stage process runs an AsyncStage (1 worker, \
+              up to 32 futures in flight, each waiting 0-4 ms on the runtime)",
+    invariant: "as the kill -9 storm: every acknowledged message in the sink exactly once \
+                and intact; pending/ and tmp/ empty",
+    run: run_async,
 };
 
 /// How long the storm lasts: 60 s, or `DIRQ_TORTURE_STORM_SECS`.
@@ -35,6 +45,8 @@ fn storm() -> Duration {
 const STAGES: usize = 3;
 const PROCESSES_PER_STAGE: usize = 2;
 const WORKERS_PER_PROCESS: &str = "2";
+/// Futures in flight per process of the async storm (one worker each).
+const ASYNC_IN_FLIGHT: &str = "32";
 /// High enough that no message is dead-lettered by the kills themselves.
 const MAX_ATTEMPTS: &str = "1000";
 
@@ -49,7 +61,28 @@ struct Running {
     child: Proc,
 }
 
-fn run(figures: &mut Figures) -> Outcome {
+fn run_sync(figures: &mut Figures) -> Outcome {
+    storm_over(figures, false)
+}
+
+fn run_async(figures: &mut Figures) -> Outcome {
+    if !cfg!(feature = "tokio") {
+        return Outcome::Skipped(
+            "async stages need the `tokio` feature: cargo test --release --all-features \
+             --test torture"
+                .to_owned(),
+        );
+    }
+    storm_over(figures, true)
+}
+
+/// The storm, with stage processes running an async stage when `asynchronous`.
+fn storm_over(figures: &mut Figures, asynchronous: bool) -> Outcome {
+    let name = if asynchronous {
+        ASYNC_CASE.name
+    } else {
+        CASE.name
+    };
     let dir = support::tempdir();
     let queues: Vec<PathBuf> = (0..=STAGES)
         .map(|i| dir.path().join(format!("q{i}")))
@@ -57,7 +90,7 @@ fn run(figures: &mut Figures) -> Outcome {
     for q in &queues {
         DirectoryQueue::open(q).expect("create queue");
     }
-    let mut rng = Rng::new(CASE.name);
+    let mut rng = Rng::new(name);
     let (acks, acked_rx) = mpsc::channel::<u64>();
     let mut readers = Vec::new();
     let mut producers = 0u64;
@@ -70,6 +103,13 @@ fn run(figures: &mut Figures) -> Outcome {
                 let first = (producers * 1_000_000).to_string();
                 support::role(&["produce", s(&queues[0]), &first, "900000", "200", "2"])
             }
+            Role::Stage(i) if asynchronous => support::role(&[
+                "async-stage",
+                s(&queues[i]),
+                s(&queues[i + 1]),
+                ASYNC_IN_FLIGHT,
+                MAX_ATTEMPTS,
+            ]),
             Role::Stage(i) => support::role(&[
                 "stage",
                 s(&queues[i]),

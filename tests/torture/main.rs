@@ -45,6 +45,7 @@ struct Case {
 
 const CASES: &[Case] = &[
     kill_storm::CASE,
+    kill_storm::ASYNC_CASE,
     crash_points::CASE,
     power_cut::CASE,
     power_cut::NEW_QUEUE_CASE,

@@ -31,6 +31,13 @@ pub fn main(args: &[String]) -> i32 {
             max_attempts.parse().unwrap_or(5),
             how.first() == Some(&"emit"),
         ),
+        #[cfg(feature = "tokio")]
+        ["async-stage", input, output, in_flight, max_attempts] => async_stage(
+            input,
+            output,
+            in_flight.parse().unwrap_or(1),
+            max_attempts.parse().unwrap_or(5),
+        ),
         ["hold", queue, count] => hold(queue, count.parse().unwrap_or(1)),
         ["crashpoint", rest @ ..] => crate::crash_points::child(rest),
         ["powercut", rest @ ..] => crate::power_cut::child(rest),
@@ -126,6 +133,55 @@ fn stage(input: &str, output: &str, workers: usize, max_attempts: u32, emit: boo
     });
     let stats = builder.build()?.run()?;
     eprintln!("stage ended: {stats:?}");
+    Ok(())
+}
+
+/// Forwards after waiting 0 to 4 ms on the runtime (from the message's id, so that
+/// futures finish out of order); commits when there is no next queue.
+#[cfg(feature = "tokio")]
+struct Waiter {
+    forward: bool,
+}
+
+#[cfg(feature = "tokio")]
+impl dirq::piper::AsyncStage for Waiter {
+    async fn process(&self, message: &Message) -> dirq::piper::StageResult {
+        let _bytes = message.bytes()?;
+        let spread = message
+            .id()
+            .to_string()
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        tokio::time::sleep(Duration::from_micros(spread % 4000)).await;
+        Ok(if self.forward {
+            Outcome::Forward
+        } else {
+            Outcome::Commit
+        })
+    }
+}
+
+/// As [`stage`], with an async stage: one worker, up to `in_flight` futures on the
+/// Piper's own runtime, until SIGTERM.
+#[cfg(feature = "tokio")]
+fn async_stage(input: &str, output: &str, in_flight: usize, max_attempts: u32) -> RoleResult {
+    let input = open(input, max_attempts)?;
+    let mut builder = Piper::builder("torture-async");
+    builder
+        .input(&input)
+        .workers(1)
+        .handle_signals(true)
+        .breaker(&BreakerPolicy::disabled())
+        .recover_interval(Duration::from_millis(500))
+        .out_limit(1 << 30)
+        .drain_timeout(Duration::from_secs(10));
+    let forward = output != "-";
+    if forward {
+        builder.output("next", &open(output, max_attempts)?);
+    }
+    builder.async_stage(Waiter { forward }, in_flight);
+    let stats = builder.build()?.run()?;
+    eprintln!("async stage ended: {stats:?}");
     Ok(())
 }
 
