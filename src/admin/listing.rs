@@ -45,6 +45,26 @@ pub struct MessageInfo {
     pub failed_at: Option<SystemTime>,
 }
 
+/// The upper limits, in minutes, of the buckets of [`age_histogram`]: qshape's
+/// doubling buckets, younger than 5 minutes up to 1280 minutes (about 21 hours).
+pub const AGE_BUCKETS_MINUTES: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+/// Counts `ages` (from [`ages`]) per bucket of [`AGE_BUCKETS_MINUTES`]: younger than
+/// 5 minutes, 5 to 10, ..., 640 to 1280, and a last bucket for older ones, so the
+/// result has one more entry than the limits.
+pub fn age_histogram(ages: &[Duration]) -> [u64; AGE_BUCKETS_MINUTES.len() + 1] {
+    let mut counts = [0u64; AGE_BUCKETS_MINUTES.len() + 1];
+    for age in ages {
+        let minutes = age.as_secs_f64() / 60.0;
+        let bucket = AGE_BUCKETS_MINUTES
+            .iter()
+            .position(|&limit| minutes < limit as f64)
+            .unwrap_or(AGE_BUCKETS_MINUTES.len());
+        counts[bucket] += 1;
+    }
+    counts
+}
+
 /// The age of every message in one state, from the time in its id (a `stat` only
 /// for names without one): what a histogram of ages needs, without reading the
 /// messages.
@@ -261,4 +281,16 @@ fn age_of(id: &MessageId, st: &FileStat) -> Duration {
 /// [`Error::Io`] when the directory exists but cannot be read.
 pub fn pipers(queue: &DirectoryQueue) -> Result<Vec<PiperInfo>> {
     crate::piper::read_adverts(queue.root())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_fall_into_qshape_buckets() {
+        let m = |minutes: u64| Duration::from_secs(minutes * 60);
+        let counts = age_histogram(&[m(0), m(4), m(5), m(19), m(1279), m(1280), m(100_000)]);
+        assert_eq!(counts, [2, 1, 1, 0, 0, 0, 0, 0, 1, 2]);
+    }
 }

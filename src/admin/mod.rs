@@ -5,12 +5,14 @@
 //! [`DirectoryQueue`](crate::DirectoryQueue) and work on any message in any state.
 //! Workers do not need them; they claim, and recover what dead workers left.
 //!
-//! - listing: [`list`], [`info`], [`failure`], [`peek`], [`ages`], [`pipers`];
+//! - listing: [`list`], [`info`], [`failure`], [`peek`], [`ages`] (and [`age_histogram`]),
+//!   [`pipers`];
 //! - editing: [`hold`], [`unhold`], [`flush`], [`flush_all`], [`requeue`], [`delete`],
 //!   [`requeue_group`], [`purge`], [`replace`] (new content for a waiting message);
 //! - running messages: [`cancel_timeout`] and [`cancel_deadline`] make the Piper
 //!   processing a message abandon it (`dirq cancel`);
 //! - metrics: [`metrics`], the Prometheus exposition of `dirq metrics`;
+//! - times: [`parse_time`], the times `dirq push --at` and `dirq serve` take;
 //! - checking: [`check`] and [`repair`], `postsuper -s` for this layout;
 //! - history: [`history`], [`visit_history`], [`history_counts`] (the outcomes Pipers
 //!   wrote in `history/`) and [`job_log`] (a command's output, `history/logs/<id>.log`).
@@ -27,6 +29,7 @@ mod hold;
 mod listing;
 mod metrics;
 mod replace;
+mod time;
 
 pub use crate::format::history::{HistoryOutcome, HistoryRecord};
 pub use cancel::{cancel_deadline, cancel_timeout, remove_stale_cancels, CancelTo};
@@ -35,9 +38,12 @@ pub use edit::{delete, purge, requeue, requeue_group, PurgeReport};
 pub use flush::{flush, flush_all};
 pub use history::{history, history_counts, job_log, visit_history, HistoryCounts, HistoryFilter};
 pub use hold::{hold, unhold};
-pub use listing::{ages, failure, info, list, peek, pipers, MessageInfo};
+pub use listing::{
+    age_histogram, ages, failure, info, list, peek, pipers, MessageInfo, AGE_BUCKETS_MINUTES,
+};
 pub use metrics::metrics;
 pub use replace::replace;
+pub use time::parse_time;
 
 /// The error of `op` on message `id` when no state it acts on holds it: kind
 /// `ResourceBusy` saying `claimed` when the message is in `pending/` (a worker has it),

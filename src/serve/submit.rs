@@ -9,7 +9,7 @@
 //! acknowledged, or refused with nothing left behind.
 
 use std::io::{self, Read};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode};
@@ -109,93 +109,13 @@ fn key_id(key: &HeaderValue) -> Result<MessageId, ApiError> {
     MessageId::new(key).map_err(|e| ApiError::bad_request(format!("invalid Idempotency-Key: {e}")))
 }
 
-/// A time given as seconds since the epoch or as RFC 3339 (`2026-12-01T08:00:00Z`,
-/// with `Z` or an offset, and optional fractions of a second).
+/// `not_before`, as [`admin::parse_time`] reads it.
 fn parse_time(text: &str) -> Result<SystemTime, ApiError> {
-    let bad = || {
+    admin::parse_time(text).ok_or_else(|| {
         ApiError::bad_request(format!(
             "invalid not_before {text:?}: expected seconds since the epoch or an RFC 3339 time such as 2026-12-01T08:00:00Z"
         ))
-    };
-    if let Ok(seconds) = text.parse::<u64>() {
-        return UNIX_EPOCH
-            .checked_add(Duration::from_secs(seconds))
-            .ok_or_else(bad);
-    }
-    let seconds = rfc3339_seconds(text).ok_or_else(bad)?;
-    u64::try_from(seconds)
-        .ok()
-        .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
-        .ok_or_else(bad)
-}
-
-/// Seconds since the epoch of an RFC 3339 time (fractions dropped).
-fn rfc3339_seconds(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    let num = |range: std::ops::Range<usize>| -> Option<i64> {
-        let part = text.get(range)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())
-            .flatten()
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut rest = &text[19..];
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &fraction[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let r = rest.as_bytes();
-            if r.len() != 6 || !matches!(r[0], b'+' | b'-') || r[3] != b':' {
-                return None;
-            }
-            let (h, m) = (num_in(rest, 1..3)?, num_in(rest, 4..6)?);
-            let sign = if r[0] == b'-' { -1 } else { 1 };
-            sign * (h * 3600 + m * 60)
-        }
-    };
-    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset)
-}
-
-fn num_in(text: &str, range: std::ops::Range<usize>) -> Option<i64> {
-    let part = text.get(range)?;
-    part.bytes()
-        .all(|c| c.is_ascii_digit())
-        .then(|| part.parse().ok())
-        .flatten()
-}
-
-/// Days since 1970-01-01 of a date in the proleptic Gregorian calendar (Howard
-/// Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    })
 }
 
 pub(super) fn too_large(max: u64) -> ApiError {
@@ -378,6 +298,8 @@ fn sync_batch(queue: &DirectoryQueue) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
     #[test]

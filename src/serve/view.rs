@@ -11,10 +11,6 @@ use crate::error::Result;
 use crate::piper::PiperInfo;
 use crate::{admin, DirectoryQueue, State};
 
-/// The upper limits, in minutes, of the buckets of the age histogram; a last bucket
-/// counts the older ones. The same as `dirq ages` (Postfix's qshape).
-pub(super) const AGE_BUCKETS_MINUTES: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
-
 /// Counts by state name, every state present.
 pub(super) type Counts = BTreeMap<&'static str, usize>;
 
@@ -217,7 +213,7 @@ pub(super) fn messages(
 #[derive(Serialize)]
 pub(super) struct AgesView {
     /// Upper limits of the buckets in minutes; `counts` has one more, the older ones.
-    buckets_minutes: [u64; AGE_BUCKETS_MINUTES.len()],
+    buckets_minutes: [u64; admin::AGE_BUCKETS_MINUTES.len()],
     states: BTreeMap<&'static str, StateAges>,
     t: u64,
 }
@@ -235,7 +231,7 @@ pub(super) fn ages(queue: &DirectoryQueue) -> Result<AgesView> {
         if state == State::Tmp {
             continue;
         }
-        let counts = histogram(&admin::ages(queue, state)?);
+        let counts = admin::age_histogram(&admin::ages(queue, state)?).to_vec();
         states.insert(
             state.as_str(),
             StateAges {
@@ -245,38 +241,13 @@ pub(super) fn ages(queue: &DirectoryQueue) -> Result<AgesView> {
         );
     }
     Ok(AgesView {
-        buckets_minutes: AGE_BUCKETS_MINUTES,
+        buckets_minutes: admin::AGE_BUCKETS_MINUTES,
         states,
         t: unix_now(),
     })
 }
 
-fn histogram(ages: &[Duration]) -> Vec<u64> {
-    let mut counts = vec![0u64; AGE_BUCKETS_MINUTES.len() + 1];
-    for age in ages {
-        let minutes = age.as_secs_f64() / 60.0;
-        let bucket = AGE_BUCKETS_MINUTES
-            .iter()
-            .position(|&limit| minutes < limit as f64)
-            .unwrap_or(AGE_BUCKETS_MINUTES.len());
-        counts[bucket] += 1;
-    }
-    counts
-}
-
 /// The state named `name`, as [`State::as_str`] spells it.
 pub(super) fn parse_state(name: &str) -> Option<State> {
     State::ALL.into_iter().find(|state| state.as_str() == name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_fall_into_qshape_buckets() {
-        let m = |minutes: u64| Duration::from_secs(minutes * 60);
-        let counts = histogram(&[m(0), m(4), m(5), m(19), m(1279), m(1280), m(100_000)]);
-        assert_eq!(counts, [2, 1, 1, 0, 0, 0, 0, 0, 1, 2]);
-    }
 }

@@ -262,28 +262,10 @@ impl Dir {
         buf: &mut Vec<MaybeUninit<u8>>,
         mut visit: impl FnMut(RawEntry<'_>),
     ) -> io::Result<()> {
-        let fd = rfs::openat(
-            &self.fd,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        if buf.len() < SCAN_BUFFER_BYTES {
-            buf.resize(SCAN_BUFFER_BYTES, MaybeUninit::uninit());
-        }
-        let mut dir = RawDir::new(fd, buf.as_mut_slice());
-        while let Some(entry) = dir.next() {
-            let entry = entry?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            visit(RawEntry {
-                name: OsStr::from_bytes(name),
-                kind: convert_kind(entry.file_type()),
-            });
-        }
-        Ok(())
+        self.scan_while(buf, |entry| {
+            visit(entry);
+            true
+        })
     }
 
     /// Like [`scan`](Self::scan), but stops reading as soon as `visit` returns

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -853,103 +853,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("{s:?} is not a non-negative duration"))
 }
 
-/// A point in time: `@SECONDS` since the Unix epoch (fractions allowed), or RFC 3339
-/// with an explicit zone, `2026-12-01T08:00:00Z` or `2026-12-01 09:00:00.5+01:00`. A
-/// local time without a zone is refused rather than guessed.
+/// A point in time, as [`dirq::admin::parse_time`] reads it.
 pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
-    let s = s.trim();
-    let bad = || {
+    dirq::admin::parse_time(s).ok_or_else(|| {
         format!(
-            "{s:?} is not a time like 2026-12-01T08:00:00Z, 2026-12-01T09:00:00+01:00 \
-             or @1796112000 (seconds since the Unix epoch)"
+            "{:?} is not a time like 2026-12-01T08:00:00Z, 2026-12-01T09:00:00+01:00 \
+             or @1796112000 (seconds since the Unix epoch)",
+            s.trim()
         )
-    };
-    if let Some(secs) = s.strip_prefix('@') {
-        let secs: f64 = secs.parse().map_err(|_| bad())?;
-        let since = Duration::try_from_secs_f64(secs).map_err(|_| bad())?;
-        return UNIX_EPOCH.checked_add(since).ok_or_else(bad);
-    }
-    // YYYY-MM-DD[T ]HH:MM:SS[.frac](Z|+HH:MM|-HH:MM)
-    let b = s.as_bytes();
-    let digits = |from: usize, len: usize| -> Option<i64> {
-        let part = s.get(from..from + len)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
-    let shape = b.len() >= 20
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && matches!(b[10], b'T' | b't' | b' ')
-        && b[13] == b':'
-        && b[16] == b':';
-    if !shape {
-        return Err(bad());
-    }
-    let field = |from, len| digits(from, len).ok_or_else(bad);
-    let (year, month, day) = (field(0, 4)?, field(5, 2)?, field(8, 2)?);
-    let (hour, minute, second) = (field(11, 2)?, field(14, 2)?, field(17, 2)?);
-    let mut rest = &s[19..];
-    let mut nanos = 0u32;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let len = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if len == 0 {
-            return Err(bad());
-        }
-        let padded = format!("{:0<9}", &frac[..len.min(9)]);
-        nanos = padded.parse().map_err(|_| bad())?;
-        rest = &frac[len..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && rest.as_bytes()[3] == b':' => {
-            let sign = match rest.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return Err(bad()),
-            };
-            let (h, m) = (
-                digits_of(&rest[1..3]).ok_or_else(bad)?,
-                digits_of(&rest[4..6]).ok_or_else(bad)?,
-            );
-            sign * (h * 3600 + m * 60)
-        }
-        _ => return Err(bad()),
-    };
-    let days_in_month = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        _ => return Err(bad()),
-    };
-    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return Err(bad());
-    }
-    let secs =
-        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    let secs = u64::try_from(secs).map_err(|_| bad())?;
-    UNIX_EPOCH
-        .checked_add(Duration::new(secs, nanos))
-        .ok_or_else(bad)
-}
-
-fn digits_of(s: &str) -> Option<i64> {
-    s.bytes()
-        .all(|c| c.is_ascii_digit())
-        .then(|| s.parse().ok())?
-}
-
-/// Days from 1970-01-01 to the given date of the proleptic Gregorian calendar (Howard
-/// Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    })
 }
 
 /// The shortest `status --watch` interval: 0 redrew in a busy loop, and a shorter one
@@ -1010,35 +922,6 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("5 parsecs").is_err());
-        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
-        assert_eq!(parse_time("@0"), Ok(at(0)));
-        assert_eq!(
-            parse_time("@1796112000.5"),
-            Ok(at(1_796_112_000) + Duration::from_millis(500))
-        );
-        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Ok(at(0)));
-        assert_eq!(parse_time("2000-03-01T00:00:00Z"), Ok(at(951_868_800)));
-        assert_eq!(parse_time("2026-12-01T08:00:00Z"), Ok(at(1_796_112_000)));
-        assert_eq!(
-            parse_time("2026-12-01 09:00:00+01:00"),
-            Ok(at(1_796_112_000))
-        );
-        assert_eq!(
-            parse_time("2026-12-01T07:30:00.25-00:30"),
-            Ok(at(1_796_112_000) + Duration::from_millis(250))
-        );
-        for bad in [
-            "",
-            "tomorrow",
-            "2026-12-01T08:00:00",
-            "2026-02-30T08:00:00Z",
-            "2026-12-01T24:00:00Z",
-            "2026-12-01T08:00:00+1:00",
-            "@-5",
-            "1969-12-31T23:59:59Z",
-        ] {
-            assert!(parse_time(bad).is_err(), "{bad:?}");
-        }
         assert!(parse_watch_interval("0").is_err());
         assert!(parse_watch_interval("99ms").is_err());
         assert_eq!(parse_watch_interval("0.1"), Ok(MIN_WATCH));

@@ -356,20 +356,17 @@ fn unix_seconds(time: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Bucket limits of `ages`, in minutes (qshape's).
-const AGE_BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
-
 pub(crate) fn ages(queues: &[DirectoryQueue]) -> CliResult {
     let mut text = String::new();
     let _ = write!(text, "{:<24} {:>7}", "", "T");
-    for limit in AGE_BUCKETS {
+    for limit in dirq::admin::AGE_BUCKETS_MINUTES {
         let _ = write!(text, " {limit:>6}");
     }
     let _ = writeln!(text, " {:>6}", "1280+");
     for queue in queues {
         let _ = writeln!(text, "{}", queue.root().display());
         for state in MESSAGE_STATES {
-            let histogram = histogram(&dirq::admin::ages(queue, state)?);
+            let histogram = dirq::admin::age_histogram(&dirq::admin::ages(queue, state)?);
             let _ = write!(
                 text,
                 "  {:<22} {:>7}",
@@ -383,30 +380,4 @@ pub(crate) fn ages(queues: &[DirectoryQueue]) -> CliResult {
         }
     }
     write_out_text(&text)
-}
-
-/// Counts per age bucket: younger than 5 minutes, 5 to 10, ..., 640 to 1280, older.
-fn histogram(ages: &[Duration]) -> [u64; AGE_BUCKETS.len() + 1] {
-    let mut counts = [0u64; AGE_BUCKETS.len() + 1];
-    for age in ages {
-        let minutes = age.as_secs_f64() / 60.0;
-        let bucket = AGE_BUCKETS
-            .iter()
-            .position(|&limit| minutes < limit as f64)
-            .unwrap_or(AGE_BUCKETS.len());
-        counts[bucket] += 1;
-    }
-    counts
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_fall_into_qshape_buckets() {
-        let m = |minutes: u64| Duration::from_secs(minutes * 60);
-        let counts = histogram(&[m(0), m(4), m(5), m(19), m(1279), m(1280), m(100_000)]);
-        assert_eq!(counts, [2, 1, 1, 0, 0, 0, 0, 0, 1, 2]);
-    }
 }
