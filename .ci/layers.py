@@ -67,6 +67,7 @@ ALLOWED = {
     "piper": {"sys", "format", "error", "engine", "queue"},
     "spool": {"sys", "format", "error", "piper"},
     "aio": {"format", "error", "queue"},
+    "bridge": {"sys", "format", "error", "queue", "piper"},
 }
 layer = lambda m: m.split("::")[0]
 wrong = []

@@ -119,6 +119,29 @@ pub(crate) fn metrics(queues: &[DirectoryQueue]) -> CliResult {
                     rate,
                 );
             }
+            // A bridge's own counters (`dirq bridge out|in`); `lag` is a gauge.
+            for (counter, value) in &piper.counters {
+                let (name, kind, help) = if counter == "lag" {
+                    (
+                        "dirq_bridge_lag",
+                        "gauge",
+                        "Messages waiting to cross a bridge.",
+                    )
+                } else {
+                    (
+                        "dirq_bridge_total",
+                        "counter",
+                        "Events of a NATS bridge, by counter.",
+                    )
+                };
+                out.sample(
+                    name,
+                    kind,
+                    help,
+                    &format!("{labels},counter=\"{}\"", label_value(counter)),
+                    *value as f64,
+                );
+            }
         }
     }
     write_out_text(&out.finish())
