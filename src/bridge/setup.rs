@@ -27,6 +27,8 @@ pub struct SetupReport {
     /// Messages waiting for the consumer (its `num_pending`: after crashes, the
     /// stream's message count is not the backlog).
     pub pending: u64,
+    /// Messages delivered to the consumer and not acked yet (its `num_ack_pending`).
+    pub unacked: u64,
 }
 
 /// Most messages a consumer hands out unacknowledged; an inbound bridge pulls at most
@@ -61,6 +63,7 @@ async fn setup_async(config: &BridgeConfig) -> Result<SetupReport, BridgeError> 
         .clone();
     let (consumer, consumer_created) = consumer(&stream, config, true).await?;
     let pending = consumer.cached_info().num_pending;
+    let unacked = consumer.cached_info().num_ack_pending as u64;
     Ok(SetupReport {
         stream_created,
         consumer_created,
@@ -68,6 +71,7 @@ async fn setup_async(config: &BridgeConfig) -> Result<SetupReport, BridgeError> 
         duplicate_window: info.config.duplicate_window,
         subject: config.subject(),
         pending,
+        unacked,
     })
 }
 

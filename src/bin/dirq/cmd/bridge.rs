@@ -35,6 +35,7 @@ pub(crate) fn bridge(opener: &Opener, command: BridgeCommand) -> CliResult {
                 "replicas": report.replicas,
                 "duplicate_window_s": report.duplicate_window.as_secs_f64(),
                 "pending": report.pending,
+                "unacked": report.unacked,
             });
             print_line(&line)
         }
