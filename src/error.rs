@@ -77,6 +77,9 @@ pub enum Operation {
     StartThread,
     /// Asking a Piper to stop processing a message it owns (`dirq cancel`).
     Cancel,
+    /// Recording a finished message's id in `seen/`, looking one up there, or
+    /// removing expired records.
+    Remember,
 }
 
 impl fmt::Display for Operation {
@@ -114,6 +117,7 @@ impl fmt::Display for Operation {
             Operation::Watch => "watch",
             Operation::StartThread => "start thread",
             Operation::Cancel => "cancel",
+            Operation::Remember => "remember finished id in",
         })
     }
 }

@@ -134,7 +134,7 @@
 //! - **NFS** has no `RENAME_NOREPLACE` (link + unlink is used), no inotify (claimers
 //!   poll every rescan interval), caches attributes, and may lose `flock` locks after a
 //!   partition: run one host's workers per queue, or accept duplicates after network
-//!   failures. See `docs/protocol.md`.
+//!   failures. See `docs/protocol.md` and `docs/scale-out.md`.
 //! - **Filesystem events are hints.** inotify can overflow and some filesystems
 //!   (FUSE, NFS) send none; a claimer then finds new messages at its next rescan.
 //! - **The async API** (`aio`, feature `tokio`) is for Unix (its wake-up is an

@@ -20,6 +20,7 @@ use crate::format::deferred::parse_deferred_name;
 use crate::format::history::HISTORY_DIR;
 use crate::format::id::META_SUFFIX;
 use crate::format::meta::sidecar_name;
+use crate::format::seen::SEEN_DIR;
 use crate::piper::PIPERS_DIR;
 use crate::sys::{EntryKind, FileStat};
 use crate::{DirectoryQueue, MessageId, State};
@@ -313,10 +314,12 @@ fn check_root(queue: &DirectoryQueue, problems: &mut Vec<Problem>) -> Result<()>
     root.scan(&mut buf, |entry| found.push(entry.name.to_os_string()))
         .map_err(|e| Error::io(Operation::Scan, inner.root(), e))?;
     for name in found {
-        // pipers/ and history/ are dirq's, beside the states: no message is ever there.
+        // pipers/, history/ and seen/ are dirq's, beside the states: no message is
+        // ever there.
         let known = State::ALL.iter().any(|s| OsStr::new(s.as_str()) == name)
             || name == PIPERS_DIR
-            || name == HISTORY_DIR;
+            || name == HISTORY_DIR
+            || name == SEEN_DIR;
         if !known {
             problems.push(Problem {
                 kind: ProblemKind::Unknown,

@@ -5,6 +5,7 @@ use std::io;
 use std::time::{Duration, SystemTime};
 
 use crate::engine::group;
+use crate::engine::seen;
 use crate::engine::StateDir;
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
@@ -161,6 +162,8 @@ pub fn delete(queue: &DirectoryQueue, id: &MessageId) -> Result<State> {
         else {
             continue;
         };
+        // Recorded before it goes, as a commit does (see `Message::commit`).
+        seen::remember(inner, id)?;
         match dir.dir.unlink(&name) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -256,6 +259,7 @@ pub fn purge(
         if now.duration_since(failed_at).unwrap_or(Duration::ZERO) < age {
             continue;
         }
+        seen::remember(inner, &id)?;
         match errors.dir.unlink(name) {
             Ok(()) => report.errors_removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

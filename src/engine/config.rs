@@ -17,6 +17,9 @@ pub(crate) struct Config {
     pub(crate) tmp_max_age: Duration,
     pub(crate) max_age: Option<Duration>,
     pub(crate) retry: RetryPolicy,
+    /// The time to live of `seen/` records to store as the queue's setting; `None`:
+    /// use the stored one.
+    pub(crate) remember_finished: Option<Duration>,
 }
 
 impl Default for Config {
@@ -31,6 +34,7 @@ impl Default for Config {
             tmp_max_age: Duration::from_secs(3600),
             max_age: None,
             retry: RetryPolicy::default(),
+            remember_finished: None,
         }
     }
 }

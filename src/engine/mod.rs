@@ -10,7 +10,8 @@
 //! `claim` takes messages, `publish` writes and publishes message files,
 //! `deferred` moves due messages back, `owner` tells live owners from dead ones,
 //! `quarantine` moves hostile entries and failed messages to `errors/`, `sidecar`
-//! reads and writes `errors/<id>.meta`, `retry` is the retry policy.
+//! reads and writes `errors/<id>.meta`, `retry` is the retry policy, `seen` keeps the
+//! record of recently finished ids and `idempotent` publishes under a given id once.
 //!
 //! This layer imports `sys` and `format` only, never the queue API above it.
 
@@ -19,12 +20,14 @@ pub(crate) mod config;
 pub(crate) mod deferred;
 pub(crate) mod durability;
 pub(crate) mod group;
+pub(crate) mod idempotent;
 mod layout;
 pub(crate) mod owner;
 pub(crate) mod publish;
 pub(crate) mod quarantine;
 pub(crate) mod retry;
 pub(crate) mod scan;
+pub(crate) mod seen;
 pub(crate) mod sidecar;
 pub(crate) mod wake;
 
@@ -42,6 +45,7 @@ use crate::sys::{Dir, EntryKind, FsFamily};
 use claim::Snapshot;
 use config::Config;
 use durability::{Durability, Syncer};
+use seen::Seen;
 use wake::Wake;
 
 /// One open state directory.
@@ -102,6 +106,8 @@ pub(crate) struct Shared {
     wake: Wake,
     counters: Counters,
     noreplace: OnceLock<bool>,
+    /// `seen/`: the record of finished ids and the locks of idempotent enqueues.
+    seen: Seen,
 }
 
 impl Shared {
@@ -109,6 +115,7 @@ impl Shared {
     pub(crate) fn open(root: &Path, config: Config) -> Result<Shared> {
         let opened = layout::open(root, &config)?;
         let family = opened.root_dir.fs_family();
+        let seen = Seen::open(&opened.root_dir, root, &config)?;
         tracing::debug!(root = %root.display(), ?family, durability = ?config.durability, "opened queue");
         Ok(Shared {
             root: root.to_path_buf(),
@@ -122,6 +129,7 @@ impl Shared {
             wake: Wake::new(family.is_local()),
             counters: Counters::default(),
             noreplace: OnceLock::new(),
+            seen,
             config,
         })
     }
@@ -143,6 +151,7 @@ impl Shared {
             wake: Wake::new(self.family.is_local()),
             counters: Counters::default(),
             noreplace: self.noreplace.clone(),
+            seen: self.seen.reopen(),
         }
     }
 
@@ -179,6 +188,11 @@ impl Shared {
     /// The wake-ups of this handle's idle claimers.
     pub(crate) fn wake(&self) -> &Wake {
         &self.wake
+    }
+
+    /// `seen/`: how long finished ids are remembered, and where.
+    pub(crate) fn seen(&self) -> &Seen {
+        &self.seen
     }
 
     /// The running totals of this handle.

@@ -16,7 +16,8 @@ use crate::format::attempts;
 use crate::format::deferred::deferred_name;
 use crate::format::id::MessageId;
 use crate::format::state::State;
-use crate::sys::lock;
+use crate::sys::lock::{self, Locked};
+use crate::sys::FileStat;
 
 /// Size of the buffer a streamed enqueue copies through.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
@@ -81,7 +82,7 @@ where
 /// Reports the outcome of publishing `ids`: when the sync that was to make them durable
 /// failed, they are taken back out of `incoming/` (nothing is acknowledged that might
 /// not survive), and those a consumer already claimed are reported as published.
-fn settle(
+pub(crate) fn settle(
     published_in: &StateDir,
     names: Vec<(MessageId, std::ffi::OsString)>,
     synced: Result<()>,
@@ -247,6 +248,44 @@ impl<'q> TmpFile<'q> {
                 Err(e) => return Err(Error::io(Operation::Read, &self.path, e)),
             };
             self.write(&buf[..n])?;
+        }
+    }
+
+    /// Makes the bytes durable as the mode says, before the file is published.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.queue.syncer.file(&self.file, &self.path)
+    }
+
+    /// Renames the file to `incoming/<id>` without replacing anything and keeps it
+    /// locked, so that claimers pass it over until the returned lock is dropped; `None`
+    /// when `incoming/<id>` exists (the file is then removed). Returns the file's
+    /// identity too, to tell it from another file under the same name later.
+    pub(crate) fn rename_held(mut self, id: &MessageId) -> Result<Option<(Locked, FileStat)>> {
+        let incoming = self.queue.dir(State::Incoming);
+        let name = id.as_os_str();
+        let held = self
+            .file
+            .try_clone()
+            .and_then(|file| Ok((crate::sys::stat_file(&file)?, file)))
+            .map_err(|e| Error::io(Operation::Publish, &self.path, e))?;
+        match self
+            .queue
+            .dir(State::Tmp)
+            .dir
+            .rename_noreplace(&self.name, &incoming.dir, name)
+        {
+            Ok(()) => {
+                self.published = true;
+                // The clone shares the open file description, and with it the lock.
+                Ok(Some((Locked::new(held.1), held.0)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(Error::moving(
+                Operation::Publish,
+                &self.path,
+                incoming.join(name),
+                e,
+            )),
         }
     }
 

@@ -5,7 +5,8 @@
 //! `id` the message ids that are their file names, `deferred` the names in
 //! `deferred/`, `meta` the failure sidecar `errors/<id>.meta`, and `attempts` the
 //! attempt count kept in a message's extended attributes, `history` the lines and
-//! file names of the outcome journal `history/` (not a state). This layer imports `sys`
+//! file names of the outcome journal `history/` (not a state), `seen` the names in
+//! `seen/`, the record of recently finished ids (not a state either). This layer imports `sys`
 //! and `error` only.
 
 pub(crate) mod attempts;
@@ -14,4 +15,5 @@ pub(crate) mod group;
 pub(crate) mod history;
 pub(crate) mod id;
 pub(crate) mod meta;
+pub(crate) mod seen;
 pub(crate) mod state;

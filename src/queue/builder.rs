@@ -131,6 +131,45 @@ impl QueueBuilder {
         self
     }
 
+    /// Makes the queue remember the ids of finished messages for `ttl`, so that
+    /// [`enqueue_with_id`](DirectoryQueue::enqueue_with_id) refuses an id that was
+    /// already processed and removed ([`Enqueued::AlreadyFinished`](crate::Enqueued)),
+    /// and not only one still in the queue. `Duration::ZERO` turns it off.
+    ///
+    /// This is a setting of the queue, not of the handle: it is stored in the queue
+    /// (`seen/.ttl`) when the queue is opened, and every handle opened afterwards, in
+    /// any process, honours it; a handle opened before keeps the setting it read.
+    /// Set it when the queue is made (`dirq init --seen-ttl`), before workers start.
+    ///
+    /// The cost: while it is on, each commit, forward or delete first creates an empty
+    /// record file in `seen/` (synced first where the filesystem does not keep the
+    /// order), and `seen/` holds one file per id finished within the last `ttl` (and
+    /// at most an eighth of `ttl` more). Expired records are removed by writers, a few
+    /// at a time, and by [`recover`](DirectoryQueue::recover).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dirq::{DirectoryQueue, Enqueued, MessageId};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = DirectoryQueue::builder(dir.path().join("q"))
+    ///     .remember_finished(Duration::from_secs(3600))
+    ///     .open()?;
+    /// let id = MessageId::new("order-17")?;
+    /// assert_eq!(queue.enqueue_with_id(&id, b"ship it")?, Enqueued::Stored);
+    /// queue.try_claim()?.expect("the order").commit()?;
+    /// assert_eq!(queue.enqueue_with_id(&id, b"ship it")?, Enqueued::AlreadyFinished);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// Default: the queue's stored setting, which is off in a new queue. Whole
+    /// seconds: a `ttl` under one second (other than zero) is refused at
+    /// [`open`](Self::open).
+    pub fn remember_finished(&mut self, ttl: Duration) -> &mut Self {
+        self.config.remember_finished = Some(ttl);
+        self
+    }
+
     /// Opens the queue, creating its layout if allowed.
     ///
     /// # Errors
@@ -181,6 +220,14 @@ impl QueueBuilder {
             return bad(
                 "max_age",
                 "must not be zero (every message would expire)".to_owned(),
+            );
+        }
+        if c.remember_finished
+            .is_some_and(|ttl| !ttl.is_zero() && ttl < Duration::from_secs(1))
+        {
+            return bad(
+                "remember_finished",
+                "must be zero (off) or at least one second".to_owned(),
             );
         }
         Ok(())

@@ -2,38 +2,19 @@
 //! batch behind one barrier.
 
 use std::io::Read;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
 use super::DirectoryQueue;
 use crate::engine::group::next_turn;
+use crate::engine::idempotent::publish_once;
+pub use crate::engine::idempotent::Enqueued;
 use crate::engine::publish::{empty, publish_batch, write_new, Destination, TmpFile};
 use crate::error::{Error, Operation, Result};
 use crate::format::group::Group;
 use crate::format::id::MessageId;
 use crate::format::state::State;
-
-/// What [`DirectoryQueue::enqueue_with_id`] found, and so whether it stored the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Enqueued {
-    /// The message was stored under the id, in `incoming/`.
-    Stored,
-    /// A message with this id is already in the queue, in this state; nothing was
-    /// written.
-    AlreadyQueued(State),
-    /// A message with this id was finished (committed, forwarded or deleted) recently
-    /// enough that the queue still remembers it in `seen/`; nothing was written.
-    AlreadyFinished,
-}
-
-impl Enqueued {
-    /// Whether this call stored the message (and not an earlier one).
-    pub fn is_stored(self) -> bool {
-        self == Enqueued::Stored
-    }
-}
 
 impl DirectoryQueue {
     /// Enqueues `bytes` as a new message and returns its id.
@@ -80,26 +61,101 @@ impl DirectoryQueue {
         tmp.publish(Destination::Deferred(not_before))
     }
 
-    /// Enqueues `bytes` under a given id, so that a producer that may repeat itself
-    /// (after a crash, a redelivery by a broker) cannot make a duplicate: the id is the
-    /// idempotency key. Returns what it found; only [`Enqueued::Stored`] wrote anything.
+    /// Enqueues `bytes` under a given id unless the queue already has a message with
+    /// this id or remembers finishing one: the id is the idempotency key of a producer
+    /// that may repeat itself (after a crash, or a broker's redelivery). Returns what it
+    /// found; only [`Enqueued::Stored`] wrote anything.
+    ///
+    /// ```
+    /// use dirq::{DirectoryQueue, Enqueued, MessageId, State};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = DirectoryQueue::open(dir.path().join("q"))?;
+    /// let id = MessageId::new("order-17")?;
+    /// assert_eq!(queue.enqueue_with_id(&id, b"ship it")?, Enqueued::Stored);
+    /// let claimed = queue.try_claim()?.expect("the order");
+    /// assert_eq!(
+    ///     queue.enqueue_with_id(&id, b"ship it")?,
+    ///     Enqueued::AlreadyQueued(State::Pending)
+    /// );
+    /// # drop(claimed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// The message is written and synced in `tmp/`, then, while calls for the same id
+    /// take turns (a lock file in `seen/`, shared by the ids that hash to it), renamed
+    /// to `incoming/<id>` without replacing anything, still locked so that no claimer
+    /// takes it yet; then `pending/`, `deferred/`, `hold/`, `chained/`, `errors/` and
+    /// `seen/` are checked in that order, and the new file is taken back out if one
+    /// has the id. Moves between those states only go forward in that order, and no
+    /// message can enter `incoming/` while the new file holds the name, so a message
+    /// that moves during the check is found where it went.
+    ///
+    /// A finished message is refused only while the queue
+    /// [remembers finished ids](crate::QueueBuilder::remember_finished); otherwise its
+    /// id is new again once it has left.
+    ///
+    /// What is not covered (docs/protocol.md, "seen/ and idempotent enqueue"):
+    /// - A message with this id that was enqueued by anything else than
+    ///   `enqueue_with_id` (a plain publish that names its file itself, a Mentat
+    ///   writer) does not take turns; it is still found, unless it arrives in
+    ///   `incoming/` after the check.
+    /// - A claimer that does not lock (a Mentat reader) may claim the new file during
+    ///   the check; if the check then finds another copy, both are kept and this
+    ///   returns [`Enqueued::Stored`].
+    /// - In `errors/`, only a message under its own id is found, not one stored as
+    ///   `<id>~N` beside an earlier failure.
+    /// - [`Enqueued::AlreadyQueued`] can name a message that another writer of the
+    ///   same id has published but whose `incoming/` sync is still to come, if that
+    ///   writer did not use `enqueue_with_id`.
     ///
     /// # Errors
     ///
-    /// As [`enqueue`](DirectoryQueue::enqueue). Finding the id already there is not an
-    /// error but an [`Enqueued`] answer.
+    /// As [`enqueue`](DirectoryQueue::enqueue), and [`Error::Io`] with
+    /// [`Operation::Remember`] when `seen/` (its lock files, its records) cannot be
+    /// created or read. Finding the id is not an error but an [`Enqueued`] answer.
     ///
     /// # Durability
     ///
-    /// As [`enqueue`](DirectoryQueue::enqueue).
+    /// As [`enqueue`](DirectoryQueue::enqueue): `Full` syncs the file and `incoming/`
+    /// before this returns; the id's turn ends only after that, so that a later call
+    /// that answers [`Enqueued::AlreadyQueued`] names a durable message.
     pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<Enqueued> {
-        let mut tmp = write_new(self.engine(), bytes.as_ref(), Some(id))?;
+        self.enqueue_reader_with_id(id, bytes.as_ref())
+    }
+
+    /// Streams what `reader` yields into a message under a given id, as
+    /// [`enqueue_reader`](DirectoryQueue::enqueue_reader) does, unless the queue
+    /// already has the id; see [`enqueue_with_id`](DirectoryQueue::enqueue_with_id).
+    ///
+    /// # Errors
+    ///
+    /// As [`enqueue_with_id`](DirectoryQueue::enqueue_with_id), and as
+    /// [`enqueue_reader`](DirectoryQueue::enqueue_reader) when the reader fails.
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue_with_id`](DirectoryQueue::enqueue_with_id).
+    pub fn enqueue_reader_with_id(
+        &self,
+        id: &MessageId,
+        mut reader: impl Read,
+    ) -> Result<Enqueued> {
+        let inner = self.engine();
+        let mut tmp = TmpFile::create(inner, Some(id))?;
         tmp.fix_id(id);
-        match tmp.publish(Destination::Incoming) {
-            Ok(_) => Ok(Enqueued::Stored),
-            Err(Error::Duplicate { .. }) => Ok(Enqueued::AlreadyQueued(State::Incoming)),
-            Err(e) => Err(e),
+        tmp.copy_from(&mut reader)?;
+        if tmp.is_blank() {
+            return Err(empty(inner));
         }
+        publish_once(inner, tmp, id)
+    }
+
+    /// How long the queue remembers the ids of finished messages (see
+    /// [`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished)), as
+    /// its setting was when this handle was opened; `None` when it does not.
+    pub fn remembers_finished(&self) -> Option<Duration> {
+        self.engine().seen().ttl()
     }
 
     /// Enqueues `value` serialised as JSON.

@@ -13,6 +13,7 @@ use super::DirectoryQueue;
 use crate::engine::group;
 use crate::engine::publish::{publish_copy, SyncWhen};
 use crate::engine::quarantine::{move_to_errors, Moved};
+use crate::engine::seen;
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
 use crate::format::deferred::deferred_name;
@@ -181,6 +182,11 @@ impl Message {
         let queue = self.queue.clone();
         let inner = queue.engine();
         let pending = inner.dir(State::Pending);
+        // IMPORTANT: the record first. A crash between the two leaves a record of a
+        // message that is still here; the other order could let a copy in again.
+        if let Err(error) = seen::remember(inner, &self.id) {
+            return Err(self.kept(error));
+        }
         if let Err(e) = pending.dir.unlink(self.id.as_os_str()) {
             let error = Error::io(Operation::Commit, &self.path, e);
             return Err(self.kept(error));
@@ -216,6 +222,10 @@ impl Message {
         let pending = inner.dir(State::Pending);
         let target = next.engine().dir(State::Incoming);
         let name = self.id.as_os_str();
+        // The id leaves this queue for good, as by a commit: recorded first.
+        if let Err(error) = seen::remember(inner, &self.id) {
+            return Err(self.kept(error));
+        }
         match pending.dir.rename_noreplace(name, &target.dir, name) {
             Ok(()) => {
                 let dirs = [inner.dir(State::Incoming), pending, target];

@@ -8,11 +8,16 @@ use super::DirectoryQueue;
 use crate::engine::group;
 use crate::engine::owner::{lock_entry, Entry};
 use crate::engine::quarantine::quarantine;
+use crate::engine::seen;
 use crate::error::{Error, Operation, Result};
 use crate::format::attempts;
 use crate::format::id::MessageId;
 use crate::format::state::State;
 use crate::sys::EntryKind;
+
+/// The most expired `seen/` records one recovery pass removes: a bounded pause for a
+/// worker that recovers at start.
+const SEEN_SWEEP_BUDGET: usize = 65_536;
 
 /// What one [`recover`](DirectoryQueue::recover) pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,6 +44,9 @@ pub struct RecoverReport {
     /// Members of ordered groups let into `incoming/`: a turn that a crash
     /// interrupted, given.
     pub let_in: usize,
+    /// Expired records of finished ids removed from `seen/` (at most
+    /// 65,536 per pass; see [`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished)).
+    pub seen_removed: usize,
 }
 
 impl DirectoryQueue {
@@ -59,6 +67,8 @@ impl DirectoryQueue {
     ///   cancelled, and each ordered group with members in `chained/` gets its next
     ///   member let in if none is current (see
     ///   [`enqueue_in_group`](DirectoryQueue::enqueue_in_group)).
+    /// - `seen/`: expired records of finished ids are removed, at most 65,536 per
+    ///   pass, and all of them when the queue no longer remembers finished ids.
     ///
     /// Recovery is idempotent, and any number of processes may run it at once: each
     /// orphan is requeued exactly once, because the recoverer holds its lock while it
@@ -86,6 +96,10 @@ impl DirectoryQueue {
                 let repaired = group::repair(self.engine())?;
                 report.cancelled = repaired.cancelled;
                 report.let_in = repaired.let_in;
+                Ok(())
+            })
+            .and_then(|()| {
+                report.seen_removed = seen::sweep(self.engine(), SEEN_SWEEP_BUDGET)?;
                 Ok(())
             });
         let inner = self.engine();

@@ -78,6 +78,16 @@ impl Dir {
     pub(crate) fn sync(&self) -> io::Result<()> {
         unsupported()
     }
+    pub(crate) fn scan_while(
+        &self,
+        _buf: &mut Vec<MaybeUninit<u8>>,
+        _visit: impl FnMut(RawEntry<'_>) -> bool,
+    ) -> io::Result<()> {
+        unsupported()
+    }
+    pub(crate) fn rmdir(&self, _name: &OsStr) -> io::Result<()> {
+        unsupported()
+    }
     pub(crate) fn touch(&self) -> io::Result<()> {
         unsupported()
     }

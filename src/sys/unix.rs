@@ -286,6 +286,45 @@ impl Dir {
         Ok(())
     }
 
+    /// Like [`scan`](Self::scan), but stops reading as soon as `visit` returns
+    /// `false`: a bounded piece of work in a directory of any size.
+    pub(crate) fn scan_while(
+        &self,
+        buf: &mut Vec<MaybeUninit<u8>>,
+        mut visit: impl FnMut(RawEntry<'_>) -> bool,
+    ) -> io::Result<()> {
+        let fd = rfs::openat(
+            &self.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        if buf.len() < SCAN_BUFFER_BYTES {
+            buf.resize(SCAN_BUFFER_BYTES, MaybeUninit::uninit());
+        }
+        let mut dir = RawDir::new(fd, buf.as_mut_slice());
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let more = visit(RawEntry {
+                name: OsStr::from_bytes(name),
+                kind: convert_kind(entry.file_type()),
+            });
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `unlinkat(name, AT_REMOVEDIR)`: removes an empty child directory.
+    pub(crate) fn rmdir(&self, name: &OsStr) -> io::Result<()> {
+        Ok(rfs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR)?)
+    }
+
     /// Classifies the filesystem the directory lives on.
     pub(crate) fn fs_family(&self) -> FsFamily {
         let Ok(statfs) = rfs::fstatfs(&self.fd) else {

@@ -190,3 +190,42 @@ fn dirq_forwards_into_a_queue_mentat_consumes() {
     assert_eq!(read, forwarded);
     assert_eq!(next.counts().unwrap().get(State::Incoming), 0);
 }
+
+#[test]
+fn mentat_reads_a_queue_fed_by_enqueue_with_id() {
+    if !available("mentat_reads_a_queue_fed_by_enqueue_with_id") {
+        return;
+    }
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .remember_finished(std::time::Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    let mut pushed = HashSet::new();
+    for i in 0..40 {
+        let id = dirq::MessageId::new(format!("event-{i:02}")).unwrap();
+        assert!(queue
+            .enqueue_with_id(&id, format!("{{\"n\": {i}}}"))
+            .unwrap()
+            .is_stored());
+        // A repeat, as a redelivering producer sends: nothing more for Mentat to read.
+        assert!(!queue.enqueue_with_id(&id, b"again").unwrap().is_stored());
+        pushed.insert(id.to_string());
+    }
+    // One finished by dirq: its record sits in seen/, where Mentat never looks.
+    let done = queue.try_claim().unwrap().unwrap();
+    pushed.remove(&done.id().to_string());
+    done.commit().unwrap();
+    let lines = python(MENTAT_DRAIN, &[t.root()]);
+    let mut read = HashSet::new();
+    for line in lines.lines() {
+        let (id, data) = line.split_once('\t').unwrap();
+        assert!(read.insert(id.to_owned()), "{id} read twice");
+        assert!(data.starts_with("{\"n\": "), "{data}");
+    }
+    assert_eq!(read, pushed);
+    assert!(
+        t.root().join("seen/.ttl").exists(),
+        "seen/ is left as it was"
+    );
+}

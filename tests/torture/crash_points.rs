@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dirq::queue::RetryPolicy;
-use dirq::{DirectoryQueue, Durability, MessageId};
+use dirq::{DirectoryQueue, Durability, Enqueued, MessageId};
 
 use crate::inventory::{payload, Inventory};
 use crate::support::{self, Figures, Outcome};
@@ -16,11 +16,14 @@ pub const CASE: Case = Case {
     name: "crash points",
     injects: "SIGKILL at each system call k of enqueue, batch enqueue, claim, commit, forward, \
               fail, release, retry, hold, requeue, edit, the failure of a group member that \
-              cancels the others, and the commit of a chain member that lets the next in \
+              cancels the others, the commit of a chain member that lets the next in, \
+              an idempotent enqueue and a commit that records its id in seen/ \
               (strace inject, full durability)",
     invariant: "after recover: acknowledged operations took effect, an interrupted one took \
                 effect wholly or not at all (the message exactly once, intact), other messages \
-                untouched, nothing in pending/ or tmp/, a second recover changes nothing",
+                untouched, nothing in pending/ or tmp/, a second recover changes nothing; \
+                an idempotent enqueue repeated after recovery leaves its id stored once, \
+                and a committed id is refused",
     run,
 };
 
@@ -38,7 +41,12 @@ const OPS: &[&str] = &[
     "edit",
     "group-fail",
     "chain-commit",
+    "enqueue-with-id",
+    "commit-seen",
 ];
+
+/// The id `enqueue-with-id` stores its message under.
+const FIXED_ID: &str = "crash-once";
 
 /// The payload the operation works on, and the ones beside it.
 const SUBJECT: u64 = 1;
@@ -73,7 +81,7 @@ fn run(figures: &mut Figures) -> Outcome {
         let mut missed = 0;
         for (k, (call, occurrence)) in points.iter().enumerate() {
             let scratch = support::tempdir();
-            let setup = Setup::new(scratch.path());
+            let setup = Setup::new(scratch.path(), op);
             let out = support::output(
                 support::role_under_strace(&[
                     "-o",
@@ -116,7 +124,7 @@ fn run(figures: &mut Figures) -> Outcome {
 /// the end marker included: a kill there is a finished but unacknowledged operation.
 fn enumerate(op: &str) -> Vec<(String, usize)> {
     let scratch = support::tempdir();
-    let setup = Setup::new(scratch.path());
+    let setup = Setup::new(scratch.path(), op);
     let trace = scratch.path().join("trace");
     let out = support::output(
         support::role_under_strace(&["-o", support::path_str(&trace)])
@@ -171,9 +179,18 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(dir: &Path) -> Setup {
+    fn new(dir: &Path, op: &str) -> Setup {
         let (a, b) = (dir.join("a"), dir.join("b"));
-        let qa = open(&a).expect("create a");
+        let qa = if op == "enqueue-with-id" || op == "commit-seen" {
+            // A setting of the queue: the child, opening `a` plainly, honours it.
+            DirectoryQueue::builder(&a)
+                .durability(Durability::Full)
+                .remember_finished(Duration::from_secs(3600))
+                .open()
+        } else {
+            open(&a)
+        }
+        .expect("create a");
         open(&b).expect("create b");
         let id = qa
             .enqueue(payload(SUBJECT, SIZE))
@@ -212,7 +229,7 @@ impl Setup {
         inventory.assert_intact(context);
         inventory.assert_empty(&["pending", "tmp"], context);
         let untouched: &[u64] = match op {
-            "enqueue" | "batch" | "group-fail" | "chain-commit" => {
+            "enqueue" | "batch" | "group-fail" | "chain-commit" | "enqueue-with-id" => {
                 &[SUBJECT, BYSTANDERS[0], BYSTANDERS[1]]
             }
             _ => &BYSTANDERS,
@@ -287,7 +304,8 @@ impl Setup {
             return;
         }
         let (subjects, allowed, done): (&[u64], &[&[&str]], &[&str]) = match op {
-            "enqueue" => (&NEW[..1], &[&[], &["a/incoming"]], &["a/incoming"]),
+            "enqueue" | "enqueue-with-id" => (&NEW[..1], &[&[], &["a/incoming"]], &["a/incoming"]),
+            "commit-seen" => (&[SUBJECT], &[&["a/incoming"], &[]], &[]),
             "batch" => (&NEW, &[&[], &["a/incoming"]], &["a/incoming"]),
             "claim" | "release" => (&[SUBJECT], &[&["a/incoming"]], &["a/incoming"]),
             "commit" => (&[SUBJECT], &[&["a/incoming"], &[]], &[]),
@@ -335,6 +353,9 @@ impl Setup {
                 "{context}: the batch was published with a gap: {batch_outcomes:?}"
             );
         }
+        if op == "enqueue-with-id" || op == "commit-seen" {
+            self.check_repeated_enqueue(op, context);
+        }
         if let Some(failed) = inventory
             .places(SUBJECT)
             .into_iter()
@@ -351,6 +372,37 @@ impl Setup {
                 "{context}: sidecar without a reason: {meta}"
             );
         }
+    }
+
+    /// A producer that repeats the enqueue after the crash (it was not acknowledged, or
+    /// its acknowledgement was lost) must not make a second copy: the message it
+    /// enqueues ends up in the queue exactly once, or, when its id was committed,
+    /// not at all.
+    fn check_repeated_enqueue(&self, op: &str, context: &str) {
+        let (id, seq) = match op {
+            "enqueue-with-id" => (MessageId::new(FIXED_ID).expect("a valid id"), NEW[0]),
+            _ => (self.subject_id.clone(), SUBJECT),
+        };
+        let before = self.places(&Inventory::take(&[&self.a, &self.b]), seq);
+        let queue = open(&self.a).unwrap_or_else(|e| panic!("{context}: open a: {e}"));
+        let enqueued = queue
+            .enqueue_with_id(&id, payload(seq, SIZE))
+            .unwrap_or_else(|e| panic!("{context}: repeated enqueue_with_id: {e}"));
+        let after = self.places(&Inventory::take(&[&self.a, &self.b]), seq);
+        let expected: &[&str] = if op == "commit-seen" && before.is_empty() {
+            assert_eq!(
+                enqueued,
+                Enqueued::AlreadyFinished,
+                "{context}: the commit took effect but its id was not remembered"
+            );
+            &[]
+        } else {
+            &["a/incoming"]
+        };
+        assert_eq!(
+            after, expected,
+            "{context}: after a repeated enqueue ({enqueued:?}), payload {seq} is in {after:?}"
+        );
     }
 
     /// Where payload `seq` is, as `queue/state` names.
@@ -409,14 +461,20 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let claimed = match *op {
-        "commit" | "forward" | "fail" | "release" | "retry" | "group-fail" | "chain-commit" => {
-            Some(a.try_claim()?.ok_or("nothing to claim")?)
-        }
+        "commit" | "forward" | "fail" | "release" | "retry" | "group-fail" | "chain-commit"
+        | "commit-seen" => Some(a.try_claim()?.ok_or("nothing to claim")?),
         _ => None,
     };
     marker();
     match (*op, claimed) {
         ("enqueue", _) => drop(a.enqueue(payload(NEW[0], SIZE))?),
+        ("enqueue-with-id", _) => {
+            let id = MessageId::new(FIXED_ID)?;
+            match a.enqueue_with_id(&id, payload(NEW[0], SIZE))? {
+                Enqueued::Stored => {}
+                other => return Err(format!("nothing stored: {other:?}").into()),
+            }
+        }
         ("batch", _) => drop(a.enqueue_batch(NEW.iter().map(|seq| payload(*seq, SIZE)))?),
         // Kept claimed until the process ends.
         ("claim", _) => std::mem::forget(a.try_claim()?.ok_or("nothing to claim")?),
@@ -427,7 +485,7 @@ pub fn child(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             &subject_id,
             &payload(EDITED, SIZE),
         )?),
-        ("commit" | "chain-commit", Some(m)) => m.commit()?,
+        ("commit" | "chain-commit" | "commit-seen", Some(m)) => m.commit()?,
         ("forward", Some(m)) => m.forward(&b)?,
         ("fail" | "group-fail", Some(m)) => m.fail("crash-point test")?,
         ("release", Some(m)) => m.release()?,

@@ -58,7 +58,7 @@ pub(crate) enum Command {
     // (`<ID|--all>`) before the positionals, the reverse of the order it parses.
     /// Create queues (the directory and its state directories).
     #[command(
-        after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 2770 /srv/q"
+        after_help = "Examples:\n  dirq init /var/spool/dirq/input /var/spool/dirq/parsed\n  dirq init --mode 2770 /srv/q\n  dirq init --seen-ttl 1h /srv/inbound"
     )]
     Init {
         /// Queue directories to create.
@@ -70,6 +70,12 @@ pub(crate) enum Command {
         /// exist already. Default: 0775 for what is created; existing ones unchanged.
         #[arg(long, value_name = "MODE", value_parser = parse_mode)]
         mode: Option<u32>,
+        /// Remember the ids of finished messages for DUR (1h, 10m) in seen/, so that
+        /// `push --id` and other idempotent enqueues refuse an id already processed;
+        /// 0 turns it off. A setting of the queue, honoured by every process that opens
+        /// it afterwards. Default: unchanged (off in a new queue).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        seen_ttl: Option<Duration>,
     },
 
     /// Enqueue each FILE (or standard input) as one message; print one id per line.
@@ -78,7 +84,8 @@ pub(crate) enum Command {
 the future delivers at once); `dirq flush` delivers them early.\n\n\
 Examples:\n  dirq push q event1.json event2.json\n  echo '{\"a\": 1}' | dirq push q\n  \
 dirq push q --delay 10m reminder.json\n  dirq push q --at 2026-12-01T08:00:00Z report.json\n  \
-dirq push q --at @$(date -d 'tomorrow 08:00' +%s) report.json"
+dirq push q --at @$(date -d 'tomorrow 08:00' +%s) report.json\n  \
+dirq push q --id order-17 order.json  # a second push of order-17 enqueues nothing"
     )]
     Push {
         /// The queue.
@@ -102,6 +109,11 @@ dirq push q --at @$(date -d 'tomorrow 08:00' +%s) report.json"
         /// in chained/ until the one before it is committed or forwarded.
         #[arg(long, requires = "group")]
         ordered: bool,
+        /// Enqueue the one message under ID, unless the queue has a message with this id
+        /// or remembers finishing one (see `init --seen-ttl`); then nothing is enqueued
+        /// and a note says where the id is.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["at", "delay", "group"])]
+        id: Option<String>,
     },
 
     /// Claim up to N of the oldest messages and print (then commit) or forward them.

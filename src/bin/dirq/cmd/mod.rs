@@ -51,7 +51,11 @@ pub(crate) fn run(cli: Cli) -> CliResult {
 
 fn dispatch(command: Command, opener: &Opener) -> CliResult {
     match command {
-        Command::Init { queues, mode } => produce::init(&queues, mode),
+        Command::Init {
+            queues,
+            mode,
+            seen_ttl,
+        } => produce::init(&queues, mode, seen_ttl),
         Command::Push {
             queue,
             files,
@@ -59,7 +63,15 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
             delay,
             group,
             ordered,
+            id,
         } => {
+            if let Some(id) = id {
+                return produce::push_with_id(
+                    &opener.create(&queue)?,
+                    &files,
+                    &dirq::MessageId::new(id)?,
+                );
+            }
             let placement = match group {
                 Some(name) if ordered => {
                     produce::Placement::Group(dirq::queue::Group::ordered(name)?)

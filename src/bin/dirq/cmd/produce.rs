@@ -11,11 +11,15 @@ use crate::output::{context, quiet_broken_pipe, stdout_error, unless_broken_pipe
 
 /// Creates each queue; with `mode`, also sets it on the root and state directories of
 /// a queue that existed (created ones get it from the builder).
-pub(crate) fn init(queues: &[PathBuf], mode: Option<u32>) -> CliResult {
+/// With `seen_ttl`, stores how long each queue remembers finished ids.
+pub(crate) fn init(queues: &[PathBuf], mode: Option<u32>, seen_ttl: Option<Duration>) -> CliResult {
     for queue in queues {
         let mut builder = DirectoryQueue::builder(queue);
         if let Some(mode) = mode {
             builder.dir_mode(mode);
+        }
+        if let Some(ttl) = seen_ttl {
+            builder.remember_finished(ttl);
         }
         let queue = builder.open()?;
         if let Some(mode) = mode {
@@ -86,6 +90,63 @@ pub(crate) fn push(queue: &DirectoryQueue, files: &[OsString], placement: &Place
             .map_err(stdout_error)?;
     }
     Ok(())
+}
+
+/// Enqueues the one input (a file, or standard input for `-` or none) under `id`
+/// unless the queue has the id; prints the id when it stored the message, and says on
+/// standard error where the id already is otherwise.
+pub(crate) fn push_with_id(
+    queue: &DirectoryQueue,
+    files: &[OsString],
+    id: &MessageId,
+) -> CliResult {
+    let enqueued = match files {
+        [] => enqueue_with_id(queue, io::stdin().lock(), id, "standard input")?,
+        [file] if file == OsStr::new("-") => {
+            enqueue_with_id(queue, io::stdin().lock(), id, "standard input")?
+        }
+        [file] => {
+            let path = Path::new(file);
+            let input = std::fs::File::open(path).map_err(context(format!(
+                "failed to open input file {}",
+                path.display()
+            )))?;
+            enqueue_with_id(queue, input, id, &format!("input file {}", path.display()))?
+        }
+        _ => return Err("--id takes exactly one input: one id names one message".into()),
+    };
+    let root = queue.root().display();
+    match enqueued {
+        dirq::Enqueued::Stored => writeln!(io::stdout().lock(), "{id}")
+            .or_else(unless_broken_pipe)
+            .map_err(stdout_error)?,
+        dirq::Enqueued::AlreadyQueued(state) => {
+            eprintln!("dirq: {root}: {id} is already in {state}/; nothing enqueued");
+        }
+        _ => eprintln!("dirq: {root}: {id} was already processed (seen/); nothing enqueued"),
+    }
+    Ok(())
+}
+
+fn enqueue_with_id(
+    queue: &DirectoryQueue,
+    input: impl Read,
+    id: &MessageId,
+    what: &str,
+) -> Result<dirq::Enqueued, Box<dyn std::error::Error + Send + Sync>> {
+    let mut input = Input {
+        inner: input,
+        failed: None,
+    };
+    match queue.enqueue_reader_with_id(id, &mut input) {
+        Ok(enqueued) => Ok(enqueued),
+        Err(e) => match input.failed {
+            Some(cause) => Err(Box::new(context(format!(
+                "failed to read {what}; nothing was enqueued"
+            ))(cause))),
+            None => Err(Box::new(e)),
+        },
+    }
 }
 
 /// Enqueues what `input` holds. When reading `input` fails (a directory, an I/O error),

@@ -1,0 +1,399 @@
+//! `seen/`: the record of recently finished message ids, and the locks that make
+//! concurrent idempotent enqueues of one id take turns (the names are in
+//! `format::seen`; the protocol in docs/protocol.md, "seen/ and idempotent enqueue").
+//!
+//! A queue remembers finished ids only when its `seen/.ttl` says for how long; every
+//! handle reads that setting when it is opened, so that every process of the queue
+//! honours the same one. When it does, a message leaving the queue for good (commit,
+//! forward, delete, purge) first gets an empty record file `seen/<bucket>/<id>`, and
+//! only then goes. A crash between the two leaves a record of a message that still
+//! exists: harmless, the record only refuses a second copy.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use super::config::Config;
+use super::durability::Durability;
+use super::{Shared, StateDir};
+use crate::error::{Error, Operation, Result};
+use crate::format::id::MessageId;
+use crate::format::seen::{
+    bucket_end, format_ttl, is_expired, lock_name, parse_bucket, parse_ttl, SEEN_DIR, TTL_FILE,
+};
+use crate::sys::lock::{self, Locked};
+use crate::sys::Dir;
+
+/// One in this many records a handle writes also sweeps expired records.
+const SWEEP_EVERY: u64 = 64;
+
+/// The most records one sweep by a writer removes: four per record written on
+/// average, more than the one each record adds, and a bounded pause for the writer.
+const SWEEP_BUDGET: usize = 256;
+
+/// The `seen/` directory of one queue handle.
+#[derive(Debug)]
+pub(crate) struct Seen {
+    path: PathBuf,
+    /// Opened (and created when missing) on first use: a queue that never enqueues
+    /// by id nor remembers needs no `seen/`.
+    dir: OnceLock<Arc<StateDir>>,
+    /// How long finished ids are remembered, as `seen/.ttl` said when the handle was
+    /// opened; `None`: not at all.
+    ttl: Option<Duration>,
+    /// Records written through this handle, for the occasional sweep.
+    written: AtomicU64,
+}
+
+impl Seen {
+    /// Reads the queue's setting, or first stores `config.remember_finished` as the
+    /// queue's setting when it is given.
+    pub(super) fn open(root_dir: &Dir, root: &Path, config: &Config) -> Result<Seen> {
+        let path = root.join(SEEN_DIR);
+        let seen = Seen {
+            path,
+            dir: OnceLock::new(),
+            ttl: None,
+            written: AtomicU64::new(0),
+        };
+        if let Some(ttl) = config.remember_finished {
+            let dir = seen.dir(root_dir, config)?;
+            store_ttl(dir, ttl, config)?;
+            let ttl = (!ttl.is_zero()).then_some(ttl);
+            return Ok(Seen { ttl, ..seen });
+        }
+        let dir = match root_dir.open_child(OsStr::new(SEEN_DIR)) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(seen),
+            Err(e) => return Err(Error::io(Operation::Open, &seen.path, e)),
+        };
+        let ttl = read_ttl(&dir, &seen.path.join(TTL_FILE))?;
+        let _ = seen.dir.set(Arc::new(StateDir {
+            dir,
+            path: seen.path.clone(),
+        }));
+        Ok(Seen { ttl, ..seen })
+    }
+
+    /// The same directory and setting, for a reopened handle.
+    pub(super) fn reopen(&self) -> Seen {
+        let dir = OnceLock::new();
+        if let Some(open) = self.dir.get() {
+            let _ = dir.set(Arc::clone(open));
+        }
+        Seen {
+            path: self.path.clone(),
+            dir,
+            ttl: self.ttl,
+            written: AtomicU64::new(0),
+        }
+    }
+
+    /// How long finished ids are remembered; `None` when they are not.
+    pub(crate) fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    /// The open `seen/`, created if it is missing.
+    fn dir(&self, root_dir: &Dir, config: &Config) -> Result<&Arc<StateDir>> {
+        if let Some(dir) = self.dir.get() {
+            return Ok(dir);
+        }
+        let name = OsStr::new(SEEN_DIR);
+        match root_dir.mkdir(name, config.dir_mode) {
+            Ok(()) => {
+                if config.durability != Durability::None {
+                    root_dir
+                        .sync()
+                        .map_err(|e| Error::io(Operation::Sync, &self.path, e))?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(Operation::CreateDir, &self.path, e)),
+        }
+        let dir = root_dir
+            .open_child(name)
+            .map_err(|e| Error::io(Operation::Open, &self.path, e))?;
+        let _ = self.dir.set(Arc::new(StateDir {
+            dir,
+            path: self.path.clone(),
+        }));
+        Ok(self
+            .dir
+            .get()
+            .expect("set just now, by this thread or another"))
+    }
+
+    /// The open `seen/` if it exists, without creating it.
+    fn existing(&self, root_dir: &Dir) -> Result<Option<&Arc<StateDir>>> {
+        if let Some(dir) = self.dir.get() {
+            return Ok(Some(dir));
+        }
+        match root_dir.open_child(OsStr::new(SEEN_DIR)) {
+            Ok(dir) => {
+                let _ = self.dir.set(Arc::new(StateDir {
+                    dir,
+                    path: self.path.clone(),
+                }));
+                Ok(self.dir.get())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(Operation::Open, &self.path, e)),
+        }
+    }
+}
+
+/// Stores `ttl` as the queue's setting (zero: remember nothing), replacing the file in
+/// one rename so that a process opening the queue meanwhile reads the old setting or
+/// the new, never half of one.
+fn store_ttl(dir: &Arc<StateDir>, ttl: Duration, config: &Config) -> Result<()> {
+    let name = OsStr::new(TTL_FILE);
+    let path = dir.join(name);
+    if ttl.is_zero() {
+        match dir.dir.unlink(name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(Operation::Remember, path, e)),
+        }
+    } else {
+        if read_ttl(&dir.dir, &path)? == Some(ttl) {
+            return Ok(());
+        }
+        let tmp_name = OsString::from(format!("{TTL_FILE}.{}", MessageId::generate()));
+        let tmp_path = dir.join(&tmp_name);
+        let written = dir
+            .dir
+            .create_new(&tmp_name, config.file_mode)
+            .and_then(|mut file| {
+                file.write_all(format_ttl(ttl).as_bytes())?;
+                if config.durability != Durability::None {
+                    file.sync_all()?;
+                }
+                Ok(())
+            })
+            .and_then(|()| dir.dir.rename_replace(&tmp_name, &dir.dir, name));
+        if let Err(e) = written {
+            let _ = dir.dir.unlink(&tmp_name);
+            return Err(Error::io(Operation::Remember, tmp_path, e));
+        }
+    }
+    if config.durability != Durability::None {
+        dir.sync()?;
+    }
+    Ok(())
+}
+
+/// The time to live in `seen/.ttl`; `None` when the file is missing or says zero.
+fn read_ttl(dir: &Dir, path: &Path) -> Result<Option<Duration>> {
+    let mut file = match dir.open_read(OsStr::new(TTL_FILE)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(Operation::Open, path, e)),
+    };
+    let mut text = Vec::new();
+    (&mut file)
+        .take(64)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(Operation::Read, path, e))?;
+    match parse_ttl(&text) {
+        Some(ttl) => Ok(Some(ttl)),
+        None if text.trim_ascii() == b"0" => Ok(None),
+        None => Err(Error::Layout {
+            path: path.to_path_buf(),
+            reason: "expected the number of seconds finished ids are remembered".to_owned(),
+        }),
+    }
+}
+
+/// Makes idempotent enqueues of `id` take turns, across processes: held until the
+/// returned lock is dropped. A lock file is shared by the ids that hash to it.
+///
+/// # Errors
+///
+/// [`Error::Io`] when `seen/` or the lock file cannot be created or locked.
+pub(crate) fn lock_id(inner: &Shared, id: &MessageId) -> Result<Locked> {
+    let seen = &inner.seen;
+    let dir = seen.dir(inner.root_dir(), inner.config())?;
+    let name = OsString::from(lock_name(id));
+    let path = || dir.join(&name);
+    let file = dir
+        .dir
+        .open_append(&name, inner.config().file_mode)
+        .map_err(|e| Error::io(Operation::Remember, path(), e))?;
+    lock::lock_waiting(file).map_err(|e| Error::io(Operation::Remember, path(), e))
+}
+
+/// Whether `seen/` holds an unexpired record of `id`.
+///
+/// # Errors
+///
+/// [`Error::Io`] when `seen/` or one of its buckets cannot be read.
+pub(crate) fn is_remembered(inner: &Shared, id: &MessageId) -> Result<bool> {
+    let seen = &inner.seen;
+    let Some(ttl) = seen.ttl else {
+        return Ok(false);
+    };
+    let Some(dir) = seen.existing(inner.root_dir())? else {
+        return Ok(false);
+    };
+    let now = SystemTime::now();
+    for bucket in buckets(dir)? {
+        if is_expired(bucket, ttl, now) {
+            continue;
+        }
+        let name = OsString::from(bucket.to_string());
+        let bucket_dir = match dir.dir.open_child(&name) {
+            Ok(d) => d,
+            // Swept meanwhile: it had expired.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(Operation::Remember, dir.join(&name), e)),
+        };
+        match bucket_dir.stat_at(id.as_os_str()) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let path = dir.join(&name).join(id.as_os_str());
+                return Err(Error::io(Operation::Remember, path, e));
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Records that `id` finished, if the queue remembers finished ids, durably before
+/// whatever the caller does next (the message's removal) can be: on a journaled
+/// filesystem the journal keeps the order, elsewhere the bucket (and `seen/`, for a new
+/// bucket) are synced here, unless the mode is [`Durability::None`]. Now and then it
+/// also sweeps expired records, at a bounded cost.
+///
+/// # Errors
+///
+/// [`Error::Io`] when the record cannot be made durable; the caller must then keep
+/// the message, or a second copy could be let in.
+pub(crate) fn remember(inner: &Shared, id: &MessageId) -> Result<()> {
+    let seen = &inner.seen;
+    let Some(ttl) = seen.ttl else {
+        return Ok(());
+    };
+    let dir = seen.dir(inner.root_dir(), inner.config())?;
+    let name = OsString::from(bucket_end(SystemTime::now(), ttl).to_string());
+    let bucket_path = dir.join(&name);
+    let mut created = false;
+    let bucket = match dir.dir.open_child(&name) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match dir.dir.mkdir(&name, inner.config().dir_mode) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(Operation::Remember, bucket_path, e)),
+            }
+            dir.dir
+                .open_child(&name)
+                .map_err(|e| Error::io(Operation::Remember, &bucket_path, e))?
+        }
+        Err(e) => return Err(Error::io(Operation::Remember, bucket_path, e)),
+    };
+    match bucket.create_new(id.as_os_str(), inner.config().file_mode) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            let path = bucket_path.join(id.as_os_str());
+            return Err(Error::io(Operation::Remember, path, e));
+        }
+    }
+    let bucket = Arc::new(StateDir {
+        dir: bucket,
+        path: bucket_path,
+    });
+    // IMPORTANT: the record must be durable before the removal that follows can be,
+    // or a crash could keep the removal and lose the record: a redelivered copy would
+    // then be let in and processed twice.
+    inner.syncer().order_before_next(&bucket)?;
+    if created {
+        inner.syncer().order_before_next(dir)?;
+    }
+    if seen.written.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+        if let Err(e) = sweep(inner, SWEEP_BUDGET) {
+            tracing::warn!(error = %e, "cannot remove expired records of finished ids");
+        }
+    }
+    Ok(())
+}
+
+/// Removes up to `budget` expired records, and the buckets it empties; returns how
+/// many records it removed. Every record is expired when the queue no longer
+/// remembers finished ids.
+///
+/// # Errors
+///
+/// [`Error::Io`] when `seen/` or a bucket cannot be read or a record removed.
+pub(crate) fn sweep(inner: &Shared, budget: usize) -> Result<usize> {
+    let seen = &inner.seen;
+    let Some(dir) = seen.existing(inner.root_dir())? else {
+        return Ok(0);
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for bucket in buckets(dir)? {
+        if removed >= budget {
+            break;
+        }
+        if seen.ttl.is_some_and(|ttl| !is_expired(bucket, ttl, now)) {
+            continue;
+        }
+        let name = OsString::from(bucket.to_string());
+        let path = dir.join(&name);
+        let bucket_dir = match dir.dir.open_child(&name) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(Operation::Remember, path, e)),
+        };
+        let want = budget - removed;
+        let mut names = Vec::new();
+        bucket_dir
+            .scan_while(&mut Vec::new(), |entry| {
+                names.push(entry.name.to_os_string());
+                names.len() < want
+            })
+            .map_err(|e| Error::io(Operation::Remember, &path, e))?;
+        let emptied = names.len() < want;
+        for record in &names {
+            match bucket_dir.unlink(record) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(Operation::Remember, path.join(record), e)),
+            }
+        }
+        if emptied {
+            match dir.dir.rmdir(&name) {
+                // Another sweeper removed it, or a record came in late (a clock
+                // behind the others'): the next sweep tries again.
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                    ) => {}
+                Err(e) => return Err(Error::io(Operation::Remember, path, e)),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The ends of the buckets in `seen/`, oldest first.
+fn buckets(dir: &StateDir) -> Result<Vec<u64>> {
+    let mut ends = Vec::new();
+    dir.dir
+        .scan(&mut Vec::new(), |entry| {
+            if let Some(end) = parse_bucket(entry.name) {
+                ends.push(end);
+            }
+        })
+        .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+    ends.sort_unstable();
+    Ok(ends)
+}
