@@ -47,7 +47,12 @@ const CONNECTING: u8 = 3;
 /// The server redelivers what it did not see acked: after a crash of the bridge, a
 /// lost connection, or a server crash (an ack is not kept across one). A redelivered
 /// message finds its id already in the queue, or finished and remembered in `seen/`,
-/// and is acked without being stored again ([`BridgeStats::duplicates`]).
+/// and is acked without being stored again ([`BridgeStats::duplicates`]). The queue
+/// must remember finished ids for that
+/// ([`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished), set
+/// before its workers open it; `dirq bridge in` sets one day where the queue has no
+/// setting); without it, only copies still in the queue are caught, and `run` logs a
+/// warning.
 ///
 /// # Backpressure
 ///
@@ -117,6 +122,14 @@ impl Inbound {
     /// `Batch`: synced, once per batch; `None`: not synced).
     pub fn run(&self) -> Result<BridgeStats, BridgeError> {
         self.config.check()?;
+        if self.queue.remembers_finished().is_none() {
+            tracing::warn!(
+                queue = %self.queue.root().display(),
+                "bridge in: the queue does not remember finished ids (seen/): a message \
+                 redelivered after it was processed would be stored again; see \
+                 QueueBuilder::remember_finished"
+            );
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dirq-bridge-in")

@@ -612,7 +612,8 @@ dirq bridge out /var/spool/dirq/to-b --nats nats://10.0.0.1:4222 --stream orders
     /// Pull from the stream's consumer and store each message in QUEUE under its id.
     #[command(
         after_help = "A message is acked only once stored (and synced per --durability); \
-one that arrives again is acked without being stored twice. Pulling stops while QUEUE's \
+one that arrives again, still queued or finished within --seen-ttl, is acked without being \
+stored twice. Pulling stops while QUEUE's \
 incoming/ holds --high messages and resumes below --low. SIGTERM or SIGINT drains. Prints \
 its counters as JSON when it stops.\n\nExample:\n  \
 dirq bridge in /var/spool/dirq/orders --nats nats://10.0.0.1:4222 --stream orders"
@@ -635,6 +636,11 @@ dirq bridge in /var/spool/dirq/orders --nats nats://10.0.0.1:4222 --stream order
         /// Resume pulling below this many.
         #[arg(long, value_name = "N", default_value_t = 8_000)]
         low: usize,
+        /// Make QUEUE remember finished ids this long (its seen/ setting, as `init
+        /// --seen-ttl`), so a message redelivered after it was processed is not stored
+        /// again. Default: the queue's setting, or 1d where it has none.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        seen_ttl: Option<Duration>,
     },
 }
 

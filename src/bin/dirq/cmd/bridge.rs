@@ -3,11 +3,16 @@
 use std::io::Write;
 
 use dirq::bridge::{setup, BridgeConfig, BridgeStats, Inbound, Outbound, StopHandle};
+use dirq::DirectoryQueue;
 use serde_json::json;
 
 use super::Opener;
 use crate::args::{BridgeCommand, NatsArgs};
 use crate::output::{quiet_broken_pipe, stdout_error, CliResult};
+
+/// How long a destination without its own setting remembers finished ids: far longer
+/// than any redelivery takes (an ack wait, a server restart, a bridge down for hours).
+const DEFAULT_SEEN_TTL: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 pub(crate) fn bridge(opener: &Opener, command: BridgeCommand) -> CliResult {
     match command {
@@ -59,10 +64,24 @@ pub(crate) fn bridge(opener: &Opener, command: BridgeCommand) -> CliResult {
             batch,
             high,
             low,
+            seen_ttl,
         } => {
             let mut config = config(&nats);
             config.consumer(consumer).batch(batch).watermarks(high, low);
-            let bridge = Inbound::new(opener.create(&queue)?, config);
+            let mut destination = opener.create(&queue)?;
+            // Without seen/, a redelivery of a message already processed and removed
+            // would be stored again.
+            let ttl = seen_ttl.or_else(|| {
+                destination
+                    .remembers_finished()
+                    .is_none()
+                    .then_some(DEFAULT_SEEN_TTL)
+            });
+            if let Some(ttl) = ttl {
+                destination =
+                    opener.open(DirectoryQueue::builder(&queue).remember_finished(ttl))?;
+            }
+            let bridge = Inbound::new(destination, config);
             let _signals = stop_on_signals(bridge.stop_handle())?;
             let stats = bridge.run()?;
             print_line(&stats_json("in", &stats))
