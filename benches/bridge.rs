@@ -104,6 +104,14 @@ fn setup_when_ready(config: &BridgeConfig) {
 fn open(path: &Path, durability: Durability) -> DirectoryQueue {
     DirectoryQueue::builder(path)
         .durability(durability)
+        .open()
+        .expect("open queue")
+}
+
+/// A destination: it remembers finished ids, as `dirq bridge in` makes it.
+fn open_destination(path: &Path, durability: Durability) -> DirectoryQueue {
+    DirectoryQueue::builder(path)
+        .durability(durability)
         .remember_finished(Duration::from_secs(3600))
         .open()
         .expect("open queue")
@@ -171,13 +179,26 @@ fn bridged(
     n: usize,
 ) -> f64 {
     let mut config = BridgeConfig::new(urls, stream);
-    config.replicas(replicas);
+    // Nothing consumes the destination here: no backpressure pause.
+    config.replicas(replicas).watermarks(n + 1, n);
     setup_when_ready(&config);
     let src = open(&dir.join(format!("{stream}-src")), mode);
-    let dst = open(&dir.join(format!("{stream}-dst")), mode);
+    let dst = open_destination(&dir.join(format!("{stream}-dst")), mode);
     fill(&src, n);
     let started = Instant::now();
     let pair = Pair::start(&src, &dst, &config);
+    if std::env::var_os("DIRQ_BENCH_TRACE").is_some() {
+        while dst.count(State::Incoming).expect("count") < n {
+            std::thread::sleep(Duration::from_millis(500));
+            eprintln!(
+                "{:>6.1}s src {} pending {} dst {}",
+                started.elapsed().as_secs_f64(),
+                src.count(State::Incoming).expect("count"),
+                src.count(State::Pending).expect("count"),
+                dst.count(State::Incoming).expect("count")
+            );
+        }
+    }
     wait_for(&dst, n);
     let rate = n as f64 / started.elapsed().as_secs_f64();
     pair.stop();
@@ -188,7 +209,7 @@ fn bridged(
 /// Messages/s of a local forward A → B, the same messages, one thread.
 fn forwarded(dir: &Path, mode: Durability, n: usize) -> f64 {
     let a = open(&dir.join("fwd-a"), mode);
-    let b = open(&dir.join("fwd-b"), mode);
+    let b = open_destination(&dir.join("fwd-b"), mode);
     fill(&a, n);
     let started = Instant::now();
     while let Some(m) = a.try_claim().expect("claim") {
@@ -204,7 +225,7 @@ fn latency(dir: &Path, urls: &str, samples: usize) -> (Duration, Duration) {
     let config = BridgeConfig::new(urls, "latency");
     setup_when_ready(&config);
     let src = open(&dir.join("lat-src"), Durability::None);
-    let dst = open(&dir.join("lat-dst"), Durability::None);
+    let dst = open_destination(&dir.join("lat-dst"), Durability::None);
     let pair = Pair::start(&src, &dst, &config);
     let mut times = Vec::with_capacity(samples);
     for i in 0..samples + 20 {

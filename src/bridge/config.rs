@@ -177,3 +177,23 @@ impl BridgeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_refused_with_what_was_expected() {
+        assert!(BridgeConfig::new("nats://h:4222", "orders").check().is_ok());
+        let refused = |config: &BridgeConfig| match config.check() {
+            Err(BridgeError::Config(what)) => what,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert!(refused(&BridgeConfig::new("u", "a.b")).contains("letters, digits"));
+        assert!(refused(&BridgeConfig::new("u", "")).contains("stream name"));
+        assert!(refused(BridgeConfig::new("u", "s").consumer("c d")).contains("consumer"));
+        assert!(refused(BridgeConfig::new("u", "s").replicas(7)).contains("1 to 5"));
+        assert!(refused(BridgeConfig::new("u", "s").watermarks(5, 9)).contains("low 9"));
+        assert!(refused(BridgeConfig::new("u", "s").batch(0)).contains("at least 1"));
+    }
+}

@@ -317,10 +317,7 @@ impl Run<'_> {
         }
         let local = self.local.clone();
         let mut storing = tokio::task::spawn_blocking(move || {
-            let results: Vec<crate::Result<Stored>> = items
-                .iter()
-                .map(|(id, bytes)| store(&local, id, bytes))
-                .collect();
+            let results = store_all(&local, &items);
             let synced = local.sync();
             (results, synced)
         });
@@ -389,7 +386,7 @@ impl Run<'_> {
         let high = self.bridge.config.high_watermark;
         let stale = self.counted.is_none_or(|t| t.elapsed() >= RECOUNT);
         if stale || self.backlog >= high {
-            self.backlog = self.local.count(State::Incoming)?;
+            self.backlog = self.count()?;
             self.counted = Some(Instant::now());
         }
         Ok(self.backlog >= high)
@@ -406,7 +403,7 @@ impl Run<'_> {
         let since = Instant::now();
         while !self.bridge.stop.is_stopped() {
             self.sleep(PAUSED_POLL).await;
-            self.backlog = self.local.count(State::Incoming)?;
+            self.backlog = self.count()?;
             self.counted = Some(Instant::now());
             if self.backlog < low {
                 break;
@@ -419,12 +416,51 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// `incoming/`'s count: a directory read, off the reactor's own work (the runtime
+    /// is multi-threaded, so another thread keeps polling meanwhile).
+    fn count(&self) -> crate::Result<usize> {
+        tokio::task::block_in_place(|| self.local.count(State::Incoming))
+    }
+
     async fn sleep(&self, duration: Duration) {
         tokio::select! {
             () = tokio::time::sleep(duration) => {}
             () = self.bridge.stop.stopped() => {}
         }
     }
+}
+
+/// Batches at least this large are stored in two lanes.
+const TWO_LANES: usize = 32;
+
+/// Stores `items` in order of the results; a large batch in two lanes (a scoped thread
+/// beside this one): each store is a few system calls that wait on the filesystem,
+/// and ids of one batch rarely share `seen/`'s lock file.
+fn store_all(
+    queue: &DirectoryQueue,
+    items: &[(MessageId, bytes::Bytes)],
+) -> Vec<crate::Result<Stored>> {
+    let one = |part: &[(MessageId, bytes::Bytes)]| -> Vec<crate::Result<Stored>> {
+        part.iter()
+            .map(|(id, bytes)| store(queue, id, bytes))
+            .collect()
+    };
+    if items.len() < TWO_LANES {
+        return one(items);
+    }
+    let (first, second) = items.split_at(items.len() / 2);
+    std::thread::scope(|scope| {
+        let lane = std::thread::Builder::new()
+            .name("dirq-bridge-store".to_owned())
+            .spawn_scoped(scope, || one(second));
+        let mut results = one(first);
+        match lane.map(|lane| lane.join()) {
+            Ok(Ok(rest)) => results.extend(rest),
+            // No second thread (or it panicked): this one does the rest.
+            _ => results.extend(one(second)),
+        }
+        results
+    })
 }
 
 /// An error and its causes on one line.

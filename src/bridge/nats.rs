@@ -87,3 +87,17 @@ pub(super) fn consumer_target(config: &BridgeConfig) -> String {
         config.consumer, config.stream, config.url
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_50ms_and_stops_at_5s() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(6), Duration::from_millis(3200));
+        assert_eq!(backoff(7), MAX_BACKOFF);
+        assert_eq!(backoff(usize::MAX), MAX_BACKOFF);
+    }
+}
