@@ -229,5 +229,58 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, enqueue, enqueue_batch, claim_commit, forward);
+/// `enqueue_with_id` (new ids; an id already waiting) against a plain `enqueue` in the
+/// same run, and a commit that writes its `seen/` record against one that does not.
+fn idempotent(c: &mut Criterion) {
+    let mut group = c.benchmark_group("enqueue_with_id");
+    group.throughput(Throughput::Elements(1));
+    for (durability, name, durable) in modes() {
+        if durable {
+            group
+                .sample_size(10)
+                .measurement_time(Duration::from_secs(5));
+        }
+        let q = queue(&scratch(&format!("idem-plain-{name}")), durability);
+        group.bench_function(BenchmarkId::new("enqueue", name), |b| {
+            b.iter(|| q.enqueue(PAYLOAD).expect("enqueue"))
+        });
+        let q = queue(&scratch(&format!("idem-new-{name}")), durability);
+        let mut n = 0u64;
+        group.bench_function(BenchmarkId::new("enqueue_with_id, new id", name), |b| {
+            b.iter(|| {
+                n += 1;
+                let id = dirq::MessageId::new(format!("id-{n}")).expect("id");
+                q.enqueue_with_id(&id, PAYLOAD).expect("enqueue_with_id")
+            })
+        });
+        let q = queue(&scratch(&format!("idem-again-{name}")), durability);
+        let id = dirq::MessageId::new("waiting").expect("id");
+        q.enqueue_with_id(&id, PAYLOAD).expect("first");
+        group.bench_function(BenchmarkId::new("enqueue_with_id, id waiting", name), |b| {
+            b.iter(|| q.enqueue_with_id(&id, PAYLOAD).expect("enqueue_with_id"))
+        });
+        for (remember, label) in [(false, "claim+commit"), (true, "claim+commit, remembering")] {
+            let dir = scratch(&format!("idem-commit-{remember}-{name}"));
+            let mut builder = DirectoryQueue::builder(&dir);
+            builder.durability(durability);
+            if remember {
+                builder.remember_finished(Duration::from_secs(3600));
+            }
+            let q = builder.open().expect("open");
+            group.bench_function(BenchmarkId::new(label, name), |b| {
+                b.iter_custom(|iters| time_claims(&q, iters, |m| m.commit().expect("commit")))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    enqueue,
+    enqueue_batch,
+    claim_commit,
+    forward,
+    idempotent
+);
 criterion_main!(benches);

@@ -137,11 +137,14 @@ pub fn requeue_group(queue: &DirectoryQueue, group: &Group, keep_attempts: bool)
 /// (with its sidecar) and returns the state it was in. A claimed message is never
 /// deleted from under its worker. A directory that was quarantined into `errors/`
 /// (one with a `.meta` sidecar) is removed with everything in it, never following a
-/// symlink; a directory in `errors/` without a sidecar is refused.
+/// symlink; a directory in `errors/` without a sidecar is refused. When the queue
+/// [remembers finished ids](crate::QueueBuilder::remember_finished), a record of the id
+/// is written to `seen/` first.
 ///
 /// # Errors
 ///
-/// [`Error::Io`] with kind `ResourceBusy` when the message is in `pending/`, kind
+/// [`Error::Io`] with [`Operation::Remember`] when the record cannot be written
+/// (nothing is deleted); with kind `ResourceBusy` when the message is in `pending/`, kind
 /// `NotFound` when no state holds it, kind `IsADirectory` for a directory in
 /// `errors/` without a sidecar or a directory in another state.
 ///
@@ -219,11 +222,14 @@ fn delete_quarantined_dir(errors: &StateDir, name: &OsStr) -> Result<()> {
 
 /// Removes abandoned files from `tmp/` older than `tmp_older_than` (whose writers
 /// are gone; see [`recover`](DirectoryQueue::recover)) and, if `errors_older_than`
-/// is given, failed messages that failed longer ago than that, with their sidecars.
+/// is given, failed messages that failed longer ago than that, with their sidecars
+/// (each recorded in `seen/` first when the queue
+/// [remembers finished ids](crate::QueueBuilder::remember_finished)).
 ///
 /// # Errors
 ///
-/// [`Error::Io`] naming the directory or file that could not be read or removed.
+/// [`Error::Io`] naming the directory or file that could not be read, removed or
+/// recorded.
 ///
 /// # Durability
 ///

@@ -52,6 +52,12 @@ const ELSEWHERE: [State; 5] = [
 /// Publishes `tmp` (written, not yet synced) as `incoming/<id>` unless the id is
 /// already in the queue or remembered as finished.
 ///
+/// Step 4 is `renameat2(RENAME_NOREPLACE)`, not `link`: both answer `EEXIST` for a
+/// name that is taken, but a link leaves the file with a second name in `tmp/` until
+/// it is unlinked, which a claimer on a filesystem with `RENAME_NOREPLACE` takes for a
+/// planted hard link, and which a crash leaves behind. Where the rename is refused
+/// (NFS), it is `link` + `unlink` (`Dir::rename_noreplace`).
+///
 /// 1. The file is synced as the mode says.
 /// 2. A record in `seen/` answers at once.
 /// 3. The id's lock is taken: concurrent calls for one id, in any process, take turns.

@@ -13,7 +13,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use super::config::Config;
@@ -46,6 +46,10 @@ pub(crate) struct Seen {
     ttl: Option<Duration>,
     /// Records written through this handle, for the occasional sweep.
     written: AtomicU64,
+    /// The bucket records go in now, kept open: a record then costs one file
+    /// create. A bucket is swept only once it has expired, long after it stopped
+    /// being the current one.
+    current: Mutex<Option<(u64, Arc<StateDir>)>>,
 }
 
 impl Seen {
@@ -58,6 +62,7 @@ impl Seen {
             dir: OnceLock::new(),
             ttl: None,
             written: AtomicU64::new(0),
+            current: Mutex::new(None),
         };
         if let Some(ttl) = config.remember_finished {
             let dir = seen.dir(root_dir, config)?;
@@ -89,6 +94,7 @@ impl Seen {
             dir,
             ttl: self.ttl,
             written: AtomicU64::new(0),
+            current: Mutex::new(None),
         }
     }
 
@@ -279,48 +285,80 @@ pub(crate) fn remember(inner: &Shared, id: &MessageId) -> Result<()> {
         return Ok(());
     };
     let dir = seen.dir(inner.root_dir(), inner.config())?;
-    let name = OsString::from(bucket_end(SystemTime::now(), ttl).to_string());
-    let bucket_path = dir.join(&name);
-    let mut created = false;
-    let bucket = match dir.dir.open_child(&name) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            match dir.dir.mkdir(&name, inner.config().dir_mode) {
-                Ok(()) => created = true,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(Operation::Remember, bucket_path, e)),
-            }
-            dir.dir
-                .open_child(&name)
-                .map_err(|e| Error::io(Operation::Remember, &bucket_path, e))?
-        }
-        Err(e) => return Err(Error::io(Operation::Remember, bucket_path, e)),
-    };
-    match bucket.create_new(id.as_os_str(), inner.config().file_mode) {
+    let end = bucket_end(SystemTime::now(), ttl);
+    let mut bucket = current_bucket(inner, dir, end)?;
+    let mut created = bucket
+        .dir
+        .create_new(id.as_os_str(), inner.config().file_mode);
+    if created
+        .as_ref()
+        .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+    {
+        // The bucket kept open was removed (a clock stepped forward by more than the
+        // time to live made it look expired to a sweeper): open or make it again.
+        *seen.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        bucket = current_bucket(inner, dir, end)?;
+        created = bucket
+            .dir
+            .create_new(id.as_os_str(), inner.config().file_mode);
+    }
+    match created {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => {
-            let path = bucket_path.join(id.as_os_str());
-            return Err(Error::io(Operation::Remember, path, e));
+            return Err(Error::io(
+                Operation::Remember,
+                bucket.join(id.as_os_str()),
+                e,
+            ))
         }
     }
-    let bucket = Arc::new(StateDir {
-        dir: bucket,
-        path: bucket_path,
-    });
     // IMPORTANT: the record must be durable before the removal that follows can be,
     // or a crash could keep the removal and lose the record: a redelivered copy would
     // then be let in and processed twice.
     inner.syncer().order_before_next(&bucket)?;
-    if created {
-        inner.syncer().order_before_next(dir)?;
-    }
     if seen.written.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
         if let Err(e) = sweep(inner, SWEEP_BUDGET) {
             tracing::warn!(error = %e, "cannot remove expired records of finished ids");
         }
     }
     Ok(())
+}
+
+/// The open bucket ending at `end`, made when missing. A new bucket's entry in `seen/`
+/// is made durable as the record will be (see [`remember`]).
+fn current_bucket(inner: &Shared, dir: &Arc<StateDir>, end: u64) -> Result<Arc<StateDir>> {
+    let mut current = inner
+        .seen
+        .current
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((open_end, bucket)) = current.as_ref() {
+        if *open_end == end {
+            return Ok(Arc::clone(bucket));
+        }
+    }
+    let name = OsString::from(end.to_string());
+    let path = dir.join(&name);
+    let opened = match dir.dir.open_child(&name) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match dir.dir.mkdir(&name, inner.config().dir_mode) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(Operation::Remember, path, e)),
+            }
+            // Whoever made it, its entry must be as durable as the records in it.
+            inner.syncer().order_before_next(dir)?;
+            dir.dir
+                .open_child(&name)
+                .map_err(|e| Error::io(Operation::Remember, &path, e))?
+        }
+        Err(e) => return Err(Error::io(Operation::Remember, path, e)),
+    };
+    let bucket = Arc::new(StateDir { dir: opened, path });
+    *current = Some((end, Arc::clone(&bucket)));
+    Ok(bucket)
 }
 
 /// Removes up to `budget` expired records, and the buckets it empties; returns how

@@ -165,12 +165,15 @@ impl Message {
         }
     }
 
-    /// Deletes the message: processing is done.
+    /// Deletes the message: processing is done. When the queue
+    /// [remembers finished ids](crate::QueueBuilder::remember_finished), a record of
+    /// the id is written to `seen/` first.
     ///
     /// # Errors
     ///
-    /// A [`TerminalError`] holding the message when it could not be deleted, or without
-    /// it when it was deleted but the directory sync failed.
+    /// A [`TerminalError`] holding the message when it could not be deleted (or its
+    /// `seen/` record could not be written), or without it when it was deleted but the
+    /// directory sync failed.
     ///
     /// # Durability
     ///
@@ -203,11 +206,14 @@ impl Message {
     /// crash. Across filesystems the message is copied into `next`'s `tmp/`, synced,
     /// published, and only then deleted here: a crash between publishing and deleting
     /// leaves it in both queues, so across filesystems a forward is at-least-once.
+    /// When this queue [remembers finished ids](crate::QueueBuilder::remember_finished),
+    /// a record of the id is written to its `seen/` first.
     ///
     /// # Errors
     ///
     /// A [`TerminalError`] holding the message when it did not move, for example
-    /// [`Error::Duplicate`] when `next` already has a message with this id. Without it
+    /// [`Error::Duplicate`] when `next` already has a message with this id (its
+    /// `seen/` record, if one was written, stays: it only refuses a second copy). Without it
     /// when the message moved but the directory sync failed.
     ///
     /// # Durability

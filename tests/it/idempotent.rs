@@ -297,16 +297,14 @@ fn concurrent_producers_and_claimers_process_each_id_once() {
             let done = Arc::clone(&done);
             std::thread::spawn(move || {
                 while !done.load(Ordering::SeqCst) {
-                    match queue.try_claim().unwrap() {
-                        Some(message) => {
-                            *processed
-                                .lock()
-                                .unwrap()
-                                .entry(message.id().to_string())
-                                .or_default() += 1;
-                            message.commit().unwrap();
-                        }
-                        None => std::thread::yield_now(),
+                    // Waits for an arrival, but looks at `done` now and then.
+                    if let Some(message) = queue.claim_timeout(Duration::from_millis(50)).unwrap() {
+                        *processed
+                            .lock()
+                            .unwrap()
+                            .entry(message.id().to_string())
+                            .or_default() += 1;
+                        message.commit().unwrap();
                     }
                 }
             })
@@ -488,4 +486,38 @@ fn no_rename_noreplace_falls_back_to_link_and_unlink() {
     );
     assert_eq!(t.queue.counts().unwrap(), dirq::queue::Counts::default());
     assert!(t.names(State::Tmp).is_empty());
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn async_enqueue_with_id_answers_as_the_sync_one() {
+    let t = TestQueue::new();
+    let queue = dirq::aio::AsyncQueue::from(remembering(&t));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let id = id("async-1");
+        assert_eq!(
+            queue.enqueue_with_id(id.clone(), b"x").await.unwrap(),
+            Enqueued::Stored
+        );
+        assert_eq!(
+            queue.enqueue_with_id(id.clone(), b"x").await.unwrap(),
+            Enqueued::AlreadyQueued(State::Incoming)
+        );
+        queue
+            .try_claim()
+            .await
+            .unwrap()
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+        assert_eq!(
+            queue.enqueue_with_id(id, b"x").await.unwrap(),
+            Enqueued::AlreadyFinished
+        );
+    });
 }
