@@ -181,6 +181,12 @@ fn bridged(
     let mut config = BridgeConfig::new(urls, stream);
     // Nothing consumes the destination here: no backpressure pause.
     config.replicas(replicas).watermarks(n + 1, n);
+    if let Some(batch) = std::env::var("DIRQ_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.batch(batch);
+    }
     setup_when_ready(&config);
     let src = open(&dir.join(format!("{stream}-src")), mode);
     let dst = open_destination(&dir.join(format!("{stream}-dst")), mode);
@@ -269,10 +275,14 @@ fn main() {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("tempdir");
     println!("bridge pair over loopback, {SIZE}-byte messages, N={n}, median of 3");
+    let quick = std::env::var_os("DIRQ_BENCH_QUICK").is_some();
     for (label, mode, count) in [
         ("none", Durability::None, n),
         ("full", Durability::Full, n / 4),
     ] {
+        if quick && mode != Durability::None {
+            continue;
+        }
         let dir = root.path().join(label);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let (servers, urls) = start_servers(&dir, 1);
@@ -288,6 +298,9 @@ fn main() {
             "single node, durability {label}, N={count}: {b:.0} msg/s end to end vs local forward {l:.0} msg/s (x{:.2})",
             b / l
         );
+    }
+    if std::env::var_os("DIRQ_BENCH_QUICK").is_some() {
+        return;
     }
     let dir = root.path().join("cluster");
     std::fs::create_dir_all(&dir).expect("mkdir");

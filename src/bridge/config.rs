@@ -79,7 +79,8 @@ impl BridgeConfig {
         self
     }
 
-    /// Messages claimed (outbound) or pulled (inbound) and synced together. Default: 256.
+    /// Messages claimed (outbound) or stored (inbound) and synced together; an
+    /// inbound bridge pulls four batches at a time. Default: 256.
     pub fn batch(&mut self, batch: usize) -> &mut Self {
         self.batch = batch;
         self

@@ -23,6 +23,9 @@ const RECOUNT: Duration = Duration::from_millis(250);
 /// How often a paused bridge counts its queue again.
 const PAUSED_POLL: Duration = Duration::from_millis(50);
 
+/// Store batches one pull asks for.
+const PULL_AHEAD: usize = 4;
+
 const RUNNING: u8 = 0;
 const PAUSED: u8 = 1;
 const DRAINING: u8 = 2;
@@ -57,8 +60,9 @@ const CONNECTING: u8 = 3;
 /// # Backpressure
 ///
 /// While the queue's `incoming/` holds the high watermark or more, the bridge pulls
-/// nothing; it resumes below the low one. Messages the client had fetched ahead when it
-/// paused come back later as redeliveries, and are absorbed.
+/// nothing; it resumes below the low one. Each pull asks for four batches; messages
+/// the client had fetched ahead when it paused come back later as redeliveries, and
+/// are absorbed.
 pub struct Inbound {
     queue: DirectoryQueue,
     config: BridgeConfig,
@@ -227,7 +231,9 @@ impl Run<'_> {
             }
             let stream = consumer
                 .stream()
-                .max_messages_per_batch(config.batch)
+                // Pulls of several store batches: one pull per store batch left the
+                // bridge waiting on the server (3,500/s against 6,400/s with 4).
+                .max_messages_per_batch(config.batch.saturating_mul(PULL_AHEAD))
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()
