@@ -23,6 +23,10 @@ const RECOUNT: Duration = Duration::from_millis(250);
 /// How often a paused bridge counts its queue again.
 const PAUSED_POLL: Duration = Duration::from_millis(50);
 
+/// How long an inbound bridge waits on one pull with nothing arriving before it makes
+/// a new one.
+const IDLE_REPULL: Duration = Duration::from_secs(5);
+
 /// Store batches one pull asks for.
 const PULL_AHEAD: usize = 4;
 
@@ -252,6 +256,15 @@ impl Run<'_> {
                 let first = tokio::select! {
                     next = messages.next() => next,
                     () = stop.stopped() => break,
+                    // IMPORTANT: after a server restart a pull can be lost without the
+                    // client noticing for a long time: the multi-host test saw a
+                    // redelivery wait minutes for a pull that no longer existed. An idle
+                    // bridge therefore pulls afresh now and then; a message delivered to
+                    // the abandoned pull meanwhile comes back after the ack wait.
+                    () = tokio::time::sleep(IDLE_REPULL) => {
+                        tracing::debug!("bridge in: idle, pulling afresh");
+                        break;
+                    }
                 };
                 let mut batch = match first {
                     Some(Ok(message)) => vec![message],

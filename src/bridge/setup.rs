@@ -28,7 +28,10 @@ pub struct SetupReport {
     /// stream's message count is not the backlog).
     pub pending: u64,
     /// Messages delivered to the consumer and not acked yet (its `num_ack_pending`).
+    /// After a server crash it can count a message the stream no longer holds.
     pub unacked: u64,
+    /// Messages the stream holds (acked ones are removed from a work-queue stream).
+    pub messages: u64,
 }
 
 /// Most messages a consumer hands out unacknowledged; an inbound bridge pulls at most
@@ -72,6 +75,7 @@ async fn setup_async(config: &BridgeConfig) -> Result<SetupReport, BridgeError> 
         subject: config.subject(),
         pending,
         unacked,
+        messages: info.state.messages,
     })
 }
 

@@ -41,6 +41,7 @@ pub(crate) fn bridge(opener: &Opener, command: BridgeCommand) -> CliResult {
                 "duplicate_window_s": report.duplicate_window.as_secs_f64(),
                 "pending": report.pending,
                 "unacked": report.unacked,
+                "messages": report.messages,
             });
             print_line(&line)
         }
