@@ -50,17 +50,11 @@ const ELSEWHERE: [State; 5] = [
 ];
 
 /// Publishes `tmp` (written, not yet synced) as `incoming/<id>` unless the id is
-/// already in the queue or remembered as finished.
+/// already in the queue or remembered as finished; [`answer_early`] was asked before
+/// `tmp` was written (docs/protocol.md §6.12, steps 1 and 2).
 ///
-/// Step 4 is `renameat2(RENAME_NOREPLACE)`, not `link`: both answer `EEXIST` for a
-/// name that is taken, but a link leaves the file with a second name in `tmp/` until
-/// it is unlinked, which a claimer on a filesystem with `RENAME_NOREPLACE` takes for a
-/// planted hard link, and which a crash leaves behind. Where the rename is refused
-/// (NFS), it is `link` + `unlink` (`Dir::rename_noreplace`).
-///
-/// 1. The file is synced as the mode says.
-/// 2. A record in `seen/` answers at once.
-/// 3. The id's lock is taken: concurrent calls for one id, in any process, take turns.
+/// 3. The file is synced as the mode says, and the id's lock is taken: concurrent
+///    calls for one id, in any process, take turns.
 /// 4. The file is renamed to `incoming/<id>` without replacing anything, still locked
 ///    so that no claimer takes it yet. `EEXIST`: the id is waiting in `incoming/`.
 /// 5. The other states are checked in [`ELSEWHERE`]'s order, then `seen/`. From step
@@ -69,11 +63,14 @@ const ELSEWHERE: [State; 5] = [
 ///    in that order and is found. If one is found, the new file is taken back out.
 /// 6. The file's lock goes, `incoming/` is synced as the mode says, then the id's lock
 ///    goes, so that a later call finds the message durable.
+///
+/// Step 4 is `renameat2(RENAME_NOREPLACE)`, not `link`: both answer `EEXIST` for a
+/// name that is taken, but a link leaves the file with a second name in `tmp/` until
+/// it is unlinked, which a claimer on a filesystem with `RENAME_NOREPLACE` takes for a
+/// planted hard link, and which a crash leaves behind. Where the rename is refused
+/// (NFS), it is `link` + `unlink` (`Dir::rename_noreplace`).
 pub(crate) fn publish_once(inner: &Shared, tmp: TmpFile<'_>, id: &MessageId) -> Result<Enqueued> {
     tmp.sync()?;
-    if seen::is_remembered(inner, id)? {
-        return Ok(Enqueued::AlreadyFinished);
-    }
     let turn = seen::lock_id(inner, id)?;
     let Some((held, identity)) = tmp.rename_held(id)? else {
         return Ok(Enqueued::AlreadyQueued(State::Incoming));
@@ -104,6 +101,21 @@ pub(crate) fn publish_once(inner: &Shared, tmp: TmpFile<'_>, id: &MessageId) -> 
     );
     drop(turn);
     settled.map(|_| Enqueued::Stored)
+}
+
+/// The answer for an id that is remembered as finished or is waiting in `incoming/`,
+/// found before anything is written: a redelivery costs neither a file nor a sync.
+/// `None` does not mean the id is new; [`publish_once`] decides that. `incoming/` is
+/// looked at during the id's turn, so that a message another call is still making
+/// durable is not reported yet.
+pub(crate) fn answer_early(inner: &Shared, id: &MessageId) -> Result<Option<Enqueued>> {
+    if seen::is_remembered(inner, id)? {
+        return Ok(Some(Enqueued::AlreadyFinished));
+    }
+    let _turn = seen::lock_id(inner, id)?;
+    Ok(inner
+        .find(State::Incoming, id)?
+        .map(|_| Enqueued::AlreadyQueued(State::Incoming)))
 }
 
 /// Where else the queue has `id`, checked in [`ELSEWHERE`]'s order, then `seen/`.

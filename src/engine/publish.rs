@@ -143,7 +143,8 @@ pub(crate) fn publish_copy(
     settle(dir, vec![(id, name)], synced).map(drop)
 }
 
-fn is_blank(bytes: &[u8]) -> bool {
+/// Whether `bytes` are empty or whitespace only: not a message (Mentat fails those).
+pub(crate) fn is_blank(bytes: &[u8]) -> bool {
     bytes.iter().all(u8::is_ascii_whitespace)
 }
 

@@ -25,7 +25,7 @@ use crate::format::seen::{
     bucket_end, format_ttl, is_expired, lock_name, parse_bucket, parse_ttl, SEEN_DIR, TTL_FILE,
 };
 use crate::sys::lock::{self, Locked};
-use crate::sys::Dir;
+use crate::sys::{Dir, EntryKind};
 
 /// One in this many records a handle writes also sweeps expired records.
 const SWEEP_EVERY: u64 = 64;
@@ -225,10 +225,15 @@ pub(crate) fn lock_id(inner: &Shared, id: &MessageId) -> Result<Locked> {
     let dir = seen.dir(inner.root_dir(), inner.config())?;
     let name = OsString::from(lock_name(id));
     let path = || dir.join(&name);
-    let file = dir
-        .dir
-        .open_append(&name, inner.config().file_mode)
-        .map_err(|e| Error::io(Operation::Remember, path(), e))?;
+    // Read-only when it exists: flock needs no write permission, and the users
+    // sharing a queue may not be able to write each other's files.
+    let file = match dir.dir.open_read(&name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            dir.dir.open_append(&name, inner.config().file_mode)
+        }
+        opened => opened,
+    }
+    .map_err(|e| Error::io(Operation::Remember, path(), e))?;
     lock::lock_waiting(file).map_err(|e| Error::io(Operation::Remember, path(), e))
 }
 
@@ -255,6 +260,8 @@ pub(crate) fn is_remembered(inner: &Shared, id: &MessageId) -> Result<bool> {
             Ok(d) => d,
             // Swept meanwhile: it had expired.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // Not a bucket (a file or symlink planted under a bucket's name).
+            Err(e) if is_not_a_bucket(&e) => continue,
             Err(e) => return Err(Error::io(Operation::Remember, dir.join(&name), e)),
         };
         match bucket_dir.stat_at(id.as_os_str()) {
@@ -386,7 +393,7 @@ pub(crate) fn sweep(inner: &Shared, budget: usize) -> Result<usize> {
         let path = dir.join(&name);
         let bucket_dir = match dir.dir.open_child(&name) {
             Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || is_not_a_bucket(&e) => continue,
             Err(e) => return Err(Error::io(Operation::Remember, path, e)),
         };
         let want = budget - removed;
@@ -422,12 +429,18 @@ pub(crate) fn sweep(inner: &Shared, budget: usize) -> Result<usize> {
     Ok(removed)
 }
 
+/// Whether opening a bucket failed because the name is not a directory at all.
+fn is_not_a_bucket(e: &io::Error) -> bool {
+    crate::sys::is_not_a_directory(e) || crate::sys::is_symlink_refusal(e)
+}
+
 /// The ends of the buckets in `seen/`, oldest first.
 fn buckets(dir: &StateDir) -> Result<Vec<u64>> {
     let mut ends = Vec::new();
     dir.dir
         .scan(&mut Vec::new(), |entry| {
-            if let Some(end) = parse_bucket(entry.name) {
+            let maybe_dir = matches!(entry.kind, EntryKind::Dir | EntryKind::Unknown);
+            if let Some(end) = parse_bucket(entry.name).filter(|_| maybe_dir) {
                 ends.push(end);
             }
         })

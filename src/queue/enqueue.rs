@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::DirectoryQueue;
 use crate::engine::group::next_turn;
-use crate::engine::idempotent::publish_once;
 pub use crate::engine::idempotent::Enqueued;
-use crate::engine::publish::{empty, publish_batch, write_new, Destination, TmpFile};
+use crate::engine::idempotent::{answer_early, publish_once};
+use crate::engine::publish::{empty, is_blank, publish_batch, write_new, Destination, TmpFile};
 use crate::error::{Error, Operation, Result};
 use crate::format::group::Group;
 use crate::format::id::MessageId;
@@ -121,12 +121,17 @@ impl DirectoryQueue {
     /// before this returns; the id's turn ends only after that, so that a later call
     /// that answers [`Enqueued::AlreadyQueued`] names a durable message.
     pub fn enqueue_with_id(&self, id: &MessageId, bytes: impl AsRef<[u8]>) -> Result<Enqueued> {
+        if is_blank(bytes.as_ref()) {
+            return Err(empty(self.engine()));
+        }
         self.enqueue_reader_with_id(id, bytes.as_ref())
     }
 
     /// Streams what `reader` yields into a message under a given id, as
     /// [`enqueue_reader`](DirectoryQueue::enqueue_reader) does, unless the queue
     /// already has the id; see [`enqueue_with_id`](DirectoryQueue::enqueue_with_id).
+    /// When the id is found before anything is written (remembered as finished, or
+    /// waiting in `incoming/`), `reader` is not read at all.
     ///
     /// # Errors
     ///
@@ -142,6 +147,9 @@ impl DirectoryQueue {
         mut reader: impl Read,
     ) -> Result<Enqueued> {
         let inner = self.engine();
+        if let Some(answer) = answer_early(inner, id)? {
+            return Ok(answer);
+        }
         let mut tmp = TmpFile::create(inner, Some(id))?;
         tmp.fix_id(id);
         tmp.copy_from(&mut reader)?;

@@ -521,3 +521,70 @@ fn async_enqueue_with_id_answers_as_the_sync_one() {
         );
     });
 }
+
+/// Writers sweep too: without any recovery, expired records go as new ones come.
+#[test]
+fn writers_remove_expired_records_as_they_go() {
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .remember_finished(Duration::from_secs(1))
+        .open()
+        .unwrap();
+    let finish = |name: &str| {
+        queue.enqueue_with_id(&id(name), b"x").unwrap();
+        queue.try_claim().unwrap().unwrap().commit().unwrap();
+    };
+    let buckets = || -> Vec<String> {
+        crate::util::names_in(&t.root().join("seen"))
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    finish("old");
+    let first = buckets();
+    assert_eq!(first.len(), 1, "{first:?}");
+    wait_until(Duration::from_secs(10), "the record to expire", || {
+        queue.enqueue_with_id(&id("old"), b"x").unwrap().is_stored()
+    });
+    dirq::admin::delete(&queue, &id("old")).unwrap();
+    // 64 records by one handle: one of them sweeps.
+    for n in 0..64 {
+        finish(&format!("new-{n}"));
+    }
+    let now = buckets();
+    assert!(
+        !now.contains(&first[0]),
+        "the expired bucket {} is gone: {now:?}",
+        first[0]
+    );
+}
+
+/// Something planted in `seen/` under a bucket's name is not a bucket, and does not
+/// stop idempotent enqueues.
+#[test]
+fn a_file_under_a_buckets_name_is_passed_over() {
+    let t = TestQueue::new();
+    let queue = remembering(&t);
+    queue.enqueue_with_id(&id("before"), b"x").unwrap();
+    std::fs::write(t.root().join("seen/9999999999"), b"planted").unwrap();
+    std::os::unix::fs::symlink("/", t.root().join("seen/9999999998")).unwrap();
+    assert_eq!(
+        queue.enqueue_with_id(&id("after"), b"x").unwrap(),
+        Enqueued::Stored
+    );
+    while let Some(message) = queue.try_claim().unwrap() {
+        message.commit().unwrap();
+    }
+    for name in ["before", "after"] {
+        assert_eq!(
+            queue.enqueue_with_id(&id(name), b"x").unwrap(),
+            Enqueued::AlreadyFinished,
+            "{name}"
+        );
+    }
+    assert_eq!(queue.recover().unwrap().seen_removed, 0);
+    assert!(
+        t.root().join("seen/9999999999").exists(),
+        "left for the operator"
+    );
+}

@@ -139,7 +139,14 @@ fn enqueue_with_id(
         failed: None,
     };
     match queue.enqueue_reader_with_id(id, &mut input) {
-        Ok(enqueued) => Ok(enqueued),
+        Ok(enqueued) => {
+            if !enqueued.is_stored() {
+                // Answered before the input was read: read it anyway, so that a
+                // producer piping into us is not killed by SIGPIPE.
+                let _ = io::copy(&mut input.inner, &mut io::sink());
+            }
+            Ok(enqueued)
+        }
         Err(e) => match input.failed {
             Some(cause) => Err(Box::new(context(format!(
                 "failed to read {what}; nothing was enqueued"
