@@ -68,6 +68,7 @@ ALLOWED = {
     "spool": {"sys", "format", "error", "piper"},
     "aio": {"format", "error", "queue"},
     "serve": {"format", "error", "queue", "admin", "piper", "spool"},
+    "bridge": {"sys", "format", "error", "queue", "piper"},
 }
 layer = lambda m: m.split("::")[0]
 wrong = []

@@ -166,6 +166,8 @@
 pub mod admin;
 #[cfg(feature = "tokio")]
 pub mod aio;
+#[cfg(feature = "nats")]
+pub mod bridge;
 mod engine;
 pub mod error;
 mod format;

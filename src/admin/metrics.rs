@@ -22,7 +22,8 @@ const STATES: [State; 7] = [
 /// Families: `dirq_messages` and `dirq_bytes` per state, `dirq_oldest_age_seconds`,
 /// and per Piper advertising itself under a queue `dirq_piper_up`,
 /// `dirq_piper_paused`, `dirq_piper_workers`, `dirq_piper_messages_total` (by event),
-/// `dirq_piper_paused_seconds_total` and `dirq_piper_rate`.
+/// `dirq_piper_paused_seconds_total` and `dirq_piper_rate`; for a NATS bridge,
+/// `dirq_bridge_total` (by counter) and `dirq_bridge_lag`.
 ///
 /// # Errors
 ///
@@ -128,6 +129,29 @@ pub fn metrics(queues: &[DirectoryQueue]) -> Result<String> {
                     "Messages per second over the last seconds, as the Piper reported them.",
                     &format!("{labels},kind=\"{kind}\""),
                     rate,
+                );
+            }
+            // A bridge's own counters (`dirq bridge out|in`); `lag` is a gauge.
+            for (counter, value) in &piper.counters {
+                let (name, kind, help) = if counter == "lag" {
+                    (
+                        "dirq_bridge_lag",
+                        "gauge",
+                        "Messages waiting to cross a bridge.",
+                    )
+                } else {
+                    (
+                        "dirq_bridge_total",
+                        "counter",
+                        "Events of a NATS bridge, by counter.",
+                    )
+                };
+                out.sample(
+                    name,
+                    kind,
+                    help,
+                    &format!("{labels},counter=\"{}\"", label_value(counter)),
+                    *value as f64,
                 );
             }
         }

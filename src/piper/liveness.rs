@@ -56,6 +56,11 @@ pub struct PiperInfo {
     /// Whether it honours cancel requests (`dirq cancel`); false in the adverts of
     /// versions before cancelling existed.
     pub cancellable: bool,
+    /// Counters of an advertiser that is not a Piper but shows like one: a bridge
+    /// (feature `nats`) puts `published`, `stored`, `duplicates`, `redeliveries`,
+    /// `lag` and the like here. Empty for Pipers.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub counters: std::collections::BTreeMap<String, u64>,
     /// Whether the process is alive (it holds the lock on its file). Filled in by the
     /// reader, not stored.
     #[serde(skip)]

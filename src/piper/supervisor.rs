@@ -467,6 +467,7 @@ fn info(shared: &Shared, state: u8) -> PiperInfo {
         stats: shared.stats(),
         rates: lock(&shared.rates).rates(),
         cancellable: shared.cancellable(),
+        counters: std::collections::BTreeMap::new(),
         live: true,
     }
 }

@@ -6,6 +6,8 @@ mod aio;
 mod alerts;
 #[cfg(feature = "tokio")]
 mod async_piper;
+#[cfg(feature = "nats")]
+mod bridge;
 mod cancel;
 mod cli;
 mod cli_admin;

@@ -578,6 +578,121 @@ dirq completions zsh > ~/.zfunc/_dirq"
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+
+    /// Bridge queues to NATS JetStream: hops between hosts' spools (feature `nats`).
+    #[cfg(feature = "nats")]
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
+
+    /// Bridge queues to NATS JetStream; this binary was built without it.
+    #[cfg(not(feature = "nats"))]
+    #[command(
+        disable_help_flag = true,
+        after_help = "This dirq was built without the NATS bridge (cargo feature `nats`). Get one \
+with it:\n  cargo install --path . --features nats    (or --all-features)"
+    )]
+    Bridge {
+        /// Ignored.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// `dirq bridge ...`.
+#[cfg(feature = "nats")]
+#[derive(Debug, Subcommand)]
+pub(crate) enum BridgeCommand {
+    /// Create, or check, a work-queue file stream and its durable pull consumer.
+    #[command(
+        after_help = "The stream NAME takes the subject dirq.NAME, which `bridge out` \
+publishes to. Idempotent: an existing stream and consumer are checked (retention, storage, \
+subject; replicas and duplicate window when given) and left unchanged; a mismatch is an \
+error.\n\nExamples:\n  dirq bridge setup --nats nats://10.0.0.1:4222 --stream orders\n  \
+dirq bridge setup --nats nats://a:4222,nats://b:4222 --stream orders --replicas 3 --duplicate-window 10m"
+    )]
+    Setup {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Replicas of the stream (3 in a 3-node cluster). Default: 1 when created, not
+        /// checked when it exists.
+        #[arg(long, value_name = "N")]
+        replicas: Option<usize>,
+        /// How long the stream remembers an id to drop a republished message. Default:
+        /// the server's (2m) when created.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        duplicate_window: Option<Duration>,
+        /// The consumer's ack wait: how long the server waits for an ack before it
+        /// delivers a message again.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
+        ack_wait: Duration,
+    },
+
+    /// Claim messages from QUEUE and publish each to the stream with Nats-Msg-Id = its id.
+    #[command(
+        after_help = "A message is committed only after the stream's PubAck; a failed \
+publish is retried with the same id. SIGTERM or SIGINT drains (a second one exits at once). \
+Prints its counters as JSON when it stops.\n\nExample:\n  \
+dirq bridge out /var/spool/dirq/to-b --nats nats://10.0.0.1:4222 --stream orders"
+    )]
+    Out {
+        /// The queue to drain into the stream.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Messages claimed and committed together.
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        batch: usize,
+        /// Messages published and not yet acknowledged, at most.
+        #[arg(long, value_name = "N", default_value_t = 1024)]
+        in_flight: usize,
+    },
+
+    /// Pull from the stream's consumer and store each message in QUEUE under its id.
+    #[command(
+        after_help = "A message is acked only once stored (and synced per --durability); \
+one that arrives again, still queued or finished within --seen-ttl, is acked without being \
+stored twice. Pulling stops while QUEUE's \
+incoming/ holds --high messages and resumes below --low. SIGTERM or SIGINT drains. Prints \
+its counters as JSON when it stops.\n\nExample:\n  \
+dirq bridge in /var/spool/dirq/orders --nats nats://10.0.0.1:4222 --stream orders"
+    )]
+    In {
+        /// The queue to store into.
+        #[arg(value_name = "QUEUE")]
+        queue: PathBuf,
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The durable consumer; bridges with the same one share its messages.
+        #[arg(long, value_name = "NAME", default_value = "dirq")]
+        consumer: String,
+        /// Messages pulled and stored together.
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        batch: usize,
+        /// Stop pulling at this many messages in QUEUE's incoming/.
+        #[arg(long, value_name = "N", default_value_t = 10_000)]
+        high: usize,
+        /// Resume pulling below this many.
+        #[arg(long, value_name = "N", default_value_t = 8_000)]
+        low: usize,
+        /// Make QUEUE remember finished ids this long (its seen/ setting, as `init
+        /// --seen-ttl`), so a message redelivered after it was processed is not stored
+        /// again. Default: the queue's setting, or 1d where it has none.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        seen_ttl: Option<Duration>,
+    },
+}
+
+/// The server and stream every bridge command needs.
+#[cfg(feature = "nats")]
+#[derive(Debug, Args)]
+pub(crate) struct NatsArgs {
+    /// NATS server URL(s), comma-separated: nats://host:4222.
+    #[arg(long = "nats", value_name = "URL")]
+    pub(crate) url: String,
+    /// The stream (letters, digits, - and _); its subject is dirq.NAME.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) stream: String,
 }
 
 /// Which messages a command acts on.

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
     // Long-running commands report what they do (statistics, signals) by default.
     let daemon = matches!(
         cli.command,
-        args::Command::Exec(_) | args::Command::Run { .. } | args::Command::Serve { .. }
+        args::Command::Exec(_)
+            | args::Command::Run { .. }
+            | args::Command::Serve { .. }
+            | args::Command::Bridge { .. }
     );
     init_logging(cli.verbose + u8::from(daemon));
     match cmd::run(cli) {

@@ -1,6 +1,8 @@
 //! One module per family of subcommands: open queues, call the library, print.
 
 mod admin;
+#[cfg(feature = "nats")]
+mod bridge;
 mod edit;
 mod exec;
 mod history;
@@ -198,6 +200,14 @@ fn dispatch(command: Command, opener: &Opener) -> CliResult {
                 .map_err(stdout_error)?;
             Ok(())
         }
+        #[cfg(feature = "nats")]
+        Command::Bridge(command) => bridge::bridge(opener, command),
+        #[cfg(not(feature = "nats"))]
+        Command::Bridge { .. } => Err(
+            "this dirq was built without the NATS bridge (cargo feature \
+`nats`); build one with it: cargo install --path . --features nats"
+                .into(),
+        ),
     }
 }
 

@@ -238,6 +238,7 @@ pub(crate) fn piper_json(piper: &PiperInfo) -> serde_json::Value {
         "workers": piper.workers,
         "stats": piper.stats,
         "rates": piper.rates,
+        "counters": piper.counters,
     })
 }
 
@@ -249,6 +250,24 @@ fn piper_line(piper: &PiperInfo) -> String {
         );
     }
     let s = &piper.stats;
+    if !piper.counters.is_empty() {
+        // A bridge (`dirq bridge out|in`): its own counters say more than a stage's.
+        let counters: Vec<String> = piper
+            .counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        return format!(
+            "{} pid {}@{}: {}, {:.1}/s done; {}",
+            piper.stage,
+            piper.pid,
+            piper.host,
+            piper.state,
+            piper.rates.done,
+            counters.join(", ")
+        );
+    }
     format!(
         "piper {} pid {}@{}: {}, {} workers, {:.1}/s done, {:.1}/s failing; \
          {} claimed, {} failed, {} retried, {} in flight",
