@@ -249,6 +249,19 @@ fn console_shows_queues_acts_with_the_token_and_notices_a_lost_server() {
         "the browser console shows problems: {errors:#?}"
     );
 
+    // A screenshot of the page as it stands, as docs/console.png was taken: with
+    // DIRQ_CONSOLE_SCREENSHOT=FILE the test keeps it there.
+    let png = browser.screenshot();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG screenshot");
+    let (width, height) = png_size(&png).expect("a PNG header");
+    assert!(
+        width > 0 && height > 0,
+        "an empty screenshot: {width}x{height}"
+    );
+    if let Some(file) = std::env::var_os("DIRQ_CONSOLE_SCREENSHOT") {
+        std::fs::write(&file, &png).expect("write the screenshot");
+    }
+
     // The server goes away: the page says so, and recovers when it is back.
     let port = serve.port().to_owned();
     drop(serve);
@@ -289,23 +302,12 @@ fn console_of_a_read_only_serve_offers_no_actions() {
     });
 }
 
-/// Not a test: how `docs/console.png` is made. Point it at a `dirq serve` over a spool
-/// with some life in it (a queue `site-a/enrich` with failures and a Piper at work):
-/// `DIRQ_CONSOLE_URL=http://127.0.0.1:PORT cargo test --test it console_screenshot --
-/// --ignored`.
-#[test]
-#[ignore = "makes docs/console.png from a running dirq serve named by DIRQ_CONSOLE_URL"]
-fn console_screenshot() {
-    let url = std::env::var("DIRQ_CONSOLE_URL").expect("DIRQ_CONSOLE_URL");
-    let browser = Browser::start(1280, 1060);
-    browser.goto(&format!("{url}/#/queue/site-a%2Fenrich/errors"));
-    browser.wait_for(WAIT, "the errors tab with its charts", |b| {
-        b.visible("#messages-body tr[data-id]")
-            && b.visible("#ages-chart svg rect")
-            && b.visible("#rates-chart polyline")
-    });
-    let png = browser.screenshot();
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG screenshot");
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/console.png");
-    std::fs::write(&file, png).expect("write docs/console.png");
+/// Width and height from a PNG's IHDR chunk, which follows the 8-byte signature.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = png.get(8..24)?;
+    if &ihdr[4..8] != b"IHDR" {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((be(&ihdr[8..12]), be(&ihdr[12..16])))
 }
