@@ -138,12 +138,7 @@ impl Inbound {
                  QueueBuilder::remember_finished"
             );
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dirq-bridge-in")
-            .enable_all()
-            .build()
-            .map_err(BridgeError::Runtime)?;
+        let runtime = super::runtime("dirq-bridge-in")?;
         runtime.block_on(self.run_async())
     }
 
@@ -157,11 +152,7 @@ impl Inbound {
         let counters = Arc::new(Counters::default());
         let state = Arc::new(AtomicU8::new(CONNECTING));
         let mut liveness = Liveness::create(&self.queue, &name, false, consumer_target(config))?;
-        let snapshot = {
-            let counters = Arc::clone(&counters);
-            let disconnects = Arc::clone(&disconnects);
-            move || counters.snapshot(disconnects.load(Ordering::Relaxed))
-        };
+        let snapshot = Counters::snapshots(&counters, &disconnects);
         // The consumer, once the server and it are there.
         let mut attempt = 0;
         let consumer = loop {

@@ -58,3 +58,14 @@ pub use stop::StopHandle;
 
 #[cfg(doc)]
 use crate::DirectoryQueue;
+
+/// The small multi-threaded runtime a bridge's `run` makes for itself: the bridge's
+/// async work takes little CPU, and file I/O goes to the runtime's blocking pool.
+fn runtime(thread_name: &str) -> Result<tokio::runtime::Runtime, BridgeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()
+        .map_err(BridgeError::Runtime)
+}

@@ -100,12 +100,7 @@ impl Outbound {
     pub fn run(&self) -> Result<BridgeStats, BridgeError> {
         self.config.check()?;
         self.queue.recover()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dirq-bridge-out")
-            .enable_all()
-            .build()
-            .map_err(BridgeError::Runtime)?;
+        let runtime = super::runtime("dirq-bridge-out")?;
         runtime.block_on(self.run_async())
     }
 
@@ -125,11 +120,7 @@ impl Outbound {
             counters: Arc::clone(&counters),
             stop: self.stop.clone(),
         });
-        let snapshot = {
-            let counters = Arc::clone(&counters);
-            let disconnects = Arc::clone(&disconnects);
-            move || counters.snapshot(disconnects.load(std::sync::atomic::Ordering::Relaxed))
-        };
+        let snapshot = Counters::snapshots(&counters, &disconnects);
         // The heartbeat: lag (the queue's incoming/) and the advert, every second.
         let heartbeat = {
             let queue = self.queue.clone();

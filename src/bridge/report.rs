@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::format::meta::rfc3339;
@@ -72,6 +72,16 @@ pub(super) struct Counters {
 impl Counters {
     pub(super) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A reader of `counters` as [`BridgeStats`], with the connection's count of
+    /// disconnects, for the heartbeat and for `run`'s answer.
+    pub(super) fn snapshots(
+        counters: &Arc<Counters>,
+        disconnects: &Arc<AtomicU64>,
+    ) -> impl Fn() -> BridgeStats + Clone + Send + 'static {
+        let (counters, disconnects) = (Arc::clone(counters), Arc::clone(disconnects));
+        move || counters.snapshot(disconnects.load(Ordering::Relaxed))
     }
 
     pub(super) fn snapshot(&self, disconnects: u64) -> BridgeStats {

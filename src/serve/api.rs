@@ -295,7 +295,7 @@ async fn messages(
     let Path(name) = name.map_err(|r| path_error(&r))?;
     let q: MessagesQuery = query(&uri)?;
     let state_name = q.state.unwrap_or_else(|| "incoming".to_owned());
-    let state = view::parse_state(&state_name).ok_or_else(|| {
+    let state = state_name.parse::<crate::State>().map_err(|_| {
         ApiError::bad_request(format!(
             "unknown state {state_name:?}: expected one of {}",
             crate::State::ALL.map(|s| s.as_str()).join(", ")

@@ -246,8 +246,3 @@ pub(super) fn ages(queue: &DirectoryQueue) -> Result<AgesView> {
         t: unix_now(),
     })
 }
-
-/// The state named `name`, as [`State::as_str`] spells it.
-pub(super) fn parse_state(name: &str) -> Option<State> {
-    State::ALL.into_iter().find(|state| state.as_str() == name)
-}
