@@ -1,4 +1,5 @@
-//! [`AsyncMessage`]: a claimed message whose terminals run on the blocking pool.
+//! [`AsyncMessage`]: a claimed message whose terminals run off the reactor (see the
+//! module docs of `aio`, "Where the file work runs").
 
 use std::fmt;
 use std::sync::Arc;
@@ -6,13 +7,15 @@ use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 
-use super::blocking;
+use super::{blocking, file_work, lane};
 use crate::error::{Error, Result};
 use crate::format::id::MessageId;
 use crate::queue::{DirectoryQueue, FailureDetails, Message, Retried};
 
 /// A message claimed through an [`AsyncQueue`](super::AsyncQueue): the async face of a
-/// [`Message`], with the same consuming terminals, each run on tokio's blocking pool.
+/// [`Message`], with the same consuming terminals, each run off the
+/// reactor: on tokio's blocking pool, or in place for a queue that syncs nothing (see the
+/// module docs, "Where the file work runs").
 ///
 /// # Dropping without a terminal
 ///
@@ -216,7 +219,8 @@ impl AsyncMessage {
         let Some(message) = self.message.take() else {
             unreachable!("a message is only taken by a terminal, which consumes self");
         };
-        blocking(move || {
+        let lane = lane(message.queue());
+        file_work(lane, move || {
             terminal(unshared(message)).map_err(|e| {
                 let (error, message) = e.into_parts();
                 TerminalError {

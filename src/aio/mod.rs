@@ -3,7 +3,7 @@
 //!
 //! Nothing here blocks a runtime thread: every file operation (claim, read, rename,
 //! sync) runs on tokio's blocking pool through [`spawn_blocking`](tokio::task::spawn_blocking),
-//! at most 4 claims of one queue at a time. An idle claimer does not
+//! at most 4 claims of one queue at a time, with one exception below. An idle claimer does not
 //! hold a thread either: it waits on an inotify descriptor of `incoming/` registered
 //! with the runtime's reactor (one per queue, shared by all its waiters), on the same
 //! events as sync claimers, and rescans at the queue's
@@ -15,6 +15,20 @@
 //! The runtime needs its I/O and time drivers (`enable_all()`, which
 //! `#[tokio::main]` does). An [`AsyncQueue`] registers its watch with the runtime in
 //! which it first waits: use it within that runtime.
+//!
+//! # Where the file work runs
+//!
+//! A queue in [`Durability::None`](crate::Durability::None) syncs nothing: its
+//! enqueues, claims and terminals are a few renames and unlinks of microseconds, less
+//! than the two thread wake-ups of a trip to the blocking pool and back (which made a
+//! task's round trip run at a third of a thread's). On a multi-thread runtime those
+//! run through [`block_in_place`](tokio::task::block_in_place) instead: tokio first
+//! hands the worker's other tasks (and the reactor, if that thread drives it) to
+//! another thread, then the task's own thread does the work and goes on. What that
+//! costs: other futures polled by the same task (in a `join!`, a `select!`, a
+//! `FuturesUnordered`) wait for those microseconds. Reads of a message's body, every
+//! operation of a queue that syncs, and everything on a current-thread runtime (where
+//! `block_in_place` is not allowed) use the blocking pool.
 //!
 //! # Cancellation
 //!
@@ -135,7 +149,7 @@ impl AsyncQueue {
     /// As [`DirectoryQueue::enqueue`].
     pub async fn enqueue(&self, bytes: impl AsRef<[u8]> + Send + 'static) -> Result<MessageId> {
         let queue = self.inner.queue.clone();
-        blocking(move || queue.enqueue(bytes)).await
+        file_work(lane(&queue), move || queue.enqueue(bytes)).await
     }
 
     /// Adds a message under a given id unless the queue has it or remembers it; see
@@ -156,7 +170,7 @@ impl AsyncQueue {
         bytes: impl AsRef<[u8]> + Send + 'static,
     ) -> Result<crate::queue::Enqueued> {
         let queue = self.inner.queue.clone();
-        blocking(move || queue.enqueue_with_id(&id, bytes)).await
+        file_work(lane(&queue), move || queue.enqueue_with_id(&id, bytes)).await
     }
 
     /// Adds a message that waits in `deferred/` until `not_before`; see
@@ -175,7 +189,7 @@ impl AsyncQueue {
         not_before: SystemTime,
     ) -> Result<MessageId> {
         let queue = self.inner.queue.clone();
-        blocking(move || queue.enqueue_at(bytes, not_before)).await
+        file_work(lane(&queue), move || queue.enqueue_at(bytes, not_before)).await
     }
 
     /// Adds `value` as a JSON message; see [`DirectoryQueue::enqueue_json`]. The value
@@ -192,7 +206,7 @@ impl AsyncQueue {
         let queue = self.inner.queue.clone();
         let bytes = serde_json::to_vec(value)
             .map_err(|e| Error::json(Operation::Encode, queue.path(State::Incoming), e))?;
-        blocking(move || queue.enqueue(bytes)).await
+        file_work(lane(&queue), move || queue.enqueue(bytes)).await
     }
 
     /// Adds several messages at once, syncing once for all; see
@@ -211,7 +225,7 @@ impl AsyncQueue {
         I::Item: AsRef<[u8]>,
     {
         let queue = self.inner.queue.clone();
-        blocking(move || queue.enqueue_batch(items)).await
+        file_work(lane(&queue), move || queue.enqueue_batch(items)).await
     }
 
     /// Claims the oldest message in `incoming/` if there is one, without waiting for
@@ -233,7 +247,7 @@ impl AsyncQueue {
         self.look(None).await
     }
 
-    /// One claim attempt on the blocking pool, through a lane. With `Some(events)`,
+    /// One claim attempt, off the reactor (see [`file_work`]), through a lane. With `Some(events)`,
     /// skipped (`None`) when a look that began at that event count or later, perhaps
     /// while this one waited for its lane, found nothing; a look that finds nothing
     /// says so.
@@ -252,7 +266,10 @@ impl AsyncQueue {
         // IMPORTANT: the message becomes an AsyncMessage on the blocking thread, before
         // it is handed over: if this future is gone by then, dropping the result
         // releases the message instead of leaving it in pending/.
-        let claimed = blocking(move || queue.try_claim().map(|m| m.map(AsyncMessage::new))).await;
+        let claimed = file_work(lane(&queue), move || {
+            queue.try_claim().map(|m| m.map(AsyncMessage::new))
+        })
+        .await;
         // Held until the result is back, not just until the claim returned on the
         // pool: by then its thread is idle again, so the next claim reuses it rather
         // than asking tokio for a new one. (A dropped future frees its lane early.)
@@ -414,6 +431,45 @@ async fn first_of<T>(
         Poll::Pending
     })
     .await
+}
+
+/// Where a queue's file work runs; see the module's docs, "Where the file work runs".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// tokio's blocking pool.
+    Pool,
+    /// The task's own thread, through `block_in_place`, where the runtime allows it.
+    InPlace,
+}
+
+/// The lane for `queue`'s enqueues, claims and terminals: in place when nothing is
+/// synced, so that the work is shorter than a trip to the pool.
+fn lane(queue: &DirectoryQueue) -> Lane {
+    if queue.durability() == crate::Durability::None {
+        Lane::InPlace
+    } else {
+        Lane::Pool
+    }
+}
+
+/// Runs `work` in `lane` and waits for it: in place only on a multi-thread runtime,
+/// the only kind that can hand its worker's other tasks over; on the pool otherwise.
+async fn file_work<T, F>(lane: Lane, work: F) -> T
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let in_place = lane == Lane::InPlace
+        && tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if in_place {
+        let done = tokio::task::block_in_place(work);
+        // Work done in place never made the task wait: without this, a loop of such
+        // operations would not yield, and other tasks of its worker would starve.
+        tokio::task::consume_budget().await;
+        return done;
+    }
+    blocking(work).await
 }
 
 /// Runs `work` on the blocking pool and waits for it. Its panic is resumed here; if

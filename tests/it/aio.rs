@@ -439,6 +439,69 @@ fn cancelled_claims_never_lose_or_strand_a_message_without_syncs() {
     cancel_claims_at_random(&queue);
 }
 
+/// Without syncs, on a multi-thread runtime, the file work runs in place
+/// (`block_in_place`) and never makes the task wait: a task looping over round trips
+/// must still let the other tasks of its only worker run.
+#[test]
+fn in_place_file_work_lets_other_tasks_run() {
+    const ROUNDS: usize = 3_000;
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .durability(Durability::None)
+        .open()
+        .unwrap();
+    let q = AsyncQueue::from(queue);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticks_during = runtime.block_on(async {
+        let ticker = {
+            let ticks = Arc::clone(&ticks);
+            tokio::spawn(async move {
+                loop {
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let ticks = Arc::clone(&ticks);
+        let ticked = move || ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let rounds = tokio::spawn(async move {
+            // Enqueues, then commits: neither waits on anything but its file work.
+            let start = ticked();
+            let mut ids = Vec::new();
+            for i in 0..ROUNDS {
+                ids.push(q.enqueue(format!("round {i}")).await.unwrap());
+            }
+            let during_enqueues = ticked() - start;
+            let mut messages = Vec::new();
+            for id in &ids {
+                let message = q.try_claim().await.unwrap().expect("a message");
+                assert_eq!(message.id(), id);
+                messages.push(message);
+            }
+            let start = ticked();
+            for message in messages {
+                message.commit().await.unwrap();
+            }
+            (during_enqueues, ticked() - start)
+        });
+        let during = rounds.await.unwrap();
+        ticker.abort();
+        during
+    });
+    assert!(
+        ticks_during.0 > 0 && ticks_during.1 > 0,
+        "the other task of the worker starved while {ROUNDS} enqueues and commits ran \
+         in place: it ran {ticks_during:?} times"
+    );
+    assert!(t.names(State::Incoming).is_empty());
+    assert!(t.names(State::Pending).is_empty());
+}
+
 fn cancel_claims_at_random(queue: &DirectoryQueue) {
     const MESSAGES: usize = 400;
     const CONSUMERS: u64 = 8;
