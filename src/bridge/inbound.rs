@@ -15,7 +15,7 @@ use super::nats::{self, backoff, consumer_target, Connection, MSG_ID_HEADER};
 use super::report::{BridgeStats, Counters, Liveness};
 use super::setup::{consumer, existing_stream};
 use super::stop::StopHandle;
-use super::store::{store, Stored};
+use super::store::{store_batch, Stored};
 use crate::{DirectoryQueue, MessageId, State};
 
 /// How long a backlog count stays good while intake runs.
@@ -327,9 +327,9 @@ impl Run<'_> {
         }
         let local = self.local.clone();
         let mut storing = tokio::task::spawn_blocking(move || {
-            let results = store_all(&local, &items);
-            let synced = local.sync();
-            (results, synced)
+            let results = store_batch(&local, &items)?;
+            local.sync()?;
+            Ok::<_, crate::Error>(results)
         });
         let every = self.bridge.config.ack_wait / 3;
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -344,26 +344,26 @@ impl Run<'_> {
                 }
             }
         };
-        let (results, synced) = match outcome {
-            Ok(outcome) => outcome,
+        let results = match outcome {
+            Ok(Ok(results)) => results,
+            Ok(Err(e)) => {
+                // Not stored, or perhaps not durably: not acked. Redelivered, each is
+                // stored then, or finds its id already queued and is acked.
+                tracing::warn!(error = %e, "bridge in: cannot store the batch; not acking it");
+                for message in &batch {
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+                counters.in_flight.fetch_sub(n, Ordering::Relaxed);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "bridge in: store task failed; the server will redeliver");
                 counters.in_flight.fetch_sub(n, Ordering::Relaxed);
                 return;
             }
         };
-        if let Err(e) = synced {
-            // Stored, perhaps not durably: not acked. Redelivered, each finds its id
-            // already queued and is acked then.
-            tracing::warn!(error = %e, "bridge in: cannot sync the batch; not acking it");
-            for message in &batch {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
-            counters.in_flight.fetch_sub(n, Ordering::Relaxed);
-            return;
-        }
         for (message, result) in batch.iter().zip(results) {
             match result {
                 Ok(stored) => {
@@ -438,39 +438,6 @@ impl Run<'_> {
             () = self.bridge.stop.stopped() => {}
         }
     }
-}
-
-/// Batches at least this large are stored in two lanes.
-const TWO_LANES: usize = 32;
-
-/// Stores `items` in order of the results; a large batch in two lanes (a scoped thread
-/// beside this one): each store is a few system calls that wait on the filesystem,
-/// and ids of one batch rarely share `seen/`'s lock file.
-fn store_all(
-    queue: &DirectoryQueue,
-    items: &[(MessageId, bytes::Bytes)],
-) -> Vec<crate::Result<Stored>> {
-    let one = |part: &[(MessageId, bytes::Bytes)]| -> Vec<crate::Result<Stored>> {
-        part.iter()
-            .map(|(id, bytes)| store(queue, id, bytes))
-            .collect()
-    };
-    if items.len() < TWO_LANES {
-        return one(items);
-    }
-    let (first, second) = items.split_at(items.len() / 2);
-    std::thread::scope(|scope| {
-        let lane = std::thread::Builder::new()
-            .name("dirq-bridge-store".to_owned())
-            .spawn_scoped(scope, || one(second));
-        let mut results = one(first);
-        match lane.map(|lane| lane.join()) {
-            Ok(Ok(rest)) => results.extend(rest),
-            // No second thread (or it panicked): this one does the rest.
-            _ => results.extend(one(second)),
-        }
-        results
-    })
 }
 
 /// An error and its causes on one line.

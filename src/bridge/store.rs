@@ -1,5 +1,5 @@
-//! Storing a message under the id it carries: the one place the bridge calls the
-//! queue's idempotent enqueue, and what it makes of the answer.
+//! Storing messages under the ids they carry: the one place the bridge calls the
+//! queue's idempotent enqueue, and what it makes of the answers.
 
 use crate::queue::Enqueued;
 use crate::{DirectoryQueue, MessageId};
@@ -14,10 +14,21 @@ pub(super) enum Stored {
     Duplicate,
 }
 
-/// Stores `bytes` under `id` in `queue`, exactly once.
-pub(super) fn store(queue: &DirectoryQueue, id: &MessageId, bytes: &[u8]) -> crate::Result<Stored> {
-    match queue.enqueue_with_id(id, bytes)? {
-        Enqueued::Stored => Ok(Stored::New),
-        _ => Ok(Stored::Duplicate),
-    }
+/// Stores each `(id, bytes)` of a pulled batch in `queue` under its id, exactly once,
+/// through one batched idempotent enqueue: an answer per item, or the batch's error
+/// (a lock, a look, a sync), after which none of it is to be acked.
+pub(super) fn store_batch<B: AsRef<[u8]>>(
+    queue: &DirectoryQueue,
+    items: &[(MessageId, B)],
+) -> crate::Result<Vec<crate::Result<Stored>>> {
+    let answers = queue.enqueue_batch_with_id(items)?;
+    Ok(answers
+        .into_iter()
+        .map(|answer| {
+            answer.map(|found| match found {
+                Enqueued::Stored => Stored::New,
+                _ => Stored::Duplicate,
+            })
+        })
+        .collect())
 }

@@ -2,12 +2,14 @@
 //! no message with that id in any state and does not remember finishing one
 //! (docs/protocol.md, "seen/ and idempotent enqueue").
 
+use std::collections::HashSet;
 use std::io;
 
-use super::publish::{settle, TmpFile};
-use super::seen;
+use super::publish::{empty, is_blank, settle, write_new, TmpFile};
+use super::seen::{self, Remembered};
 use super::Shared;
 use crate::error::{Error, Operation, Result};
+use crate::format::deferred::parse_deferred_name;
 use crate::format::id::MessageId;
 use crate::format::state::State;
 use crate::sys::lock::Locked;
@@ -75,8 +77,8 @@ pub(crate) fn publish_once(inner: &Shared, tmp: TmpFile<'_>, id: &MessageId) -> 
     let Some((held, identity)) = tmp.rename_held(id)? else {
         return Ok(Enqueued::AlreadyQueued(State::Incoming));
     };
-    let found = match find_elsewhere(inner, id) {
-        Ok(found) => found,
+    let found = match find_elsewhere(inner, &[id]) {
+        Ok(mut found) => found.pop().flatten(),
         Err(error) => {
             take_back(inner, id, &identity, held)?;
             return Err(error);
@@ -118,17 +120,147 @@ pub(crate) fn answer_early(inner: &Shared, id: &MessageId) -> Result<Option<Enqu
         .map(|_| Enqueued::AlreadyQueued(State::Incoming)))
 }
 
-/// Where else the queue has `id`, checked in [`ELSEWHERE`]'s order, then `seen/`.
-fn find_elsewhere(inner: &Shared, id: &MessageId) -> Result<Option<Enqueued>> {
-    for state in ELSEWHERE {
-        if inner.find(state, id)?.is_some() {
-            return Ok(Some(Enqueued::AlreadyQueued(state)));
+/// Publishes each item as [`answer_early`] and [`publish_once`] do for one, with the
+/// work shared: the turns of all ids are taken at once (each lock file once, in name
+/// order) and held throughout, `seen/` is looked at twice and `deferred/` scanned once
+/// for the whole batch, the files are synced together and `incoming/` once. An item
+/// that cannot be written (blank, a write error) gets its error and the others go on;
+/// an error that concerns the batch (a lock, a look, a sync) is the call's, and then
+/// nothing of the batch stays in the queue unless a claimer took it already.
+pub(crate) fn publish_batch_once<B: AsRef<[u8]>>(
+    inner: &Shared,
+    items: &[(MessageId, B)],
+) -> Result<Vec<Result<Enqueued>>> {
+    let turns = seen::lock_ids(inner, items.iter().map(|(id, _)| id))?;
+    let mut answers: Vec<Option<Result<Enqueued>>> = items.iter().map(|_| None).collect();
+    // Steps 1 and 2: what is remembered or waiting in incoming/ costs no file.
+    let remembered = Remembered::look(inner)?;
+    for (answer, (id, bytes)) in answers.iter_mut().zip(items) {
+        if is_blank(bytes.as_ref()) {
+            *answer = Some(Err(empty(inner)));
+        } else if remembered.contains(id)? {
+            *answer = Some(Ok(Enqueued::AlreadyFinished));
+        } else if inner.find(State::Incoming, id)?.is_some() {
+            *answer = Some(Ok(Enqueued::AlreadyQueued(State::Incoming)));
         }
     }
-    if seen::is_remembered(inner, id)? {
-        return Ok(Some(Enqueued::AlreadyFinished));
+    drop(remembered);
+    // Step 3: written, then synced together.
+    let mut written = Vec::new();
+    for (i, (id, bytes)) in items.iter().enumerate() {
+        if answers[i].is_some() {
+            continue;
+        }
+        match write_new(inner, bytes.as_ref(), Some(id)) {
+            Ok(mut tmp) => {
+                tmp.fix_id(id);
+                written.push((i, tmp));
+            }
+            Err(error) => answers[i] = Some(Err(error)),
+        }
     }
-    Ok(None)
+    TmpFile::sync_many(inner, written.iter().map(|(_, tmp)| tmp))?;
+    // Step 4.
+    let mut held = Vec::with_capacity(written.len());
+    for (i, tmp) in written {
+        match tmp.rename_held(&items[i].0) {
+            Ok(Some((lock, identity))) => held.push((i, lock, identity)),
+            Ok(None) => answers[i] = Some(Ok(Enqueued::AlreadyQueued(State::Incoming))),
+            Err(error) => answers[i] = Some(Err(error)),
+        }
+    }
+    // Step 5.
+    let ids: Vec<&MessageId> = held.iter().map(|(i, _, _)| &items[*i].0).collect();
+    let found = match find_elsewhere(inner, &ids) {
+        Ok(found) => found,
+        Err(error) => {
+            for (i, lock, identity) in held {
+                if let Err(e) = take_back(inner, &items[i].0, &identity, lock) {
+                    tracing::warn!(error = %e, "cannot take back a message after a failed check");
+                }
+            }
+            return Err(error);
+        }
+    };
+    // Step 6.
+    let mut stored = Vec::with_capacity(held.len());
+    for ((i, lock, identity), found) in held.into_iter().zip(found) {
+        let id = &items[i].0;
+        let Some(found) = found else {
+            drop(lock);
+            stored.push((i, (id.clone(), id.as_os_str().to_os_string())));
+            continue;
+        };
+        answers[i] = Some(match take_back(inner, id, &identity, lock) {
+            Ok(true) => Ok(found),
+            Ok(false) => {
+                tracing::warn!(%id, "a second message with this id was claimed before it could be taken back");
+                Ok(Enqueued::Stored)
+            }
+            Err(error) => Err(error),
+        });
+    }
+    let incoming = inner.dir(State::Incoming);
+    let synced = inner.syncer().changed(&[incoming]);
+    let (indexes, names): (Vec<usize>, Vec<_>) = stored.into_iter().unzip();
+    settle(incoming, names, synced)?;
+    drop(turns);
+    for i in indexes {
+        answers[i] = Some(Ok(Enqueued::Stored));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|answer| answer.expect("every item of the batch was answered above"))
+        .collect())
+}
+
+/// Where else the queue has each of `ids`, checked in [`ELSEWHERE`]'s order (one
+/// state for all ids, then the next), then `seen/`, looked at only now (see
+/// [`Remembered`]).
+fn find_elsewhere(inner: &Shared, ids: &[&MessageId]) -> Result<Vec<Option<Enqueued>>> {
+    let mut found: Vec<Option<Enqueued>> = vec![None; ids.len()];
+    for state in ELSEWHERE {
+        // deferred/ names carry a due time: one scan for all, not one per id.
+        let deferred = match state {
+            State::Deferred => Some(deferred_ids(inner)?),
+            _ => None,
+        };
+        for (found, id) in found.iter_mut().zip(ids) {
+            if found.is_some() {
+                continue;
+            }
+            let there = match &deferred {
+                Some(deferred) => deferred.contains(*id),
+                None => inner.find(state, id)?.is_some(),
+            };
+            if there {
+                *found = Some(Enqueued::AlreadyQueued(state));
+            }
+        }
+    }
+    let remembered = Remembered::look(inner)?;
+    for (found, id) in found.iter_mut().zip(ids) {
+        if found.is_none() && remembered.contains(id)? {
+            *found = Some(Enqueued::AlreadyFinished);
+        }
+    }
+    Ok(found)
+}
+
+/// The ids waiting in `deferred/`.
+fn deferred_ids(inner: &Shared) -> Result<HashSet<MessageId>> {
+    let mut ids = HashSet::new();
+    let Some(dir) = inner.state_dir(State::Deferred) else {
+        return Ok(ids);
+    };
+    dir.dir
+        .scan(&mut Vec::new(), |entry| {
+            if let Some((_, id)) = parse_deferred_name(entry.name) {
+                ids.insert(id);
+            }
+        })
+        .map_err(|e| Error::io(Operation::Scan, &dir.path, e))?;
+    Ok(ids)
 }
 
 /// Removes the just-published `incoming/<id>` again if it is still the file that was

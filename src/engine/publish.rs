@@ -55,9 +55,7 @@ where
         files.push(tmp);
     }
     let total = files.len();
-    inner
-        .syncer
-        .files(files.iter().map(|tmp| (&tmp.file, tmp.path.as_path())))?;
+    TmpFile::sync_many(inner, files.iter())?;
     let mut published = Vec::with_capacity(total);
     for tmp in files {
         match tmp.rename_into(Destination::Incoming) {
@@ -255,6 +253,17 @@ impl<'q> TmpFile<'q> {
     /// Makes the bytes durable as the mode says, before the file is published.
     pub(crate) fn sync(&self) -> Result<()> {
         self.queue.syncer.file(&self.file, &self.path)
+    }
+
+    /// Makes the bytes of all `files` durable as the mode says, the writeback of all
+    /// started before waiting for any.
+    pub(crate) fn sync_many<'a>(
+        queue: &Shared,
+        files: impl Iterator<Item = &'a TmpFile<'a>> + Clone,
+    ) -> Result<()> {
+        queue
+            .syncer
+            .files(files.map(|tmp| (&tmp.file, tmp.path.as_path())))
     }
 
     /// Renames the file to `incoming/<id>` without replacing anything and keeps it

@@ -9,6 +9,7 @@
 //! only then goes. A crash between the two leaves a record of a message that still
 //! exists: harmless, the record only refuses a second copy.
 
+use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -230,15 +231,35 @@ fn read_ttl(dir: &Dir, path: &Path) -> Result<Option<Duration>> {
 ///
 /// [`Error::Io`] when `seen/` or the lock file cannot be created or locked.
 pub(crate) fn lock_id(inner: &Shared, id: &MessageId) -> Result<Locked> {
+    lock_file(inner, &lock_name(id))
+}
+
+/// The turns of all `ids` at once, for a batch: each lock file once, taken in the
+/// order of their names, so that two batches sharing lock files cannot each wait for
+/// the other (a single id's turn holds one lock file and waits for nothing else).
+///
+/// # Errors
+///
+/// As [`lock_id`].
+pub(crate) fn lock_ids<'a>(
+    inner: &Shared,
+    ids: impl IntoIterator<Item = &'a MessageId>,
+) -> Result<Vec<Locked>> {
+    let names: BTreeSet<String> = ids.into_iter().map(lock_name).collect();
+    names.iter().map(|name| lock_file(inner, name)).collect()
+}
+
+/// Opens (making it if missing) and locks one of `seen/`'s lock files, waiting.
+fn lock_file(inner: &Shared, name: &str) -> Result<Locked> {
     let seen = &inner.seen;
     let dir = seen.dir(inner.root_dir(), inner.config())?;
-    let name = OsString::from(lock_name(id));
-    let path = || dir.join(&name);
+    let name = OsStr::new(name);
+    let path = || dir.join(name);
     // Read-only when it exists: flock needs no write permission, and the users
     // sharing a queue may not be able to write each other's files.
-    let file = match dir.dir.open_read(&name) {
+    let file = match dir.dir.open_read(name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            dir.dir.open_append(&name, inner.config().file_mode)
+            dir.dir.open_append(name, inner.config().file_mode)
         }
         opened => opened,
     }
@@ -252,37 +273,71 @@ pub(crate) fn lock_id(inner: &Shared, id: &MessageId) -> Result<Locked> {
 ///
 /// [`Error::Io`] when `seen/` or one of its buckets cannot be read.
 pub(crate) fn is_remembered(inner: &Shared, id: &MessageId) -> Result<bool> {
-    let seen = &inner.seen;
-    let Some(ttl) = seen.ttl else {
-        return Ok(false);
-    };
-    let Some(dir) = seen.existing(inner.root_dir())? else {
-        return Ok(false);
-    };
-    let now = SystemTime::now();
-    for bucket in buckets(dir)? {
-        if is_expired(bucket, ttl, now) {
-            continue;
-        }
-        let name = OsString::from(bucket.to_string());
-        let bucket_dir = match dir.dir.open_child(&name) {
-            Ok(d) => d,
-            // Swept meanwhile: it had expired.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            // Not a bucket (a file or symlink planted under a bucket's name).
-            Err(e) if is_not_a_bucket(&e) => continue,
-            Err(e) => return Err(Error::io(Operation::Remember, dir.join(&name), e)),
+    Remembered::look(inner)?.contains(id)
+}
+
+/// The unexpired buckets of `seen/`, found and opened once for the lookups of many
+/// ids (a batch's). A record made later in one of them is found; a bucket made later
+/// is not, so it is to be opened after whatever must be seen: a message leaves the
+/// queue only after its record is made, so buckets opened after a message was not
+/// found in the queue hold its record if it finished.
+pub(crate) struct Remembered {
+    /// Each bucket's path (for errors) and open directory.
+    buckets: Vec<(PathBuf, Dir)>,
+}
+
+impl Remembered {
+    /// Finds and opens the unexpired buckets; none when the queue does not remember
+    /// finished ids or has no `seen/`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when `seen/` or one of its buckets cannot be read.
+    pub(crate) fn look(inner: &Shared) -> Result<Remembered> {
+        let mut remembered = Remembered {
+            buckets: Vec::new(),
         };
-        match bucket_dir.stat_at(id.as_os_str()) {
-            Ok(_) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                let path = dir.join(&name).join(id.as_os_str());
-                return Err(Error::io(Operation::Remember, path, e));
+        let seen = &inner.seen;
+        let Some(ttl) = seen.ttl else {
+            return Ok(remembered);
+        };
+        let Some(dir) = seen.existing(inner.root_dir())? else {
+            return Ok(remembered);
+        };
+        let now = SystemTime::now();
+        for bucket in buckets(dir)? {
+            if is_expired(bucket, ttl, now) {
+                continue;
+            }
+            let name = OsString::from(bucket.to_string());
+            match dir.dir.open_child(&name) {
+                Ok(d) => remembered.buckets.push((dir.join(&name), d)),
+                // Swept meanwhile: it had expired.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Not a bucket (a file or symlink planted under a bucket's name).
+                Err(e) if is_not_a_bucket(&e) => continue,
+                Err(e) => return Err(Error::io(Operation::Remember, dir.join(&name), e)),
             }
         }
+        Ok(remembered)
     }
-    Ok(false)
+
+    /// Whether one of the buckets holds a record of `id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when a bucket cannot be read.
+    pub(crate) fn contains(&self, id: &MessageId) -> Result<bool> {
+        for (path, bucket) in &self.buckets {
+            match bucket.stat_at(id.as_os_str()) {
+                Ok(_) => return Ok(true),
+                // Not there, or the bucket was swept since (it had expired).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(Operation::Remember, path.join(id.as_os_str()), e)),
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// Records that `id` finished, if the queue remembers finished ids, durably before

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::DirectoryQueue;
 use crate::engine::group::next_turn;
 pub use crate::engine::idempotent::Enqueued;
-use crate::engine::idempotent::{answer_early, publish_once};
+use crate::engine::idempotent::{answer_early, publish_batch_once, publish_once};
 use crate::engine::publish::{empty, is_blank, publish_batch, write_new, Destination, TmpFile};
 use crate::error::{Error, Operation, Result};
 use crate::format::group::Group;
@@ -157,6 +157,51 @@ impl DirectoryQueue {
             return Err(empty(inner));
         }
         publish_once(inner, tmp, id)
+    }
+
+    /// Enqueues several messages, each under its own id, as
+    /// [`enqueue_with_id`](DirectoryQueue::enqueue_with_id) does for one, and returns
+    /// an answer per item, in order. The work is shared: the turns of all the ids are
+    /// taken at once and held until the end, `seen/` is looked at twice and
+    /// `deferred/` scanned once for the whole batch, the files are synced together and
+    /// `incoming/` once. What the protocol guarantees and does not is that of
+    /// `enqueue_with_id`; an id that appears twice in `items` is stored once, and the
+    /// second answers [`Enqueued::AlreadyQueued`].
+    ///
+    /// ```
+    /// use dirq::{DirectoryQueue, Enqueued, MessageId, State};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let queue = DirectoryQueue::open(dir.path().join("q"))?;
+    /// let (a, b) = (MessageId::new("order-1")?, MessageId::new("order-2")?);
+    /// queue.enqueue_with_id(&a, b"first")?;
+    /// let answers = queue.enqueue_batch_with_id(&[(a, "again"), (b, "second")])?;
+    /// assert_eq!(answers[0].as_ref().ok(), Some(&Enqueued::AlreadyQueued(State::Incoming)));
+    /// assert_eq!(answers[1].as_ref().ok(), Some(&Enqueued::Stored));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// An item's own error is its answer: [`Error::EmptyMessage`] for blank bytes,
+    /// [`Error::Io`] when its file cannot be written or published; the other items go
+    /// on. The call fails as a whole, with nothing of the batch left in the queue
+    /// unless a claimer already took it, when what concerns the batch fails:
+    /// [`Error::Io`] with [`Operation::Remember`] for `seen/` (its lock files, its
+    /// records), a scan of a state directory, or a sync (then, as for
+    /// [`enqueue_batch`](DirectoryQueue::enqueue_batch), [`Error::PartialBatch`] names
+    /// what a claimer took meanwhile).
+    ///
+    /// # Durability
+    ///
+    /// As [`enqueue_batch`](DirectoryQueue::enqueue_batch): the files are synced
+    /// before they are published, and `incoming/` once after, as the mode says; the
+    /// turns end only after that.
+    pub fn enqueue_batch_with_id<B: AsRef<[u8]>>(
+        &self,
+        items: &[(MessageId, B)],
+    ) -> Result<Vec<Result<Enqueued>>> {
+        publish_batch_once(self.engine(), items)
     }
 
     /// How long the queue remembers the ids of finished messages (see

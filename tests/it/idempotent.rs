@@ -1,7 +1,7 @@
-//! Idempotent enqueue: `enqueue_with_id` stores a message under a given id once, finds
-//! the id in every state and, while the queue remembers finished ids, in `seen/`; many
-//! threads and processes enqueueing the same ids while claimers commit them get each
-//! processed exactly once.
+//! Idempotent enqueue: `enqueue_with_id` (and its batch form) stores a message under a
+//! given id once, finds the id in every state and, while the queue remembers finished
+//! ids, in `seen/`; many threads and processes enqueueing the same ids, one at a time or
+//! in batches, while claimers commit them get each processed exactly once.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -112,6 +112,86 @@ fn the_id_is_found_in_every_state() {
     }
     assert_eq!(census(&t), before, "nothing was added or moved");
     drop(kept);
+}
+
+/// The batch form answers for each item as the single one would: new ids stored, known
+/// ones found where they are (or remembered), a blank item refused alone, an id given
+/// twice stored once.
+#[test]
+fn a_batch_answers_for_each_item() {
+    let t = TestQueue::new();
+    let queue = DirectoryQueue::builder(t.root())
+        .remember_finished(HOUR)
+        .retry_policy(
+            RetryPolicy::builder()
+                .initial(HOUR)
+                .max_delay(HOUR)
+                .build()
+                .unwrap(),
+        )
+        .open()
+        .unwrap();
+    let (waiting, claimed, retried, finished) =
+        (id("waiting"), id("claimed"), id("retried"), id("finished"));
+    for id in [&waiting, &claimed, &retried, &finished] {
+        assert!(queue.enqueue_with_id(id, b"x").unwrap().is_stored());
+    }
+    let (mut kept, mut to_release) = (None, None);
+    while let Some(message) = queue.try_claim().unwrap() {
+        match message.id().to_string().as_str() {
+            "claimed" => kept = Some(message),
+            "retried" => drop(message.retry("later").unwrap()),
+            "finished" => message.commit().unwrap(),
+            _ => to_release = Some(message),
+        }
+    }
+    assert!(kept.is_some());
+    // Back in incoming/.
+    to_release.expect("waiting").release().unwrap();
+    let (new, twice) = (id("new"), id("twice"));
+    let items = [
+        (new.clone(), "new"),
+        (waiting.clone(), "again"),
+        (claimed.clone(), "again"),
+        (retried.clone(), "again"),
+        (finished.clone(), "again"),
+        (id("blank"), " \n"),
+        (twice.clone(), "first"),
+        (twice.clone(), "second"),
+    ];
+    let answers = queue.enqueue_batch_with_id(&items).unwrap();
+    let answers: Vec<Result<Enqueued, String>> = answers
+        .into_iter()
+        .map(|a| a.map_err(|e| e.to_string()))
+        .collect();
+    assert_eq!(answers[0], Ok(Enqueued::Stored));
+    assert_eq!(answers[1], Ok(Enqueued::AlreadyQueued(State::Incoming)));
+    assert_eq!(answers[2], Ok(Enqueued::AlreadyQueued(State::Pending)));
+    assert_eq!(answers[3], Ok(Enqueued::AlreadyQueued(State::Deferred)));
+    assert_eq!(answers[4], Ok(Enqueued::AlreadyFinished));
+    assert!(
+        answers[5].as_ref().is_err_and(|e| e.contains("empty")),
+        "{:?}",
+        answers[5]
+    );
+    assert_eq!(answers[6], Ok(Enqueued::Stored));
+    assert_eq!(answers[7], Ok(Enqueued::AlreadyQueued(State::Incoming)));
+    let mut incoming = t.names(State::Incoming);
+    incoming.sort();
+    assert_eq!(incoming, ["new", "twice", "waiting"]);
+    assert!(t.names(State::Tmp).is_empty(), "refused copies are removed");
+    let bodies: HashMap<String, Vec<u8>> = std::iter::from_fn(|| queue.try_claim().unwrap())
+        .map(|m| {
+            let body = m.bytes().unwrap();
+            (m.id().to_string(), body)
+        })
+        .collect();
+    assert_eq!(bodies["twice"], b"first", "the first of the two is kept");
+    assert_eq!(bodies["new"], b"new");
+    assert!(queue
+        .enqueue_batch_with_id::<&[u8]>(&[])
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -317,13 +397,32 @@ fn concurrent_producers_and_claimers_process_each_id_once() {
             let producing = Arc::clone(&producing);
             std::thread::spawn(move || {
                 let mut stored = Vec::new();
-                for n in 0..IDS {
-                    let name = &ids[(n + k * 31) % IDS];
-                    let answer = queue
-                        .enqueue_with_id(&MessageId::new(name).unwrap(), format!("{name} from {k}"))
-                        .unwrap();
-                    if answer.is_stored() {
-                        stored.push(name.clone());
+                let order: Vec<&String> = (0..IDS).map(|n| &ids[(n + k * 31) % IDS]).collect();
+                // Half the threads enqueue one id at a time, half in batches of 16.
+                if k % 2 == 0 {
+                    for name in order {
+                        let answer = queue
+                            .enqueue_with_id(
+                                &MessageId::new(name).unwrap(),
+                                format!("{name} from {k}"),
+                            )
+                            .unwrap();
+                        if answer.is_stored() {
+                            stored.push(name.clone());
+                        }
+                    }
+                } else {
+                    for chunk in order.chunks(16) {
+                        let items: Vec<(MessageId, String)> = chunk
+                            .iter()
+                            .map(|name| (MessageId::new(name).unwrap(), format!("{name} from {k}")))
+                            .collect();
+                        let answers = queue.enqueue_batch_with_id(&items).unwrap();
+                        for ((id, _), answer) in items.iter().zip(answers) {
+                            if answer.unwrap().is_stored() {
+                                stored.push(id.to_string());
+                            }
+                        }
                     }
                 }
                 producing.fetch_sub(1, Ordering::SeqCst);

@@ -641,7 +641,7 @@ dirq bridge out /var/spool/dirq/to-b --nats nats://10.0.0.1:4222 --stream orders
         #[command(flatten)]
         nats: NatsArgs,
         /// Messages claimed and committed together.
-        #[arg(long, value_name = "N", default_value_t = 256)]
+        #[arg(long, value_name = "N", default_value_t = 1024)]
         batch: usize,
         /// Messages published and not yet acknowledged, at most.
         #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -667,7 +667,7 @@ dirq bridge in /var/spool/dirq/orders --nats nats://10.0.0.1:4222 --stream order
         #[arg(long, value_name = "NAME", default_value = "dirq")]
         consumer: String,
         /// Messages pulled and stored together.
-        #[arg(long, value_name = "N", default_value_t = 256)]
+        #[arg(long, value_name = "N", default_value_t = 1024)]
         batch: usize,
         /// Stop pulling at this many messages in QUEUE's incoming/.
         #[arg(long, value_name = "N", default_value_t = 10_000)]
