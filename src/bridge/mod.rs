@@ -7,8 +7,9 @@
 //! - [`Outbound`] claims messages from a queue and publishes each with the header
 //!   `Nats-Msg-Id` set to its dirq id, many in flight. It commits a message only after
 //!   the server's PubAck; a publish that fails is retried with the same id.
-//! - [`Inbound`] pulls from the stream's consumer in batches, stores each message under
-//!   the id it carries with [`DirectoryQueue::enqueue_with_id`], syncs the batch per the
+//! - [`Inbound`] pulls from the stream's consumer in batches, stores each batch's
+//!   messages under the ids they carry with
+//!   [`DirectoryQueue::enqueue_batch_with_id`], syncs the batch per the
 //!   queue's [`Durability`](crate::Durability), and acks only then. A message that
 //!   arrives again (a redelivery) finds its id already queued or finished and is acked
 //!   without being stored twice.
