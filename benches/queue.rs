@@ -278,7 +278,8 @@ fn idempotent(c: &mut Criterion) {
                             (id, &PAYLOAD[..])
                         })
                         .collect();
-                    q.enqueue_batch_with_id(&items).expect("enqueue_batch_with_id")
+                    q.enqueue_batch_with_id(&items)
+                        .expect("enqueue_batch_with_id")
                 })
             },
         );

@@ -203,6 +203,19 @@ fn init_mode_applies_to_new_and_existing_queues() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
     let t = TestQueue::new();
+    // A bucket of finished ids in seen/, which every user of the queue writes into.
+    let remembering = dirq::DirectoryQueue::builder(t.root())
+        .remember_finished(std::time::Duration::from_secs(3600))
+        .open()
+        .unwrap();
+    remembering.enqueue(b"done").unwrap();
+    remembering.try_claim().unwrap().unwrap().commit().unwrap();
+    let bucket = std::fs::read_dir(t.root().join("seen"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_type().unwrap().is_dir())
+        .expect("a bucket")
+        .path();
     let fresh = t.dir.path().join("fresh");
     crate::util::run_ok(&["init", "--mode", "2770", s(&fresh), s(t.root())]);
     for queue in [fresh.as_path(), t.root()] {
@@ -213,7 +226,14 @@ fn init_mode_applies_to_new_and_existing_queues() {
                 assert_eq!(mode(&dir), 0o2770, "{}", dir.display());
             }
         }
+        assert_eq!(
+            mode(&queue.join("seen")),
+            0o2770,
+            "{}/seen",
+            queue.display()
+        );
     }
+    assert_eq!(mode(&bucket), 0o2770, "{}", bucket.display());
     crate::util::run_ok(&["init", s(t.root())]);
     assert_eq!(
         mode(&t.root().join("incoming")),

@@ -9,8 +9,9 @@ use dirq::{DirectoryQueue, Message, MessageId};
 
 use crate::output::{context, quiet_broken_pipe, stdout_error, unless_broken_pipe, CliResult};
 
-/// Creates each queue; with `mode`, also sets it on the root and state directories of
-/// a queue that existed (created ones get it from the builder).
+/// Creates each queue; with `mode`, also sets it on the root, state directories,
+/// `seen/` and its buckets of a queue that existed (created ones get it from the
+/// builder).
 /// With `seen_ttl`, stores how long each queue remembers finished ids.
 pub(crate) fn init(queues: &[PathBuf], mode: Option<u32>, seen_ttl: Option<Duration>) -> CliResult {
     for queue in queues {
@@ -35,7 +36,20 @@ fn set_dir_modes(queue: &DirectoryQueue, mode: u32) -> CliResult {
     let states = dirq::State::ALL
         .iter()
         .map(|&state| queue.path(state).to_path_buf());
-    for dir in std::iter::once(queue.root().to_path_buf()).chain(states) {
+    // seen/ (not a state) and its buckets: every user of the queue writes records
+    // and lock files there.
+    let seen = queue.root().join("seen");
+    let buckets = std::fs::read_dir(&seen)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| entry.path());
+    let dirs = std::iter::once(queue.root().to_path_buf())
+        .chain(states)
+        .chain(std::iter::once(seen.clone()))
+        .chain(buckets);
+    for dir in dirs {
         match std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)) {
             // An optional state directory (hold/, deferred/) this queue does not have.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
