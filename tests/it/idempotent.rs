@@ -28,6 +28,15 @@ fn remembering(t: &TestQueue) -> DirectoryQueue {
         .unwrap()
 }
 
+/// Retries that wait an hour: a retried message stays in `deferred/` for the test.
+fn retry_in_an_hour() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial(HOUR)
+        .max_delay(HOUR)
+        .build()
+        .unwrap()
+}
+
 /// Every message file of the queue, in any state, by state.
 fn census(t: &TestQueue) -> Vec<(State, Vec<String>)> {
     State::ALL
@@ -62,13 +71,7 @@ fn a_second_enqueue_with_the_same_id_stores_nothing() {
 fn the_id_is_found_in_every_state() {
     let t = TestQueue::new();
     let queue = DirectoryQueue::builder(t.root())
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial(HOUR)
-                .max_delay(HOUR)
-                .build()
-                .unwrap(),
-        )
+        .retry_policy(retry_in_an_hour())
         .open()
         .unwrap();
     let (claimed, retried, held, failed) = (id("claimed"), id("retried"), id("held"), id("failed"));
@@ -122,13 +125,7 @@ fn a_batch_answers_for_each_item() {
     let t = TestQueue::new();
     let queue = DirectoryQueue::builder(t.root())
         .remember_finished(HOUR)
-        .retry_policy(
-            RetryPolicy::builder()
-                .initial(HOUR)
-                .max_delay(HOUR)
-                .build()
-                .unwrap(),
-        )
+        .retry_policy(retry_in_an_hour())
         .open()
         .unwrap();
     let (waiting, claimed, retried, finished) =
