@@ -399,6 +399,118 @@ fn round_trip_keeps_ids_and_bytes_and_shows_in_status() {
     assert_eq!(received, sent, "ids and bytes unchanged across the hop");
 }
 
+/// Two `bridge in` processes share one consumer and store into one queue, in small
+/// batches, while a worker commits from it and one of them is killed with SIGKILL and
+/// restarted: their batches take the same `seen/` lock files (in name order, so they
+/// cannot deadlock), and every message is processed exactly once.
+#[test]
+fn bridge_ins_sharing_a_consumer_and_a_queue_store_each_message_once() {
+    const MESSAGES: usize = 3_000;
+    let test = "bridge_ins_sharing_a_consumer_and_a_queue_store_each_message_once";
+    let dir = tempdir();
+    let Some((_node, url)) = single_node(test, dir.path()) else {
+        return;
+    };
+    setup_until_ready(None, &url, "shared", &["--ack-wait", "5s"]);
+    let src_path = dir.path().join("src");
+    let dst_path = dir.path().join("dst");
+    let src = DirectoryQueue::open(&src_path).expect("src");
+    let mut sent = BTreeSet::new();
+    for chunk in 0..MESSAGES / 100 {
+        let ids = src
+            .enqueue_batch((0..100).map(|i| format!("message {chunk}-{i}")))
+            .expect("enqueue");
+        sent.extend(ids.into_iter().map(|id| id.to_string()));
+    }
+    let net = ["--nats", url.as_str(), "--stream", "shared"];
+    let inbound = |_: usize| {
+        BridgeProc::start(
+            None,
+            &[
+                &["bridge", "in", dst_path.to_str().expect("utf-8")],
+                &net[..],
+                &["--batch", "32"],
+            ]
+            .concat(),
+            &dst_path,
+        )
+    };
+    let mut ins = [inbound(0), inbound(1)];
+    // The worker: commits what arrives and counts each id.
+    let processed: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (processed, done) = (Arc::clone(&processed), Arc::clone(&done));
+        let dst_path = dst_path.clone();
+        std::thread::spawn(move || {
+            // Opened once `bridge in` has set how long the queue remembers finished
+            // ids (a handle reads it when it opens): a commit must leave a record, or a
+            // redelivery after it would be stored again.
+            wait_until(
+                Duration::from_secs(20),
+                "bridge in to set up its queue",
+                || dst_path.join("seen").join(".ttl").exists(),
+            );
+            let dst = DirectoryQueue::open(&dst_path).expect("dst");
+            assert!(dst.remembers_finished().is_some());
+            while !done.load(Ordering::SeqCst) {
+                if let Some(m) = dst.claim_timeout(Duration::from_millis(50)).expect("claim") {
+                    *processed
+                        .lock()
+                        .unwrap()
+                        .entry(m.id().to_string())
+                        .or_default() += 1;
+                    m.commit().expect("commit");
+                }
+            }
+        })
+    };
+    let mut out = BridgeProc::start(
+        None,
+        &[
+            &["bridge", "out", src_path.to_str().expect("utf-8")],
+            &net[..],
+        ]
+        .concat(),
+        &src_path,
+    );
+    wait_until(Duration::from_secs(120), "a third of the messages", || {
+        processed.lock().unwrap().len() >= MESSAGES / 3
+    });
+    ins[0].kill9_and_restart();
+    wait_until(Duration::from_secs(180), "every message processed", || {
+        processed.lock().unwrap().len() >= MESSAGES
+    });
+    out.stop();
+    for b in &mut ins {
+        b.stop();
+    }
+    done.store(true, Ordering::SeqCst);
+    worker.join().expect("worker");
+    let processed = processed.lock().unwrap();
+    let twice: Vec<_> = processed.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(twice.is_empty(), "processed more than once: {twice:?}");
+    let ids: BTreeSet<String> = processed.keys().cloned().collect();
+    assert_eq!(ids, sent, "ids unchanged, none lost, none added");
+    // What the killed bridge was writing is left in tmp/, for recovery to remove (at
+    // once here: every writer has stopped).
+    let dst = DirectoryQueue::builder(&dst_path)
+        .tmp_max_age(Duration::ZERO)
+        .open()
+        .expect("dst");
+    dst.recover().expect("recover");
+    assert_eq!(
+        dst.counts().expect("counts"),
+        dirq::queue::Counts::default()
+    );
+    // The bridge never killed counted exactly: it stored some, and not all.
+    let stored = ins[1].total("stored");
+    assert!(
+        stored > 0 && stored < MESSAGES as u64,
+        "both bridges stored a share: the one not killed stored {stored} of {MESSAGES}"
+    );
+}
+
 /// One "host": a network namespace (or none) with a spool directory and the address
 /// its NATS node listens on.
 struct Host {
