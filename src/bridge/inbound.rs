@@ -56,10 +56,10 @@ const CONNECTING: u8 = 3;
 /// message finds its id already in the queue, or finished and remembered in `seen/`,
 /// and is acked without being stored again ([`BridgeStats::duplicates`]). The queue
 /// must remember finished ids for that
-/// ([`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished), set
-/// before its workers open it; `dirq bridge in` sets one day where the queue has no
-/// setting); without it, only copies still in the queue are caught, and `run` logs a
-/// warning.
+/// ([`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished), best
+/// set before its workers open it, which otherwise follow within about a second;
+/// `dirq bridge in` sets one day where the queue has no setting); without it, only
+/// copies still in the queue are caught, and `run` logs a warning.
 ///
 /// # Backpressure
 ///

@@ -3,8 +3,9 @@
 //! `format::seen`; the protocol in docs/protocol.md, "seen/ and idempotent enqueue").
 //!
 //! A queue remembers finished ids only when its `seen/.ttl` says for how long; every
-//! handle reads that setting when it is opened, so that every process of the queue
-//! honours the same one. When it does, a message leaving the queue for good (commit,
+//! handle reads that setting when it is opened and again at most [`TTL_RECHECK`]
+//! after, so that every process of the queue honours the same one, within that time
+//! of a change. When it does, a message leaving the queue for good (commit,
 //! forward, delete, purge) first gets an empty record file `seen/<bucket>/<id>`, and
 //! only then goes. A crash between the two leaves a record of a message that still
 //! exists: harmless, the record only refuses a second copy.
@@ -15,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::config::Config;
 use super::durability::Durability;
@@ -27,6 +28,11 @@ use crate::format::seen::{
 };
 use crate::sys::lock::{self, Locked};
 use crate::sys::{Dir, EntryKind};
+
+/// How long a handle trusts the setting it read from `seen/.ttl` before it looks at
+/// the file again: a handle opened before the setting was made (a worker started
+/// before `dirq bridge in` set one) would otherwise leave no records for good.
+const TTL_RECHECK: Duration = Duration::from_secs(1);
 
 /// One in this many records a handle writes also sweeps expired records.
 const SWEEP_EVERY: u64 = 64;
@@ -42,9 +48,9 @@ pub(crate) struct Seen {
     /// Opened (and created when missing) on first use: a queue that never enqueues
     /// by id nor remembers needs no `seen/`.
     dir: OnceLock<Arc<StateDir>>,
-    /// How long finished ids are remembered, as `seen/.ttl` said when the handle was
-    /// opened; `None`: not at all.
-    ttl: Option<Duration>,
+    /// How long finished ids are remembered (`None`: not at all), as `seen/.ttl` said
+    /// when it was last read, and when that was.
+    ttl: Mutex<(Option<Duration>, Instant)>,
     /// Records written through this handle, for the occasional sweep.
     written: AtomicU64,
     /// The bucket records go in now, kept open: a record then costs one file
@@ -61,7 +67,7 @@ impl Seen {
         let seen = Seen {
             path,
             dir: OnceLock::new(),
-            ttl: None,
+            ttl: Mutex::new((None, Instant::now())),
             written: AtomicU64::new(0),
             current: Mutex::new(None),
         };
@@ -69,7 +75,10 @@ impl Seen {
             let dir = seen.dir(root_dir, config)?;
             store_ttl(dir, ttl, config)?;
             let ttl = (!ttl.is_zero()).then_some(ttl);
-            return Ok(Seen { ttl, ..seen });
+            return Ok(Seen {
+                ttl: Mutex::new((ttl, Instant::now())),
+                ..seen
+            });
         }
         let dir = match root_dir.open_child(OsStr::new(SEEN_DIR)) {
             Ok(dir) => dir,
@@ -86,6 +95,7 @@ impl Seen {
             Err(e) => return Err(Error::io(Operation::Open, &seen.path, e)),
         };
         let ttl = read_ttl(&dir, &seen.path.join(TTL_FILE))?;
+        let ttl = Mutex::new((ttl, Instant::now()));
         let _ = seen.dir.set(Arc::new(StateDir {
             dir,
             path: seen.path.clone(),
@@ -102,15 +112,34 @@ impl Seen {
         Seen {
             path: self.path.clone(),
             dir,
-            ttl: self.ttl,
+            ttl: Mutex::new(*self.ttl.lock().unwrap_or_else(PoisonError::into_inner)),
             written: AtomicU64::new(0),
             current: Mutex::new(None),
         }
     }
 
     /// How long finished ids are remembered; `None` when they are not.
-    pub(crate) fn ttl(&self) -> Option<Duration> {
-        self.ttl
+    ///
+    /// Read from `seen/.ttl` again when the last reading is [`TTL_RECHECK`] old. A file
+    /// that cannot be read then keeps the last setting (and is logged), so that a
+    /// passing error does not turn remembering off.
+    pub(crate) fn ttl(&self, root_dir: &Dir) -> Option<Duration> {
+        let mut known = self.ttl.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.1.elapsed() < TTL_RECHECK {
+            return known.0;
+        }
+        known.1 = Instant::now();
+        let read = self.existing(root_dir).and_then(|dir| match dir {
+            Some(dir) => read_ttl(&dir.dir, &self.path.join(TTL_FILE)),
+            None => Ok(None),
+        });
+        match read {
+            Ok(ttl) => known.0 = ttl,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read how long finished ids are remembered; keeping the last setting");
+            }
+        }
+        known.0
     }
 
     /// The open `seen/`, created if it is missing.
@@ -298,7 +327,7 @@ impl Remembered {
             buckets: Vec::new(),
         };
         let seen = &inner.seen;
-        let Some(ttl) = seen.ttl else {
+        let Some(ttl) = seen.ttl(inner.root_dir()) else {
             return Ok(remembered);
         };
         let Some(dir) = seen.existing(inner.root_dir())? else {
@@ -352,7 +381,7 @@ impl Remembered {
 /// the message, or a second copy could be let in.
 pub(crate) fn remember(inner: &Shared, id: &MessageId) -> Result<()> {
     let seen = &inner.seen;
-    let Some(ttl) = seen.ttl else {
+    let Some(ttl) = seen.ttl(inner.root_dir()) else {
         return Ok(());
     };
     let dir = seen.dir(inner.root_dir(), inner.config())?;
@@ -444,13 +473,14 @@ pub(crate) fn sweep(inner: &Shared, budget: usize) -> Result<usize> {
     let Some(dir) = seen.existing(inner.root_dir())? else {
         return Ok(0);
     };
+    let ttl = seen.ttl(inner.root_dir());
     let now = SystemTime::now();
     let mut removed = 0;
     for bucket in buckets(dir)? {
         if removed >= budget {
             break;
         }
-        if seen.ttl.is_some_and(|ttl| !is_expired(bucket, ttl, now)) {
+        if ttl.is_some_and(|ttl| !is_expired(bucket, ttl, now)) {
             continue;
         }
         let name = OsString::from(bucket.to_string());

@@ -138,8 +138,10 @@ impl QueueBuilder {
     ///
     /// This is a setting of the queue, not of the handle: it is stored in the queue
     /// (`seen/.ttl`) when the queue is opened, and every handle opened afterwards, in
-    /// any process, honours it; a handle opened before keeps the setting it read.
-    /// Set it when the queue is made (`dirq init --seen-ttl`), before workers start.
+    /// any process, honours it; a handle opened before reads it again when its last
+    /// reading is a second old, and so follows within about a second (a commit in
+    /// that second leaves no record). Set it when the queue is made (`dirq init
+    /// --seen-ttl`), before workers start.
     ///
     /// The cost: while it is on, each commit, forward or delete first creates an empty
     /// record file in `seen/` (synced first where the filesystem does not keep the

@@ -206,9 +206,10 @@ impl DirectoryQueue {
 
     /// How long the queue remembers the ids of finished messages (see
     /// [`QueueBuilder::remember_finished`](crate::QueueBuilder::remember_finished)), as
-    /// its setting was when this handle was opened; `None` when it does not.
+    /// this handle last read its setting, at most a second ago; `None` when it does
+    /// not.
     pub fn remembers_finished(&self) -> Option<Duration> {
-        self.engine().seen().ttl()
+        self.engine().seen().ttl(self.engine().root_dir())
     }
 
     /// Enqueues `value` serialised as JSON.

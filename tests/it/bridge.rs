@@ -444,8 +444,9 @@ fn bridge_ins_sharing_a_consumer_and_a_queue_store_each_message_once() {
         let dst_path = dst_path.clone();
         std::thread::spawn(move || {
             // Opened once `bridge in` has set how long the queue remembers finished
-            // ids (a handle reads it when it opens): a commit must leave a record, or a
-            // redelivery after it would be stored again.
+            // ids: a handle opened before follows only within a second, and a commit
+            // in that second would leave no record, so a redelivery after it would be
+            // stored again.
             wait_until(
                 Duration::from_secs(20),
                 "bridge in to set up its queue",

@@ -314,6 +314,41 @@ fn enqueue_reader_with_id_streams_and_refuses_a_known_id() {
     assert_eq!(t.queue.try_claim().unwrap().unwrap().bytes().unwrap(), big);
 }
 
+/// A handle opened before the queue was set to remember finished ids (a worker
+/// started before `dirq bridge in` set it) picks the setting up within a second or so,
+/// and its commits then leave records; it picks up the setting's removal too.
+#[test]
+fn an_open_handle_picks_up_a_later_setting() {
+    let t = TestQueue::new();
+    let worker = DirectoryQueue::open(t.root()).unwrap();
+    assert_eq!(worker.remembers_finished(), None);
+    let producer = remembering(&t);
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to read the setting",
+        || worker.remembers_finished() == Some(HOUR),
+    );
+    let id = id("late");
+    assert!(producer.enqueue_with_id(&id, b"x").unwrap().is_stored());
+    worker.try_claim().unwrap().unwrap().commit().unwrap();
+    assert_eq!(
+        producer.enqueue_with_id(&id, b"x").unwrap(),
+        Enqueued::AlreadyFinished,
+        "the worker's commit left a record"
+    );
+    drop(
+        DirectoryQueue::builder(t.root())
+            .remember_finished(Duration::ZERO)
+            .open()
+            .unwrap(),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the worker to read the removal",
+        || worker.remembers_finished().is_none(),
+    );
+}
+
 #[test]
 fn check_knows_seen() {
     let t = TestQueue::new();
