@@ -219,6 +219,14 @@ impl BridgeProc {
     }
 }
 
+/// `dirq bridge DIRECTION QUEUE` on this host, with the NATS arguments `net` and
+/// `extra` ones.
+fn local_bridge(direction: &str, queue: &Path, net: &[&str], extra: &[&str]) -> BridgeProc {
+    let queue_arg = queue.to_str().expect("utf-8");
+    let args = [&["bridge", direction, queue_arg][..], net, extra].concat();
+    BridgeProc::start(None, &args, queue)
+}
+
 impl Drop for BridgeProc {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -351,24 +359,8 @@ fn round_trip_keeps_ids_and_bytes_and_shows_in_status() {
     let net = ["--nats", url.as_str(), "--stream", "hop"];
     let src_path = dir.path().join("src");
     let dst_path = dir.path().join("dst");
-    let mut out = BridgeProc::start(
-        None,
-        &[
-            &["bridge", "out", src_path.to_str().expect("utf-8")],
-            &net[..],
-        ]
-        .concat(),
-        &src_path,
-    );
-    let mut inb = BridgeProc::start(
-        None,
-        &[
-            &["bridge", "in", dst_path.to_str().expect("utf-8")],
-            &net[..],
-        ]
-        .concat(),
-        &dst_path,
-    );
+    let mut out = local_bridge("out", &src_path, &net, &[]);
+    let mut inb = local_bridge("in", &dst_path, &net, &[]);
     wait_until(Duration::from_secs(60), "300 messages across", || {
         dst.count(State::Incoming).unwrap_or(0) == 300
     });
@@ -423,19 +415,8 @@ fn bridge_ins_sharing_a_consumer_and_a_queue_store_each_message_once() {
         sent.extend(ids.into_iter().map(|id| id.to_string()));
     }
     let net = ["--nats", url.as_str(), "--stream", "shared"];
-    let inbound = |_: usize| {
-        BridgeProc::start(
-            None,
-            &[
-                &["bridge", "in", dst_path.to_str().expect("utf-8")],
-                &net[..],
-                &["--batch", "32"],
-            ]
-            .concat(),
-            &dst_path,
-        )
-    };
-    let mut ins = [inbound(0), inbound(1)];
+    let inbound = || local_bridge("in", &dst_path, &net, &["--batch", "32"]);
+    let mut ins = [inbound(), inbound()];
     // The worker: commits what arrives and counts each id.
     let processed: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
@@ -466,15 +447,7 @@ fn bridge_ins_sharing_a_consumer_and_a_queue_store_each_message_once() {
             }
         })
     };
-    let mut out = BridgeProc::start(
-        None,
-        &[
-            &["bridge", "out", src_path.to_str().expect("utf-8")],
-            &net[..],
-        ]
-        .concat(),
-        &src_path,
-    );
+    let mut out = local_bridge("out", &src_path, &net, &[]);
     wait_until(Duration::from_secs(120), "a third of the messages", || {
         processed.lock().unwrap().len() >= MESSAGES / 3
     });
