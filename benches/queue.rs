@@ -15,7 +15,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use dirq::{DirectoryQueue, Durability};
 
 mod common;
@@ -102,14 +105,19 @@ fn modes() -> [(Durability, &'static str, bool); 2] {
     ]
 }
 
+/// Settings for the cells that fsync: each sample takes milliseconds, not microseconds.
+fn fewer_samples(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5));
+}
+
 fn enqueue(c: &mut Criterion) {
     let mut group = c.benchmark_group("enqueue");
     group.throughput(Throughput::Elements(1));
     for (durability, name, durable) in modes() {
         if durable {
-            group
-                .sample_size(10)
-                .measurement_time(Duration::from_secs(5));
+            fewer_samples(&mut group);
         }
         let mut raw = Raw::new(&scratch(&format!("enqueue-raw-{name}")));
         group.bench_function(BenchmarkId::new("raw std::fs", name), |b| {
@@ -158,9 +166,7 @@ fn claim_commit(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (durability, name, durable) in modes() {
         if durable {
-            group
-                .sample_size(10)
-                .measurement_time(Duration::from_secs(5));
+            fewer_samples(&mut group);
         }
         let dir = scratch(&format!("claim-raw-{name}"));
         let mut raw = Raw::new(&dir);
@@ -192,9 +198,7 @@ fn forward(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (durability, name, durable) in modes() {
         if durable {
-            group
-                .sample_size(10)
-                .measurement_time(Duration::from_secs(5));
+            fewer_samples(&mut group);
         }
         let raw_dir = scratch(&format!("forward-raw-{name}"));
         let mut raw = Raw::new(&raw_dir.join("a"));
@@ -239,9 +243,7 @@ fn idempotent(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for (durability, name, durable) in modes() {
         if durable {
-            group
-                .sample_size(10)
-                .measurement_time(Duration::from_secs(5));
+            fewer_samples(&mut group);
         }
         let q = queue(&scratch(&format!("idem-plain-{name}")), durability);
         group.bench_function(BenchmarkId::new("enqueue", name), |b| {

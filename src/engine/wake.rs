@@ -431,18 +431,21 @@ mod tests {
         assert!(generation() > seen);
     }
 
+    /// A thread waiting on `bell` with no watches, up to a minute; how long it slept.
+    fn spawn_waiter(bell: &Arc<Bell>, seen: u64) -> std::thread::JoinHandle<Duration> {
+        let bell = Arc::clone(bell);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
+            start.elapsed()
+        })
+    }
+
     #[test]
     fn a_bell_wakes_its_waiter_and_a_ring_is_kept_until_a_wait() {
         let bell = Arc::new(Bell::default());
         let seen = generation();
-        let waiter = {
-            let bell = Arc::clone(&bell);
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
-                start.elapsed()
-            })
-        };
+        let waiter = spawn_waiter(&bell, seen);
         bell.ring();
         let slept = waiter.join().unwrap();
         assert!(
@@ -467,14 +470,7 @@ mod tests {
     fn the_signal_wakes_a_waiter_with_a_bell() {
         let bell = Arc::new(Bell::default());
         let seen = generation();
-        let waiter = {
-            let bell = Arc::clone(&bell);
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                wait_any_or(&[], seen, Instant::now() + Duration::from_secs(60), &bell);
-                start.elapsed()
-            })
-        };
+        let waiter = spawn_waiter(&bell, seen);
         wake_all();
         let slept = waiter.join().unwrap();
         assert!(slept < Duration::from_secs(60), "woken by the signal");

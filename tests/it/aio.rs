@@ -22,6 +22,15 @@ fn async_queue(t: &TestQueue) -> AsyncQueue {
     AsyncQueue::from(t.queue.clone())
 }
 
+/// `t`'s queue opened again in `Durability::None`: no syncs, and on a multi-thread
+/// runtime its file work runs in place.
+fn unsynced(t: &TestQueue) -> DirectoryQueue {
+    DirectoryQueue::builder(t.root())
+        .durability(Durability::None)
+        .open()
+        .unwrap()
+}
+
 /// `t`'s queue opened again with an hour-long rescan: only an event or a due time can
 /// wake its claimers within a test.
 fn without_rescan(t: &TestQueue) -> DirectoryQueue {
@@ -282,10 +291,7 @@ fn dropped_message_goes_back_to_incoming() {
 #[test]
 fn dropped_message_goes_back_to_incoming_without_syncs() {
     let t = TestQueue::new();
-    let queue = DirectoryQueue::builder(t.root())
-        .durability(Durability::None)
-        .open()
-        .unwrap();
+    let queue = unsynced(&t);
     dropped_message_is_released(&t, AsyncQueue::from(queue));
 }
 
@@ -432,10 +438,7 @@ fn cancelled_claims_never_lose_or_strand_a_message() {
 #[test]
 fn cancelled_claims_never_lose_or_strand_a_message_without_syncs() {
     let t = TestQueue::new();
-    let queue = DirectoryQueue::builder(t.root())
-        .durability(Durability::None)
-        .open()
-        .unwrap();
+    let queue = unsynced(&t);
     cancel_claims_at_random(&queue);
 }
 
@@ -446,10 +449,7 @@ fn cancelled_claims_never_lose_or_strand_a_message_without_syncs() {
 fn in_place_file_work_lets_other_tasks_run() {
     const ROUNDS: usize = 3_000;
     let t = TestQueue::new();
-    let queue = DirectoryQueue::builder(t.root())
-        .durability(Durability::None)
-        .open()
-        .unwrap();
+    let queue = unsynced(&t);
     let q = AsyncQueue::from(queue);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

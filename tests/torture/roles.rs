@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use dirq::piper::{BreakerPolicy, Emit, Outcome, Piper};
+use dirq::piper::{BreakerPolicy, Emit, Outcome, Piper, PiperBuilder};
 use dirq::queue::RetryPolicy;
 use dirq::{DirectoryQueue, Durability, Message};
 
@@ -89,28 +89,40 @@ fn produce(queue: &str, first: u64, count: u64, size: usize, pause: Duration) ->
     Ok(())
 }
 
-/// A Piper forwarding from `input` to `output` (committing when `output` is `-`; with
-/// `emit`, publishing a copy into `output` and committing the original) with `workers`
-/// threads until SIGTERM, recovering its input at start. Messages whose
-/// bytes start with `poison-` misbehave: `poison-error` fails the stage, `poison-panic`
-/// panics in it and `poison-kill` kills the whole process with SIGKILL.
-fn stage(input: &str, output: &str, workers: usize, max_attempts: u32, emit: bool) -> RoleResult {
+/// A Piper named `name` over `input` with `workers` threads, until SIGTERM, and
+/// whether it forwards (to `output`; `-`: nowhere, its stage commits). No breaker, and
+/// no backpressure: the sink of a test pipeline is not drained.
+fn piper(
+    name: &str,
+    input: &str,
+    output: &str,
+    workers: usize,
+    max_attempts: u32,
+) -> Result<(PiperBuilder, bool), Box<dyn std::error::Error>> {
     let input = open(input, max_attempts)?;
-    let mut builder = Piper::builder("torture");
+    let mut builder = Piper::builder(name);
     builder
         .input(&input)
         .workers(workers)
         .handle_signals(true)
         .breaker(&BreakerPolicy::disabled())
         .recover_interval(Duration::from_millis(500))
-        // Cases that want backpressure say so; the sink of a test pipeline is not
-        // drained.
         .out_limit(1 << 30)
         .drain_timeout(Duration::from_secs(10));
     let forward = output != "-";
     if forward {
         builder.output("next", &open(output, max_attempts)?);
     }
+    Ok((builder, forward))
+}
+
+/// A Piper forwarding from `input` to `output` (committing when `output` is `-`; with
+/// `emit`, publishing a copy into `output` and committing the original) with `workers`
+/// threads until SIGTERM, recovering its input at start. Messages whose
+/// bytes start with `poison-` misbehave: `poison-error` fails the stage, `poison-panic`
+/// panics in it and `poison-kill` kills the whole process with SIGKILL.
+fn stage(input: &str, output: &str, workers: usize, max_attempts: u32, emit: bool) -> RoleResult {
+    let (mut builder, forward) = piper("torture", input, output, workers, max_attempts)?;
     builder.stage(move |message: &Message| -> dirq::piper::StageResult {
         let bytes = message.bytes()?;
         if bytes.starts_with(b"poison-error") {
@@ -165,20 +177,7 @@ impl dirq::piper::AsyncStage for Waiter {
 /// Piper's own runtime, until SIGTERM.
 #[cfg(feature = "tokio")]
 fn async_stage(input: &str, output: &str, in_flight: usize, max_attempts: u32) -> RoleResult {
-    let input = open(input, max_attempts)?;
-    let mut builder = Piper::builder("torture-async");
-    builder
-        .input(&input)
-        .workers(1)
-        .handle_signals(true)
-        .breaker(&BreakerPolicy::disabled())
-        .recover_interval(Duration::from_millis(500))
-        .out_limit(1 << 30)
-        .drain_timeout(Duration::from_secs(10));
-    let forward = output != "-";
-    if forward {
-        builder.output("next", &open(output, max_attempts)?);
-    }
+    let (mut builder, forward) = piper("torture-async", input, output, 1, max_attempts)?;
     builder.async_stage(Waiter { forward }, in_flight);
     let stats = builder.build()?.run()?;
     eprintln!("async stage ended: {stats:?}");
