@@ -181,20 +181,17 @@ pub(crate) fn wait_any_or(wakes: &[&Wake], seen: u64, until: Instant, bell: &Arc
     }
     lock(&BELLS).push(Arc::clone(bell));
     {
-        let mut rung = lock(&bell.rung);
         // A bump after this read of the generation rings the bell, which waits for
         // this thread to sleep (it holds the bell's lock until then): not missed.
-        while !*rung && generation() == seen {
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            rung = bell
-                .cond
-                .wait_timeout(rung, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let mut rung = bell
+            .cond
+            .wait_timeout_while(
+                lock(&bell.rung),
+                until.saturating_duration_since(Instant::now()),
+                |rung| !*rung && generation() == seen,
+            )
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
         *rung = false;
     }
     lock(&BELLS).retain(|b| !Arc::ptr_eq(b, bell));
@@ -222,19 +219,16 @@ pub(crate) fn wait_any(wakes: &[&Wake], seen: u64, until: Instant) {
     for wake in wakes {
         lock(&wake.watch).waiters += 1;
     }
-    let mut generation = lock(&SIGNAL.generation);
-    while *generation == seen {
-        let now = Instant::now();
-        if now >= until {
-            break;
-        }
-        generation = SIGNAL
+    drop(
+        SIGNAL
             .cond
-            .wait_timeout(generation, until - now)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-    }
-    drop(generation);
+            .wait_timeout_while(
+                lock(&SIGNAL.generation),
+                until.saturating_duration_since(Instant::now()),
+                |generation| *generation == seen,
+            )
+            .unwrap_or_else(PoisonError::into_inner),
+    );
     for wake in wakes {
         let mut state = lock(&wake.watch);
         state.waiters -= 1;
