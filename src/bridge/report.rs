@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::format::meta::rfc3339;
@@ -145,7 +145,7 @@ impl BridgeStats {
 pub(super) struct Liveness {
     advert: Advert,
     info: PiperInfo,
-    rates: Mutex<RateWindow>,
+    rates: RateWindow,
 }
 
 impl Liveness {
@@ -182,7 +182,7 @@ impl Liveness {
         Ok(Liveness {
             advert,
             info,
-            rates: Mutex::new(RateWindow::default()),
+            rates: RateWindow::default(),
         })
     }
 
@@ -190,19 +190,12 @@ impl Liveness {
     pub(super) fn beat(&mut self, stats: &BridgeStats, state: &str) {
         let now = SystemTime::now();
         let piper_stats = stats.as_piper_stats();
-        let rates = {
-            let mut window = self
-                .rates
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            window.record(piper_stats);
-            window.rates()
-        };
+        self.rates.record(piper_stats);
         self.info.heartbeat = rfc3339(now);
         self.info.heartbeat_ms = epoch_ms(now);
         self.info.state = state.to_owned();
         self.info.stats = piper_stats;
-        self.info.rates = rates;
+        self.info.rates = self.rates.rates();
         self.info.counters = stats.counters();
         self.advert.update(&self.info);
     }
